@@ -1,0 +1,9 @@
+//! The podfleet device agent.
+//!
+//! It owns the event loop that feeds the podfleet-core reconciler (written
+//! once, generic over its desired-state source, state publisher, container
+//! runtime and clock, so the simulator runs the very same loop) and the
+//! production adapters: podman through bollard (feature `podman`) and NATS
+//! JetStream through async-nats (feature `nats`).
+
+pub mod runtime;

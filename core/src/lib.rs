@@ -1,0 +1,15 @@
+//! podfleet-core: the wire contract and the sans-IO reconciler.
+//!
+//! This crate makes every decision a podfleet agent makes and performs none
+//! of its IO: no sockets, no files, no tokio, no wall clock. Callers pass
+//! time in and carry commands out. It is driven by the production agent
+//! (real podman, real NATS) and by the simulator (fake runtime, fake network),
+//! so both exercise exactly the same logic.
+//!
+//! - [`wire`]: every type that crosses a process boundary, and the names of
+//!   buckets, keys and subjects.
+//! - [`runtime`]: the primitive container operations the reconciler asks
+//!   for, their results, and the labels podfleet puts on containers.
+
+pub mod runtime;
+pub mod wire;

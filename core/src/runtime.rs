@@ -1,0 +1,297 @@
+//! The container runtime as the reconciler sees it: primitive operations and
+//! their results, plus the labels and names podfleet puts on containers.
+//!
+//! Operations are deliberately small (create, start, wait, inspect, stop,
+//! remove, list) so that the simulator can fault each step on its own: a "run
+//! to completion" is a sequence of them plus a deadline kept by the core, not
+//! one opaque call. This module describes operations; it never performs one.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{PortMapping, Signal, VolumeMount};
+
+/// Label present (value `"true"`) on every container podfleet manages.
+pub const LABEL_MANAGED: &str = "io.podfleet.managed";
+/// Label holding the deployment name.
+pub const LABEL_DEPLOYMENT: &str = "io.podfleet.deployment";
+/// Label holding the service (or init container) name.
+pub const LABEL_SERVICE: &str = "io.podfleet.service";
+/// Label holding the hash of the service spec the container was created from.
+pub const LABEL_SPEC_HASH: &str = "io.podfleet.spec-hash";
+/// Label holding the desired-state revision the container was created for.
+pub const LABEL_REVISION: &str = "io.podfleet.revision";
+/// Label holding the grace period, in seconds, the container is stopped with.
+pub const LABEL_GRACE: &str = "io.podfleet.grace-period";
+/// Label present (value `"true"`) on init containers, so that
+/// `podman ps -a --filter label=io.podfleet.init=true` finds them.
+pub const LABEL_INIT: &str = "io.podfleet.init";
+
+/// The container name of a deployment's service: `<deployment>_<service>`.
+///
+/// Deployment and service names cannot contain `_`, so names never collide
+/// across deployments.
+pub fn service_container_name(deployment: &str, service: &str) -> String {
+    format!("{deployment}_{service}")
+}
+
+/// The container name of a deployment's init container: `<deployment>_init_<name>`.
+pub fn init_container_name(deployment: &str, init: &str) -> String {
+    format!("{deployment}_init_{init}")
+}
+
+/// Everything needed to create one container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// The container's name.
+    pub name: String,
+    /// The image reference.
+    pub image: String,
+    /// Arguments to the entrypoint.
+    pub args: Vec<String>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Mounts.
+    pub volumes: Vec<VolumeMount>,
+    /// Published ports.
+    pub ports: Vec<PortMapping>,
+    /// Labels, including podfleet's own.
+    pub labels: BTreeMap<String, String>,
+    /// The signal `stop` sends first.
+    pub stop_signal: Signal,
+}
+
+/// One primitive runtime operation. Adapters always create containers with
+/// restart policy "no": restarts are the reconciler's decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum RuntimeOp {
+    /// List every container carrying [`LABEL_MANAGED`], in any state.
+    List,
+    /// Create (not start) a container.
+    Create {
+        /// What to create.
+        spec: ContainerSpec,
+    },
+    /// Start a created or exited container.
+    Start {
+        /// Id or name.
+        container: String,
+    },
+    /// Block until the container is no longer running.
+    Wait {
+        /// Id or name.
+        container: String,
+    },
+    /// Read the container's state and exit code.
+    Inspect {
+        /// Id or name.
+        container: String,
+    },
+    /// Send `signal`, wait up to `grace`, then kill.
+    Stop {
+        /// Id or name.
+        container: String,
+        /// The signal to send first (the one baked in at create).
+        signal: Signal,
+        /// How long to wait before the kill.
+        #[serde(with = "crate::wire::score::whole_seconds")]
+        grace: Duration,
+    },
+    /// Remove the container; `force` kills it first if it still runs.
+    Remove {
+        /// Id or name.
+        container: String,
+        /// Kill a running container rather than fail.
+        force: bool,
+    },
+}
+
+impl RuntimeOp {
+    /// The operation's name, as shown in failure causes: `"create"`, `"start"`...
+    pub fn name(&self) -> &'static str {
+        match self {
+            RuntimeOp::List => "list",
+            RuntimeOp::Create { .. } => "create",
+            RuntimeOp::Start { .. } => "start",
+            RuntimeOp::Wait { .. } => "wait",
+            RuntimeOp::Inspect { .. } => "inspect",
+            RuntimeOp::Stop { .. } => "stop",
+            RuntimeOp::Remove { .. } => "remove",
+        }
+    }
+
+    /// The container the operation is about (its name for `create`), or
+    /// `None` for `list`.
+    pub fn container(&self) -> Option<&str> {
+        match self {
+            RuntimeOp::List => None,
+            RuntimeOp::Create { spec } => Some(&spec.name),
+            RuntimeOp::Start { container }
+            | RuntimeOp::Wait { container }
+            | RuntimeOp::Inspect { container }
+            | RuntimeOp::Stop { container, .. }
+            | RuntimeOp::Remove { container, .. } => Some(container),
+        }
+    }
+
+    /// Whether the operation can change the runtime's state.
+    pub fn is_mutation(&self) -> bool {
+        matches!(
+            self,
+            RuntimeOp::Create { .. }
+                | RuntimeOp::Start { .. }
+                | RuntimeOp::Stop { .. }
+                | RuntimeOp::Remove { .. }
+        )
+    }
+}
+
+/// The lifecycle state of a container, as the runtime reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerState {
+    /// Created, never started.
+    Created,
+    /// Running (the only state counted as healthy).
+    Running,
+    /// Paused by someone.
+    Paused,
+    /// Being stopped.
+    Stopping,
+    /// Exited or stopped.
+    Exited,
+    /// Anything else the runtime says (removing, unknown...).
+    Unknown,
+}
+
+/// One row of a [`RuntimeOp::List`] answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSummary {
+    /// Full id.
+    pub id: String,
+    /// Name, without a leading `/`.
+    pub name: String,
+    /// State.
+    pub state: ContainerState,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ContainerSummary {
+    /// The value of `label`, if set.
+    pub fn label(&self, label: &str) -> Option<&str> {
+        self.labels.get(label).map(String::as_str)
+    }
+}
+
+/// A [`RuntimeOp::Inspect`] answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStatus {
+    /// Full id.
+    pub id: String,
+    /// State.
+    pub state: ContainerState,
+    /// The exit code once the container has exited.
+    pub exit_code: Option<i64>,
+}
+
+/// How a [`RuntimeOp::Stop`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopOutcome {
+    /// It exited on the stop signal within the grace period.
+    Graceful,
+    /// The grace period ran out and it was killed.
+    Killed,
+    /// It was not running.
+    AlreadyStopped,
+}
+
+/// A successful answer to a [`RuntimeOp`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum RuntimeReply {
+    /// Answer to `list`.
+    Listed {
+        /// Every managed container.
+        containers: Vec<ContainerSummary>,
+    },
+    /// Answer to `create`.
+    Created {
+        /// The new container's id.
+        id: String,
+    },
+    /// Answer to `start`.
+    Started,
+    /// Answer to `wait`: the container is no longer running (as far as
+    /// `wait` knows; inspect may briefly disagree, the libpod race).
+    Waited,
+    /// Answer to `inspect`.
+    Inspected {
+        /// The container's status.
+        status: ContainerStatus,
+    },
+    /// Answer to `stop`.
+    Stopped {
+        /// Whether it needed the kill.
+        outcome: StopOutcome,
+    },
+    /// Answer to `remove`.
+    Removed,
+}
+
+/// What went wrong, as far as the reconciler needs to tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeErrorKind {
+    /// No such container.
+    NotFound,
+    /// A container with that name already exists.
+    NameConflict,
+    /// The image is not present and cannot be pulled.
+    ImageMissing,
+    /// The runtime's API did not answer.
+    Unavailable,
+    /// Anything else.
+    Other,
+}
+
+/// A failed runtime operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct RuntimeError {
+    /// Which kind of failure.
+    pub kind: RuntimeErrorKind,
+    /// The runtime's own words.
+    pub message: String,
+}
+
+impl RuntimeError {
+    /// Builds an error.
+    pub fn new(kind: RuntimeErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The outcome of one [`RuntimeOp`].
+pub type RuntimeResult = Result<RuntimeReply, RuntimeError>;
+
+impl fmt::Display for ContainerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ContainerState::Created => "created",
+            ContainerState::Running => "running",
+            ContainerState::Paused => "paused",
+            ContainerState::Stopping => "stopping",
+            ContainerState::Exited => "exited",
+            ContainerState::Unknown => "unknown",
+        })
+    }
+}

@@ -1,0 +1,151 @@
+//! What agents report: per-deployment [`DeploymentState`] and the device's
+//! [`Heartbeat`].
+//!
+//! These are written by the agent into the state and heartbeat buckets and
+//! read by the operator and by people. Fields added later carry
+//! `#[serde(default)]`, so an operator reading an older agent's report still
+//! parses it; unknown fields are ignored.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::names::DeviceId;
+
+/// Where a deployment stands on its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// A revision is in flight: init containers running, or the cutover.
+    Pending,
+    /// Every service of the applied revision runs, with the ids reported.
+    Running,
+    /// The revision failed; `cause` says why. Nothing older is restored.
+    Failed,
+}
+
+/// The agent's report for one deployment, at key `<device_id>.<deployment>`
+/// of the state bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeploymentState {
+    /// Where the deployment stands.
+    pub phase: Phase,
+    /// The desired-state KV revision this report is about.
+    pub revision: u64,
+    /// Service name -> id of the container running it.
+    #[serde(default)]
+    pub container_ids: BTreeMap<String, String>,
+    /// A one-line summary for people, e.g. "2 init containers completed, 3 services running".
+    #[serde(default)]
+    pub message: String,
+    /// Why the deployment failed; present exactly when `phase` is `failed`
+    /// or a service is crash-looping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<FailureCause>,
+    /// Which attempt at this revision this is (1 for the first); retries of
+    /// a failed revision count up.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt: u32,
+    /// Services the agent has had to restart, with how often and why.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub restarts: BTreeMap<String, RestartRecord>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// How often a service's container has been restarted by the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RestartRecord {
+    /// Restarts since the revision was applied.
+    pub count: u32,
+    /// The exit code of the last exit, when the runtime knew it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit_code: Option<i64>,
+}
+
+/// Why a deployment failed, typed so that the operator can act on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureCause {
+    /// The desired payload did not parse or broke a rule; the previous
+    /// revision's containers are left untouched.
+    InvalidScore {
+        /// The parse or validation error.
+        error: String,
+    },
+    /// An init container exited non-zero.
+    InitContainerExited {
+        /// The init container.
+        name: String,
+        /// Its exit code.
+        exit_code: i64,
+    },
+    /// An init container ran past its timeout and was force-removed.
+    InitContainerTimedOut {
+        /// The init container.
+        name: String,
+        /// How long it was waited for, in whole seconds.
+        waited_secs: u64,
+    },
+    /// After `wait` returned, inspect still said "running" on the retry.
+    StillRunningAfterWait {
+        /// The init container.
+        name: String,
+    },
+    /// A runtime call failed.
+    Runtime {
+        /// The container the call was about.
+        container: String,
+        /// The call: create, start, wait, inspect, stop, remove or list.
+        operation: String,
+        /// The runtime's error text.
+        error: String,
+    },
+    /// A service keeps exiting; it is restarted with a capped backoff and
+    /// never given up on. Does not block a newer revision.
+    CrashLoop {
+        /// The service.
+        service: String,
+        /// Restarts so far.
+        restarts: u32,
+        /// The last exit code, when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_exit_code: Option<i64>,
+    },
+}
+
+/// The device's periodic liveness report, at key `<device_id>` of the
+/// heartbeat bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Heartbeat {
+    /// The reporting device.
+    pub device_id: DeviceId,
+    /// The agent's version.
+    pub agent_version: String,
+    /// Seconds since the agent started.
+    pub uptime_s: u64,
+    /// How many deployments the agent manages.
+    #[serde(default)]
+    pub deployments: u32,
+    /// Whether the container runtime answers.
+    #[serde(default)]
+    pub runtime: RuntimeHealth,
+}
+
+/// Whether the container runtime's API answered the last call.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum RuntimeHealth {
+    /// The last call got an answer.
+    #[default]
+    Ok,
+    /// The runtime could not be reached; the agent retries with backoff.
+    Unreachable {
+        /// The last error.
+        error: String,
+    },
+}

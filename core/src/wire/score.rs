@@ -1,0 +1,523 @@
+//! The desired state of one deployment: [`PodmanV0Score`].
+//!
+//! This module owns the score's wire form, its defaults and its validation.
+//! Parsing is tolerant of fields it does not know (an agent may be older
+//! than the operator that wrote the payload) and strict about the values it
+//! does know: [`PodmanV0Score::from_json`] returns a [`ScoreError`] that names
+//! the offending value and the rule it broke.
+//!
+//! Compatibility promise: a payload written before `init_containers` or
+//! `lifecycle` existed parses, with an empty list and `None`, and behaves as
+//! it did then.
+//!
+//! Init containers must be idempotent: they run again on every rollout of a
+//! new revision, and again when a failed rollout is retried.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::names::{validate_label, NameError, NameKind};
+
+/// How long an init container may run when its score does not say.
+pub const DEFAULT_INIT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a stopping container gets between its stop signal and the kill.
+pub const DEFAULT_GRACE_PERIOD_SECS: u64 = 30;
+
+/// A deployment's desired state, version 0 of the podman score.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "podfleet PodmanV0Score")]
+pub struct PodmanV0Score {
+    /// Long-running services, each one container.
+    pub services: Vec<PodmanService>,
+    /// One-shot containers run to completion, in list order, before any
+    /// service of a new revision is (re)created.
+    #[serde(default)]
+    pub init_containers: Vec<InitContainer>,
+    /// How service containers are stopped; `None` means SIGTERM and 30 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<LifecyclePolicy>,
+}
+
+/// One long-running service container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PodmanService {
+    /// The service's name, unique within the score ([`crate::wire::names::LABEL_RULE`]).
+    pub name: String,
+    /// The image reference, for example `localhost/app:1.2`.
+    pub image: String,
+    /// Arguments passed to the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Bind mounts and named volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+    /// Published ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
+}
+
+/// A container run to completion before the services start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct InitContainer {
+    /// The init container's name, unique within the score and distinct from
+    /// every service name.
+    pub name: String,
+    /// The image reference.
+    pub image: String,
+    /// Arguments passed to the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Bind mounts and named volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+    /// How long it may run before it is force-removed and the revision fails;
+    /// whole seconds on the wire, 300 when absent, never 0.
+    #[serde(default = "default_init_timeout", with = "whole_seconds")]
+    #[schemars(with = "u64", extend("default" = 300, "minimum" = 1))]
+    pub timeout: Duration,
+}
+
+fn default_init_timeout() -> Duration {
+    DEFAULT_INIT_CONTAINER_TIMEOUT
+}
+
+/// How a service container is stopped when it is replaced or dropped.
+///
+/// There is deliberately no "kill fallback" switch: after the grace period
+/// the runtime always kills.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LifecyclePolicy {
+    /// Sent first; baked into the container when it is created.
+    #[serde(default)]
+    pub stop_signal: Signal,
+    /// Seconds between the stop signal and the kill.
+    #[serde(default = "default_grace")]
+    #[schemars(extend("default" = 30))]
+    pub grace_period_secs: u64,
+}
+
+fn default_grace() -> u64 {
+    DEFAULT_GRACE_PERIOD_SECS
+}
+
+impl Default for LifecyclePolicy {
+    fn default() -> Self {
+        Self {
+            stop_signal: Signal::default(),
+            grace_period_secs: DEFAULT_GRACE_PERIOD_SECS,
+        }
+    }
+}
+
+impl LifecyclePolicy {
+    /// The grace period as a duration.
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_secs(self.grace_period_secs)
+    }
+}
+
+/// A stop signal, by its conventional name (`"SIGTERM"`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub enum Signal {
+    /// SIGHUP (1).
+    Hup,
+    /// SIGINT (2).
+    Int,
+    /// SIGQUIT (3).
+    Quit,
+    /// SIGKILL (9): no grace at all.
+    Kill,
+    /// SIGUSR1 (10).
+    Usr1,
+    /// SIGUSR2 (12).
+    Usr2,
+    /// SIGTERM (15), the default.
+    #[default]
+    Term,
+    /// SIGWINCH (28), the stop signal some web servers use for a graceful stop.
+    Winch,
+}
+
+impl Signal {
+    /// Every signal a score may name.
+    pub const ALL: [Signal; 8] = [
+        Signal::Hup,
+        Signal::Int,
+        Signal::Quit,
+        Signal::Kill,
+        Signal::Usr1,
+        Signal::Usr2,
+        Signal::Term,
+        Signal::Winch,
+    ];
+
+    /// The conventional name, e.g. `"SIGTERM"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Hup => "SIGHUP",
+            Signal::Int => "SIGINT",
+            Signal::Quit => "SIGQUIT",
+            Signal::Kill => "SIGKILL",
+            Signal::Usr1 => "SIGUSR1",
+            Signal::Usr2 => "SIGUSR2",
+            Signal::Term => "SIGTERM",
+            Signal::Winch => "SIGWINCH",
+        }
+    }
+
+    /// The Linux signal number (podman's inspect reports this, as `"15"`).
+    pub fn number(self) -> u8 {
+        match self {
+            Signal::Hup => 1,
+            Signal::Int => 2,
+            Signal::Quit => 3,
+            Signal::Kill => 9,
+            Signal::Usr1 => 10,
+            Signal::Usr2 => 12,
+            Signal::Term => 15,
+            Signal::Winch => 28,
+        }
+    }
+
+    /// Finds a signal by its number.
+    pub fn from_number(number: u8) -> Option<Signal> {
+        Signal::ALL.into_iter().find(|s| s.number() == number)
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A stop signal name that is not one of [`Signal::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown stop signal {0:?}: expected one of SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGUSR1, SIGUSR2, SIGTERM, SIGWINCH")]
+pub struct UnknownSignal(pub String);
+
+impl FromStr for Signal {
+    type Err = UnknownSignal;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Signal::ALL
+            .into_iter()
+            .find(|sig| sig.name() == s)
+            .ok_or_else(|| UnknownSignal(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for Signal {
+    type Error = UnknownSignal;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Signal> for String {
+    fn from(s: Signal) -> String {
+        s.name().to_owned()
+    }
+}
+
+impl JsonSchema for Signal {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Signal".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let names: Vec<&str> = Signal::ALL.iter().map(|s| s.name()).collect();
+        schemars::json_schema!({ "type": "string", "enum": names, "default": "SIGTERM" })
+    }
+}
+
+/// A bind mount (`source` is an absolute host path) or a named volume
+/// (`source` is a plain name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VolumeMount {
+    /// Absolute host path, or a named volume.
+    pub source: String,
+    /// Absolute path inside the container.
+    pub target: String,
+    /// Mount read-only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+/// A port published on the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PortMapping {
+    /// Port on the device, 1-65535.
+    pub host_port: u16,
+    /// Port inside the container, 1-65535.
+    pub container_port: u16,
+    /// Transport protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// A port's transport protocol.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// TCP, the default.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// Why a desired-state payload was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScoreError {
+    /// The bytes are not a score at all (bad JSON, wrong types, missing fields).
+    #[error("malformed score: {reason}")]
+    Malformed {
+        /// The decoder's message, with line and column.
+        reason: String,
+    },
+    /// A score with no services would run nothing.
+    #[error("the score has no services: at least one is required")]
+    NoServices,
+    /// A service or init-container name broke the naming rule.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// Two services share a name.
+    #[error("duplicate service name {name:?}: service names must be unique")]
+    DuplicateService {
+        /// The repeated name.
+        name: String,
+    },
+    /// Two init containers share a name.
+    #[error("duplicate init container name {name:?}: init container names must be unique")]
+    DuplicateInitContainer {
+        /// The repeated name.
+        name: String,
+    },
+    /// A service and an init container share a name.
+    #[error("{name:?} names both a service and an init container: names must be distinct")]
+    ServiceInitNameClash {
+        /// The shared name.
+        name: String,
+    },
+    /// A container has an empty image reference.
+    #[error("{container:?} has an empty image: every container needs an image reference")]
+    EmptyImage {
+        /// The service or init container.
+        container: String,
+    },
+    /// An init container's timeout is zero.
+    #[error("init container {name:?} has a timeout of 0 s: the timeout must be at least 1 s")]
+    ZeroTimeout {
+        /// The init container.
+        name: String,
+    },
+    /// An environment variable name is empty or contains `=` or NUL.
+    #[error("{container:?} has invalid environment variable name {key:?}: names must be non-empty and contain neither '=' nor NUL")]
+    InvalidEnvName {
+        /// The service or init container.
+        container: String,
+        /// The offending name.
+        key: String,
+    },
+    /// A volume mount's source or target is unusable.
+    #[error("{container:?} has invalid volume {source_path:?} -> {target:?}: {rule}")]
+    InvalidVolume {
+        /// The service or init container.
+        container: String,
+        /// The mount's source.
+        source_path: String,
+        /// The mount's target.
+        target: String,
+        /// The rule it broke.
+        rule: &'static str,
+    },
+    /// A port number is zero.
+    #[error("service {service:?} publishes port 0: ports must be 1-65535")]
+    ZeroPort {
+        /// The service.
+        service: String,
+    },
+    /// Two services publish the same host port and protocol.
+    #[error("host port {port}/{protocol:?} is published by both {first:?} and {second:?}: a host port can be published once")]
+    PortConflict {
+        /// The host port.
+        port: u16,
+        /// Its protocol.
+        protocol: Protocol,
+        /// The first service publishing it.
+        first: String,
+        /// The second service publishing it.
+        second: String,
+    },
+}
+
+impl PodmanV0Score {
+    /// Parses and validates a desired-state payload.
+    ///
+    /// Unknown fields are ignored (forward compatibility); absent
+    /// `init_containers`, `lifecycle` and `timeout` take their defaults.
+    ///
+    /// # Errors
+    /// [`ScoreError::Malformed`] when the bytes do not decode, otherwise the
+    /// first rule [`PodmanV0Score::validate`] finds broken.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ScoreError> {
+        let score: PodmanV0Score =
+            serde_json::from_slice(bytes).map_err(|e| ScoreError::Malformed {
+                reason: e.to_string(),
+            })?;
+        score.validate()?;
+        Ok(score)
+    }
+
+    /// The score's canonical JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a score always serialises: its maps have string keys")
+    }
+
+    /// The lifecycle policy in force, with defaults filled in.
+    pub fn lifecycle_or_default(&self) -> LifecyclePolicy {
+        self.lifecycle.clone().unwrap_or_default()
+    }
+
+    /// Checks every rule a score must follow.
+    ///
+    /// # Errors
+    /// The first broken rule, as a [`ScoreError`] naming the offending value.
+    pub fn validate(&self) -> Result<(), ScoreError> {
+        if self.services.is_empty() {
+            return Err(ScoreError::NoServices);
+        }
+        let mut services = BTreeSet::new();
+        let mut host_ports: BTreeMap<(u16, Protocol), &str> = BTreeMap::new();
+        for service in &self.services {
+            validate_label(NameKind::Service, &service.name)?;
+            if !services.insert(service.name.as_str()) {
+                return Err(ScoreError::DuplicateService {
+                    name: service.name.clone(),
+                });
+            }
+            validate_container(
+                &service.name,
+                &service.image,
+                &service.env,
+                &service.volumes,
+            )?;
+            for port in &service.ports {
+                if port.host_port == 0 || port.container_port == 0 {
+                    return Err(ScoreError::ZeroPort {
+                        service: service.name.clone(),
+                    });
+                }
+                if let Some(first) =
+                    host_ports.insert((port.host_port, port.protocol), &service.name)
+                {
+                    return Err(ScoreError::PortConflict {
+                        port: port.host_port,
+                        protocol: port.protocol,
+                        first: first.to_owned(),
+                        second: service.name.clone(),
+                    });
+                }
+            }
+        }
+        let mut inits = BTreeSet::new();
+        for init in &self.init_containers {
+            validate_label(NameKind::InitContainer, &init.name)?;
+            if !inits.insert(init.name.as_str()) {
+                return Err(ScoreError::DuplicateInitContainer {
+                    name: init.name.clone(),
+                });
+            }
+            if services.contains(init.name.as_str()) {
+                return Err(ScoreError::ServiceInitNameClash {
+                    name: init.name.clone(),
+                });
+            }
+            validate_container(&init.name, &init.image, &init.env, &init.volumes)?;
+            if init.timeout.is_zero() {
+                return Err(ScoreError::ZeroTimeout {
+                    name: init.name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_container(
+    name: &str,
+    image: &str,
+    env: &BTreeMap<String, String>,
+    volumes: &[VolumeMount],
+) -> Result<(), ScoreError> {
+    if image.trim().is_empty() {
+        return Err(ScoreError::EmptyImage {
+            container: name.to_owned(),
+        });
+    }
+    if let Some(key) = env
+        .keys()
+        .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        return Err(ScoreError::InvalidEnvName {
+            container: name.to_owned(),
+            key: key.clone(),
+        });
+    }
+    for volume in volumes {
+        let rule = if volume.source.is_empty() {
+            Some("the source must not be empty")
+        } else if !volume.target.starts_with('/') {
+            Some("the target must be an absolute path")
+        } else if volume.source.contains(':') || volume.target.contains(':') {
+            Some("paths must not contain ':'")
+        } else {
+            None
+        };
+        if let Some(rule) = rule {
+            return Err(ScoreError::InvalidVolume {
+                container: name.to_owned(),
+                source_path: volume.source.clone(),
+                target: volume.target.clone(),
+                rule,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Serde adapter: a [`Duration`] as whole seconds.
+pub mod whole_seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the duration's whole seconds (sub-second parts are dropped).
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    /// Reads whole seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,3 @@
+//! `cargo xtask`: podfleet's developer tasks.
+
+fn main() {}
