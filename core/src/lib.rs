@@ -10,6 +10,17 @@
 //!   buckets, keys and subjects.
 //! - [`runtime`]: the primitive container operations the reconciler asks
 //!   for, their results, and the labels podfleet puts on containers.
+//! - [`reconciler`]: the sans-IO [`Reconciler`] that decides everything.
+//! - `fake` (feature `fake`): a pure model of podman and a virtual-time
+//!   harness, shared by the simulator, the fuzzer and the tests.
+//! - [`time`]: the caller-supplied [`Timestamp`] and capped [`Backoff`].
 
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+pub mod reconciler;
 pub mod runtime;
+pub mod time;
 pub mod wire;
+
+pub use reconciler::{Config, Output, Reconciler, Wake, WakeReason};
+pub use time::{Backoff, Timestamp};

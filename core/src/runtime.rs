@@ -26,6 +26,8 @@ pub const LABEL_SPEC_HASH: &str = "io.podfleet.spec-hash";
 pub const LABEL_REVISION: &str = "io.podfleet.revision";
 /// Label holding the grace period, in seconds, the container is stopped with.
 pub const LABEL_GRACE: &str = "io.podfleet.grace-period";
+/// Label holding the stop signal's name, e.g. `SIGTERM`.
+pub const LABEL_STOP_SIGNAL: &str = "io.podfleet.stop-signal";
 /// Label present (value `"true"`) on init containers, so that
 /// `podman ps -a --filter label=io.podfleet.init=true` finds them.
 pub const LABEL_INIT: &str = "io.podfleet.init";

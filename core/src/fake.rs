@@ -1,0 +1,854 @@
+//! A pure model of podman, and a harness that drives a [`Reconciler`] against
+//! it over virtual time.
+//!
+//! [`FakeRuntime`] models what the reconciler relies on: containers by name
+//! and id, created/running/exited states, exit codes, labels, stop with a
+//! signal then a grace then a kill, name conflicts, missing images and the
+//! libpod race (inspect still saying "running" just after an exit). It has
+//! no clock of its own: time moves only when the caller says so.
+//!
+//! [`Harness`] is a shell without IO: it executes the reconciler's commands
+//! on the fake, always advancing to the earliest deadline (the reconciler's,
+//! a container's exit, a delayed result), and records a transcript. The
+//! simulator and the fuzzer build on both. Compiled for tests and with the
+//! `fake` feature only.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::reconciler::{AgentCache, CommandId, Config, Output, Reconciler};
+use crate::runtime::{
+    ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, RuntimeError,
+    RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, StopOutcome, LABEL_MANAGED,
+};
+use crate::time::Timestamp;
+use crate::wire::{DeploymentName, DeploymentState, Heartbeat, Signal};
+
+/// How the program inside a container behaves, chosen per image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Behaviour {
+    /// Exits by itself after running this long; `None` runs forever.
+    pub exit_after: Option<Duration>,
+    /// The code it exits with by itself.
+    pub exit_code: i64,
+    /// How long it takes to exit after its stop signal.
+    pub stop_delay: Duration,
+    /// It ignores its stop signal: only the kill after the grace ends it.
+    pub ignores_stop_signal: bool,
+    /// For this long after an exit, inspect still says "running" (the libpod race).
+    pub inspect_lag: Duration,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            exit_after: None,
+            exit_code: 0,
+            stop_delay: Duration::ZERO,
+            ignores_stop_signal: false,
+            inspect_lag: Duration::ZERO,
+        }
+    }
+}
+
+impl Behaviour {
+    /// A one-shot program that exits with `code` after `after`.
+    pub fn exits(code: i64, after: Duration) -> Self {
+        Self {
+            exit_after: Some(after),
+            exit_code: code,
+            ..Self::default()
+        }
+    }
+}
+
+/// One container in the fake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeContainer {
+    /// Its id.
+    pub id: String,
+    /// What it was created from.
+    pub spec: ContainerSpec,
+    /// Its state.
+    pub state: ContainerState,
+    /// Its exit code once exited.
+    pub exit_code: Option<i64>,
+    /// How often it has been started.
+    pub starts: u32,
+    /// When it will exit, with which code, and whether by the kill.
+    exit_at: Option<(Timestamp, i64, bool)>,
+    /// Inspect says "running" until then.
+    lagging_until: Option<Timestamp>,
+    /// The signal and grace of the stop in progress.
+    stopping: Option<(Signal, Duration)>,
+}
+
+/// A mutation the fake performed, for invariant checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeEvent {
+    /// A container was created.
+    Created {
+        /// Its id.
+        id: String,
+        /// Its spec.
+        spec: ContainerSpec,
+    },
+    /// A container was started.
+    Started {
+        /// Its id.
+        id: String,
+    },
+    /// A stop began.
+    StopBegan {
+        /// Its id.
+        id: String,
+        /// The signal sent.
+        signal: Signal,
+        /// The grace granted.
+        grace: Duration,
+    },
+    /// A container exited.
+    Exited {
+        /// Its id.
+        id: String,
+        /// Its exit code.
+        code: i64,
+    },
+    /// A container was removed.
+    Removed {
+        /// Its id.
+        id: String,
+        /// Whether it was still running (force).
+        was_running: bool,
+    },
+}
+
+/// How an operation completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// At once.
+    Ready(RuntimeResult),
+    /// Once the container `id` no longer runs (wait, stop).
+    WhenStopped {
+        /// The container.
+        id: String,
+        /// The result to hand over then.
+        result: RuntimeResult,
+    },
+}
+
+/// A pure model of podman. See the [module docs](self).
+#[derive(Debug, Clone, Default)]
+pub struct FakeRuntime {
+    now: Timestamp,
+    containers: BTreeMap<String, FakeContainer>,
+    next_id: u64,
+    missing_images: BTreeSet<String>,
+    behaviours: BTreeMap<String, Behaviour>,
+    events: Vec<(Timestamp, RuntimeEvent)>,
+}
+
+impl FakeRuntime {
+    /// An empty runtime where every image is present and runs forever.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes `image` behave like `behaviour`.
+    pub fn set_behaviour(&mut self, image: &str, behaviour: Behaviour) {
+        self.behaviours.insert(image.to_owned(), behaviour);
+    }
+
+    /// Makes `image` absent: creating from it fails with `ImageMissing`.
+    pub fn remove_image(&mut self, image: &str) {
+        self.missing_images.insert(image.to_owned());
+    }
+
+    /// Makes `image` present again.
+    pub fn add_image(&mut self, image: &str) {
+        self.missing_images.remove(image);
+    }
+
+    /// Every container, by id.
+    pub fn containers(&self) -> &BTreeMap<String, FakeContainer> {
+        &self.containers
+    }
+
+    /// The container named `name`.
+    pub fn by_name(&self, name: &str) -> Option<&FakeContainer> {
+        self.containers.values().find(|c| c.spec.name == name)
+    }
+
+    /// Every mutation so far, with its time.
+    pub fn events(&self) -> &[(Timestamp, RuntimeEvent)] {
+        &self.events
+    }
+
+    /// Makes a running container exit now with `code`, as a crash would.
+    pub fn crash(&mut self, now: Timestamp, id: &str, code: i64) {
+        self.advance(now);
+        if let Some(c) = self.containers.get_mut(id) {
+            if c.state == ContainerState::Running {
+                c.exit_at = Some((now, code, false));
+            }
+        }
+        self.advance(now);
+    }
+
+    /// Creates a container behind the reconciler's back, as `create failed
+    /// but the container exists anyway` leaves one.
+    pub fn create_quietly(&mut self, spec: ContainerSpec) -> String {
+        self.create(spec).unwrap_or_default()
+    }
+
+    /// The next instant something happens on its own (an exit).
+    pub fn next_event(&self) -> Option<Timestamp> {
+        self.containers
+            .values()
+            .filter_map(|c| c.exit_at.map(|(at, _, _)| at))
+            .min()
+    }
+
+    /// Moves the fake's time to `now`, applying due exits.
+    pub fn advance(&mut self, now: Timestamp) {
+        self.now = self.now.max(now);
+        let now = self.now;
+        for c in self.containers.values_mut() {
+            if let Some((at, code, _)) = c.exit_at {
+                if at <= now {
+                    let behaviour = self
+                        .behaviours
+                        .get(&c.spec.image)
+                        .cloned()
+                        .unwrap_or_default();
+                    c.state = ContainerState::Exited;
+                    c.exit_code = Some(code);
+                    c.exit_at = None;
+                    c.stopping = None;
+                    c.lagging_until = Some(at + behaviour.inspect_lag);
+                    self.events.push((
+                        at,
+                        RuntimeEvent::Exited {
+                            id: c.id.clone(),
+                            code,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Whether `id` exists and runs (or is stopping).
+    pub fn is_running(&self, id: &str) -> bool {
+        self.containers
+            .get(id)
+            .is_some_and(|c| matches!(c.state, ContainerState::Running | ContainerState::Stopping))
+    }
+
+    fn find(&self, key: &str) -> Result<String, RuntimeError> {
+        if self.containers.contains_key(key) {
+            return Ok(key.to_owned());
+        }
+        self.containers
+            .values()
+            .find(|c| c.spec.name == key)
+            .map(|c| c.id.clone())
+            .ok_or_else(|| {
+                RuntimeError::new(
+                    RuntimeErrorKind::NotFound,
+                    format!("no such container: {key}"),
+                )
+            })
+    }
+
+    fn create(&mut self, spec: ContainerSpec) -> Result<String, RuntimeError> {
+        if self.missing_images.contains(&spec.image) {
+            return Err(RuntimeError::new(
+                RuntimeErrorKind::ImageMissing,
+                format!("{}: image not known", spec.image),
+            ));
+        }
+        if self.containers.values().any(|c| c.spec.name == spec.name) {
+            return Err(RuntimeError::new(
+                RuntimeErrorKind::NameConflict,
+                format!("the container name {:?} is already in use", spec.name),
+            ));
+        }
+        self.next_id += 1;
+        let id = format!("{:012x}", self.next_id * 0x9e37_79b9);
+        self.events.push((
+            self.now,
+            RuntimeEvent::Created {
+                id: id.clone(),
+                spec: spec.clone(),
+            },
+        ));
+        self.containers.insert(
+            id.clone(),
+            FakeContainer {
+                id: id.clone(),
+                spec,
+                state: ContainerState::Created,
+                exit_code: None,
+                starts: 0,
+                exit_at: None,
+                lagging_until: None,
+                stopping: None,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Executes `op` at the fake's current time.
+    pub fn execute(&mut self, op: &RuntimeOp) -> Completion {
+        let now = self.now;
+        let ready = Completion::Ready;
+        match op {
+            RuntimeOp::List => ready(Ok(RuntimeReply::Listed {
+                containers: self
+                    .containers
+                    .values()
+                    .filter(|c| {
+                        c.spec
+                            .labels
+                            .get(LABEL_MANAGED)
+                            .is_some_and(|v| v == "true")
+                    })
+                    .map(|c| ContainerSummary {
+                        id: c.id.clone(),
+                        name: c.spec.name.clone(),
+                        state: c.state,
+                        labels: c.spec.labels.clone(),
+                    })
+                    .collect(),
+            })),
+            RuntimeOp::Create { spec } => ready(
+                self.create(spec.clone())
+                    .map(|id| RuntimeReply::Created { id }),
+            ),
+            RuntimeOp::Start { container } => ready(self.find(container).map(|id| {
+                let behaviour = self.behaviour_of(&id);
+                if let Some(c) = self.containers.get_mut(&id) {
+                    if c.state != ContainerState::Running {
+                        c.state = ContainerState::Running;
+                        c.exit_code = None;
+                        c.starts += 1;
+                        c.lagging_until = None;
+                        c.exit_at = behaviour
+                            .exit_after
+                            .map(|after| (now + after, behaviour.exit_code, false));
+                        self.events
+                            .push((now, RuntimeEvent::Started { id: id.clone() }));
+                    }
+                }
+                RuntimeReply::Started
+            })),
+            RuntimeOp::Wait { container } => match self.find(container) {
+                Err(e) => ready(Err(e)),
+                Ok(id) if self.is_running(&id) => Completion::WhenStopped {
+                    id,
+                    result: Ok(RuntimeReply::Waited),
+                },
+                Ok(_) => ready(Ok(RuntimeReply::Waited)),
+            },
+            RuntimeOp::Inspect { container } => ready(self.find(container).map(|id| {
+                let c = &self.containers[&id];
+                let lagging = c.lagging_until.is_some_and(|until| now < until);
+                RuntimeReply::Inspected {
+                    status: ContainerStatus {
+                        id: id.clone(),
+                        state: if lagging {
+                            ContainerState::Running
+                        } else {
+                            c.state
+                        },
+                        exit_code: if lagging { None } else { c.exit_code },
+                    },
+                }
+            })),
+            RuntimeOp::Stop {
+                container,
+                signal,
+                grace,
+            } => match self.find(container) {
+                Err(e) => ready(Err(e)),
+                Ok(id) if !self.is_running(&id) => ready(Ok(RuntimeReply::Stopped {
+                    outcome: StopOutcome::AlreadyStopped,
+                })),
+                Ok(id) => {
+                    let behaviour = self.behaviour_of(&id);
+                    let killed = *signal == Signal::Kill
+                        || behaviour.ignores_stop_signal
+                        || behaviour.stop_delay >= *grace;
+                    let (delay, code) = if *signal == Signal::Kill {
+                        (Duration::ZERO, 137)
+                    } else if killed {
+                        (*grace, 137)
+                    } else {
+                        (behaviour.stop_delay, 0)
+                    };
+                    self.events.push((
+                        now,
+                        RuntimeEvent::StopBegan {
+                            id: id.clone(),
+                            signal: *signal,
+                            grace: *grace,
+                        },
+                    ));
+                    if let Some(c) = self.containers.get_mut(&id) {
+                        let at = now + delay;
+                        let earlier = c.exit_at.filter(|(t, _, _)| *t <= at);
+                        c.exit_at = Some(earlier.unwrap_or((at, code, killed)));
+                        c.state = ContainerState::Stopping;
+                        c.stopping = Some((*signal, *grace));
+                    }
+                    let outcome = if killed {
+                        StopOutcome::Killed
+                    } else {
+                        StopOutcome::Graceful
+                    };
+                    Completion::WhenStopped {
+                        id,
+                        result: Ok(RuntimeReply::Stopped { outcome }),
+                    }
+                }
+            },
+            RuntimeOp::Remove { container, force } => ready(self.find(container).and_then(|id| {
+                let running = self.is_running(&id);
+                if running && !force {
+                    return Err(RuntimeError::new(
+                        RuntimeErrorKind::Other,
+                        format!("container {id} is running: stop it or remove with force"),
+                    ));
+                }
+                self.containers.remove(&id);
+                self.events.push((
+                    now,
+                    RuntimeEvent::Removed {
+                        id,
+                        was_running: running,
+                    },
+                ));
+                Ok(RuntimeReply::Removed)
+            })),
+        }
+    }
+
+    fn behaviour_of(&self, id: &str) -> Behaviour {
+        self.containers
+            .get(id)
+            .and_then(|c| self.behaviours.get(&c.spec.image))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// A fault the [`Harness`] applies to the next runtime operation of a kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpFault {
+    /// The operation fails with this error and does nothing.
+    Fail(RuntimeErrorKind),
+    /// The operation takes effect but reports this error ("create failed
+    /// but the container exists anyway").
+    FailAfterEffect(RuntimeErrorKind),
+}
+
+#[derive(Debug)]
+struct Pending {
+    id: CommandId,
+    container: String,
+    result: RuntimeResult,
+}
+
+/// Drives a [`Reconciler`] against a [`FakeRuntime`] in virtual time. See
+/// the [module docs](self).
+#[derive(Debug)]
+pub struct Harness {
+    config: Config,
+    /// The reconciler under test.
+    pub reconciler: Reconciler,
+    /// The runtime it drives.
+    pub runtime: FakeRuntime,
+    /// Virtual now.
+    pub now: Timestamp,
+    /// The cache as last persisted.
+    pub cache: Option<AgentCache>,
+    /// The latest published state of each deployment.
+    pub states: BTreeMap<DeploymentName, DeploymentState>,
+    /// Every state publication, in order.
+    pub published: Vec<(DeploymentName, DeploymentState)>,
+    /// Every heartbeat, in order.
+    pub heartbeats: Vec<Heartbeat>,
+    /// Every runtime operation issued, in order, with its time.
+    pub ops: Vec<(Timestamp, RuntimeOp)>,
+    /// A readable log of everything that happened.
+    pub transcript: String,
+    /// Faults for the next operation of a given name ("create", "start"...).
+    pub faults: BTreeMap<&'static str, VecDeque<OpFault>>,
+    /// Results ready to deliver, with their delivery time.
+    ready: VecDeque<(Timestamp, CommandId, RuntimeResult)>,
+    pending: Vec<Pending>,
+    /// Whether heartbeats go into the transcript.
+    pub log_heartbeats: bool,
+    /// What the reconciler has been told: per deployment, the latest
+    /// revision seen and the spec hashes of the newest valid one (`None`
+    /// once deleted).
+    seen: BTreeMap<String, (u64, Option<Seen>)>,
+    /// Invariant violations found so far, in words.
+    pub violations: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    revision: u64,
+    hashes: BTreeMap<String, String>,
+}
+
+impl Harness {
+    /// A harness with an empty runtime, starting at time zero.
+    pub fn new(config: Config) -> Self {
+        let now = Timestamp::ZERO;
+        let mut h = Self {
+            reconciler: Reconciler::new(config.clone(), None, now),
+            config,
+            runtime: FakeRuntime::new(),
+            now,
+            cache: None,
+            states: BTreeMap::new(),
+            published: Vec::new(),
+            heartbeats: Vec::new(),
+            ops: Vec::new(),
+            transcript: String::new(),
+            faults: BTreeMap::new(),
+            ready: VecDeque::new(),
+            pending: Vec::new(),
+            log_heartbeats: false,
+            seen: BTreeMap::new(),
+            violations: Vec::new(),
+        };
+        h.drain();
+        h
+    }
+
+    fn log(&mut self, line: std::fmt::Arguments<'_>) {
+        let _ = writeln!(self.transcript, "{:>9} {}", self.now.to_string(), line);
+    }
+
+    /// Puts desired state for `deployment` at `revision`.
+    pub fn put(&mut self, deployment: &str, revision: u64, json: &str) {
+        let name = DeploymentName::new(deployment).expect("test deployment names are valid");
+        self.log(format_args!("desired put {deployment} rev {revision}"));
+        self.track_put(deployment, revision, json.as_bytes());
+        self.reconciler
+            .handle_desired_put(self.now, name, revision, json.as_bytes());
+        self.drain();
+    }
+
+    /// Deletes the desired state of `deployment` at `revision`.
+    pub fn delete(&mut self, deployment: &str, revision: u64) {
+        let name = DeploymentName::new(deployment).expect("test deployment names are valid");
+        self.log(format_args!("desired delete {deployment} rev {revision}"));
+        let entry = self.seen.entry(deployment.to_owned()).or_insert((0, None));
+        if revision >= entry.0 {
+            *entry = (revision, None);
+        }
+        self.reconciler
+            .handle_desired_delete(self.now, name, revision);
+        self.drain();
+    }
+
+    /// Simulates an agent restart: pending results are lost, the reconciler
+    /// starts afresh from the persisted cache (or none).
+    pub fn restart_agent(&mut self, keep_cache: bool) {
+        self.log(format_args!(
+            "agent restart (cache {})",
+            if keep_cache { "kept" } else { "lost" }
+        ));
+        self.ready.clear();
+        self.pending.clear();
+        if !keep_cache {
+            self.cache = None;
+        }
+        self.reconciler = Reconciler::new(self.config.clone(), self.cache.clone(), self.now);
+        self.drain();
+    }
+
+    /// Runs until virtual time reaches `now + d`.
+    pub fn run_for(&mut self, d: Duration) {
+        let until = self.now + d;
+        self.run_until(until);
+    }
+
+    /// Runs until virtual time reaches `until`, always jumping to the
+    /// earliest next thing: a ready result, a container exit, a deadline.
+    pub fn run_until(&mut self, until: Timestamp) {
+        loop {
+            if let Some((at, _, _)) = self.ready.front() {
+                if *at <= self.now {
+                    if let Some((_, id, result)) = self.ready.pop_front() {
+                        self.deliver(id, result);
+                    }
+                    continue;
+                }
+            }
+            let mut next = until;
+            if let Some(wake) = self.reconciler.poll_timeout() {
+                next = next.min(wake.at);
+            }
+            if let Some(at) = self.runtime.next_event() {
+                next = next.min(at);
+            }
+            if let Some((at, _, _)) = self.ready.front() {
+                next = next.min(*at);
+            }
+            let next = next.max(self.now);
+            self.now = next;
+            self.runtime.advance(next);
+            self.resolve_pending();
+            if self
+                .reconciler
+                .poll_timeout()
+                .is_some_and(|w| w.at <= self.now)
+            {
+                self.reconciler.handle_timeout(self.now);
+                self.drain();
+            }
+            let idle = self.ready.front().is_none_or(|(at, _, _)| *at > self.now);
+            if self.now >= until && idle {
+                return;
+            }
+        }
+    }
+
+    fn resolve_pending(&mut self) {
+        let mut still = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            if self.runtime.is_running(&p.container) {
+                still.push(p);
+            } else {
+                self.ready.push_back((self.now, p.id, p.result));
+            }
+        }
+        self.pending = still;
+    }
+
+    fn deliver(&mut self, id: CommandId, result: RuntimeResult) {
+        let text = match &result {
+            Ok(RuntimeReply::Listed { containers }) => format!("listed {}", containers.len()),
+            Ok(RuntimeReply::Created { id }) => format!("created {id}"),
+            Ok(RuntimeReply::Inspected { status }) => {
+                format!("inspected {} exit {:?}", status.state, status.exit_code)
+            }
+            Ok(RuntimeReply::Stopped { outcome }) => format!("stopped {outcome:?}"),
+            Ok(other) => format!("{other:?}").to_lowercase(),
+            Err(e) => format!("error {e}"),
+        };
+        self.log(format_args!("  <- {id} {text}"));
+        self.reconciler.handle_runtime_result(self.now, id, result);
+        self.drain();
+    }
+
+    /// Drains the reconciler's outputs, executing runtime operations.
+    fn drain(&mut self) {
+        while let Some(output) = self.reconciler.poll_output() {
+            match output {
+                Output::Runtime { id, op } => self.execute(id, op),
+                Output::PublishState { deployment, state } => {
+                    self.log(format_args!(
+                        "publish {deployment}: {:?} rev {} {:?}{}",
+                        state.phase,
+                        state.revision,
+                        state.message,
+                        state
+                            .cause
+                            .as_ref()
+                            .map(|c| format!(" cause {c:?}"))
+                            .unwrap_or_default()
+                    ));
+                    self.states.insert(deployment.clone(), state.clone());
+                    self.published.push((deployment, state));
+                }
+                Output::ClearState { deployment } => {
+                    self.log(format_args!("clear {deployment}"));
+                    self.states.remove(&deployment);
+                }
+                Output::Heartbeat(hb) => {
+                    if self.log_heartbeats {
+                        self.log(format_args!("heartbeat {:?}", hb.runtime));
+                    }
+                    self.heartbeats.push(hb);
+                }
+                Output::PersistCache(cache) => self.cache = Some(cache),
+            }
+        }
+    }
+
+    fn track_put(&mut self, deployment: &str, revision: u64, bytes: &[u8]) {
+        let entry = self.seen.entry(deployment.to_owned()).or_insert((0, None));
+        if revision < entry.0 {
+            return;
+        }
+        entry.0 = revision;
+        if let Ok(score) = crate::wire::PodmanV0Score::from_json(bytes) {
+            let signal = score.lifecycle_or_default().stop_signal;
+            let hashes = score
+                .services
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        crate::reconciler::service_spec_hash(s, signal),
+                    )
+                })
+                .collect();
+            entry.1 = Some(Seen { revision, hashes });
+        }
+    }
+
+    /// Checks, at the moment an operation is issued, the invariants about
+    /// what the reconciler may ask for.
+    fn check_op(&mut self, op: &RuntimeOp) {
+        use crate::runtime::{
+            LABEL_DEPLOYMENT, LABEL_INIT, LABEL_REVISION, LABEL_SERVICE, LABEL_SPEC_HASH,
+        };
+        let (labels, running) = match op {
+            RuntimeOp::Create { spec } => (spec.labels.clone(), false),
+            RuntimeOp::Start { container }
+            | RuntimeOp::Stop { container, .. }
+            | RuntimeOp::Remove { container, .. } => {
+                let found = self
+                    .runtime
+                    .containers
+                    .get(container.as_str())
+                    .or_else(|| self.runtime.by_name(container));
+                match found {
+                    Some(c) => (c.spec.labels.clone(), self.runtime.is_running(&c.id)),
+                    None => return,
+                }
+            }
+            _ => return,
+        };
+        let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        let deployment = label(LABEL_DEPLOYMENT);
+        let service = label(LABEL_SERVICE);
+        let init = labels.contains_key(LABEL_INIT);
+        let seen = self.seen.get(&deployment).and_then(|(_, s)| s.clone());
+        let starts = matches!(op, RuntimeOp::Create { .. } | RuntimeOp::Start { .. });
+        if starts {
+            let ok = match &seen {
+                None => false,
+                Some(seen) if init => label(LABEL_REVISION) == seen.revision.to_string(),
+                Some(seen) => seen.hashes.get(&service) == labels.get(LABEL_SPEC_HASH),
+            };
+            if !ok {
+                self.violations.push(format!(
+                    "{}: no revert: {} of {deployment}/{service} (revision {}) which is not the newest valid spec seen",
+                    self.now,
+                    op.name(),
+                    label(LABEL_REVISION)
+                ));
+            }
+        } else if running && !init {
+            let healthy_target = seen
+                .as_ref()
+                .is_some_and(|seen| seen.hashes.get(&service) == labels.get(LABEL_SPEC_HASH));
+            if healthy_target {
+                self.violations.push(format!(
+                    "{}: healthy container recreated: {} of running {deployment}/{service} whose spec did not change",
+                    self.now,
+                    op.name()
+                ));
+            }
+        }
+    }
+
+    /// Checks the state invariants: one container per service.
+    fn check_state(&mut self) {
+        use crate::runtime::{LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE};
+        let mut per_service: BTreeMap<(String, String), usize> = BTreeMap::new();
+        for c in self.runtime.containers.values() {
+            if c.spec.labels.contains_key(LABEL_INIT) {
+                continue;
+            }
+            let key = (
+                c.spec
+                    .labels
+                    .get(LABEL_DEPLOYMENT)
+                    .cloned()
+                    .unwrap_or_default(),
+                c.spec
+                    .labels
+                    .get(LABEL_SERVICE)
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+            *per_service.entry(key).or_default() += 1;
+        }
+        for ((deployment, service), n) in per_service {
+            if n > 1 {
+                self.violations.push(format!(
+                    "{}: {n} containers for service {deployment}/{service}",
+                    self.now
+                ));
+            }
+        }
+    }
+
+    fn execute(&mut self, id: CommandId, op: RuntimeOp) {
+        self.log(format_args!("  -> {id} {}", describe_op(&op)));
+        self.check_op(&op);
+        self.ops.push((self.now, op.clone()));
+        let fault = self.faults.get_mut(op.name()).and_then(VecDeque::pop_front);
+        let completion = match fault {
+            Some(OpFault::Fail(kind)) => Completion::Ready(Err(RuntimeError::new(
+                kind,
+                format!("injected {} failure", op.name()),
+            ))),
+            Some(OpFault::FailAfterEffect(kind)) => {
+                let _ = self.runtime.execute(&op);
+                Completion::Ready(Err(RuntimeError::new(
+                    kind,
+                    format!("injected {} failure after effect", op.name()),
+                )))
+            }
+            None => self.runtime.execute(&op),
+        };
+        self.check_state();
+        match completion {
+            Completion::Ready(result) => self.ready.push_back((self.now, id, result)),
+            Completion::WhenStopped {
+                id: container,
+                result,
+            } => self.pending.push(Pending {
+                id,
+                container,
+                result,
+            }),
+        }
+    }
+}
+
+/// A runtime operation in a few words, for transcripts.
+pub fn describe_op(op: &RuntimeOp) -> String {
+    match op {
+        RuntimeOp::List => "list".into(),
+        RuntimeOp::Create { spec } => format!(
+            "create {} image {} rev {}",
+            spec.name,
+            spec.image,
+            spec.labels
+                .get(crate::runtime::LABEL_REVISION)
+                .map_or("?", String::as_str)
+        ),
+        RuntimeOp::Stop {
+            container,
+            signal,
+            grace,
+        } => format!("stop {container} {signal} grace {}s", grace.as_secs()),
+        RuntimeOp::Remove { container, force } => {
+            format!("remove {container}{}", if *force { " force" } else { "" })
+        }
+        other => format!("{} {}", other.name(), other.container().unwrap_or("")),
+    }
+}

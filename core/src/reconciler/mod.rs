@@ -1,0 +1,725 @@
+//! The reconciler: every decision a podfleet agent makes, and none of its IO.
+//!
+//! [`Reconciler`] owns the device's deployments. Callers feed it inputs (desired
+//! state from the KV watch, runtime results, the passing of time) and pull
+//! outputs (runtime operations to perform, reports to publish, a cache to
+//! persist). It never blocks, never reads a clock and never touches a socket
+//! or a file; the production agent and the simulator drive the same code.
+//!
+//! # The drive loop
+//!
+//! 1. Create it with [`Reconciler::new`], handing in the on-disk cache if the
+//!    agent has one. It asks for a `list` of managed containers first.
+//! 2. Feed exactly one input: [`handle_desired_put`](Reconciler::handle_desired_put),
+//!    [`handle_desired_delete`](Reconciler::handle_desired_delete),
+//!    [`handle_desired_resync`](Reconciler::handle_desired_resync),
+//!    [`handle_runtime_result`](Reconciler::handle_runtime_result) or
+//!    [`handle_timeout`](Reconciler::handle_timeout), always with the current time.
+//! 3. Drain [`poll_output`](Reconciler::poll_output) until it returns `None`:
+//!    start each runtime operation (they may run concurrently; a `wait` may
+//!    block for long) and feed its result back in step 2; publish reports;
+//!    persist the cache.
+//! 4. Sleep until [`poll_timeout`](Reconciler::poll_timeout) or the next input,
+//!    whichever comes first, then go to step 2.
+//!
+//! # Guarantees
+//!
+//! - A running container whose spec did not change is never stopped or
+//!   recreated; the liveness tick only starts what exited or vanished.
+//! - Once a valid revision is seen, no container of an older spec is started.
+//! - Init containers of a revision run one at a time, in order, each to
+//!   completion, before any service of that revision is (re)created.
+//! - A failure is reported with its typed cause and retried with a capped
+//!   backoff; it is never rolled back.
+//! - One deployment's failure never stalls another's.
+
+mod deployment;
+mod spec;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::{
+    ContainerSummary, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, LABEL_DEPLOYMENT,
+};
+use crate::time::{Backoff, Timestamp};
+use crate::wire::{DeploymentName, DeploymentState, DeviceId, Heartbeat, RuntimeHealth};
+
+use deployment::Deployment;
+pub use spec::{init_container_spec, service_container_spec, service_spec_hash};
+
+/// The reconciler's tunables. Defaults suit a Raspberry-Pi class device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    device: DeviceId,
+    agent_version: String,
+    tick_interval: Duration,
+    heartbeat_interval: Duration,
+    retry_backoff: Backoff,
+    restart_backoff: Backoff,
+    restart_reset_after: Duration,
+    runtime_backoff: Backoff,
+    libpod_race_retry: Duration,
+    bugs: Bugs,
+}
+
+impl Config {
+    /// Defaults for `device`: a 30 s liveness tick, heartbeats every 15 s,
+    /// failed revisions retried after 10 s doubling to 5 min, crashed
+    /// services restarted after 10 s doubling to 5 min (reset after 10 min
+    /// of running), an unreachable runtime retried after 1 s doubling to 30 s,
+    /// and the libpod wait/inspect race retried once after 200 ms.
+    pub fn new(device: DeviceId, agent_version: impl Into<String>) -> Self {
+        Self {
+            device,
+            agent_version: agent_version.into(),
+            tick_interval: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(15),
+            retry_backoff: Backoff::new(Duration::from_secs(10), Duration::from_secs(300)),
+            restart_backoff: Backoff::new(Duration::from_secs(10), Duration::from_secs(300)),
+            restart_reset_after: Duration::from_secs(600),
+            runtime_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
+            libpod_race_retry: Duration::from_millis(200),
+            bugs: Bugs::default(),
+        }
+    }
+
+    /// How often running services are checked for liveness.
+    pub fn tick_interval(mut self, every: Duration) -> Self {
+        self.tick_interval = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often a heartbeat is emitted.
+    pub fn heartbeat_interval(mut self, every: Duration) -> Self {
+        self.heartbeat_interval = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Backoff between attempts at a failed revision.
+    pub fn retry_backoff(mut self, backoff: Backoff) -> Self {
+        self.retry_backoff = backoff;
+        self
+    }
+
+    /// Backoff between restarts of a service that keeps exiting.
+    pub fn restart_backoff(mut self, backoff: Backoff) -> Self {
+        self.restart_backoff = backoff;
+        self
+    }
+
+    /// How long a restarted service must run before its backoff resets.
+    pub fn restart_reset_after(mut self, after: Duration) -> Self {
+        self.restart_reset_after = after;
+        self
+    }
+
+    /// Backoff between attempts to reach an unreachable runtime.
+    pub fn runtime_backoff(mut self, backoff: Backoff) -> Self {
+        self.runtime_backoff = backoff;
+        self
+    }
+
+    /// The device this reconciler manages.
+    pub fn device(&self) -> &DeviceId {
+        &self.device
+    }
+
+    /// The agent version reported in heartbeats.
+    pub fn agent_version(&self) -> &str {
+        &self.agent_version
+    }
+
+    /// The liveness tick interval.
+    pub fn tick(&self) -> Duration {
+        self.tick_interval
+    }
+
+    /// Switches on deliberate bugs so that tests can prove the invariant
+    /// checks catch them. Never use outside tests.
+    #[doc(hidden)]
+    pub fn inject_bugs(mut self, bugs: Bugs) -> Self {
+        self.bugs = bugs;
+        self
+    }
+}
+
+/// Deliberate bugs, each breaking one invariant, for tests that prove the
+/// simulator and the property tests notice. All off by default.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Bugs {
+    /// The tick recreates running containers (the 30 s redeploy loop).
+    pub recreate_on_tick: bool,
+    /// A failed rollout restarts the previous revision's containers.
+    pub revert_on_failure: bool,
+    /// Init containers are skipped.
+    pub skip_init_containers: bool,
+    /// Replaced containers are removed without a graceful stop.
+    pub skip_graceful_stop: bool,
+    /// A new container is created before the old one is removed.
+    pub create_before_remove: bool,
+    /// Reports say Running as soon as a rollout starts.
+    pub report_running_early: bool,
+}
+
+/// Identifies a runtime operation handed out by [`Reconciler::poll_output`];
+/// only the reconciler makes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CommandId(u64);
+
+impl CommandId {
+    /// The id's number, for logs and traces.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for CommandId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Something the caller must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Perform a runtime operation and hand its result to
+    /// [`Reconciler::handle_runtime_result`] with this id.
+    Runtime {
+        /// The id to answer with.
+        id: CommandId,
+        /// What to do.
+        op: RuntimeOp,
+    },
+    /// Put `state` at `<device>.<deployment>` in the state bucket.
+    PublishState {
+        /// The deployment.
+        deployment: DeploymentName,
+        /// Its new state.
+        state: DeploymentState,
+    },
+    /// Delete `<device>.<deployment>` from the state bucket.
+    ClearState {
+        /// The deployment.
+        deployment: DeploymentName,
+    },
+    /// Put this heartbeat in the heartbeat bucket.
+    Heartbeat(Heartbeat),
+    /// Write this cache to disk, atomically, replacing the previous one.
+    PersistCache(AgentCache),
+}
+
+/// Why the reconciler wants to be woken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WakeReason {
+    /// The periodic liveness tick.
+    Tick,
+    /// The periodic heartbeat.
+    Heartbeat,
+    /// Retry reaching the runtime after it failed to answer a `list`.
+    RuntimeRetry,
+    /// An init container's timeout.
+    InitDeadline {
+        /// The deployment.
+        deployment: DeploymentName,
+        /// The init container.
+        init: String,
+    },
+    /// The second inspect after the libpod wait/inspect race.
+    LibpodRaceRetry {
+        /// The deployment.
+        deployment: DeploymentName,
+        /// The init container.
+        init: String,
+    },
+    /// The next attempt at a failed revision.
+    RetryBackoff {
+        /// The deployment.
+        deployment: DeploymentName,
+    },
+    /// The next restart of a crashed service.
+    RestartBackoff {
+        /// The deployment.
+        deployment: DeploymentName,
+        /// The service.
+        service: String,
+    },
+}
+
+/// When and why to wake the reconciler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wake {
+    /// The instant.
+    pub at: Timestamp,
+    /// The reason, for traces.
+    pub reason: WakeReason,
+}
+
+/// What the agent keeps on disk so that a restart, even without NATS,
+/// resumes where it left off: for each deployment the newest valid revision
+/// seen, whether it was applied, and its container ids. A revision seen but
+/// not yet applied is rolled out after the restart, never forgotten, so a
+/// crash cannot send the device back to an older revision.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AgentCache {
+    /// Deployment name -> what was applied.
+    pub deployments: BTreeMap<DeploymentName, CachedDeployment>,
+}
+
+/// One deployment in the [`AgentCache`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedDeployment {
+    /// The newest valid desired-state revision seen.
+    pub revision: u64,
+    /// Its score's raw bytes, as received; `None` when the deployment was
+    /// deleted and its teardown had not finished.
+    pub score: Option<String>,
+    /// Whether that revision was fully rolled out.
+    pub applied: bool,
+    /// Service name -> container id.
+    pub container_ids: BTreeMap<String, String>,
+}
+
+impl AgentCache {
+    /// Decodes a cache file.
+    ///
+    /// # Errors
+    /// The decoder's error; the caller should start without a cache, since
+    /// the runtime's labels are enough to adopt healthy containers.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// Encodes the cache.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self)
+            .expect("a cache always serialises: its maps have string keys")
+    }
+}
+
+/// Who is waiting for a command's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owner {
+    /// The device-wide `list` of the liveness tick or start-up.
+    Inventory,
+    /// A deployment's job.
+    Deployment(DeploymentName),
+}
+
+/// The effects shared by all deployments: command ids, the output queue and
+/// the ledger of who owns which command.
+#[derive(Debug, Default)]
+struct Effects {
+    next_id: u64,
+    outputs: VecDeque<Output>,
+    /// Who waits for each command, and whether it can change the runtime.
+    owners: BTreeMap<CommandId, (Owner, bool)>,
+    /// Bumped whenever a mutation's result comes back, to spot stale lists.
+    mutation_seq: u64,
+}
+
+impl Effects {
+    fn issue(&mut self, owner: Owner, op: RuntimeOp) -> CommandId {
+        self.next_id += 1;
+        let id = CommandId(self.next_id);
+        self.owners.insert(id, (owner, op.is_mutation()));
+        self.outputs.push_back(Output::Runtime { id, op });
+        id
+    }
+}
+
+/// The device's reconciler. See the [module docs](self) for the drive loop.
+#[derive(Debug)]
+pub struct Reconciler {
+    config: Config,
+    started_at: Timestamp,
+    effects: Effects,
+    deployments: BTreeMap<DeploymentName, Deployment>,
+    /// Whether the start-up `list` has answered.
+    inventory_ready: bool,
+    /// The in-flight device-wide `list` and the mutation count when it was issued.
+    inventory_list: Option<(CommandId, u64)>,
+    /// A liveness pass is wanted as soon as no `list` is in flight.
+    liveness_wanted: bool,
+    next_tick: Timestamp,
+    next_heartbeat: Timestamp,
+    runtime_health: RuntimeHealth,
+    runtime_failures: u32,
+    runtime_retry_at: Option<Timestamp>,
+    cache_dirty: bool,
+    last_cache: Option<AgentCache>,
+    /// After a resync, the next list also tears down containers of
+    /// deployments nobody wants any more.
+    orphan_sweep: bool,
+}
+
+impl Reconciler {
+    /// A reconciler for `config.device()`, resuming from `cache` if the agent
+    /// has one. Its first output is a `list` of the managed containers.
+    pub fn new(config: Config, cache: Option<AgentCache>, now: Timestamp) -> Self {
+        let mut deployments = BTreeMap::new();
+        for (name, cached) in cache.iter().flat_map(|c| c.deployments.iter()) {
+            if let Some(deployment) = Deployment::from_cache(name.clone(), cached) {
+                deployments.insert(name.clone(), deployment);
+            }
+        }
+        let mut reconciler = Self {
+            next_tick: now + config.tick_interval,
+            next_heartbeat: now,
+            config,
+            started_at: now,
+            effects: Effects::default(),
+            deployments,
+            inventory_ready: false,
+            inventory_list: None,
+            liveness_wanted: true,
+            runtime_health: RuntimeHealth::Ok,
+            runtime_failures: 0,
+            runtime_retry_at: None,
+            cache_dirty: false,
+            last_cache: cache,
+            orphan_sweep: false,
+        };
+        reconciler.start_inventory_list();
+        reconciler
+    }
+
+    /// A desired-state value arrived for `deployment` at KV `revision`.
+    ///
+    /// Bytes equal to what is applied or in flight change nothing on the
+    /// runtime; a revision older than one already seen is ignored (watch
+    /// redeliveries). Invalid bytes fail the deployment with the parse or
+    /// validation error and leave its containers as they are.
+    pub fn handle_desired_put(
+        &mut self,
+        now: Timestamp,
+        deployment: DeploymentName,
+        revision: u64,
+        bytes: &[u8],
+    ) {
+        let entry = self
+            .deployments
+            .entry(deployment.clone())
+            .or_insert_with(|| Deployment::new(deployment.clone()));
+        entry.desired_put(revision, bytes);
+        self.drive(now, &deployment);
+    }
+
+    /// The desired-state key of `deployment` was deleted at KV `revision`:
+    /// stop and remove all its containers, then clear its reported state.
+    pub fn handle_desired_delete(
+        &mut self,
+        now: Timestamp,
+        deployment: DeploymentName,
+        revision: u64,
+    ) {
+        if let Some(entry) = self.deployments.get_mut(&deployment) {
+            entry.desired_delete(Some(revision));
+            self.drive(now, &deployment);
+        }
+    }
+
+    /// The desired-state bucket holds exactly `present` for this device (the
+    /// end of a watch's initial snapshot, after start-up or a reconnect):
+    /// every other known deployment was deleted while the agent was not
+    /// listening.
+    pub fn handle_desired_resync(&mut self, now: Timestamp, present: &BTreeSet<DeploymentName>) {
+        let gone: Vec<DeploymentName> = self
+            .deployments
+            .keys()
+            .filter(|name| !present.contains(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(entry) = self.deployments.get_mut(&name) {
+                entry.desired_delete(None);
+                self.drive(now, &name);
+            }
+        }
+        self.orphan_sweep = true;
+        self.liveness_wanted = true;
+        self.start_inventory_list();
+    }
+
+    /// The result of the runtime operation `id`.
+    pub fn handle_runtime_result(&mut self, now: Timestamp, id: CommandId, result: RuntimeResult) {
+        let Some((owner, mutation)) = self.effects.owners.remove(&id) else {
+            return;
+        };
+        if mutation {
+            self.effects.mutation_seq += 1;
+        }
+        if result.is_ok() || matches!(&result, Err(e) if e.kind != RuntimeErrorKind::Unavailable) {
+            self.set_runtime_health(now, RuntimeHealth::Ok);
+        }
+        match owner {
+            Owner::Inventory => self.on_inventory(now, id, result),
+            Owner::Deployment(name) => {
+                if let Err(e) = &result {
+                    if e.kind == RuntimeErrorKind::Unavailable {
+                        self.set_runtime_health(
+                            now,
+                            RuntimeHealth::Unreachable {
+                                error: e.message.clone(),
+                            },
+                        );
+                    }
+                }
+                if let Some(entry) = self.deployments.get_mut(&name) {
+                    if mutation {
+                        entry.last_mutation_seq = self.effects.mutation_seq;
+                    }
+                    entry.on_result(now, &self.config, id, result);
+                }
+                self.drive(now, &name);
+            }
+        }
+    }
+
+    /// Time has passed: act on every deadline at or before `now`.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if now >= self.next_heartbeat {
+            self.emit_heartbeat(now);
+        }
+        if now >= self.next_tick {
+            self.next_tick = now + self.config.tick_interval;
+            self.liveness_wanted = true;
+        }
+        if self.runtime_retry_at.is_some_and(|at| now >= at) {
+            self.runtime_retry_at = None;
+            self.liveness_wanted = true;
+        }
+        let names: Vec<DeploymentName> = self.deployments.keys().cloned().collect();
+        for name in names {
+            if let Some(entry) = self.deployments.get_mut(&name) {
+                if entry.on_timeout(now) {
+                    self.liveness_wanted = true;
+                }
+            }
+            self.drive(now, &name);
+        }
+        self.start_inventory_list();
+    }
+
+    /// The next thing to do, or `None` when there is nothing until new input.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(output) = self.effects.outputs.pop_front() {
+            return Some(output);
+        }
+        if self.cache_dirty {
+            self.cache_dirty = false;
+            let cache = self.cache();
+            if self.last_cache.as_ref() != Some(&cache) {
+                self.last_cache = Some(cache.clone());
+                return Some(Output::PersistCache(cache));
+            }
+        }
+        None
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout) next, and why.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Wake> {
+        let mut best = Wake {
+            at: self.next_heartbeat,
+            reason: WakeReason::Heartbeat,
+        };
+        let mut consider = |wake: Wake| {
+            if wake.at < best.at {
+                best = wake;
+            }
+        };
+        if self.inventory_ready {
+            consider(Wake {
+                at: self.next_tick,
+                reason: WakeReason::Tick,
+            });
+        }
+        if let Some(at) = self.runtime_retry_at {
+            consider(Wake {
+                at,
+                reason: WakeReason::RuntimeRetry,
+            });
+        }
+        if self.inventory_ready {
+            for wake in self.deployments.values().filter_map(Deployment::next_wake) {
+                // A due restart asks for a list; while one is in flight, waking
+                // again would only spin.
+                let restart = matches!(wake.reason, WakeReason::RestartBackoff { .. });
+                if !(restart && self.inventory_list.is_some()) {
+                    consider(wake);
+                }
+            }
+        }
+        Some(best)
+    }
+
+    /// The device's heartbeat as of `now` (also the body of a `ping` reply).
+    pub fn heartbeat(&self, now: Timestamp) -> Heartbeat {
+        Heartbeat {
+            device_id: self.config.device.clone(),
+            agent_version: self.config.agent_version.clone(),
+            uptime_s: now.saturating_since(self.started_at).as_secs(),
+            deployments: u32::try_from(self.deployments.len()).unwrap_or(u32::MAX),
+            runtime: self.runtime_health.clone(),
+        }
+    }
+
+    /// The last state reported for `deployment`.
+    pub fn deployment_state(&self, deployment: &DeploymentName) -> Option<&DeploymentState> {
+        self.deployments.get(deployment)?.last_report()
+    }
+
+    /// The id of the container running `service` of `deployment`, for the
+    /// `logs` and `exec` commands.
+    pub fn service_container(&self, deployment: &DeploymentName, service: &str) -> Option<&str> {
+        self.deployments.get(deployment)?.container_id(service)
+    }
+
+    /// The deployments this reconciler knows, in name order.
+    pub fn deployments(&self) -> impl Iterator<Item = &DeploymentName> {
+        self.deployments.keys()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn cache(&self) -> AgentCache {
+        AgentCache {
+            deployments: self
+                .deployments
+                .iter()
+                .filter_map(|(name, d)| Some((name.clone(), d.cached()?)))
+                .collect(),
+        }
+    }
+
+    /// Lets `name` make progress, publishes its report if it changed, and
+    /// forgets it once it has been torn down.
+    fn drive(&mut self, now: Timestamp, name: &DeploymentName) {
+        let Some(entry) = self.deployments.get_mut(name) else {
+            return;
+        };
+        if self.inventory_ready {
+            entry.advance(now, &self.config, &mut self.effects);
+        }
+        if entry.take_cache_dirty() {
+            self.cache_dirty = true;
+        }
+        if entry.is_gone() {
+            self.deployments.remove(name);
+            self.effects.outputs.push_back(Output::ClearState {
+                deployment: name.clone(),
+            });
+            self.cache_dirty = true;
+            return;
+        }
+        if let Some(state) = entry.report_if_changed(&self.config) {
+            self.effects.outputs.push_back(Output::PublishState {
+                deployment: name.clone(),
+                state,
+            });
+        }
+    }
+
+    fn start_inventory_list(&mut self) {
+        if !self.liveness_wanted || self.inventory_list.is_some() || self.runtime_retry_at.is_some()
+        {
+            return;
+        }
+        self.liveness_wanted = false;
+        let id = self.effects.issue(Owner::Inventory, RuntimeOp::List);
+        self.inventory_list = Some((id, self.effects.mutation_seq));
+    }
+
+    fn on_inventory(&mut self, now: Timestamp, id: CommandId, result: RuntimeResult) {
+        let Some((expected, seq_at_issue)) = self.inventory_list else {
+            return;
+        };
+        if expected != id {
+            return;
+        }
+        self.inventory_list = None;
+        let containers = match result {
+            Ok(RuntimeReply::Listed { containers }) => containers,
+            Ok(other) => {
+                self.runtime_unreachable(now, format!("list answered with {other:?}"));
+                return;
+            }
+            Err(e) => {
+                self.runtime_unreachable(now, e.message);
+                return;
+            }
+        };
+        self.runtime_failures = 0;
+        self.set_runtime_health(now, RuntimeHealth::Ok);
+        self.inventory_ready = true;
+        let mut by_deployment: BTreeMap<&str, Vec<&ContainerSummary>> = BTreeMap::new();
+        for c in &containers {
+            if let Some(d) = c.label(LABEL_DEPLOYMENT) {
+                by_deployment.entry(d).or_default().push(c);
+            }
+        }
+        if std::mem::take(&mut self.orphan_sweep) {
+            for orphan in by_deployment.keys() {
+                let Ok(name) = DeploymentName::new(*orphan) else {
+                    continue;
+                };
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    self.deployments.entry(name.clone())
+                {
+                    let mut entry = Deployment::new(name);
+                    entry.desired_delete(None);
+                    slot.insert(entry);
+                }
+            }
+        }
+        let names: Vec<DeploymentName> = self.deployments.keys().cloned().collect();
+        for name in names {
+            if let Some(entry) = self.deployments.get_mut(&name) {
+                let mine = by_deployment
+                    .get(name.as_str())
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
+                entry.on_inventory(now, &self.config, mine, seq_at_issue);
+            }
+            self.drive(now, &name);
+        }
+        self.start_inventory_list();
+    }
+
+    fn runtime_unreachable(&mut self, now: Timestamp, error: String) {
+        let delay = self.config.runtime_backoff.delay(self.runtime_failures);
+        self.runtime_failures = self.runtime_failures.saturating_add(1);
+        self.runtime_retry_at = Some(now + delay);
+        self.set_runtime_health(now, RuntimeHealth::Unreachable { error });
+    }
+
+    fn set_runtime_health(&mut self, now: Timestamp, health: RuntimeHealth) {
+        if self.runtime_health != health {
+            let was_ok = self.runtime_health == RuntimeHealth::Ok;
+            let is_ok = health == RuntimeHealth::Ok;
+            self.runtime_health = health;
+            // A change between reachable and unreachable is news worth a heartbeat now.
+            if was_ok != is_ok {
+                self.emit_heartbeat(now);
+            }
+        }
+    }
+
+    fn emit_heartbeat(&mut self, now: Timestamp) {
+        self.next_heartbeat = now + self.config.heartbeat_interval;
+        let heartbeat = self.heartbeat(now);
+        self.effects.outputs.push_back(Output::Heartbeat(heartbeat));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+//! From score entries to container specs, and the spec hash that lets a
+//! restarted agent adopt a healthy container without recreating it.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::runtime::{
+    init_container_name, service_container_name, ContainerSpec, LABEL_DEPLOYMENT, LABEL_GRACE,
+    LABEL_INIT, LABEL_MANAGED, LABEL_REVISION, LABEL_SERVICE, LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
+};
+use crate::wire::{InitContainer, LifecyclePolicy, PodmanService, Signal};
+
+/// The hash of everything that is baked into a service's container: the
+/// service spec and the stop signal. The grace period is not included: it is
+/// applied at stop time, so changing it recreates nothing.
+pub fn service_spec_hash(service: &PodmanService, stop_signal: Signal) -> String {
+    #[derive(Serialize)]
+    struct Hashed<'a> {
+        service: &'a PodmanService,
+        stop_signal: Signal,
+    }
+    let canonical = serde_json::to_vec(&Hashed {
+        service,
+        stop_signal,
+    })
+    .expect("a service always serialises: its maps have string keys");
+    format!("{:016x}", fnv1a64(&canonical))
+}
+
+/// FNV-1a, 64 bit: stable across platforms and releases, which `std`'s
+/// hasher does not promise. Collisions only cost a missed recreate of a
+/// container whose spec changed to one with the same hash, vanishingly rare
+/// for edited specs.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn base_labels(deployment: &str, name: &str, revision: u64) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_DEPLOYMENT.to_owned(), deployment.to_owned()),
+        (LABEL_SERVICE.to_owned(), name.to_owned()),
+        (LABEL_REVISION.to_owned(), revision.to_string()),
+    ])
+}
+
+/// The container spec of a service of `revision`.
+pub fn service_container_spec(
+    deployment: &str,
+    service: &PodmanService,
+    lifecycle: &LifecyclePolicy,
+    revision: u64,
+) -> ContainerSpec {
+    let mut labels = base_labels(deployment, &service.name, revision);
+    labels.insert(
+        LABEL_SPEC_HASH.to_owned(),
+        service_spec_hash(service, lifecycle.stop_signal),
+    );
+    labels.insert(
+        LABEL_GRACE.to_owned(),
+        lifecycle.grace_period_secs.to_string(),
+    );
+    labels.insert(
+        LABEL_STOP_SIGNAL.to_owned(),
+        lifecycle.stop_signal.name().to_owned(),
+    );
+    ContainerSpec {
+        name: service_container_name(deployment, &service.name),
+        image: service.image.clone(),
+        args: service.args.clone(),
+        env: service.env.clone(),
+        volumes: service.volumes.clone(),
+        ports: service.ports.clone(),
+        labels,
+        stop_signal: lifecycle.stop_signal,
+    }
+}
+
+/// The container spec of an init container of `revision`.
+pub fn init_container_spec(deployment: &str, init: &InitContainer, revision: u64) -> ContainerSpec {
+    let mut labels = base_labels(deployment, &init.name, revision);
+    labels.insert(LABEL_INIT.to_owned(), "true".to_owned());
+    ContainerSpec {
+        name: init_container_name(deployment, &init.name),
+        image: init.image.clone(),
+        args: init.args.clone(),
+        env: init.env.clone(),
+        volumes: init.volumes.clone(),
+        ports: Vec::new(),
+        labels,
+        stop_signal: Signal::Term,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn web() -> PodmanService {
+        PodmanService {
+            name: "web".into(),
+            image: "img:1".into(),
+            args: vec![],
+            env: BTreeMap::from([("A".into(), "1".into())]),
+            volumes: vec![],
+            ports: vec![],
+        }
+    }
+
+    #[test]
+    fn hash_is_stable_and_sensitive_to_what_is_baked_in() {
+        let h = service_spec_hash(&web(), Signal::Term);
+        assert_eq!(h.len(), 16);
+        assert_eq!(h, service_spec_hash(&web(), Signal::Term));
+        let mut env = web();
+        env.env.insert("A".into(), "2".into());
+        assert_ne!(h, service_spec_hash(&env, Signal::Term));
+        assert_ne!(h, service_spec_hash(&web(), Signal::Int));
+    }
+
+    #[test]
+    fn service_spec_carries_every_label() {
+        let lifecycle = LifecyclePolicy {
+            stop_signal: Signal::Int,
+            grace_period_secs: 7,
+        };
+        let spec = service_container_spec("shop", &web(), &lifecycle, 4);
+        assert_eq!(spec.name, "shop_web");
+        assert_eq!(spec.stop_signal, Signal::Int);
+        assert_eq!(spec.labels[LABEL_MANAGED], "true");
+        assert_eq!(spec.labels[LABEL_DEPLOYMENT], "shop");
+        assert_eq!(spec.labels[LABEL_SERVICE], "web");
+        assert_eq!(spec.labels[LABEL_REVISION], "4");
+        assert_eq!(spec.labels[LABEL_GRACE], "7");
+        assert_eq!(spec.labels[LABEL_STOP_SIGNAL], "SIGINT");
+        assert_eq!(
+            spec.labels[LABEL_SPEC_HASH],
+            service_spec_hash(&web(), Signal::Int)
+        );
+        assert!(!spec.labels.contains_key(LABEL_INIT));
+    }
+}

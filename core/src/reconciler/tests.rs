@@ -1,0 +1,875 @@
+use std::time::Duration;
+
+use super::*;
+use crate::fake::{Behaviour, Harness, OpFault, RuntimeEvent};
+use crate::runtime::{ContainerState, LABEL_SPEC_HASH};
+use crate::wire::{FailureCause, Phase};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn config() -> Config {
+    Config::new(DeviceId::new("rpi-01").unwrap(), "test")
+}
+
+fn harness() -> Harness {
+    let mut h = Harness::new(config());
+    h.run_for(SECOND);
+    h
+}
+
+fn web(image: &str, env: &str) -> String {
+    format!(r#"{{"name":"web","image":"{image}","env":{{"MODE":"{env}"}}}}"#)
+}
+
+fn score(services: &[String], inits: &[String]) -> String {
+    format!(
+        r#"{{"services":[{}],"init_containers":[{}],"lifecycle":{{"stop_signal":"SIGINT","grace_period_secs":5}}}}"#,
+        services.join(","),
+        inits.join(",")
+    )
+}
+
+fn init(name: &str, image: &str, timeout: u64) -> String {
+    format!(r#"{{"name":"{name}","image":"{image}","timeout":{timeout}}}"#)
+}
+
+fn worker() -> String {
+    r#"{"name":"worker","image":"img/worker:1"}"#.to_owned()
+}
+
+fn state(h: &Harness, deployment: &str) -> DeploymentState {
+    h.states
+        .get(&DeploymentName::new(deployment).unwrap())
+        .cloned()
+        .unwrap_or_else(|| panic!("no state for {deployment}\n{}", h.transcript))
+}
+
+fn running_id(h: &Harness, name: &str) -> String {
+    let c = h
+        .runtime
+        .by_name(name)
+        .unwrap_or_else(|| panic!("no container {name}\n{}", h.transcript));
+    assert_eq!(c.state, ContainerState::Running, "{name}\n{}", h.transcript);
+    c.id.clone()
+}
+
+fn mutations_since(h: &Harness, from: usize) -> Vec<RuntimeOp> {
+    h.ops[from..]
+        .iter()
+        .map(|(_, op)| op.clone())
+        .filter(RuntimeOp::is_mutation)
+        .collect()
+}
+
+fn deploy(h: &mut Harness, revision: u64, json: &str) {
+    h.put("shop", revision, json);
+    h.run_for(SECOND);
+}
+
+#[test]
+fn first_deploy_reports_running_with_ids() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a"), worker()], &[]));
+    let s = state(&h, "shop");
+    assert_eq!(s.phase, Phase::Running, "{}", h.transcript);
+    assert_eq!(s.revision, 1);
+    assert_eq!(s.container_ids["web"], running_id(&h, "shop_web"));
+    assert_eq!(s.container_ids["worker"], running_id(&h, "shop_worker"));
+    assert_eq!(s.message, "2 services running");
+    let published: Vec<Phase> = h.published.iter().map(|(_, s)| s.phase).collect();
+    assert_eq!(published, [Phase::Pending, Phase::Running]);
+}
+
+#[test]
+fn tick_is_idempotent_no_recreate() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "with-env")], &[]));
+    let id = running_id(&h, "shop_web");
+    let from = h.ops.len();
+    let reports = h.published.len();
+    h.run_for(Duration::from_secs(30 * 10));
+    assert!(mutations_since(&h, from).is_empty(), "{}", h.transcript);
+    let lists = h.ops[from..]
+        .iter()
+        .filter(|(_, op)| *op == RuntimeOp::List)
+        .count();
+    assert_eq!(lists, 10, "one list per tick, nothing else");
+    assert_eq!(h.ops.len() - from, 10);
+    assert_eq!(running_id(&h, "shop_web"), id);
+    assert_eq!(h.published.len(), reports, "a quiet tick publishes nothing");
+}
+
+#[test]
+fn unchanged_score_is_a_noop() {
+    let mut h = harness();
+    h.runtime
+        .set_behaviour("img/m:1", Behaviour::exits(0, SECOND));
+    let json = score(&[web("img/web:1", "a")], &[init("migrate", "img/m:1", 60)]);
+    deploy(&mut h, 1, &json);
+    h.run_for(Duration::from_secs(2));
+    let from = h.ops.len();
+    deploy(&mut h, 1, &json); // duplicate delivery
+    deploy(&mut h, 2, &json); // re-put of the same bytes
+    assert!(h.ops[from..].is_empty(), "{}", h.transcript);
+    let s = state(&h, "shop");
+    assert_eq!((s.phase, s.revision), (Phase::Running, 2));
+}
+
+#[test]
+fn changed_score_gracefully_replaces_by_id() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a"), worker()], &[]));
+    let old_web = running_id(&h, "shop_web");
+    let worker_id = running_id(&h, "shop_worker");
+    let from = h.ops.len();
+    deploy(&mut h, 2, &score(&[web("img/web:1", "b"), worker()], &[]));
+    let muts = mutations_since(&h, from);
+    assert_eq!(
+        muts[..2],
+        [
+            RuntimeOp::Stop {
+                container: old_web.clone(),
+                signal: crate::wire::Signal::Int,
+                grace: Duration::from_secs(5)
+            },
+            RuntimeOp::Remove {
+                container: old_web.clone(),
+                force: true
+            },
+        ],
+        "{}",
+        h.transcript
+    );
+    assert!(matches!(&muts[2], RuntimeOp::Create { spec } if spec.env["MODE"] == "b"));
+    assert_eq!(
+        muts.len(),
+        4,
+        "create and start the new one, nothing else: {muts:?}"
+    );
+    let new_web = running_id(&h, "shop_web");
+    assert_ne!(new_web, old_web);
+    assert_eq!(
+        running_id(&h, "shop_worker"),
+        worker_id,
+        "unchanged service left running"
+    );
+    let s = state(&h, "shop");
+    assert_eq!((s.phase, s.revision), (Phase::Running, 2));
+    assert_eq!(s.container_ids["web"], new_web);
+}
+
+#[test]
+fn stop_outcome_follows_the_program() {
+    let mut h = harness();
+    h.runtime.set_behaviour(
+        "img/web:1",
+        Behaviour {
+            ignores_stop_signal: true,
+            ..Behaviour::default()
+        },
+    );
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
+    deploy(&mut h, 2, &score(&[web("img/web:1", "b")], &[]));
+    h.run_for(Duration::from_secs(10));
+    assert!(h.transcript.contains("stopped Killed"), "{}", h.transcript);
+    let stop_at = h.ops.iter().find(|(_, op)| op.name() == "stop").unwrap().0;
+    let create_at = h
+        .ops
+        .iter()
+        .filter(|(_, op)| op.name() == "create")
+        .nth(1)
+        .unwrap()
+        .0;
+    assert_eq!(
+        create_at.saturating_since(stop_at),
+        Duration::from_secs(5),
+        "waited the grace"
+    );
+    assert_eq!(state(&h, "shop").phase, Phase::Running);
+}
+
+#[test]
+fn dropped_service_is_stopped_and_removed() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a"), worker()], &[]));
+    let web_id = running_id(&h, "shop_web");
+    let worker_id = running_id(&h, "shop_worker");
+    let from = h.ops.len();
+    deploy(&mut h, 2, &score(&[web("img/web:1", "a")], &[]));
+    assert_eq!(
+        mutations_since(&h, from),
+        [
+            RuntimeOp::Stop {
+                container: worker_id.clone(),
+                signal: crate::wire::Signal::Int,
+                grace: Duration::from_secs(5)
+            },
+            RuntimeOp::Remove {
+                container: worker_id,
+                force: true
+            }
+        ]
+    );
+    assert!(h.runtime.by_name("shop_worker").is_none());
+    assert_eq!(running_id(&h, "shop_web"), web_id);
+    assert_eq!(state(&h, "shop").container_ids.len(), 1);
+}
+
+#[test]
+fn init_containers_run_in_order_before_services() {
+    let mut h = harness();
+    h.runtime
+        .set_behaviour("img/m:1", Behaviour::exits(0, Duration::from_secs(3)));
+    h.runtime
+        .set_behaviour("img/w:1", Behaviour::exits(0, Duration::from_secs(2)));
+    let json = score(
+        &[web("img/web:1", "a"), worker()],
+        &[init("migrate", "img/m:1", 60), init("warm", "img/w:1", 60)],
+    );
+    deploy(&mut h, 1, &json);
+    h.run_for(Duration::from_secs(10));
+    let created: Vec<String> = h
+        .runtime
+        .events()
+        .iter()
+        .filter_map(|(_, e)| match e {
+            RuntimeEvent::Created { spec, .. } => Some(spec.name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        created,
+        [
+            "shop_init_migrate",
+            "shop_init_warm",
+            "shop_web",
+            "shop_worker"
+        ]
+    );
+    // Each init container exited before the next thing was created.
+    let events = h.runtime.events();
+    let exit_of_migrate = events
+        .iter()
+        .position(|(_, e)| matches!(e, RuntimeEvent::Exited { code: 0, .. }))
+        .unwrap();
+    let create_warm = events.iter().position(|(_, e)| matches!(e, RuntimeEvent::Created { spec, .. } if spec.name == "shop_init_warm")).unwrap();
+    assert!(exit_of_migrate < create_warm);
+    // None is left behind, and none is managed as a service.
+    assert!(h.runtime.by_name("shop_init_migrate").is_none());
+    assert!(h.runtime.by_name("shop_init_warm").is_none());
+    let s = state(&h, "shop");
+    assert_eq!(s.phase, Phase::Running);
+    assert_eq!(s.message, "2 init containers completed, 2 services running");
+    assert_eq!(
+        s.container_ids.keys().collect::<Vec<_>>(),
+        ["web", "worker"]
+    );
+    let init_spec = h.ops.iter().find_map(|(_, op)| match op {
+        RuntimeOp::Create { spec } if spec.name == "shop_init_migrate" => Some(spec.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        init_spec.unwrap().labels[crate::runtime::LABEL_INIT],
+        "true"
+    );
+}
+
+#[test]
+fn init_failure_fails_the_revision_with_name_and_code() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
+    let old = running_id(&h, "shop_web");
+    h.runtime
+        .set_behaviour("img/m:bad", Behaviour::exits(3, SECOND));
+    deploy(
+        &mut h,
+        2,
+        &score(
+            &[web("img/web:1", "b")],
+            &[init("migrate", "img/m:bad", 60)],
+        ),
+    );
+    h.run_for(Duration::from_secs(3));
+    let s = state(&h, "shop");
+    assert_eq!(s.phase, Phase::Failed, "{}", h.transcript);
+    assert_eq!(
+        s.cause,
+        Some(FailureCause::InitContainerExited {
+            name: "migrate".into(),
+            exit_code: 3
+        })
+    );
+    assert!(
+        s.message
+            .contains("init container \"migrate\" exited with code 3"),
+        "{}",
+        s.message
+    );
+    assert!(
+        h.runtime.by_name("shop_init_migrate").is_none(),
+        "removed after failing"
+    );
+    assert_eq!(
+        running_id(&h, "shop_web"),
+        old,
+        "services untouched when init fails"
+    );
+}
+
+#[test]
+fn init_timeout_force_removes_and_reports_the_wait() {
+    let mut h = harness();
+    h.runtime.set_behaviour("img/hang:1", Behaviour::default());
+    deploy(
+        &mut h,
+        1,
+        &score(
+            &[web("img/web:1", "a")],
+            &[init("migrate", "img/hang:1", 7)],
+        ),
+    );
+    h.run_for(Duration::from_secs(8));
+    let s = state(&h, "shop");
+    assert_eq!(
+        s.cause,
+        Some(FailureCause::InitContainerTimedOut {
+            name: "migrate".into(),
+            waited_secs: 7
+        }),
+        "{}",
+        h.transcript
+    );
+    assert!(h.runtime.by_name("shop_init_migrate").is_none());
+    assert!(
+        h.runtime.by_name("shop_web").is_none(),
+        "no service before init succeeds"
+    );
+    assert!(h
+        .ops
+        .iter()
+        .any(|(_, op)| matches!(op, RuntimeOp::Remove { force: true, .. })));
+}
+
+#[test]
+fn libpod_race_second_inspect_succeeds() {
+    let mut h = harness();
+    h.runtime.set_behaviour(
+        "img/m:1",
+        Behaviour {
+            inspect_lag: Duration::from_millis(150),
+            ..Behaviour::exits(0, SECOND)
+        },
+    );
+    deploy(
+        &mut h,
+        1,
+        &score(&[web("img/web:1", "a")], &[init("migrate", "img/m:1", 60)]),
+    );
+    h.run_for(Duration::from_secs(2));
+    assert!(
+        h.transcript.contains("inspected running"),
+        "{}",
+        h.transcript
+    );
+    let inspects = h
+        .ops
+        .iter()
+        .filter(|(_, op)| op.name() == "inspect")
+        .count();
+    assert_eq!(inspects, 2);
+    assert_eq!(state(&h, "shop").phase, Phase::Running);
+}
+
+#[test]
+fn libpod_race_still_running_is_a_typed_error() {
+    let mut h = harness();
+    h.runtime.set_behaviour(
+        "img/m:1",
+        Behaviour {
+            inspect_lag: Duration::from_secs(5),
+            ..Behaviour::exits(0, SECOND)
+        },
+    );
+    deploy(
+        &mut h,
+        1,
+        &score(&[web("img/web:1", "a")], &[init("migrate", "img/m:1", 60)]),
+    );
+    h.run_for(Duration::from_secs(2));
+    assert_eq!(
+        state(&h, "shop").cause,
+        Some(FailureCause::StillRunningAfterWait {
+            name: "migrate".into()
+        }),
+        "{}",
+        h.transcript
+    );
+    assert!(h.runtime.by_name("shop_init_migrate").is_none());
+}
+
+#[test]
+fn roll_forward_failure_reports_failed_without_revert() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a"), worker()], &[]));
+    h.runtime.remove_image("img/web:2");
+    deploy(&mut h, 2, &score(&[web("img/web:2", "a"), worker()], &[]));
+    let s = state(&h, "shop");
+    assert_eq!(s.phase, Phase::Failed, "{}", h.transcript);
+    assert!(
+        matches!(&s.cause, Some(FailureCause::Runtime { operation, .. }) if operation == "create")
+    );
+    assert!(
+        h.runtime.by_name("shop_web").is_none(),
+        "old web is gone and not restored"
+    );
+    // Retries follow the backoff and never start the old image again.
+    h.run_for(Duration::from_secs(400));
+    let creates: Vec<(Timestamp, String)> = h
+        .ops
+        .iter()
+        .filter_map(|(t, op)| match op {
+            RuntimeOp::Create { spec } if spec.name == "shop_web" => Some((*t, spec.image.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(creates[0].1, "img/web:1");
+    assert!(
+        creates[1..].iter().all(|(_, image)| image == "img/web:2"),
+        "{creates:?}"
+    );
+    let gaps: Vec<u64> = creates[1..]
+        .windows(2)
+        .map(|w| w[1].0.saturating_since(w[0].0).as_secs())
+        .collect();
+    assert_eq!(gaps[..5], [10, 20, 40, 80, 160], "{gaps:?}");
+    let s = state(&h, "shop");
+    assert!(s.attempt >= 6, "each attempt is visible: {}", s.attempt);
+    // The image arrives: the next attempt succeeds.
+    h.runtime.add_image("img/web:2");
+    h.run_for(Duration::from_secs(301));
+    assert_eq!(state(&h, "shop").phase, Phase::Running);
+}
+
+#[test]
+fn newer_revision_supersedes_a_failing_one_at_once() {
+    let mut h = harness();
+    h.runtime.remove_image("img/web:2");
+    deploy(&mut h, 1, &score(&[web("img/web:2", "a")], &[]));
+    assert_eq!(state(&h, "shop").phase, Phase::Failed);
+    deploy(&mut h, 2, &score(&[web("img/web:3", "a")], &[]));
+    let s = state(&h, "shop");
+    assert_eq!((s.phase, s.revision, s.attempt), (Phase::Running, 2, 1));
+}
+
+#[test]
+fn newer_revision_supersedes_a_hanging_init() {
+    let mut h = harness();
+    deploy(
+        &mut h,
+        1,
+        &score(
+            &[web("img/web:1", "a")],
+            &[init("migrate", "img/hang:1", 300)],
+        ),
+    );
+    assert_eq!(state(&h, "shop").phase, Phase::Pending);
+    deploy(&mut h, 2, &score(&[web("img/web:2", "a")], &[]));
+    assert_eq!(state(&h, "shop").phase, Phase::Running, "{}", h.transcript);
+    assert!(
+        h.runtime.by_name("shop_init_migrate").is_none(),
+        "leftover init removed"
+    );
+    let images: Vec<&str> = h
+        .ops
+        .iter()
+        .filter_map(|(_, op)| match op {
+            RuntimeOp::Create { spec } if spec.name == "shop_web" => Some(spec.image.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(images, ["img/web:2"], "revision 1's service never started");
+}
+
+#[test]
+fn malformed_payload_keeps_old_containers() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
+    let id = running_id(&h, "shop_web");
+    let from = h.ops.len();
+    deploy(&mut h, 2, "{not json");
+    let s = state(&h, "shop");
+    assert_eq!((s.phase, s.revision), (Phase::Failed, 2));
+    assert!(
+        matches!(&s.cause, Some(FailureCause::InvalidScore { error }) if error.starts_with("malformed score"))
+    );
+    assert_eq!(s.container_ids["web"], id);
+    deploy(&mut h, 3, r#"{"services":[]}"#);
+    assert!(state(&h, "shop")
+        .message
+        .contains("the score has no services"));
+    h.run_for(Duration::from_secs(120));
+    assert!(mutations_since(&h, from).is_empty(), "{}", h.transcript);
+    assert_eq!(running_id(&h, "shop_web"), id);
+    // A valid revision after the bad ones rolls forward.
+    deploy(&mut h, 4, &score(&[web("img/web:1", "c")], &[]));
+    assert_eq!(state(&h, "shop").phase, Phase::Running);
+}
+
+#[test]
+fn delete_removes_everything_and_clears_state() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a"), worker()], &[]));
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a"), worker()], &[]));
+    h.put("other", 1, &score(&[worker()], &[]));
+    h.run_for(SECOND);
+    h.delete("shop", 2);
+    h.run_for(SECOND);
+    assert!(h.runtime.by_name("shop_web").is_none());
+    assert!(h.runtime.by_name("shop_worker").is_none());
+    assert!(!h.states.contains_key(&DeploymentName::new("shop").unwrap()));
+    assert!(
+        h.runtime.by_name("other_worker").is_some(),
+        "other deployment untouched"
+    );
+    assert!(!h
+        .cache
+        .as_ref()
+        .unwrap()
+        .deployments
+        .contains_key(&DeploymentName::new("shop").unwrap()));
+}
+
+#[test]
+fn crashed_service_restarts_with_capped_backoff_and_never_gives_up() {
+    let mut h = harness();
+    h.runtime
+        .set_behaviour("img/crash:1", Behaviour::exits(1, Duration::from_secs(2)));
+    deploy(
+        &mut h,
+        1,
+        &format!(r#"{{"services":[{}]}}"#, web("img/crash:1", "a")),
+    );
+    h.run_for(Duration::from_secs(3600));
+    let starts: Vec<Timestamp> = h
+        .runtime
+        .events()
+        .iter()
+        .filter_map(|(t, e)| matches!(e, RuntimeEvent::Started { .. }).then_some(*t))
+        .collect();
+    assert!(
+        starts.len() > 12,
+        "still restarting after an hour: {}",
+        starts.len()
+    );
+    let gaps: Vec<u64> = starts
+        .windows(2)
+        .map(|w| w[1].saturating_since(w[0]).as_secs())
+        .collect();
+    assert!(gaps.iter().all(|g| *g <= 300 + 30 + 2), "capped: {gaps:?}");
+    assert!(
+        gaps.iter().rev().take(3).all(|g| *g >= 300),
+        "reaches the cap: {gaps:?}"
+    );
+    let s = state(&h, "shop");
+    assert_eq!(s.restarts["web"].last_exit_code, Some(1));
+    assert!(s.restarts["web"].count as usize >= starts.len() - 1);
+    assert_eq!(
+        h.runtime.containers().len(),
+        1,
+        "restarted in place, never recreated"
+    );
+}
+
+#[test]
+fn crash_loop_is_reported_and_never_blocks_a_newer_revision() {
+    let mut h = harness();
+    h.runtime
+        .set_behaviour("img/crash:1", Behaviour::exits(2, Duration::from_secs(1)));
+    deploy(
+        &mut h,
+        1,
+        &format!(r#"{{"services":[{}]}}"#, web("img/crash:1", "a")),
+    );
+    h.run_for(Duration::from_secs(400));
+    let crash_reported = h.published.iter().any(|(_, s)| {
+        s.phase == Phase::Failed
+            && matches!(&s.cause, Some(FailureCause::CrashLoop { service, last_exit_code: Some(2), .. }) if service == "web")
+    });
+    assert!(crash_reported, "{}", h.transcript);
+    deploy(
+        &mut h,
+        2,
+        &format!(r#"{{"services":[{}]}}"#, web("img/web:1", "a")),
+    );
+    let s = state(&h, "shop");
+    assert_eq!((s.phase, s.revision), (Phase::Running, 2));
+    assert!(s.restarts.is_empty(), "a new revision starts a new count");
+}
+
+#[test]
+fn vanished_container_is_recreated() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
+    let id = running_id(&h, "shop_web");
+    let _ = h.runtime.execute(&RuntimeOp::Remove {
+        container: id.clone(),
+        force: true,
+    });
+    h.run_for(Duration::from_secs(31));
+    assert_ne!(running_id(&h, "shop_web"), id);
+    assert_eq!(state(&h, "shop").phase, Phase::Running);
+}
+
+#[test]
+fn restart_with_cache_adopts_without_touching_the_runtime() {
+    let mut h = harness();
+    let json = score(&[web("img/web:1", "a")], &[init("migrate", "img/m:1", 60)]);
+    h.runtime
+        .set_behaviour("img/m:1", Behaviour::exits(0, SECOND));
+    deploy(&mut h, 1, &json);
+    h.run_for(Duration::from_secs(2));
+    let id = running_id(&h, "shop_web");
+    assert!(h.cache.is_some());
+    h.restart_agent(true);
+    let from = h.ops.len();
+    h.run_for(Duration::from_secs(90)); // NATS unreachable: no desired put at all
+    h.put("shop", 1, &json); // then the watch delivers the same value
+    h.run_for(Duration::from_secs(90));
+    assert!(mutations_since(&h, from).is_empty(), "{}", h.transcript);
+    assert_eq!(running_id(&h, "shop_web"), id);
+    assert_eq!(state(&h, "shop").container_ids["web"], id);
+}
+
+#[test]
+fn restart_without_cache_adopts_by_spec_hash_label() {
+    let mut h = harness();
+    let json = score(
+        &[web("img/web:1", "a"), worker()],
+        &[init("migrate", "img/m:1", 60)],
+    );
+    h.runtime
+        .set_behaviour("img/m:1", Behaviour::exits(0, SECOND));
+    deploy(&mut h, 1, &json);
+    h.run_for(Duration::from_secs(2));
+    let id = running_id(&h, "shop_web");
+    h.restart_agent(false);
+    let from = h.ops.len();
+    deploy(&mut h, 1, &json);
+    h.run_for(Duration::from_secs(60));
+    assert!(mutations_since(&h, from).is_empty(), "{}", h.transcript);
+    assert_eq!(running_id(&h, "shop_web"), id);
+    let s = state(&h, "shop");
+    assert_eq!(
+        (s.phase, s.container_ids["web"].as_str()),
+        (Phase::Running, id.as_str())
+    );
+    assert!(h
+        .runtime
+        .by_name("shop_web")
+        .unwrap()
+        .spec
+        .labels
+        .contains_key(LABEL_SPEC_HASH));
+}
+
+#[test]
+fn restart_after_a_missed_edit_rolls_forward() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a"), worker()], &[]));
+    let worker_id = running_id(&h, "shop_worker");
+    h.restart_agent(true);
+    deploy(&mut h, 5, &score(&[web("img/web:1", "b"), worker()], &[]));
+    assert_eq!(state(&h, "shop").revision, 5);
+    assert_eq!(h.runtime.by_name("shop_web").unwrap().spec.env["MODE"], "b");
+    assert_eq!(running_id(&h, "shop_worker"), worker_id);
+}
+
+#[test]
+fn resync_tears_down_deployments_deleted_while_away() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
+    h.restart_agent(true);
+    h.reconciler.handle_desired_resync(h.now, &BTreeSet::new());
+    h.run_for(SECOND);
+    // The harness drains on its next step.
+    h.run_for(SECOND);
+    assert!(h.runtime.by_name("shop_web").is_none(), "{}", h.transcript);
+}
+
+#[test]
+fn resync_sweeps_orphans_of_unknown_deployments() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
+    h.restart_agent(false);
+    h.put("keep", 3, &score(&[worker()], &[]));
+    let present = BTreeSet::from([DeploymentName::new("keep").unwrap()]);
+    h.reconciler.handle_desired_resync(h.now, &present);
+    h.run_for(SECOND);
+    assert!(h.runtime.by_name("shop_web").is_none(), "{}", h.transcript);
+    assert!(h.runtime.by_name("keep_worker").is_some());
+}
+
+#[test]
+fn crash_mid_rollout_resumes_the_newer_revision_from_cache() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
+    h.runtime
+        .set_behaviour("img/m:2", Behaviour::exits(0, Duration::from_secs(5)));
+    h.put(
+        "shop",
+        2,
+        &score(&[web("img/web:2", "a")], &[init("migrate", "img/m:2", 60)]),
+    );
+    h.run_for(SECOND); // init container is running
+    h.restart_agent(true);
+    h.run_for(Duration::from_secs(10)); // no NATS: the cache alone drives it
+    let s = state(&h, "shop");
+    assert_eq!(
+        (s.phase, s.revision),
+        (Phase::Running, 2),
+        "{}",
+        h.transcript
+    );
+    assert_eq!(
+        h.runtime.by_name("shop_web").unwrap().spec.image,
+        "img/web:2"
+    );
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+}
+
+#[test]
+fn create_failed_but_exists_is_adopted_on_retry() {
+    let mut h = harness();
+    h.faults
+        .entry("create")
+        .or_default()
+        .push_back(OpFault::FailAfterEffect(
+            crate::runtime::RuntimeErrorKind::Other,
+        ));
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
+    assert_eq!(state(&h, "shop").phase, Phase::Failed);
+    h.run_for(Duration::from_secs(11));
+    assert_eq!(state(&h, "shop").phase, Phase::Running, "{}", h.transcript);
+    assert_eq!(h.runtime.containers().len(), 1);
+    let creates = h.ops.iter().filter(|(_, op)| op.name() == "create").count();
+    assert_eq!(
+        creates, 1,
+        "the existing container is started, not recreated"
+    );
+}
+
+#[test]
+fn unreachable_runtime_is_retried_with_backoff_and_reported() {
+    let mut h = Harness::new(config());
+    // The start-up list was already issued; fail the next few.
+    for _ in 0..4 {
+        h.faults
+            .entry("list")
+            .or_default()
+            .push_back(OpFault::Fail(crate::runtime::RuntimeErrorKind::Unavailable));
+    }
+    h.restart_agent(false);
+    h.run_for(Duration::from_secs(20));
+    let lists: Vec<u64> = h
+        .ops
+        .iter()
+        .filter(|(_, op)| *op == RuntimeOp::List)
+        .map(|(t, _)| t.as_millis() / 1000)
+        .collect();
+    assert_eq!(lists[1..6], [0, 1, 3, 7, 15], "{lists:?}");
+    assert!(h
+        .heartbeats
+        .iter()
+        .any(|hb| matches!(hb.runtime, crate::wire::RuntimeHealth::Unreachable { .. })));
+    assert_eq!(
+        h.heartbeats.last().unwrap().runtime,
+        crate::wire::RuntimeHealth::Ok
+    );
+}
+
+#[test]
+fn one_bad_deployment_never_stops_the_others() {
+    let mut h = harness();
+    h.runtime.set_behaviour("img/hang:1", Behaviour::default());
+    h.put(
+        "bad",
+        1,
+        &score(&[web("img/web:1", "a")], &[init("hang", "img/hang:1", 300)]),
+    );
+    h.put("ugly", 1, "[]");
+    h.put("good", 1, &score(&[web("img/web:1", "a")], &[]));
+    h.run_for(SECOND);
+    assert_eq!(state(&h, "good").phase, Phase::Running);
+    assert_eq!(state(&h, "bad").phase, Phase::Pending);
+    assert_eq!(state(&h, "ugly").phase, Phase::Failed);
+}
+
+#[test]
+fn heartbeats_come_on_their_interval() {
+    let mut h = harness();
+    h.run_for(Duration::from_secs(60));
+    let n = h.heartbeats.len();
+    assert!((4..=6).contains(&n), "{n}");
+    assert_eq!(h.heartbeats.last().unwrap().uptime_s, 60);
+}
+
+#[test]
+fn transcript_of_an_upgrade_with_init_containers() {
+    let mut h = harness();
+    h.runtime
+        .set_behaviour("img/m:1", Behaviour::exits(0, SECOND));
+    h.runtime
+        .set_behaviour("img/m:2", Behaviour::exits(0, SECOND));
+    h.runtime.set_behaviour(
+        "img/web:1",
+        Behaviour {
+            stop_delay: Duration::from_secs(2),
+            ..Behaviour::default()
+        },
+    );
+    deploy(
+        &mut h,
+        1,
+        &score(
+            &[web("img/web:1", "a"), worker()],
+            &[init("migrate", "img/m:1", 60)],
+        ),
+    );
+    h.run_for(Duration::from_secs(2));
+    deploy(
+        &mut h,
+        2,
+        &score(
+            &[web("img/web:2", "a"), worker()],
+            &[init("migrate", "img/m:2", 60)],
+        ),
+    );
+    h.run_for(Duration::from_secs(5));
+    insta::assert_snapshot!(h.transcript);
+}
+
+#[test]
+fn transcript_of_a_failing_init_and_its_retries() {
+    let mut h = harness();
+    h.runtime
+        .set_behaviour("img/m:bad", Behaviour::exits(4, SECOND));
+    deploy(
+        &mut h,
+        1,
+        &score(
+            &[web("img/web:1", "a")],
+            &[init("migrate", "img/m:bad", 60)],
+        ),
+    );
+    h.run_for(Duration::from_secs(35));
+    insta::assert_snapshot!(h.transcript);
+}
+
+#[test]
+fn transcript_of_delete() {
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a"), worker()], &[]));
+    h.delete("shop", 2);
+    h.run_for(SECOND);
+    insta::assert_snapshot!(h.transcript);
+}
