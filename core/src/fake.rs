@@ -558,6 +558,13 @@ impl Harness {
         self.drain();
     }
 
+    /// Tells the reconciler the desired bucket holds exactly `present`.
+    pub fn resync(&mut self, present: &BTreeSet<DeploymentName>) {
+        self.log(format_args!("desired resync {} keys", present.len()));
+        self.reconciler.handle_desired_resync(self.now, present);
+        self.drain();
+    }
+
     /// Simulates an agent restart: pending results are lost, the reconciler
     /// starts afresh from the persisted cache (or none).
     pub fn restart_agent(&mut self, keep_cache: bool) {
@@ -574,6 +581,22 @@ impl Harness {
         self.drain();
     }
 
+    /// Crashes the container named `name`, if it runs, with exit `code`.
+    pub fn crash(&mut self, name: &str, code: i64) -> bool {
+        let Some(id) = self.runtime.by_name(name).map(|c| c.id.clone()) else {
+            return false;
+        };
+        if !self.runtime.is_running(&id) {
+            return false;
+        }
+        self.log(format_args!(
+            "fault: {name} ({id}) crashes with exit {code}"
+        ));
+        let now = self.now;
+        self.runtime.crash(now, &id, code);
+        true
+    }
+
     /// Runs until virtual time reaches `now + d`.
     pub fn run_for(&mut self, d: Duration) {
         let until = self.now + d;
@@ -583,6 +606,7 @@ impl Harness {
     /// Runs until virtual time reaches `until`, always jumping to the
     /// earliest next thing: a ready result, a container exit, a deadline.
     pub fn run_until(&mut self, until: Timestamp) {
+        let mut idle_wakes = 0u32;
         loop {
             if let Some((at, _, _)) = self.ready.front() {
                 if *at <= self.now {
@@ -606,13 +630,28 @@ impl Harness {
             self.now = next;
             self.runtime.advance(next);
             self.resolve_pending();
-            if self
-                .reconciler
-                .poll_timeout()
-                .is_some_and(|w| w.at <= self.now)
-            {
+            if let Some(wake) = self.reconciler.poll_timeout().filter(|w| w.at <= self.now) {
+                let before = self.ops.len() + self.published.len();
                 self.reconciler.handle_timeout(self.now);
                 self.drain();
+                let progress = self.ops.len() + self.published.len() != before;
+                if !progress
+                    && self
+                        .reconciler
+                        .poll_timeout()
+                        .is_some_and(|w| w.at <= self.now)
+                {
+                    idle_wakes += 1;
+                    assert!(
+                        idle_wakes < 1000,
+                        "livelock: the reconciler keeps asking to be woken at {} for {:?} and does nothing\n{}",
+                        self.now,
+                        wake.reason,
+                        self.transcript
+                    );
+                } else {
+                    idle_wakes = 0;
+                }
             }
             let idle = self.ready.front().is_none_or(|(at, _, _)| *at > self.now);
             if self.now >= until && idle {

@@ -282,9 +282,9 @@ impl Deployment {
             return;
         }
         self.latest_seen = revision;
-        self.deleted = false;
         match PodmanV0Score::from_json(bytes) {
             Ok(score) => {
+                self.deleted = false;
                 self.invalid = None;
                 if let Some(target) = self.target.as_mut().filter(|t| t.bytes == bytes) {
                     target.revision = revision;
@@ -323,6 +323,9 @@ impl Deployment {
         self.deleted = true;
         self.cache_dirty = true;
         self.invalid = None;
+        // Nothing from before the delete may come back.
+        self.target = None;
+        self.applied = false;
         self.attempts = 0;
         self.failure = None;
         self.supersede_job();
@@ -340,6 +343,10 @@ impl Deployment {
         } else {
             job.superseded = true;
         }
+    }
+
+    pub(super) fn latest_seen(&self) -> u64 {
+        self.latest_seen
     }
 
     pub(super) fn is_gone(&self) -> bool {
@@ -521,7 +528,9 @@ impl Deployment {
                 Step::Fail(cause) => self.fail(now, config, cause),
                 Step::Forget => {
                     self.job = None;
-                    self.gone = true;
+                    self.deleted = false;
+                    // An invalid put after the delete is still reported.
+                    self.gone = self.invalid.is_none() && self.target.is_none();
                     return;
                 }
                 step => {
@@ -906,7 +915,7 @@ impl Deployment {
         for service in &target.score.services {
             let hash = target.hashes.get(&service.name);
             match self.observed.get(&service.name) {
-                Some(o) if o.spec_hash.as_ref() == hash => {
+                Some(o) if o.spec_hash.as_ref() == hash && !config.bugs.recreate_on_tick => {
                     if o.state != ContainerState::Running {
                         services.push(Step::StartService {
                             service: service.name.clone(),
@@ -1062,7 +1071,7 @@ impl Deployment {
                 }
             }
         }
-        if !steps.is_empty() && self.applied {
+        if !steps.is_empty() && (self.applied || config.bugs.revert_on_failure) {
             self.job = Some(Job::new(JobKind::Heal, steps));
         }
     }

@@ -268,7 +268,14 @@ pub struct Wake {
 pub struct AgentCache {
     /// Deployment name -> what was applied.
     pub deployments: BTreeMap<DeploymentName, CachedDeployment>,
+    /// Deployment name -> the revision it was deleted at, so that a late
+    /// redelivery of an older put cannot bring it back after a restart.
+    #[serde(default)]
+    pub tombstones: BTreeMap<DeploymentName, u64>,
 }
+
+/// How many tombstones the cache keeps (the oldest revisions go first).
+const MAX_TOMBSTONES: usize = 1024;
 
 /// One deployment in the [`AgentCache`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,6 +362,9 @@ pub struct Reconciler {
     /// After a resync, the next list also tears down containers of
     /// deployments nobody wants any more.
     orphan_sweep: bool,
+    /// The last revision of each deployment torn down, so that a late
+    /// redelivery of an older put cannot bring it back.
+    tombstones: BTreeMap<DeploymentName, u64>,
 }
 
 impl Reconciler {
@@ -367,6 +377,10 @@ impl Reconciler {
                 deployments.insert(name.clone(), deployment);
             }
         }
+        let tombstones = cache
+            .as_ref()
+            .map(|c| c.tombstones.clone())
+            .unwrap_or_default();
         let mut reconciler = Self {
             next_tick: now + config.tick_interval,
             next_heartbeat: now,
@@ -383,6 +397,7 @@ impl Reconciler {
             cache_dirty: false,
             last_cache: cache,
             orphan_sweep: false,
+            tombstones,
         };
         reconciler.start_inventory_list();
         reconciler
@@ -401,6 +416,12 @@ impl Reconciler {
         revision: u64,
         bytes: &[u8],
     ) {
+        if let Some(&tombstone) = self.tombstones.get(&deployment) {
+            if revision <= tombstone {
+                return;
+            }
+            self.tombstones.remove(&deployment);
+        }
         let entry = self
             .deployments
             .entry(deployment.clone())
@@ -417,10 +438,21 @@ impl Reconciler {
         deployment: DeploymentName,
         revision: u64,
     ) {
-        if let Some(entry) = self.deployments.get_mut(&deployment) {
-            entry.desired_delete(Some(revision));
-            self.drive(now, &deployment);
+        if self
+            .tombstones
+            .get(&deployment)
+            .is_some_and(|t| revision <= *t)
+        {
+            return;
         }
+        // Even an unknown deployment is torn down: after a restart without
+        // its cache the agent may not know what it left running.
+        let entry = self
+            .deployments
+            .entry(deployment.clone())
+            .or_insert_with(|| Deployment::new(deployment.clone()));
+        entry.desired_delete(Some(revision));
+        self.drive(now, &deployment);
     }
 
     /// The desired-state bucket holds exactly `present` for this device (the
@@ -598,6 +630,7 @@ impl Reconciler {
                 .iter()
                 .filter_map(|(name, d)| Some((name.clone(), d.cached()?)))
                 .collect(),
+            tombstones: self.tombstones.clone(),
         }
     }
 
@@ -614,6 +647,17 @@ impl Reconciler {
             self.cache_dirty = true;
         }
         if entry.is_gone() {
+            self.tombstones.insert(name.clone(), entry.latest_seen());
+            if self.tombstones.len() > MAX_TOMBSTONES {
+                let oldest = self
+                    .tombstones
+                    .iter()
+                    .min_by_key(|(_, revision)| **revision)
+                    .map(|(name, _)| name.clone());
+                if let Some(oldest) = oldest {
+                    self.tombstones.remove(&oldest);
+                }
+            }
             self.deployments.remove(name);
             self.effects.outputs.push_back(Output::ClearState {
                 deployment: name.clone(),
@@ -721,5 +765,7 @@ impl Reconciler {
     }
 }
 
+#[cfg(test)]
+mod properties;
 #[cfg(test)]
 mod tests;
