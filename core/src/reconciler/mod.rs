@@ -580,10 +580,11 @@ impl Reconciler {
         }
         if self.inventory_ready {
             for wake in self.deployments.values().filter_map(Deployment::next_wake) {
-                // A due restart asks for a list; while one is in flight, waking
-                // again would only spin.
+                // A due restart asks for a list; while one is in flight or
+                // scheduled, waking again would only spin.
                 let restart = matches!(wake.reason, WakeReason::RestartBackoff { .. });
-                if !(restart && self.inventory_list.is_some()) {
+                let list_coming = self.inventory_list.is_some() || self.runtime_retry_at.is_some();
+                if !(restart && list_coming) {
                     consider(wake);
                 }
             }
