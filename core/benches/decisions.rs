@@ -36,9 +36,13 @@ fn settle(r: &mut Reconciler, now: Timestamp, containers: &mut Vec<ContainerSumm
     let mut inputs = 0;
     let mut next = 0u64;
     while let Some(output) = r.poll_output() {
-        let Output::Runtime { id, op } = output else { continue };
+        let Output::Runtime { id, op } = output else {
+            continue;
+        };
         let reply = match op {
-            RuntimeOp::List => RuntimeReply::Listed { containers: containers.clone() },
+            RuntimeOp::List => RuntimeReply::Listed {
+                containers: containers.clone(),
+            },
             RuntimeOp::Create { spec } => {
                 next += 1;
                 let id = format!("c{next}");
@@ -103,16 +107,25 @@ fn main() {
         r.handle_timeout(now);
         let mut list = None;
         while let Some(o) = r.poll_output() {
-            if let Output::Runtime { id, op: RuntimeOp::List } = o {
+            if let Output::Runtime {
+                id,
+                op: RuntimeOp::List,
+            } = o
+            {
                 list = Some(id);
             }
         }
         let Some(id) = list else { continue };
-        let reply = Ok(RuntimeReply::Listed { containers: containers.clone() });
+        let reply = Ok(RuntimeReply::Listed {
+            containers: containers.clone(),
+        });
         let started = Instant::now();
         r.handle_runtime_result(now, id, black_box(reply));
         while let Some(o) = r.poll_output() {
-            assert!(!matches!(o, Output::Runtime { .. }), "a healthy tick mutates nothing");
+            assert!(
+                !matches!(o, Output::Runtime { .. }),
+                "a healthy tick mutates nothing"
+            );
         }
         total += started.elapsed();
         inputs += 1;
@@ -122,7 +135,12 @@ fn main() {
     // 2. An unchanged desired put.
     let started = Instant::now();
     for _ in 0..rounds {
-        r.handle_desired_put(Timestamp::from_millis(1), deployment.clone(), 1, black_box(json.as_bytes()));
+        r.handle_desired_put(
+            Timestamp::from_millis(1),
+            deployment.clone(),
+            1,
+            black_box(json.as_bytes()),
+        );
         while r.poll_output().is_some() {}
     }
     report("unchanged desired put", started.elapsed(), rounds);
