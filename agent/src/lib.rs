@@ -6,4 +6,7 @@
 //! production adapters: podman through bollard (feature `podman`) and NATS
 //! JetStream through async-nats (feature `nats`).
 
+pub mod conformance;
+#[cfg(feature = "podman")]
+pub mod podman;
 pub mod runtime;

@@ -1,5 +1,478 @@
 //! The real-infrastructure harness.
 //!
-//! It will start its own nats-server and podman API service, build its test
-//! images locally, run the production agent against them and check both the
-//! reported state and podman's own ground truth.
+//! It starts its own podman API service ([`PodmanService`]) and nats-server
+//! ([`NatsServer`]), builds its test image locally ([`test_image`]) and will
+//! run the production agent against them, checking both the reported state
+//! and podman's own ground truth.
+//!
+//! Nothing here is skipped quietly: a missing tool panics with the Debian
+//! package that provides it. Nothing is pulled either: no registry is
+//! reachable, so the test image is built `FROM scratch` around the host's
+//! static busybox. Every `podman` this harness runs, the service included,
+//! reads the project's own [`CONTAINERS_CONF`] (runc, lowered ulimits).
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tempfile::TempDir;
+
+/// The local image [`test_image`] builds: busybox on `scratch`, no
+/// entrypoint, so a container's args are its whole command.
+pub const TEST_IMAGE: &str = "localhost/podfleet-test:busybox";
+
+/// The containers.conf every podman invocation of the harness uses: runc as
+/// the OCI runtime (crun fails on this host's hybrid cgroups) and ulimits low
+/// enough for an unprivileged build host.
+pub const CONTAINERS_CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/containers.conf");
+
+/// How long the podman service may take to answer its first ping.
+const PODMAN_START_DEADLINE: Duration = Duration::from_secs(30);
+/// How long nats-server may take to accept connections.
+const NATS_START_DEADLINE: Duration = Duration::from_secs(15);
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A `podman` command that reads [`CONTAINERS_CONF`]. Use it for every
+/// podman CLI call in tests, so the CLI and the service agree.
+///
+/// # Panics
+///
+/// If podman or runc is not installed.
+#[must_use]
+pub fn podman() -> Command {
+    require_podman();
+    let mut command = Command::new("podman");
+    command.env("CONTAINERS_CONF", CONTAINERS_CONF);
+    command
+}
+
+/// A `podman system service` on a socket of its own, killed on drop.
+///
+/// It shares the host's container storage: images built with [`podman`] are
+/// visible to it, and containers it started outlive it.
+#[derive(Debug)]
+pub struct PodmanService {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl PodmanService {
+    /// Starts the service and waits until its socket answers a ping.
+    ///
+    /// # Panics
+    ///
+    /// If podman or runc is missing (naming the Debian package), or the
+    /// service does not answer within 30 s (with its log).
+    #[must_use]
+    pub fn start() -> Self {
+        let dir = temp_dir("podfleet-podman-");
+        let socket = dir.path().join("podman.sock");
+        let log = dir.path().join("podman-service.log");
+        let child = podman()
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(log_file(&log))
+            .stderr(log_file(&log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `podman system service`: {e}"));
+        let mut service = Self {
+            child,
+            socket,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + PODMAN_START_DEADLINE;
+        while !ping(&service.socket) {
+            if let Ok(Some(status)) = service.child.try_wait() {
+                panic!(
+                    "`podman system service` exited with {status}:\n{}",
+                    read_log(&service.log)
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "podman's API socket {} did not answer within {PODMAN_START_DEADLINE:?}:\n{}",
+                    service.socket.display(),
+                    read_log(&service.log)
+                );
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+        service
+    }
+
+    /// The API socket's path.
+    #[must_use]
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The service's output so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+}
+
+impl Drop for PodmanService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether the Docker-compatible API on `socket` answers `GET /_ping`.
+fn ping(socket: &Path) -> bool {
+    let Ok(mut stream) = UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /_ping HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer.starts_with(b"HTTP/1.0 200") || answer.starts_with(b"HTTP/1.1 200")
+}
+
+/// A `nats-server -js` on a free local port with a store directory of its
+/// own, killed on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    config: Option<PathBuf>,
+    log: PathBuf,
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream and default settings.
+    ///
+    /// # Panics
+    ///
+    /// If nats-server is missing (naming the Debian package) or does not
+    /// accept connections within 15 s (with its log).
+    #[must_use]
+    pub fn start() -> Self {
+        Self::launch(None)
+    }
+
+    /// Starts a server that also reads the configuration file `config`
+    /// (accounts, limits...); the port and store directory given on the
+    /// command line win over the file's.
+    ///
+    /// # Panics
+    ///
+    /// As [`NatsServer::start`].
+    #[must_use]
+    pub fn start_with_config(config: impl Into<PathBuf>) -> Self {
+        Self::launch(Some(config.into()))
+    }
+
+    fn launch(config: Option<PathBuf>) -> Self {
+        let dir = temp_dir("podfleet-nats-");
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            config,
+            log: dir.path().join("nats-server.log"),
+            dir,
+        };
+        server.spawn();
+        server
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The store directory given as `-sd` (JetStream keeps its data in its
+    /// `jetstream` subdirectory), kept across [`restart`](Self::restart).
+    #[must_use]
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// The server's output so far, across restarts.
+    #[must_use]
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+
+    /// Kills the server and starts it again on the same port with the same
+    /// store, as a device's broker restart would; returns once it accepts
+    /// connections again.
+    ///
+    /// # Panics
+    ///
+    /// As [`NatsServer::start`].
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let binary = find_program("nats-server").unwrap_or_else(|| {
+            panic!(
+                "nats-server is not installed (not on PATH nor in /usr/sbin): \
+                 the e2e tests need it; install it with `apt-get install -y nats-server`"
+            )
+        });
+        let mut command = Command::new(binary);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        command
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.store_dir())
+            .stdin(Stdio::null())
+            .stdout(log_file(&self.log))
+            .stderr(log_file(&self.log));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start nats-server: {e}"));
+        let deadline = Instant::now() + NATS_START_DEADLINE;
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server exited with {status}:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "nats-server did not accept connections on port {} within {NATS_START_DEADLINE:?}:\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Builds [`TEST_IMAGE`] unless it exists, once per process, and returns
+/// its name.
+///
+/// The image is the host's static busybox (`/bin/busybox`) copied onto
+/// `scratch`, with its applets installed as symlinks in `/bin` by a `RUN`
+/// of busybox itself, and `sh` as the default command.
+///
+/// # Panics
+///
+/// If podman, runc or a static busybox is missing (naming the Debian
+/// package), or the build fails (with its output).
+pub fn test_image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let exists = podman()
+            .args(["image", "exists", TEST_IMAGE])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run podman: {e}"));
+        if !exists.success() {
+            build_test_image();
+        }
+    });
+    TEST_IMAGE
+}
+
+fn build_test_image() {
+    let busybox = Path::new("/bin/busybox");
+    let install = "install it with `apt-get install -y busybox-static`";
+    if !busybox.exists() {
+        panic!("/bin/busybox is missing: the e2e test image is built from it; {install}");
+    }
+    if is_dynamic_elf(busybox) {
+        panic!("/bin/busybox is dynamically linked and cannot run on scratch; {install}");
+    }
+    let context = temp_dir("podfleet-image-");
+    fs::copy(busybox, context.path().join("busybox"))
+        .unwrap_or_else(|e| panic!("cannot copy /bin/busybox into the build context: {e}"));
+    fs::write(
+        context.path().join("Containerfile"),
+        "FROM scratch\n\
+         COPY busybox /bin/busybox\n\
+         RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
+         CMD [\"sh\"]\n",
+    )
+    .unwrap_or_else(|e| panic!("cannot write the Containerfile: {e}"));
+    let output = podman()
+        .args(["build", "--pull=never", "--tag", TEST_IMAGE])
+        .arg(context.path())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run podman build: {e}"));
+    if !output.status.success() {
+        panic!(
+            "podman build of {TEST_IMAGE} failed with {}:\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// Whether `path` is a little-endian 64-bit ELF with an interpreter
+/// (PT_INTERP), i.e. dynamically linked. Other formats count as static: the
+/// build then fails with podman's own words.
+fn is_dynamic_elf(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(elf) = fs::read(path) else {
+        return false;
+    };
+    let u16_at = |at: usize| {
+        elf.get(at..at + 2)
+            .and_then(|b| b.try_into().ok())
+            .map(u16::from_le_bytes)
+    };
+    let u32_at = |at: usize| {
+        elf.get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |at: usize| {
+        elf.get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    // Magic, ELFCLASS64, ELFDATA2LSB.
+    if elf.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    let Ok(phoff) = usize::try_from(phoff) else {
+        return false;
+    };
+    (0..usize::from(phnum)).any(|i| u32_at(phoff + i * usize::from(phentsize)) == Some(PT_INTERP))
+}
+
+/// A name prefix no other test run uses: `<tag><pid>x<nanos>`, valid as
+/// the start of a container name.
+#[must_use]
+pub fn unique_prefix(tag: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{tag}{}x{nanos}", std::process::id())
+}
+
+/// Panics, naming the package, unless podman and the runc that
+/// [`CONTAINERS_CONF`] selects are installed.
+fn require_podman() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        if find_program("podman").is_none() {
+            panic!(
+                "podman is not installed (not on PATH): the e2e tests need it; \
+                 install it with `apt-get install -y podman`"
+            );
+        }
+        if find_program("runc").is_none() {
+            panic!(
+                "runc is not installed: e2e/containers.conf selects it as podman's OCI runtime; \
+                 install it with `apt-get install -y runc`"
+            );
+        }
+    });
+}
+
+/// `name` on PATH, or in the sbin directories a non-root PATH may lack.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+fn temp_dir(prefix: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"))
+}
+
+/// `path` opened for appending, so a restarted process adds to its log.
+fn log_file(path: &Path) -> File {
+    File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open the log file {}: {e}", path.display()))
+}
+
+fn read_log(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| format!("(no log at {}: {e})", path.display()))
+}
+
+/// A TCP port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .unwrap_or_else(|e| panic!("cannot find a free TCP port: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_prefixes_are_valid_container_name_starts() {
+        let prefix = unique_prefix("t");
+        assert!(prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-'));
+        assert!(prefix.starts_with('t'));
+    }
+
+    #[test]
+    fn elf_interpreters_are_detected() {
+        assert!(is_dynamic_elf(Path::new("/bin/sh")) || !Path::new("/bin/sh").exists());
+        assert!(!is_dynamic_elf(Path::new(CONTAINERS_CONF)));
+    }
+}

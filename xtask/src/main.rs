@@ -1,7 +1,7 @@
 //! `cargo xtask`: podfleet's developer tasks.
 //!
 //! - `cargo xtask test`: provisions what the test suite needs (podman,
-//!   nats-server and busybox-static from Debian's packages, installed when
+//!   runc, nats-server and busybox-static from Debian's packages, installed when
 //!   missing and running as root), then runs `cargo test --workspace`.
 //!   Extra arguments are passed to `cargo test`.
 //! - `cargo xtask provision`: only the provisioning step.
@@ -12,8 +12,11 @@ use std::env;
 use std::process::{Command, ExitCode};
 
 /// A program the tests need, and the Debian package that provides it.
-const NEEDS: [(&str, &str); 3] = [
+const NEEDS: [(&str, &str); 4] = [
     ("podman", "podman"),
+    // crun cannot run containers on this kind of machine (hybrid cgroups);
+    // the project's containers.conf selects runc.
+    ("runc", "runc"),
     ("nats-server", "nats-server"),
     ("busybox", "busybox-static"),
 ];

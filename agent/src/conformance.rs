@@ -1,0 +1,839 @@
+//! The runtime conformance suite: podman's behaviour, as far as the
+//! reconciler relies on it, written once against [`ContainerRuntime`].
+//!
+//! It runs against real podman in e2e/ (through the podman adapter) and
+//! against the simulator's fake runtime, so the fake cannot drift from the
+//! real thing: every check states what podman 4.3 really does, including the
+//! surprises. The programs the checks run are public ([`programs`]) so a
+//! fake can recognise them by their argv.
+//!
+//! The suite owns its containers only: each check names them
+//! `<prefix>-<check>-<role>` and force-removes them afterwards, whatever the
+//! outcome. It never reads a clock; it waits through [`Fixture::pause`].
+//!
+//! # Podman 4.3 behaviours stated here
+//!
+//! - `stop` of a container that is not running (exited, or created and never
+//!   started) does nothing: [`StopOutcome::AlreadyStopped`].
+//! - A PID 1 without a handler ignores SIGTERM: only a shell `trap` makes a
+//!   graceful stop, anything else is killed after the grace period with exit
+//!   code 137, and so is a container whose stop signal is SIGKILL.
+//! - `wait` on a created, never-started container returns at once; a force
+//!   remove ends a pending `wait`, which then answers as if the container had
+//!   exited.
+//! - `start` of a running container succeeds and does nothing; `start` of an
+//!   exited one runs it again under the same id.
+//! - Logs keep each stream's order but not the interleaving of stdout and
+//!   stderr written close together (conmon drains one pipe, then the other);
+//!   `tail` counts lines of both streams together, and a tail of 0 is empty.
+//! - The wait/inspect race (inspect still "running" just after `wait`
+//!   returned) was never observed on podman 4.3 in hundreds of tries, but the
+//!   reconciler retries it and so does this suite.
+
+use std::collections::BTreeMap;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::task::Poll;
+use std::time::Duration;
+
+use podfleet_core::runtime::{
+    ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, RuntimeErrorKind, RuntimeOp,
+    RuntimeReply, RuntimeResult, StopOutcome, LABEL_DEPLOYMENT, LABEL_MANAGED, LABEL_SERVICE,
+};
+use podfleet_core::wire::Signal;
+
+use crate::runtime::ContainerRuntime;
+
+/// Waits for a while: the caller's clock (tokio's for real podman, virtual
+/// time in the simulator).
+pub type Pause = fn(Duration) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What a check found: `Err` says what differed from podman's behaviour.
+pub type CheckResult = Result<(), String>;
+
+/// What the suite needs from its environment.
+#[derive(Debug, Clone)]
+pub struct Fixture {
+    /// An image that has busybox's `sh`, `sleep` and `echo` on its PATH and
+    /// no entrypoint, so that a container's args are its whole command.
+    pub image: String,
+    /// An image reference that does not exist locally.
+    pub missing_image: String,
+    /// Starts every container name, so that parallel runs do not collide;
+    /// must itself be a valid container name (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+    pub prefix: String,
+    /// How the suite waits.
+    pub pause: Pause,
+}
+
+/// The programs the checks run, by argv (the image has no entrypoint).
+pub mod programs {
+    /// Exits at once with code 3.
+    pub const EXIT_3: &[&str] = &["sh", "-c", "exit 3"];
+    /// Exits at once with code 0.
+    pub const EXIT_0: &[&str] = &["sh", "-c", "exit 0"];
+    /// Runs "forever" as PID 1 without a signal handler, so it ignores
+    /// SIGTERM: only the kill stops it.
+    pub const SLEEP: &[&str] = &["sleep", "1000"];
+    /// Prints `ready` once its SIGTERM trap is set, then exits 0 on SIGTERM.
+    pub const TRAPS_TERM: &[&str] = &[
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; echo ready; while true; do sleep 0.1; done",
+    ];
+    /// Ignores SIGTERM explicitly while it sleeps.
+    pub const IGNORES_TERM: &[&str] = &["sh", "-c", "trap '' TERM; sleep 1000"];
+    /// Writes `err1` to stderr, then (after a pause, so that the streams
+    /// cannot interleave) `line1` to `line5` to stdout, then exits 0.
+    pub const SIX_LINES: &[&str] = &[
+        "sh",
+        "-c",
+        "echo err1 >&2; sleep 0.2; echo line1; echo line2; echo line3; echo line4; echo line5",
+    ];
+}
+
+macro_rules! checks {
+    ($($check:ident),* $(,)?) => {
+        /// Every check's name, in the order [`run_all`] runs them.
+        pub const CHECKS: &[&str] = &[$(stringify!($check)),*];
+
+        async fn dispatch<R: ContainerRuntime>(
+            rt: &R,
+            scope: &mut Scope<'_>,
+            check: &str,
+        ) -> Option<CheckResult> {
+            match check {
+                $(stringify!($check) => Some($check(rt, scope).await),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+checks![
+    create_then_start_shows_in_list_with_labels,
+    create_with_taken_name_is_name_conflict,
+    create_with_missing_image_is_image_missing,
+    unknown_container_is_not_found,
+    wait_then_inspect_gives_the_exit_code,
+    wait_on_a_never_started_container_returns,
+    stop_of_a_trapping_container_is_graceful,
+    stop_of_a_container_ignoring_term_is_killed,
+    stop_with_sigkill_is_killed,
+    stop_of_a_stopped_container_is_already_stopped,
+    remove_of_a_running_container_needs_force,
+    force_remove_ends_a_pending_wait,
+    start_of_an_exited_container_restarts_it,
+    list_ignores_unmanaged_containers,
+    logs_keep_the_newest_lines,
+    exec_returns_output_and_exit_code,
+    exec_timeout_is_reported,
+];
+
+/// Runs every check in [`CHECKS`], one after the other, each cleaning up
+/// after itself.
+pub async fn run_all<R: ContainerRuntime>(
+    rt: &R,
+    fixture: &Fixture,
+) -> Vec<(&'static str, CheckResult)> {
+    let mut results = Vec::with_capacity(CHECKS.len());
+    for &check in CHECKS {
+        let result = run_check(rt, fixture, check)
+            .await
+            .unwrap_or_else(|| Err(format!("no check named {check}")));
+        results.push((check, result));
+    }
+    results
+}
+
+/// Runs the check named `check`, or returns `None` if there is none.
+pub async fn run_check<R: ContainerRuntime>(
+    rt: &R,
+    fixture: &Fixture,
+    check: &str,
+) -> Option<CheckResult> {
+    let mut scope = Scope {
+        fixture,
+        check: check.to_owned(),
+        names: Vec::new(),
+    };
+    let result = dispatch(rt, &mut scope, check).await;
+    scope.clean_up(rt).await;
+    result
+}
+
+/// The containers one check made.
+struct Scope<'f> {
+    fixture: &'f Fixture,
+    check: String,
+    names: Vec<String>,
+}
+
+impl Scope<'_> {
+    /// The container name for `role`, remembered for the clean-up.
+    fn name(&mut self, role: &str) -> String {
+        let name = format!("{}-{}-{role}", self.fixture.prefix, self.check);
+        self.names.push(name.clone());
+        name
+    }
+
+    /// A managed container named for `role` that runs `args`.
+    fn spec(&mut self, role: &str, args: &[&str]) -> ContainerSpec {
+        let labels = BTreeMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (LABEL_DEPLOYMENT.to_owned(), self.fixture.prefix.clone()),
+            (LABEL_SERVICE.to_owned(), role.to_owned()),
+        ]);
+        ContainerSpec {
+            name: self.name(role),
+            image: self.fixture.image.clone(),
+            args: args.iter().map(|&a| a.to_owned()).collect(),
+            env: BTreeMap::new(),
+            volumes: Vec::new(),
+            ports: Vec::new(),
+            labels,
+            stop_signal: Signal::Term,
+        }
+    }
+
+    async fn pause(&self, duration: Duration) {
+        (self.fixture.pause)(duration).await;
+    }
+
+    async fn clean_up<R: ContainerRuntime>(&self, rt: &R) {
+        for name in &self.names {
+            // Most are gone or never existed: NotFound is the expected answer.
+            let _ = rt
+                .execute(RuntimeOp::Remove {
+                    container: name.clone(),
+                    force: true,
+                })
+                .await;
+        }
+    }
+}
+
+async fn create_then_start_shows_in_list_with_labels<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::SLEEP);
+    let id = create(rt, &spec).await?;
+    let row = list_row(rt, &spec.name).await?;
+    ensure(
+        row.id == id,
+        format!("list gives id {}, create gave {id}", row.id),
+    )?;
+    ensure(
+        row.state == ContainerState::Created,
+        format!("a created container lists as {}", row.state),
+    )?;
+    start(rt, &spec.name).await?;
+    let row = list_row(rt, &spec.name).await?;
+    ensure(
+        row.state == ContainerState::Running,
+        format!("a started container lists as {}", row.state),
+    )?;
+    // The image's own labels (podman's io.buildah.version) come along too.
+    for (key, value) in &spec.labels {
+        ensure(
+            row.label(key) == Some(value.as_str()),
+            format!("label {key} lists as {:?}, want {value:?}", row.label(key)),
+        )?;
+    }
+    // podman answers 304 to starting a running container: not an error.
+    start(rt, &spec.name).await
+}
+
+async fn create_with_taken_name_is_name_conflict<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::SLEEP);
+    create(rt, &spec).await?;
+    // podman 4.3 answers 500 "that name is already in use", Docker 409.
+    expect_error(
+        "create with a taken name",
+        rt.execute(RuntimeOp::Create { spec }).await,
+        RuntimeErrorKind::NameConflict,
+    )
+}
+
+async fn create_with_missing_image_is_image_missing<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let mut spec = scope.spec("web", programs::SLEEP);
+    spec.image = scope.fixture.missing_image.clone();
+    // podman answers 404 "no such image" and does not try to pull.
+    expect_error(
+        "create from a missing image",
+        rt.execute(RuntimeOp::Create { spec: spec.clone() }).await,
+        RuntimeErrorKind::ImageMissing,
+    )?;
+    expect_error(
+        "inspect after a failed create",
+        rt.execute(RuntimeOp::Inspect {
+            container: spec.name,
+        })
+        .await,
+        RuntimeErrorKind::NotFound,
+    )
+}
+
+async fn unknown_container_is_not_found<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let container = scope.name("ghost");
+    let ops = [
+        RuntimeOp::Start {
+            container: container.clone(),
+        },
+        RuntimeOp::Wait {
+            container: container.clone(),
+        },
+        RuntimeOp::Inspect {
+            container: container.clone(),
+        },
+        RuntimeOp::Stop {
+            container: container.clone(),
+            signal: Signal::Term,
+            grace: Duration::from_secs(1),
+        },
+        RuntimeOp::Remove {
+            container: container.clone(),
+            force: false,
+        },
+        RuntimeOp::Remove {
+            container: container.clone(),
+            force: true,
+        },
+    ];
+    for op in ops {
+        let what = format!("{} of an unknown container", op.name());
+        expect_error(&what, rt.execute(op).await, RuntimeErrorKind::NotFound)?;
+    }
+    match rt.logs(&container, 10, 1000).await {
+        Err(e) if e.kind == RuntimeErrorKind::NotFound => {}
+        other => return Err(format!("logs of an unknown container: got {other:?}")),
+    }
+    match rt.exec(&container, &argv(&["true"]), SECOND, 1000).await {
+        Err(e) if e.kind == RuntimeErrorKind::NotFound => Ok(()),
+        other => Err(format!("exec in an unknown container: got {other:?}")),
+    }
+}
+
+async fn wait_then_inspect_gives_the_exit_code<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("job", programs::EXIT_3);
+    let id = create(rt, &spec).await?;
+    start(rt, &spec.name).await?;
+    wait(rt, &spec.name).await?;
+    let status = inspect_after_wait(rt, scope, &spec.name).await?;
+    ensure(
+        status.id == id,
+        format!("inspect gives id {}, create gave {id}", status.id),
+    )?;
+    ensure(
+        status.exit_code == Some(3),
+        format!("exit code {:?}, want Some(3)", status.exit_code),
+    )?;
+    let row = list_row(rt, &spec.name).await?;
+    ensure(
+        row.state == ContainerState::Exited,
+        format!("an exited container lists as {}", row.state),
+    )
+}
+
+async fn wait_on_a_never_started_container_returns<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::SLEEP);
+    create(rt, &spec).await?;
+    // podman answers at once, with status -1.
+    wait(rt, &spec.name).await?;
+    let status = inspect(rt, &spec.name).await?;
+    ensure(
+        status.state == ContainerState::Created && status.exit_code.is_none(),
+        format!("a never-started container inspects as {status:?}"),
+    )
+}
+
+async fn stop_of_a_trapping_container_is_graceful<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::TRAPS_TERM);
+    create(rt, &spec).await?;
+    start(rt, &spec.name).await?;
+    // A SIGTERM before the trap is set would be ignored (PID 1).
+    until_logged(rt, scope, &spec.name, "ready").await?;
+    let outcome = stop(rt, &spec.name, Signal::Term, Duration::from_secs(10)).await?;
+    ensure(
+        outcome == StopOutcome::Graceful,
+        format!("stop of a trapping container: {outcome:?}"),
+    )?;
+    let status = inspect(rt, &spec.name).await?;
+    ensure(
+        status.state == ContainerState::Exited && status.exit_code == Some(0),
+        format!("after a graceful stop: {status:?}"),
+    )
+}
+
+async fn stop_of_a_container_ignoring_term_is_killed<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::IGNORES_TERM);
+    create(rt, &spec).await?;
+    start(rt, &spec.name).await?;
+    let outcome = stop(rt, &spec.name, Signal::Term, SECOND).await?;
+    ensure(
+        outcome == StopOutcome::Killed,
+        format!("stop of a container ignoring SIGTERM: {outcome:?}"),
+    )?;
+    let status = inspect(rt, &spec.name).await?;
+    ensure(
+        status.state == ContainerState::Exited && status.exit_code == Some(137),
+        format!("after the kill: {status:?}"),
+    )
+}
+
+async fn stop_with_sigkill_is_killed<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let mut spec = scope.spec("web", programs::SLEEP);
+    spec.stop_signal = Signal::Kill;
+    create(rt, &spec).await?;
+    start(rt, &spec.name).await?;
+    // The kill comes at once, not after the grace.
+    let outcome = stop(rt, &spec.name, Signal::Kill, Duration::from_secs(30)).await?;
+    ensure(
+        outcome == StopOutcome::Killed,
+        format!("stop with SIGKILL: {outcome:?}"),
+    )?;
+    let status = inspect(rt, &spec.name).await?;
+    ensure(
+        status.exit_code == Some(137),
+        format!("after SIGKILL: {status:?}"),
+    )
+}
+
+async fn stop_of_a_stopped_container_is_already_stopped<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let exited = scope.spec("job", programs::EXIT_0);
+    create(rt, &exited).await?;
+    start(rt, &exited.name).await?;
+    wait(rt, &exited.name).await?;
+    inspect_after_wait(rt, scope, &exited.name).await?;
+    // podman answers 304 Not Modified and changes nothing.
+    let outcome = stop(rt, &exited.name, Signal::Term, SECOND).await?;
+    ensure(
+        outcome == StopOutcome::AlreadyStopped,
+        format!("stop of an exited container: {outcome:?}"),
+    )?;
+    let status = inspect(rt, &exited.name).await?;
+    ensure(
+        status.exit_code == Some(0),
+        format!("stop changed an exited container: {status:?}"),
+    )?;
+    let created = scope.spec("web", programs::SLEEP);
+    create(rt, &created).await?;
+    let outcome = stop(rt, &created.name, Signal::Term, SECOND).await?;
+    ensure(
+        outcome == StopOutcome::AlreadyStopped,
+        format!("stop of a never-started container: {outcome:?}"),
+    )
+}
+
+async fn remove_of_a_running_container_needs_force<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::SLEEP);
+    create(rt, &spec).await?;
+    start(rt, &spec.name).await?;
+    // podman 4.3 answers 500 "container state improper", Docker 409.
+    expect_error(
+        "remove without force of a running container",
+        rt.execute(RuntimeOp::Remove {
+            container: spec.name.clone(),
+            force: false,
+        })
+        .await,
+        RuntimeErrorKind::Other,
+    )?;
+    let status = inspect(rt, &spec.name).await?;
+    ensure(
+        status.state == ContainerState::Running,
+        format!("a failed remove left it {}", status.state),
+    )?;
+    remove(rt, &spec.name, true).await?;
+    expect_error(
+        "inspect after a force remove",
+        rt.execute(RuntimeOp::Inspect {
+            container: spec.name,
+        })
+        .await,
+        RuntimeErrorKind::NotFound,
+    )
+}
+
+async fn force_remove_ends_a_pending_wait<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("job", programs::SLEEP);
+    create(rt, &spec).await?;
+    start(rt, &spec.name).await?;
+    let waiting = rt.execute(RuntimeOp::Wait {
+        container: spec.name.clone(),
+    });
+    let removing = async {
+        // Let the wait reach the runtime first.
+        scope.pause(Duration::from_millis(300)).await;
+        remove(rt, &spec.name, true).await
+    };
+    let (waited, removed) = both(waiting, removing).await;
+    removed?;
+    // podman answers the wait with status 0 and "container has already been removed".
+    match waited {
+        Ok(RuntimeReply::Waited) => Ok(()),
+        other => Err(format!("wait ended by a force remove: got {other:?}")),
+    }
+}
+
+async fn start_of_an_exited_container_restarts_it<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("job", programs::EXIT_3);
+    let id = create(rt, &spec).await?;
+    for run in 1..=2 {
+        start(rt, &spec.name).await?;
+        wait(rt, &spec.name).await?;
+        let status = inspect_after_wait(rt, scope, &spec.name).await?;
+        ensure(
+            status.id == id && status.exit_code == Some(3),
+            format!("run {run}: {status:?}, want id {id} and exit code 3"),
+        )?;
+    }
+    Ok(())
+}
+
+async fn list_ignores_unmanaged_containers<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let managed = scope.spec("managed", programs::SLEEP);
+    let mut unlabelled = scope.spec("unlabelled", programs::SLEEP);
+    unlabelled.labels.remove(LABEL_MANAGED);
+    let mut disowned = scope.spec("disowned", programs::SLEEP);
+    disowned
+        .labels
+        .insert(LABEL_MANAGED.to_owned(), "false".to_owned());
+    for spec in [&managed, &unlabelled, &disowned] {
+        create(rt, spec).await?;
+    }
+    let names: Vec<String> = list(rt).await?.into_iter().map(|c| c.name).collect();
+    ensure(
+        names.contains(&managed.name),
+        format!("list misses {}", managed.name),
+    )?;
+    for hidden in [&unlabelled.name, &disowned.name] {
+        ensure(!names.contains(hidden), format!("list shows {hidden}"))?;
+    }
+    Ok(())
+}
+
+async fn logs_keep_the_newest_lines<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("job", programs::SIX_LINES);
+    create(rt, &spec).await?;
+    start(rt, &spec.name).await?;
+    wait(rt, &spec.name).await?;
+    let cases: [(u32, usize, &str, bool); 4] = [
+        (
+            100,
+            1000,
+            "err1\nline1\nline2\nline3\nline4\nline5\n",
+            false,
+        ),
+        (2, 1000, "line4\nline5\n", false),
+        (100, 6, "line5\n", true),
+        (0, 1000, "", false),
+    ];
+    for (tail, max_bytes, text, truncated) in cases {
+        let logs = rt
+            .logs(&spec.name, tail, max_bytes)
+            .await
+            .map_err(|e| format!("logs: {e}"))?;
+        ensure(
+            logs.text == text && logs.truncated == truncated,
+            format!(
+                "logs(tail {tail}, {max_bytes} bytes) = {logs:?}, want {text:?} truncated {truncated}"
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+async fn exec_returns_output_and_exit_code<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::SLEEP);
+    create(rt, &spec).await?;
+    start(rt, &spec.name).await?;
+    let out = rt
+        .exec(
+            &spec.name,
+            &argv(&["sh", "-c", "echo out; echo err >&2; exit 7"]),
+            Duration::from_secs(10),
+            1000,
+        )
+        .await
+        .map_err(|e| format!("exec: {e}"))?;
+    ensure(
+        out.exit_code == Some(7)
+            && out.stdout == "out\n"
+            && out.stderr == "err\n"
+            && !out.truncated
+            && !out.timed_out,
+        format!("exec gave {out:?}"),
+    )?;
+    let out = rt
+        .exec(
+            &spec.name,
+            &argv(&["echo", "hello"]),
+            Duration::from_secs(10),
+            2,
+        )
+        .await
+        .map_err(|e| format!("exec: {e}"))?;
+    ensure(
+        out.exit_code == Some(0) && out.stdout == "o\n" && out.truncated,
+        format!("exec cut to 2 bytes gave {out:?}"),
+    )
+}
+
+async fn exec_timeout_is_reported<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::SLEEP);
+    create(rt, &spec).await?;
+    start(rt, &spec.name).await?;
+    let out = rt
+        .exec(
+            &spec.name,
+            &argv(&["sh", "-c", "echo started; sleep 5"]),
+            Duration::from_millis(500),
+            1000,
+        )
+        .await
+        .map_err(|e| format!("exec: {e}"))?;
+    ensure(
+        out.timed_out && out.exit_code.is_none(),
+        format!("exec past its timeout gave {out:?}"),
+    )
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn ensure(condition: bool, failure: String) -> CheckResult {
+    if condition {
+        Ok(())
+    } else {
+        Err(failure)
+    }
+}
+
+fn argv(args: &[&str]) -> Vec<String> {
+    args.iter().map(|&a| a.to_owned()).collect()
+}
+
+fn unexpected(what: &str, result: RuntimeResult) -> String {
+    format!("{what}: unexpected {result:?}")
+}
+
+fn expect_error(what: &str, result: RuntimeResult, kind: RuntimeErrorKind) -> CheckResult {
+    match result {
+        Err(e) if e.kind == kind => Ok(()),
+        other => Err(format!("{what}: want {kind:?}, got {other:?}")),
+    }
+}
+
+async fn create<R: ContainerRuntime>(rt: &R, spec: &ContainerSpec) -> Result<String, String> {
+    match rt.execute(RuntimeOp::Create { spec: spec.clone() }).await {
+        Ok(RuntimeReply::Created { id }) => Ok(id),
+        other => Err(unexpected(&format!("create {}", spec.name), other)),
+    }
+}
+
+async fn start<R: ContainerRuntime>(rt: &R, name: &str) -> CheckResult {
+    let op = RuntimeOp::Start {
+        container: name.to_owned(),
+    };
+    match rt.execute(op).await {
+        Ok(RuntimeReply::Started) => Ok(()),
+        other => Err(unexpected(&format!("start {name}"), other)),
+    }
+}
+
+async fn wait<R: ContainerRuntime>(rt: &R, name: &str) -> CheckResult {
+    let op = RuntimeOp::Wait {
+        container: name.to_owned(),
+    };
+    match rt.execute(op).await {
+        Ok(RuntimeReply::Waited) => Ok(()),
+        other => Err(unexpected(&format!("wait {name}"), other)),
+    }
+}
+
+async fn inspect<R: ContainerRuntime>(rt: &R, name: &str) -> Result<ContainerStatus, String> {
+    let op = RuntimeOp::Inspect {
+        container: name.to_owned(),
+    };
+    match rt.execute(op).await {
+        Ok(RuntimeReply::Inspected { status }) => Ok(status),
+        other => Err(unexpected(&format!("inspect {name}"), other)),
+    }
+}
+
+/// Inspects a container `wait` said has exited, retrying the libpod race as
+/// the reconciler does (200 ms apart), a few more times than it does.
+async fn inspect_after_wait<R: ContainerRuntime>(
+    rt: &R,
+    scope: &Scope<'_>,
+    name: &str,
+) -> Result<ContainerStatus, String> {
+    let mut status = inspect(rt, name).await?;
+    for _ in 0..5 {
+        if status.state == ContainerState::Exited {
+            return Ok(status);
+        }
+        scope.pause(Duration::from_millis(200)).await;
+        status = inspect(rt, name).await?;
+    }
+    Err(format!("still not exited a second after wait: {status:?}"))
+}
+
+async fn stop<R: ContainerRuntime>(
+    rt: &R,
+    name: &str,
+    signal: Signal,
+    grace: Duration,
+) -> Result<StopOutcome, String> {
+    let op = RuntimeOp::Stop {
+        container: name.to_owned(),
+        signal,
+        grace,
+    };
+    match rt.execute(op).await {
+        Ok(RuntimeReply::Stopped { outcome }) => Ok(outcome),
+        other => Err(unexpected(&format!("stop {name}"), other)),
+    }
+}
+
+async fn remove<R: ContainerRuntime>(rt: &R, name: &str, force: bool) -> CheckResult {
+    let op = RuntimeOp::Remove {
+        container: name.to_owned(),
+        force,
+    };
+    match rt.execute(op).await {
+        Ok(RuntimeReply::Removed) => Ok(()),
+        other => Err(unexpected(&format!("remove {name}"), other)),
+    }
+}
+
+async fn list<R: ContainerRuntime>(rt: &R) -> Result<Vec<ContainerSummary>, String> {
+    match rt.execute(RuntimeOp::List).await {
+        Ok(RuntimeReply::Listed { containers }) => Ok(containers),
+        other => Err(unexpected("list", other)),
+    }
+}
+
+/// The list row of the container `name`.
+async fn list_row<R: ContainerRuntime>(rt: &R, name: &str) -> Result<ContainerSummary, String> {
+    list(rt)
+        .await?
+        .into_iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| format!("list misses {name}"))
+}
+
+/// Polls the logs of `name` until a line equals `line` (5 s at most).
+async fn until_logged<R: ContainerRuntime>(
+    rt: &R,
+    scope: &Scope<'_>,
+    name: &str,
+    line: &str,
+) -> CheckResult {
+    for _ in 0..100 {
+        let logs = rt
+            .logs(name, 100, 10_000)
+            .await
+            .map_err(|e| format!("logs of {name}: {e}"))?;
+        if logs.text.lines().any(|l| l == line) {
+            return Ok(());
+        }
+        scope.pause(Duration::from_millis(50)).await;
+    }
+    Err(format!("{name} never logged {line:?}"))
+}
+
+/// Runs two futures concurrently on the caller's task; the suite must not
+/// depend on an executor.
+async fn both<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    let mut a_out = None;
+    let mut b_out = None;
+    poll_fn(|cx| {
+        if a_out.is_none() {
+            if let Poll::Ready(out) = a.as_mut().poll(cx) {
+                a_out = Some(out);
+            }
+        }
+        if b_out.is_none() {
+            if let Poll::Ready(out) = b.as_mut().poll(cx) {
+                b_out = Some(out);
+            }
+        }
+        match (a_out.take(), b_out.take()) {
+            (Some(a), Some(b)) => Poll::Ready((a, b)),
+            (a, b) => {
+                a_out = a;
+                b_out = b;
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_names_are_unique_and_usable_in_container_names() {
+        let mut names = CHECKS.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CHECKS.len());
+        assert!(CHECKS
+            .iter()
+            .all(|c| c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+    }
+}

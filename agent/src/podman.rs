@@ -1,0 +1,976 @@
+//! The podman adapter: [`PodmanRuntime`] executes the reconciler's runtime
+//! operations over podman's Docker-compatible API socket. A Docker engine's
+//! socket works too.
+//!
+//! This module owns the translation between podfleet's runtime vocabulary
+//! ([`RuntimeOp`], [`RuntimeReply`], [`RuntimeError`]) and the Docker API, and
+//! the mapping of API failures onto [`RuntimeErrorKind`]s. It never decides
+//! anything: it never pulls an image, never restarts a container by itself
+//! (every container is created with restart policy "no") and never retries an
+//! operation the reconciler asked for, except to read a state that podman has
+//! not finished recording.
+//!
+//! # Podman 4.3 behaviours absorbed here
+//!
+//! - A name conflict on create is HTTP 500 "... that name is already in use"
+//!   (Docker answers 409); both are [`RuntimeErrorKind::NameConflict`]. A
+//!   missing image is 404 "no such image" on create; elsewhere 404 means no
+//!   such container.
+//! - List and inspect report libpod states bollard's typed models reject:
+//!   `"stopped"` (exited, cleanup pending: seen in list and inspect for a few
+//!   milliseconds after most exits) and `"stopping"` in inspect. So those two
+//!   reads are plain HTTP/1.0 GETs decoded into this module's own lenient
+//!   types, sharing the API version bollard negotiated.
+//! - `stop` of a container that is not running answers 304, which bollard
+//!   reports as success, so [`RuntimeOp::Stop`] inspects first.
+//! - `wait` on a never-started container returns at once (status -1), and a
+//!   force remove ends a pending `wait` with status 0 and the message
+//!   "container has already been removed".
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::time::Duration;
+
+use bollard::errors::Error as ApiError;
+use bollard::exec::{StartExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ExecConfig, HostConfig, Mount, MountType, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StartContainerOptions, StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
+};
+use bollard::{ClientVersion, Docker};
+use futures_util::StreamExt;
+use podfleet_core::runtime::{
+    ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, RuntimeError,
+    RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, StopOutcome, LABEL_MANAGED,
+};
+use podfleet_core::wire::{PortMapping, Protocol, VolumeMount};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::runtime::{ContainerRuntime, ExecOutput, LogsOutput};
+
+/// Where a rootful podman serves its API when `podman.socket` is enabled.
+pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
+
+/// How long an ordinary API call may take before the runtime counts as
+/// unavailable. `wait` is not bounded by it (podman sends its headers at
+/// once and the answer when the container stops), `stop` gets its grace on
+/// top, and `exec` has its own timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The exit status of a process ended by SIGKILL (128 + 9).
+const KILLED_EXIT_CODE: i64 = 137;
+
+/// How often, and how far apart, a state podman has not finished recording
+/// is read again: the status after `stop`, an exec's exit code.
+const SETTLE_ATTEMPTS: u32 = 20;
+const SETTLE_INTERVAL: Duration = Duration::from_millis(25);
+
+/// A [`ContainerRuntime`] backed by podman (or Docker) through its
+/// Docker-compatible API on a unix socket.
+///
+/// Cloning is cheap and clones share the connection settings; every call
+/// opens its own connection, as bollard does for unix sockets.
+///
+/// # Guarantees
+///
+/// - [`RuntimeOp::List`] is one API call returning ids, names, states and
+///   labels of every container labelled `io.podfleet.managed=true`, in any
+///   state.
+/// - Images are never pulled: a missing image is
+///   [`RuntimeErrorKind::ImageMissing`].
+/// - Socket and transport failures are [`RuntimeErrorKind::Unavailable`].
+#[derive(Debug, Clone)]
+pub struct PodmanRuntime {
+    docker: Docker,
+    socket: PathBuf,
+    /// `/v1.41` on podman 4.3: the version bollard negotiated.
+    api_prefix: String,
+    request_timeout: Duration,
+}
+
+impl PodmanRuntime {
+    /// Connects to the API socket at `socket` and negotiates the API version
+    /// (podman 4.3 speaks 1.41; a recent Docker refuses versions that old,
+    /// so none is fixed here).
+    ///
+    /// # Errors
+    ///
+    /// [`RuntimeErrorKind::Unavailable`] when the socket is absent or does
+    /// not answer (podman not up yet: connect again later);
+    /// [`RuntimeErrorKind::Other`] when the path is not UTF-8 or the answer
+    /// is not an API version.
+    pub async fn connect(socket: impl AsRef<Path>) -> Result<Self, RuntimeError> {
+        let socket = socket.as_ref().to_path_buf();
+        let path = socket.to_str().ok_or_else(|| {
+            RuntimeError::new(
+                RuntimeErrorKind::Other,
+                format!("the API socket path {} is not UTF-8", socket.display()),
+            )
+        })?;
+        // Not bollard's negotiation: it asks `/v1.53/version`, which a Docker
+        // engine with an older API refuses ("client version is too new").
+        // The unversioned path works everywhere.
+        let server: VersionAnswer =
+            get_json(&socket, "/version", DEFAULT_REQUEST_TIMEOUT, Call::System).await?;
+        let version = client_version(&server.api_version).ok_or_else(|| {
+            RuntimeError::new(
+                RuntimeErrorKind::Other,
+                format!("unreadable API version {:?}", server.api_version),
+            )
+        })?;
+        let docker = Docker::connect_with_unix(path, DEFAULT_REQUEST_TIMEOUT.as_secs(), &version)
+            .map_err(|e| api_error(e, Call::System))?;
+        let api_prefix = format!("/v{}", docker.client_version());
+        Ok(Self {
+            docker,
+            socket,
+            api_prefix,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        })
+    }
+
+    /// Bounds ordinary API calls by `timeout` instead of
+    /// [`DEFAULT_REQUEST_TIMEOUT`].
+    #[must_use]
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.docker = self.docker.with_timeout(timeout);
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The socket this runtime talks to.
+    #[must_use]
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The negotiated API version, e.g. `"1.41"`.
+    #[must_use]
+    pub fn api_version(&self) -> &str {
+        self.api_prefix.trim_start_matches("/v")
+    }
+
+    async fn list(&self) -> RuntimeResult {
+        let filters = format!(r#"{{"label":["{LABEL_MANAGED}=true"]}}"#);
+        let path = format!(
+            "/containers/json?all=true&filters={}",
+            percent_encode(&filters)
+        );
+        let listed: Vec<ListedContainer> = self.read_json(&path, Call::System).await?;
+        let containers = listed
+            .into_iter()
+            .map(|c| ContainerSummary {
+                name: c
+                    .names
+                    .first()
+                    .map(|n| n.trim_start_matches('/').to_owned())
+                    .unwrap_or_default(),
+                id: c.id,
+                state: container_state(&c.state),
+                labels: c.labels.unwrap_or_default(),
+            })
+            .collect();
+        Ok(RuntimeReply::Listed { containers })
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> RuntimeResult {
+        let options = CreateContainerOptionsBuilder::new()
+            .name(&spec.name)
+            .build();
+        let created = self
+            .docker
+            .create_container(Some(options), create_body(spec))
+            .await
+            .map_err(|e| api_error(e, Call::Create))?;
+        Ok(RuntimeReply::Created { id: created.id })
+    }
+
+    async fn start(&self, container: &str) -> RuntimeResult {
+        self.docker
+            .start_container(container, None::<StartContainerOptions>)
+            .await
+            .map_err(|e| api_error(e, Call::Container))?;
+        Ok(RuntimeReply::Started)
+    }
+
+    async fn wait(&self, container: &str) -> RuntimeResult {
+        let options = WaitContainerOptionsBuilder::new()
+            .condition("not-running")
+            .build();
+        let mut answers = pin!(self.docker.wait_container(container, Some(options)));
+        match answers.next().await {
+            // bollard turns a non-zero exit status into an error; it is an answer all the same.
+            Some(Ok(_)) | Some(Err(ApiError::DockerContainerWaitError { .. })) => {
+                Ok(RuntimeReply::Waited)
+            }
+            Some(Err(e)) => Err(api_error(e, Call::Container)),
+            None => Err(RuntimeError::new(
+                RuntimeErrorKind::Other,
+                format!("wait for {container} ended without an answer"),
+            )),
+        }
+    }
+
+    async fn inspect(&self, container: &str) -> Result<Inspected, RuntimeError> {
+        let path = format!("/containers/{}/json", percent_encode(container));
+        let answer: InspectAnswer = self.read_json(&path, Call::Container).await?;
+        let state = container_state(&answer.state.status);
+        Ok(Inspected {
+            status: ContainerStatus {
+                id: answer.id,
+                state,
+                exit_code: if state == ContainerState::Exited {
+                    answer.state.exit_code
+                } else {
+                    None
+                },
+            },
+            oom_killed: answer.state.oom_killed,
+        })
+    }
+
+    async fn stop(&self, container: &str, grace: Duration) -> RuntimeResult {
+        let before = self.inspect(container).await?;
+        if !matches!(
+            before.status.state,
+            ContainerState::Running | ContainerState::Paused | ContainerState::Stopping
+        ) {
+            return Ok(RuntimeReply::Stopped {
+                outcome: StopOutcome::AlreadyStopped,
+            });
+        }
+        let seconds = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+        let options = StopContainerOptionsBuilder::new()
+            .t(i32::try_from(seconds).unwrap_or(i32::MAX))
+            .build();
+        // The stop signal was baked in at create; podman sends it, waits `t`
+        // seconds, then kills. The answer comes only after that.
+        self.docker
+            .clone()
+            .with_timeout(self.request_timeout.saturating_add(grace))
+            .stop_container(container, Some(options))
+            .await
+            .map_err(|e| api_error(e, Call::Container))?;
+        // A container that exited by itself since the inspect gets a 304 and
+        // is judged by its own exit code below.
+        let after = self.settled(container).await?;
+        // 137 is also what SIGKILL as the stop signal leaves: that stop was a
+        // kill too, as the core's fake says.
+        let killed = after.oom_killed || after.status.exit_code == Some(KILLED_EXIT_CODE);
+        Ok(RuntimeReply::Stopped {
+            outcome: if killed {
+                StopOutcome::Killed
+            } else {
+                StopOutcome::Graceful
+            },
+        })
+    }
+
+    /// Inspects a container that should have exited until podman agrees.
+    async fn settled(&self, container: &str) -> Result<Inspected, RuntimeError> {
+        let mut last = self.inspect(container).await?;
+        for _ in 1..SETTLE_ATTEMPTS {
+            if last.status.exit_code.is_some() {
+                break;
+            }
+            tokio::time::sleep(SETTLE_INTERVAL).await;
+            last = self.inspect(container).await?;
+        }
+        if last.status.exit_code.is_none() {
+            return Err(RuntimeError::new(
+                RuntimeErrorKind::Other,
+                format!(
+                    "stop of {container} returned but it is still {}",
+                    last.status.state
+                ),
+            ));
+        }
+        Ok(last)
+    }
+
+    async fn remove(&self, container: &str, force: bool) -> RuntimeResult {
+        let options = RemoveContainerOptionsBuilder::new()
+            .force(force)
+            .v(true)
+            .build();
+        self.docker
+            .remove_container(container, Some(options))
+            .await
+            .map_err(|e| api_error(e, Call::Container))?;
+        Ok(RuntimeReply::Removed)
+    }
+
+    /// GETs `path` below the negotiated version prefix and decodes the
+    /// JSON answer.
+    ///
+    /// This bypasses bollard on purpose: its typed state enums reject
+    /// podman's `"stopped"`, which would fail a whole liveness tick.
+    async fn read_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        call: Call,
+    ) -> Result<T, RuntimeError> {
+        let path = format!("{}{path}", self.api_prefix);
+        get_json(&self.socket, &path, self.request_timeout, call).await
+    }
+
+    /// The exit code of a finished exec, once podman has recorded it.
+    async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError> {
+        for _ in 1..SETTLE_ATTEMPTS {
+            let inspected = self
+                .docker
+                .inspect_exec(exec_id)
+                .await
+                .map_err(|e| api_error(e, Call::Container))?;
+            if inspected.running != Some(true) {
+                return Ok(inspected.exit_code);
+            }
+            tokio::time::sleep(SETTLE_INTERVAL).await;
+        }
+        Ok(None)
+    }
+}
+
+impl ContainerRuntime for PodmanRuntime {
+    async fn execute(&self, op: RuntimeOp) -> RuntimeResult {
+        match &op {
+            RuntimeOp::List => self.list().await,
+            RuntimeOp::Create { spec } => self.create(spec).await,
+            RuntimeOp::Start { container } => self.start(container).await,
+            RuntimeOp::Wait { container } => self.wait(container).await,
+            RuntimeOp::Inspect { container } => {
+                let inspected = self.inspect(container).await?;
+                Ok(RuntimeReply::Inspected {
+                    status: inspected.status,
+                })
+            }
+            RuntimeOp::Stop {
+                container, grace, ..
+            } => self.stop(container, *grace).await,
+            RuntimeOp::Remove { container, force } => self.remove(container, *force).await,
+        }
+    }
+
+    async fn logs(
+        &self,
+        container: &str,
+        tail_lines: u32,
+        max_bytes: usize,
+    ) -> Result<LogsOutput, RuntimeError> {
+        let options = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .tail(&tail_lines.to_string())
+            .build();
+        let mut chunks = pin!(self.docker.logs(container, Some(options)));
+        let mut text = NewestBytes::new(max_bytes);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| api_error(e, Call::Container))?;
+            text.push(chunk.as_ref());
+        }
+        let (text, truncated) = text.finish();
+        Ok(LogsOutput { text, truncated })
+    }
+
+    async fn exec(
+        &self,
+        container: &str,
+        argv: &[String],
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let config = ExecConfig {
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            cmd: Some(argv.to_vec()),
+            ..ExecConfig::default()
+        };
+        let exec_id = self
+            .docker
+            .create_exec(container, config)
+            .await
+            .map_err(|e| api_error(e, Call::Container))?
+            .id;
+        let mut stdout = NewestBytes::new(max_bytes);
+        let mut stderr = NewestBytes::new(max_bytes);
+        let run = async {
+            let started = self
+                .docker
+                .start_exec(&exec_id, Some(StartExecOptions::default()))
+                .await?;
+            if let StartExecResults::Attached { mut output, .. } = started {
+                while let Some(chunk) = output.next().await {
+                    match chunk? {
+                        bollard::container::LogOutput::StdErr { message } => {
+                            stderr.push(&message);
+                        }
+                        bollard::container::LogOutput::StdOut { message }
+                        | bollard::container::LogOutput::Console { message } => {
+                            stdout.push(&message);
+                        }
+                        bollard::container::LogOutput::StdIn { .. } => {}
+                    }
+                }
+            }
+            Ok::<(), ApiError>(())
+        };
+        // On timeout the exec's process keeps running: the API cannot kill it.
+        let timed_out = match tokio::time::timeout(timeout, run).await {
+            Ok(result) => {
+                result.map_err(|e| api_error(e, Call::Container))?;
+                false
+            }
+            Err(_elapsed) => true,
+        };
+        let exit_code = if timed_out {
+            None
+        } else {
+            self.exec_exit_code(&exec_id).await?
+        };
+        let (stdout, stdout_cut) = stdout.finish();
+        let (stderr, stderr_cut) = stderr.finish();
+        Ok(ExecOutput {
+            exit_code,
+            stdout,
+            stderr,
+            truncated: stdout_cut || stderr_cut,
+            timed_out,
+        })
+    }
+}
+
+/// GETs `path_and_query` over a connection of its own and decodes the JSON
+/// answer: HTTP/1.0, so the body is simply everything after the headers.
+async fn get_json<T: DeserializeOwned>(
+    socket: &Path,
+    path_and_query: &str,
+    timeout: Duration,
+    call: Call,
+) -> Result<T, RuntimeError> {
+    let request = format!(
+        "GET {path_and_query} HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n\r\n"
+    );
+    let exchange = async {
+        let mut stream = UnixStream::connect(socket).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let unavailable = |why: String| {
+        RuntimeError::new(
+            RuntimeErrorKind::Unavailable,
+            format!("GET {path_and_query} on {}: {why}", socket.display()),
+        )
+    };
+    let response = match tokio::time::timeout(timeout, exchange).await {
+        Err(_elapsed) => return Err(unavailable("no answer in time".to_owned())),
+        Ok(Err(e)) => return Err(unavailable(e.to_string())),
+        Ok(Ok(response)) => response,
+    };
+    let (status, body) = parse_http_response(&response).map_err(unavailable)?;
+    if !(200..300).contains(&status) {
+        return Err(status_error(status, error_message(&body), call));
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        RuntimeError::new(
+            RuntimeErrorKind::Other,
+            format!("unreadable answer to GET {path_and_query}: {e}"),
+        )
+    })
+}
+
+/// The API version to speak with a server that speaks up to `server`
+/// (`"1.41"`): the server's, unless bollard knows only older ones.
+fn client_version(server: &str) -> Option<ClientVersion> {
+    let (major, minor) = server.trim().split_once('.')?;
+    let server = ClientVersion {
+        major_version: major.parse().ok()?,
+        minor_version: minor.parse().ok()?,
+    };
+    let newest = *bollard::API_DEFAULT_VERSION;
+    Some(if server <= newest { server } else { newest })
+}
+
+/// The `/version` answer, as much as podfleet reads of it.
+#[derive(Deserialize)]
+struct VersionAnswer {
+    #[serde(rename = "ApiVersion")]
+    api_version: String,
+}
+
+/// An inspect answer, with what `stop` needs beyond [`ContainerStatus`].
+struct Inspected {
+    status: ContainerStatus,
+    oom_killed: bool,
+}
+
+/// One row of the list answer, as much as podfleet reads of it.
+#[derive(Deserialize)]
+struct ListedContainer {
+    #[serde(rename = "Id")]
+    id: String,
+    #[serde(rename = "Names", default)]
+    names: Vec<String>,
+    #[serde(rename = "State", default)]
+    state: String,
+    #[serde(rename = "Labels", default)]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+/// The inspect answer, as much as podfleet reads of it.
+#[derive(Deserialize)]
+struct InspectAnswer {
+    #[serde(rename = "Id")]
+    id: String,
+    #[serde(rename = "State")]
+    state: InspectState,
+}
+
+#[derive(Deserialize)]
+struct InspectState {
+    #[serde(rename = "Status", default)]
+    status: String,
+    #[serde(rename = "ExitCode", default)]
+    exit_code: Option<i64>,
+    #[serde(rename = "OOMKilled", default)]
+    oom_killed: bool,
+}
+
+/// Maps a state string from podman's or Docker's list or inspect.
+fn container_state(state: &str) -> ContainerState {
+    match state {
+        // libpod's own names for "created" can leak through the compat API.
+        "created" | "configured" | "initialized" => ContainerState::Created,
+        "running" => ContainerState::Running,
+        "paused" => ContainerState::Paused,
+        "stopping" => ContainerState::Stopping,
+        // "stopped": the process is gone, libpod's cleanup is pending.
+        // "dead": Docker failed to remove it; it will not run again either.
+        "exited" | "stopped" | "dead" => ContainerState::Exited,
+        _ => ContainerState::Unknown,
+    }
+}
+
+/// What a 404 means for a call, and whether a conflict can be a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// Create: 404 is the image, a conflict is the name.
+    Create,
+    /// Anything naming a container: 404 is the container.
+    Container,
+    /// Version negotiation and list.
+    System,
+}
+
+/// Maps a failed bollard call onto the reconciler's error kinds.
+fn api_error(error: ApiError, call: Call) -> RuntimeError {
+    match error {
+        ApiError::DockerResponseServerError {
+            status_code,
+            message,
+        } => status_error(status_code, message, call),
+        ApiError::SocketNotFoundError(path) => RuntimeError::new(
+            RuntimeErrorKind::Unavailable,
+            format!("no API socket at {path}"),
+        ),
+        e @ (ApiError::HyperLegacyError { .. }
+        | ApiError::HyperResponseError { .. }
+        | ApiError::IOError { .. }
+        | ApiError::RequestTimeoutError) => {
+            RuntimeError::new(RuntimeErrorKind::Unavailable, e.to_string())
+        }
+        e => RuntimeError::new(RuntimeErrorKind::Other, e.to_string()),
+    }
+}
+
+/// Maps an HTTP error status and the runtime's message.
+fn status_error(status: u16, message: String, call: Call) -> RuntimeError {
+    let kind = match (call, status) {
+        (Call::Create, 404) => RuntimeErrorKind::ImageMissing,
+        (Call::Create, 409) => RuntimeErrorKind::NameConflict,
+        // podman 4.3 answers a name conflict with 500.
+        (Call::Create, _) if message.contains("already in use") => RuntimeErrorKind::NameConflict,
+        (Call::Container, 404) => RuntimeErrorKind::NotFound,
+        _ => RuntimeErrorKind::Other,
+    };
+    let message = if message.is_empty() {
+        format!("HTTP status {status}")
+    } else {
+        message
+    };
+    RuntimeError::new(kind, message)
+}
+
+/// The `message` of a JSON error body, or the body itself.
+fn error_message(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        message: String,
+    }
+    serde_json::from_slice::<ErrorBody>(body)
+        .map(|b| b.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_owned())
+}
+
+/// Splits a complete HTTP/1.x response into its status code and body,
+/// undoing chunked transfer encoding.
+fn parse_http_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
+    let head_end = find(raw, b"\r\n\r\n").ok_or("the answer has no end of headers")?;
+    let head = raw.get(..head_end).unwrap_or_default();
+    let body = raw.get(head_end + 4..).unwrap_or_default();
+    let head = String::from_utf8_lossy(head);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let chunked = lines.any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("transfer-encoding")
+                && value.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    if chunked {
+        dechunk(body).map(|body| (status, body))
+    } else {
+        Ok((status, body.to_vec()))
+    }
+}
+
+fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
+    let truncated = || "truncated chunked body".to_owned();
+    let mut body = Vec::new();
+    loop {
+        let line_end = find(rest, b"\r\n").ok_or_else(truncated)?;
+        let size_line = String::from_utf8_lossy(rest.get(..line_end).unwrap_or_default());
+        let size_text = size_line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        rest = rest.get(line_end + 2..).ok_or_else(truncated)?;
+        if size == 0 {
+            return Ok(body);
+        }
+        body.extend_from_slice(rest.get(..size).ok_or_else(truncated)?);
+        rest = rest.get(size + 2..).ok_or_else(truncated)?;
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn percent_encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(char::from(byte));
+        } else {
+            let _ = write!(encoded, "%{byte:02X}");
+        }
+    }
+    encoded
+}
+
+/// The Docker API create body for `spec`.
+fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+    let mut port_bindings: BTreeMap<String, Vec<PortBinding>> = BTreeMap::new();
+    for port in &spec.ports {
+        port_bindings
+            .entry(port_key(port))
+            .or_default()
+            .push(PortBinding {
+                host_ip: None,
+                host_port: Some(port.host_port.to_string()),
+            });
+    }
+    let exposed_ports: Vec<String> = port_bindings.keys().cloned().collect();
+    let host_config = HostConfig {
+        mounts: Some(spec.volumes.iter().map(mount).collect()),
+        port_bindings: Some(
+            port_bindings
+                .into_iter()
+                .map(|(key, bindings)| (key, Some(bindings)))
+                .collect(),
+        ),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        ..HostConfig::default()
+    };
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        // No args: the image's own command runs.
+        cmd: (!spec.args.is_empty()).then(|| spec.args.clone()),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        labels: Some(
+            spec.labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<HashMap<_, _>>(),
+        ),
+        stop_signal: Some(spec.stop_signal.name().to_owned()),
+        exposed_ports: (!exposed_ports.is_empty()).then_some(exposed_ports),
+        host_config: Some(host_config),
+        ..ContainerCreateBody::default()
+    }
+}
+
+/// `"8080/tcp"`: the Docker API's key for a container port.
+fn port_key(port: &PortMapping) -> String {
+    let protocol = match port.protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    };
+    format!("{}/{protocol}", port.container_port)
+}
+
+/// A bind mount for an absolute source, a named volume otherwise.
+fn mount(volume: &VolumeMount) -> Mount {
+    let typ = if volume.source.starts_with('/') {
+        MountType::BIND
+    } else {
+        MountType::VOLUME
+    };
+    Mount {
+        target: Some(volume.target.clone()),
+        source: Some(volume.source.clone()),
+        typ: Some(typ),
+        read_only: Some(volume.read_only),
+        ..Mount::default()
+    }
+}
+
+/// Keeps the newest `limit` bytes of a stream of output.
+struct NewestBytes {
+    bytes: Vec<u8>,
+    limit: usize,
+    cut: bool,
+}
+
+impl NewestBytes {
+    fn new(limit: usize) -> Self {
+        Self {
+            bytes: Vec::new(),
+            limit,
+            cut: false,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.bytes.extend_from_slice(chunk);
+        // Trim in batches rather than on every chunk.
+        if self.bytes.len() > self.limit.saturating_mul(2).saturating_add(64 * 1024) {
+            self.trim();
+        }
+    }
+
+    fn trim(&mut self) {
+        if self.bytes.len() > self.limit {
+            let excess = self.bytes.len() - self.limit;
+            self.bytes.drain(..excess);
+            self.cut = true;
+        }
+    }
+
+    /// The kept bytes as lossy UTF-8 (without a character split by the
+    /// cut), and whether anything was cut.
+    fn finish(mut self) -> (String, bool) {
+        self.trim();
+        let start = if self.cut {
+            self.bytes
+                .iter()
+                .position(|b| b & 0b1100_0000 != 0b1000_0000)
+                .unwrap_or(self.bytes.len())
+        } else {
+            0
+        };
+        let text = String::from_utf8_lossy(self.bytes.get(start..).unwrap_or_default());
+        (text.into_owned(), self.cut)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podfleet_core::wire::Signal;
+
+    #[test]
+    fn libpod_states_map_onto_container_states() {
+        assert_eq!(container_state("created"), ContainerState::Created);
+        assert_eq!(container_state("initialized"), ContainerState::Created);
+        assert_eq!(container_state("running"), ContainerState::Running);
+        assert_eq!(container_state("paused"), ContainerState::Paused);
+        assert_eq!(container_state("stopping"), ContainerState::Stopping);
+        assert_eq!(container_state("stopped"), ContainerState::Exited);
+        assert_eq!(container_state("exited"), ContainerState::Exited);
+        assert_eq!(container_state("dead"), ContainerState::Exited);
+        assert_eq!(container_state("removing"), ContainerState::Unknown);
+        assert_eq!(container_state(""), ContainerState::Unknown);
+    }
+
+    #[test]
+    fn statuses_map_per_call() {
+        let kind = |status, message: &str, call| status_error(status, message.into(), call).kind;
+        assert_eq!(
+            kind(404, "no such image", Call::Create),
+            RuntimeErrorKind::ImageMissing
+        );
+        assert_eq!(
+            kind(500, "that name is already in use", Call::Create),
+            RuntimeErrorKind::NameConflict
+        );
+        assert_eq!(
+            kind(409, "Conflict.", Call::Create),
+            RuntimeErrorKind::NameConflict
+        );
+        assert_eq!(
+            kind(404, "no such container", Call::Container),
+            RuntimeErrorKind::NotFound
+        );
+        assert_eq!(
+            kind(409, "cannot remove a running container", Call::Container),
+            RuntimeErrorKind::Other
+        );
+        assert_eq!(
+            status_error(500, String::new(), Call::System).message,
+            "HTTP status 500"
+        );
+    }
+
+    #[test]
+    fn plain_and_chunked_responses_parse() {
+        let plain = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n[]";
+        assert_eq!(parse_http_response(plain).unwrap(), (200, b"[]".to_vec()));
+        let chunked =
+            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n2;x=y\r\n\"}\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_http_response(chunked).unwrap(),
+            (404, b"{\"a\"}".to_vec())
+        );
+        assert!(parse_http_response(b"HTTP/1.0 200 OK\r\n").is_err());
+        assert!(parse_http_response(b"garbage\r\n\r\n").is_err());
+        let short = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc";
+        assert!(parse_http_response(short).is_err());
+    }
+
+    #[test]
+    fn the_api_version_is_the_servers_up_to_bollards() {
+        let version = |v| client_version(v).map(|c| c.to_string());
+        assert_eq!(version("1.41").as_deref(), Some("1.41"));
+        assert_eq!(
+            version("1.99").as_deref(),
+            Some(bollard::API_DEFAULT_VERSION.to_string().as_str())
+        );
+        assert_eq!(version("4.3.1"), None);
+        assert_eq!(version("new"), None);
+    }
+
+    #[test]
+    fn error_bodies_yield_their_message() {
+        assert_eq!(
+            error_message(br#"{"cause":"x","message":"no such container","response":404}"#),
+            "no such container"
+        );
+        assert_eq!(error_message(b"plain words\n"), "plain words");
+    }
+
+    #[test]
+    fn percent_encoding_keeps_unreserved_only() {
+        assert_eq!(percent_encode("web_a-1.x~"), "web_a-1.x~");
+        assert_eq!(
+            percent_encode(r#"{"label":["a=b"]}"#),
+            "%7B%22label%22%3A%5B%22a%3Db%22%5D%7D"
+        );
+    }
+
+    #[test]
+    fn newest_bytes_keeps_the_tail_on_a_character_boundary() {
+        let mut kept = NewestBytes::new(5);
+        kept.push(b"abc");
+        kept.push("dé€f".as_bytes());
+        // "abcdé€f" ends in "€f" (4 bytes) after dropping the second half of "é".
+        assert_eq!(kept.finish(), ("€f".to_owned(), true));
+        let mut kept = NewestBytes::new(10);
+        kept.push(b"short");
+        assert_eq!(kept.finish(), ("short".to_owned(), false));
+    }
+
+    #[test]
+    fn create_body_carries_the_whole_spec() {
+        let spec = ContainerSpec {
+            name: "shop_web".into(),
+            image: "localhost/web:1".into(),
+            args: vec!["sh".into(), "-c".into(), "true".into()],
+            env: BTreeMap::from([("A".into(), "1".into())]),
+            volumes: vec![
+                VolumeMount {
+                    source: "/srv/data".into(),
+                    target: "/data".into(),
+                    read_only: true,
+                },
+                VolumeMount {
+                    source: "cache".into(),
+                    target: "/cache".into(),
+                    read_only: false,
+                },
+            ],
+            ports: vec![
+                PortMapping {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                PortMapping {
+                    host_port: 5353,
+                    container_port: 53,
+                    protocol: Protocol::Udp,
+                },
+            ],
+            labels: BTreeMap::from([(LABEL_MANAGED.into(), "true".into())]),
+            stop_signal: Signal::Term,
+        };
+        let body = create_body(&spec);
+        assert_eq!(body.cmd, Some(spec.args.clone()));
+        assert_eq!(body.env, Some(vec!["A=1".to_owned()]));
+        assert_eq!(body.stop_signal.as_deref(), Some("SIGTERM"));
+        assert_eq!(
+            body.exposed_ports,
+            Some(vec!["53/udp".to_owned(), "80/tcp".to_owned()])
+        );
+        let host = body.host_config.unwrap();
+        let bindings = host.port_bindings.unwrap();
+        assert_eq!(
+            bindings["80/tcp"].as_ref().unwrap()[0].host_port.as_deref(),
+            Some("8080")
+        );
+        let mounts = host.mounts.unwrap();
+        assert_eq!(mounts[0].typ, Some(MountType::BIND));
+        assert_eq!(mounts[0].read_only, Some(true));
+        assert_eq!(mounts[1].typ, Some(MountType::VOLUME));
+        assert_eq!(
+            host.restart_policy.unwrap().name,
+            Some(RestartPolicyNameEnum::NO)
+        );
+        let no_args = create_body(&ContainerSpec {
+            args: Vec::new(),
+            ..spec
+        });
+        assert_eq!(no_args.cmd, None);
+    }
+}
