@@ -42,7 +42,7 @@ use podfleet_core::runtime::{
 };
 use podfleet_core::wire::Signal;
 
-use crate::runtime::ContainerRuntime;
+use crate::runtime::{ContainerRuntime, ExecOutput};
 
 /// Waits for a while: the caller's clock (tokio's for real podman, virtual
 /// time in the simulator).
@@ -329,8 +329,7 @@ async fn wait_then_inspect_gives_the_exit_code<R: ContainerRuntime>(
     scope: &mut Scope<'_>,
 ) -> CheckResult {
     let spec = scope.spec("job", programs::EXIT_3);
-    let id = create(rt, &spec).await?;
-    start(rt, &spec.name).await?;
+    let id = run(rt, &spec).await?;
     wait(rt, &spec.name).await?;
     let status = inspect_after_wait(rt, scope, &spec.name).await?;
     ensure(
@@ -368,8 +367,7 @@ async fn stop_of_a_trapping_container_is_graceful<R: ContainerRuntime>(
     scope: &mut Scope<'_>,
 ) -> CheckResult {
     let spec = scope.spec("web", programs::TRAPS_TERM);
-    create(rt, &spec).await?;
-    start(rt, &spec.name).await?;
+    run(rt, &spec).await?;
     // A SIGTERM before the trap is set would be ignored (PID 1).
     until_logged(rt, scope, &spec.name, "ready").await?;
     let outcome = stop(rt, &spec.name, Signal::Term, Duration::from_secs(10)).await?;
@@ -389,8 +387,7 @@ async fn stop_of_a_container_ignoring_term_is_killed<R: ContainerRuntime>(
     scope: &mut Scope<'_>,
 ) -> CheckResult {
     let spec = scope.spec("web", programs::IGNORES_TERM);
-    create(rt, &spec).await?;
-    start(rt, &spec.name).await?;
+    run(rt, &spec).await?;
     let outcome = stop(rt, &spec.name, Signal::Term, SECOND).await?;
     ensure(
         outcome == StopOutcome::Killed,
@@ -409,8 +406,7 @@ async fn stop_with_sigkill_is_killed<R: ContainerRuntime>(
 ) -> CheckResult {
     let mut spec = scope.spec("web", programs::SLEEP);
     spec.stop_signal = Signal::Kill;
-    create(rt, &spec).await?;
-    start(rt, &spec.name).await?;
+    run(rt, &spec).await?;
     // The kill comes at once, not after the grace.
     let outcome = stop(rt, &spec.name, Signal::Kill, Duration::from_secs(30)).await?;
     ensure(
@@ -458,8 +454,7 @@ async fn remove_of_a_running_container_needs_force<R: ContainerRuntime>(
     scope: &mut Scope<'_>,
 ) -> CheckResult {
     let spec = scope.spec("web", programs::SLEEP);
-    create(rt, &spec).await?;
-    start(rt, &spec.name).await?;
+    run(rt, &spec).await?;
     // podman 4.3 answers 500 "container state improper", Docker 409.
     expect_error(
         "remove without force of a running container",
@@ -491,8 +486,7 @@ async fn force_remove_ends_a_pending_wait<R: ContainerRuntime>(
     scope: &mut Scope<'_>,
 ) -> CheckResult {
     let spec = scope.spec("job", programs::SLEEP);
-    create(rt, &spec).await?;
-    start(rt, &spec.name).await?;
+    run(rt, &spec).await?;
     let waiting = rt.execute(RuntimeOp::Wait {
         container: spec.name.clone(),
     });
@@ -558,8 +552,7 @@ async fn logs_keep_the_newest_lines<R: ContainerRuntime>(
     scope: &mut Scope<'_>,
 ) -> CheckResult {
     let spec = scope.spec("job", programs::SIX_LINES);
-    create(rt, &spec).await?;
-    start(rt, &spec.name).await?;
+    run(rt, &spec).await?;
     wait(rt, &spec.name).await?;
     let cases: [(u32, usize, &str, bool); 4] = [
         (
@@ -592,17 +585,15 @@ async fn exec_returns_output_and_exit_code<R: ContainerRuntime>(
     scope: &mut Scope<'_>,
 ) -> CheckResult {
     let spec = scope.spec("web", programs::SLEEP);
-    create(rt, &spec).await?;
-    start(rt, &spec.name).await?;
-    let out = rt
-        .exec(
-            &spec.name,
-            &argv(&["sh", "-c", "echo out; echo err >&2; exit 7"]),
-            Duration::from_secs(10),
-            1000,
-        )
-        .await
-        .map_err(|e| format!("exec: {e}"))?;
+    run(rt, &spec).await?;
+    let out = exec(
+        rt,
+        &spec.name,
+        &["sh", "-c", "echo out; echo err >&2; exit 7"],
+        Duration::from_secs(10),
+        1000,
+    )
+    .await?;
     ensure(
         out.exit_code == Some(7)
             && out.stdout == "out\n"
@@ -611,15 +602,14 @@ async fn exec_returns_output_and_exit_code<R: ContainerRuntime>(
             && !out.timed_out,
         format!("exec gave {out:?}"),
     )?;
-    let out = rt
-        .exec(
-            &spec.name,
-            &argv(&["echo", "hello"]),
-            Duration::from_secs(10),
-            2,
-        )
-        .await
-        .map_err(|e| format!("exec: {e}"))?;
+    let out = exec(
+        rt,
+        &spec.name,
+        &["echo", "hello"],
+        Duration::from_secs(10),
+        2,
+    )
+    .await?;
     ensure(
         out.exit_code == Some(0) && out.stdout == "o\n" && out.truncated,
         format!("exec cut to 2 bytes gave {out:?}"),
@@ -631,17 +621,15 @@ async fn exec_timeout_is_reported<R: ContainerRuntime>(
     scope: &mut Scope<'_>,
 ) -> CheckResult {
     let spec = scope.spec("web", programs::SLEEP);
-    create(rt, &spec).await?;
-    start(rt, &spec.name).await?;
-    let out = rt
-        .exec(
-            &spec.name,
-            &argv(&["sh", "-c", "echo started; sleep 5"]),
-            Duration::from_millis(500),
-            1000,
-        )
-        .await
-        .map_err(|e| format!("exec: {e}"))?;
+    run(rt, &spec).await?;
+    let out = exec(
+        rt,
+        &spec.name,
+        &["sh", "-c", "echo started; sleep 5"],
+        Duration::from_millis(500),
+        1000,
+    )
+    .await?;
     ensure(
         out.timed_out && out.exit_code.is_none(),
         format!("exec past its timeout gave {out:?}"),
@@ -678,6 +666,25 @@ async fn create<R: ContainerRuntime>(rt: &R, spec: &ContainerSpec) -> Result<Str
         Ok(RuntimeReply::Created { id }) => Ok(id),
         other => Err(unexpected(&format!("create {}", spec.name), other)),
     }
+}
+
+/// Creates and starts `spec`, returning the container's id.
+async fn run<R: ContainerRuntime>(rt: &R, spec: &ContainerSpec) -> Result<String, String> {
+    let id = create(rt, spec).await?;
+    start(rt, &spec.name).await?;
+    Ok(id)
+}
+
+async fn exec<R: ContainerRuntime>(
+    rt: &R,
+    name: &str,
+    args: &[&str],
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<ExecOutput, String> {
+    rt.exec(name, &argv(args), timeout, max_bytes)
+        .await
+        .map_err(|e| format!("exec {args:?}: {e}"))
 }
 
 async fn start<R: ContainerRuntime>(rt: &R, name: &str) -> CheckResult {

@@ -253,7 +253,8 @@ pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> SeedOutcome {
         h.violations
             .push(format!("no quiet after convergence: {flaps:?}"));
     }
-    let trace_hash = fold(&h.transcript);
+    // The determinism fingerprint of the run.
+    let trace_hash = podfleet_core::reconciler::fnv1a64(h.transcript.as_bytes());
     SeedOutcome {
         seed,
         simulated: h.now.saturating_since(podfleet_core::Timestamp::ZERO),
@@ -308,13 +309,6 @@ fn check_converged(h: &mut Harness, kv: &BTreeMap<&'static str, (u64, String)>) 
         }
     }
     h.violations.extend(problems);
-}
-
-/// FNV-1a over the transcript: the determinism fingerprint of a run.
-pub fn fold(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// Formats a summary table of many outcomes.

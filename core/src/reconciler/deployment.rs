@@ -894,20 +894,7 @@ impl Deployment {
                     container: c.id.clone(),
                 });
             } else if !expected.contains(&c.name) {
-                let o = Observed::from_summary(c);
-                let service = c.label(LABEL_SERVICE).unwrap_or(&c.name).to_owned();
-                if c.state == ContainerState::Running {
-                    drops.push(Step::Stop {
-                        service: service.clone(),
-                        id: c.id.clone(),
-                        signal: o.signal,
-                        grace: o.grace,
-                    });
-                }
-                drops.push(Step::RemoveService {
-                    service,
-                    id: c.id.clone(),
-                });
+                retire(c, &mut drops);
             }
         }
         let mut services = Vec::new();
@@ -976,20 +963,7 @@ impl Deployment {
         self.refresh_observed(&mine);
         let mut steps = Vec::new();
         for c in &mine {
-            let o = Observed::from_summary(c);
-            let service = c.label(LABEL_SERVICE).unwrap_or(&c.name).to_owned();
-            if c.state == ContainerState::Running && c.label(LABEL_INIT).is_none() {
-                steps.push(Step::Stop {
-                    service: service.clone(),
-                    id: c.id.clone(),
-                    signal: o.signal,
-                    grace: o.grace,
-                });
-            }
-            steps.push(Step::RemoveService {
-                service,
-                id: c.id.clone(),
-            });
+            retire(c, &mut steps);
         }
         steps.push(Step::Forget);
         self.replace_steps(steps);
@@ -1157,8 +1131,11 @@ impl Deployment {
         }
         let target = self.target.as_ref()?;
         let revision = target.revision;
-        if let Some(job) = self.job.as_ref().filter(|j| j.kind == JobKind::Rollout) {
-            let _ = job;
+        if self
+            .job
+            .as_ref()
+            .is_some_and(|j| j.kind == JobKind::Rollout)
+        {
             if config.bugs.report_running_early {
                 return Some(base(Phase::Running, revision, "running".into(), None));
             }
@@ -1217,6 +1194,25 @@ impl Deployment {
         };
         Some(base(Phase::Running, revision, message, None))
     }
+}
+
+/// Steps that take `c` out of service: a graceful stop with its own signal
+/// and grace when it runs (init containers are just removed), then removal.
+fn retire(c: &ContainerSummary, steps: &mut Vec<Step>) {
+    let o = Observed::from_summary(c);
+    let service = c.label(LABEL_SERVICE).unwrap_or(&c.name).to_owned();
+    if c.state == ContainerState::Running && c.label(LABEL_INIT).is_none() {
+        steps.push(Step::Stop {
+            service: service.clone(),
+            id: c.id.clone(),
+            signal: o.signal,
+            grace: o.grace,
+        });
+    }
+    steps.push(Step::RemoveService {
+        service,
+        id: c.id.clone(),
+    });
 }
 
 /// A failure cause in words, for report messages.

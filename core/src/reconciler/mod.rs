@@ -49,7 +49,7 @@ use crate::time::{Backoff, Timestamp};
 use crate::wire::{DeploymentName, DeploymentState, DeviceId, Heartbeat, RuntimeHealth};
 
 use deployment::Deployment;
-pub use spec::{init_container_spec, service_container_spec, service_spec_hash};
+pub use spec::{fnv1a64, init_container_spec, service_container_spec, service_spec_hash};
 
 /// The reconciler's tunables. Defaults suit a Raspberry-Pi class device.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -29,10 +29,10 @@ pub fn service_spec_hash(service: &PodmanService, stop_signal: Signal) -> String
 }
 
 /// FNV-1a, 64 bit: stable across platforms and releases, which `std`'s
-/// hasher does not promise. Collisions only cost a missed recreate of a
-/// container whose spec changed to one with the same hash, vanishingly rare
-/// for edited specs.
-fn fnv1a64(bytes: &[u8]) -> u64 {
+/// hasher does not promise. For spec hashes, collisions only cost a missed
+/// recreate of a container whose spec changed to one with the same hash,
+/// vanishingly rare for edited specs. The simulator folds its traces with it.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
         (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
