@@ -7,6 +7,9 @@
 //! JetStream through async-nats (feature `nats`).
 
 pub mod conformance;
+pub mod event_loop;
+#[cfg(feature = "fake")]
+pub mod fake_runtime;
 #[cfg(feature = "podman")]
 pub mod podman;
 pub mod runtime;

@@ -239,6 +239,37 @@ impl FakeRuntime {
         }
     }
 
+    /// What the fake has to say in place of a container's logs: one line per
+    /// lifecycle event of `container` (an id or a name), oldest first.
+    ///
+    /// # Errors
+    /// `NotFound` when no such container exists.
+    pub fn log_lines(&self, container: &str) -> Result<Vec<String>, RuntimeError> {
+        let id = self.find(container)?;
+        Ok(self
+            .events
+            .iter()
+            .filter_map(|(at, event)| {
+                let line = match event {
+                    RuntimeEvent::Created { id: of, spec } if *of == id => {
+                        format!("created {} from {}", spec.name, spec.image)
+                    }
+                    RuntimeEvent::Started { id: of } if *of == id => "started".to_owned(),
+                    RuntimeEvent::StopBegan {
+                        id: of,
+                        signal,
+                        grace,
+                    } if *of == id => format!("stop: {signal:?}, grace {}s", grace.as_secs()),
+                    RuntimeEvent::Exited { id: of, code } if *of == id => {
+                        format!("exited with code {code}")
+                    }
+                    _ => return None,
+                };
+                Some(format!("{at} {line}"))
+            })
+            .collect())
+    }
+
     /// Whether `id` exists and runs (or is stopping).
     pub fn is_running(&self, id: &str) -> bool {
         self.containers

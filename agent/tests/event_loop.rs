@@ -1,0 +1,390 @@
+//! The agent's event loop over the fake runtime, an in-memory desired-state
+//! source and a publisher that can be taken offline, on tokio's paused clock.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use podfleet_agent::event_loop::{
+    self, CacheError, CacheStore, CommandRequest, DesiredSource, Inbound, LoopExit, LoopOptions,
+    LoopStats, PublishError, Publisher, Report, TokioClock,
+};
+use podfleet_agent::fake_runtime::SharedFake;
+use podfleet_core::fake::FakeRuntime;
+use podfleet_core::reconciler::AgentCache;
+use podfleet_core::runtime::ContainerState;
+use podfleet_core::wire::{DeploymentName, DeviceId, Phase, Verb};
+use podfleet_core::Config;
+use tokio::sync::{mpsc, oneshot};
+
+struct Channel(mpsc::UnboundedReceiver<Inbound>);
+
+impl DesiredSource for Channel {
+    async fn next(&mut self) -> Option<Inbound> {
+        self.0.recv().await
+    }
+}
+
+#[derive(Clone, Default)]
+struct Recorder {
+    offline: Arc<AtomicBool>,
+    reports: Arc<Mutex<Vec<Report>>>,
+    replies: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+impl Publisher for Recorder {
+    async fn publish(&self, report: Report) -> Result<(), PublishError> {
+        if self.offline.load(Ordering::SeqCst) {
+            return Err(PublishError("offline".into()));
+        }
+        self.reports.lock().unwrap().push(report);
+        Ok(())
+    }
+
+    async fn reply(&self, reply_to: String, body: Vec<u8>) -> Result<(), PublishError> {
+        let body = serde_json::from_slice(&body).unwrap();
+        self.replies.lock().unwrap().push((reply_to, body));
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn last_state(&self, deployment: &str) -> Option<(Phase, u64, Vec<String>)> {
+        self.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find_map(|r| match r {
+                Report::State {
+                    deployment: d,
+                    state,
+                } if d.as_str() == deployment => Some((
+                    state.phase,
+                    state.revision,
+                    state.container_ids.values().cloned().collect(),
+                )),
+                _ => None,
+            })
+    }
+
+    fn heartbeats(&self) -> usize {
+        let reports = self.reports.lock().unwrap();
+        reports
+            .iter()
+            .filter(|r| matches!(r, Report::Heartbeat(_)))
+            .count()
+    }
+}
+
+/// A disk that survives the loop.
+#[derive(Clone, Default)]
+struct Disk(Arc<Mutex<Option<AgentCache>>>);
+
+impl CacheStore for Disk {
+    fn load(&mut self) -> Result<Option<AgentCache>, CacheError> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+    fn store(&mut self, cache: &AgentCache) -> Result<(), CacheError> {
+        *self.0.lock().unwrap() = Some(cache.clone());
+        Ok(())
+    }
+}
+
+struct Agent {
+    inbox: mpsc::UnboundedSender<Inbound>,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<(LoopExit, LoopStats)>,
+}
+
+impl Agent {
+    fn start(
+        options: LoopOptions,
+        publisher: Recorder,
+        fake: SharedFake<TokioClock>,
+        disk: Disk,
+    ) -> Self {
+        let (inbox, rx) = mpsc::unbounded_channel();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = Config::new(DeviceId::new("pi-1").unwrap(), "0.1.0-test");
+        let done = tokio::spawn(async move {
+            let mut stats = LoopStats::default();
+            let exit = event_loop::run(
+                config,
+                options,
+                Channel(rx),
+                publisher,
+                fake,
+                TokioClock::start(),
+                disk,
+                async {
+                    let _ = stopped.await;
+                },
+                &mut stats,
+            )
+            .await;
+            (exit, stats)
+        });
+        Self {
+            inbox,
+            stop: Some(stop),
+            done,
+        }
+    }
+
+    fn send(&self, inbound: Inbound) {
+        self.inbox.send(inbound).unwrap();
+    }
+
+    fn put(&self, deployment: &str, revision: u64, json: &str) {
+        self.send(Inbound::Put {
+            deployment: DeploymentName::new(deployment).unwrap(),
+            revision,
+            value: json.as_bytes().to_vec(),
+        });
+    }
+
+    fn command(&self, verb: Verb, body: &str, reply_to: &str) {
+        self.send(Inbound::Command(CommandRequest {
+            verb,
+            body: body.as_bytes().to_vec(),
+            reply_to: reply_to.to_owned(),
+        }));
+    }
+
+    async fn stop(mut self) -> (LoopExit, LoopStats) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.done.await.unwrap()
+    }
+}
+
+fn web(env: &str) -> String {
+    format!(r#"{{"services":[{{"name":"web","image":"img/web:1","env":{{"MODE":"{env}"}}}}]}}"#)
+}
+
+fn fake() -> SharedFake<TokioClock> {
+    SharedFake::new(FakeRuntime::new(), TokioClock::start())
+}
+
+async fn settle(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_put_becomes_a_running_report_with_the_true_container_id() {
+    let publisher = Recorder::default();
+    let fake = fake();
+    let agent = Agent::start(
+        LoopOptions::default(),
+        publisher.clone(),
+        fake.clone(),
+        Disk::default(),
+    );
+    agent.put("shop", 7, &web("a"));
+    settle(Duration::from_secs(1)).await;
+
+    let (phase, revision, ids) = publisher.last_state("shop").unwrap();
+    assert_eq!((phase, revision), (Phase::Running, 7));
+    let running = fake.with(|f| f.by_name("shop_web").map(|c| (c.id.clone(), c.state)));
+    assert_eq!(running, Some((ids[0].clone(), ContainerState::Running)));
+    assert!(
+        publisher.heartbeats() >= 1,
+        "a heartbeat is published at start"
+    );
+
+    let (exit, stats) = agent.stop().await;
+    assert_eq!(exit, LoopExit::Shutdown);
+    assert!(stats.runtime_ops >= 3, "list, create, start: {stats:?}");
+    assert!(
+        fake.with(|f| f
+            .by_name("shop_web")
+            .is_some_and(|c| c.state == ContainerState::Running)),
+        "shutdown leaves containers running"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn offline_the_agent_keeps_ticking_and_reports_the_newest_state_on_return() {
+    let publisher = Recorder::default();
+    publisher.offline.store(true, Ordering::SeqCst);
+    let fake = fake();
+    let agent = Agent::start(
+        LoopOptions::default(),
+        publisher.clone(),
+        fake.clone(),
+        Disk::default(),
+    );
+    agent.put("shop", 1, &web("a"));
+    settle(Duration::from_secs(5)).await;
+    let first = fake.with(|f| f.by_name("shop_web").unwrap().id.clone());
+
+    // The container crashes while NATS is away: the liveness tick restarts it.
+    let now = fake.now();
+    fake.with(|f| f.crash(now, &first, 1));
+    settle(Duration::from_secs(120)).await;
+    let (state, starts) = fake.with(|f| {
+        let c = f.by_name("shop_web").unwrap();
+        (c.state, c.starts)
+    });
+    assert_eq!(state, ContainerState::Running, "restarted while offline");
+    assert!(starts >= 2, "started {starts} times");
+    assert!(publisher.reports.lock().unwrap().is_empty());
+
+    publisher.offline.store(false, Ordering::SeqCst);
+    settle(Duration::from_secs(60)).await;
+    let (phase, revision, ids) = publisher.last_state("shop").unwrap();
+    assert_eq!((phase, revision, ids), (Phase::Running, 1, vec![first]));
+    // The outbox kept one report per key, not the whole history.
+    let states = publisher
+        .reports
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| matches!(r, Report::State { .. }))
+        .count();
+    assert!(states <= 2, "{states} state reports after reconnect");
+    let (_, stats) = agent.stop().await;
+    assert!(stats.publish_failures > 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_snapshot_removes_what_is_gone_and_republishes_the_rest() {
+    let publisher = Recorder::default();
+    let fake = fake();
+    let agent = Agent::start(
+        LoopOptions::default(),
+        publisher.clone(),
+        fake.clone(),
+        Disk::default(),
+    );
+    agent.put("shop", 1, &web("a"));
+    agent.put("cam", 2, &web("b"));
+    settle(Duration::from_secs(2)).await;
+    let before = publisher.reports.lock().unwrap().len();
+
+    let present: BTreeSet<DeploymentName> = [DeploymentName::new("shop").unwrap()].into();
+    agent.send(Inbound::Snapshot { present });
+    settle(Duration::from_secs(30)).await;
+
+    assert!(
+        fake.with(|f| f.by_name("cam_web").is_none()),
+        "cam torn down"
+    );
+    assert!(fake.with(|f| f.by_name("shop_web").is_some()));
+    let reports = publisher.reports.lock().unwrap().clone();
+    let after = &reports[before..];
+    assert!(after
+        .iter()
+        .any(|r| matches!(r, Report::Clear { deployment } if deployment.as_str() == "cam")));
+    assert!(after.iter().any(
+        |r| matches!(r, Report::State { deployment, state } if deployment.as_str() == "shop" && state.phase == Phase::Running)
+    ), "shop republished");
+    agent.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn commands_are_answered_and_exec_is_refused_unless_allowed() {
+    let publisher = Recorder::default();
+    let fake = fake();
+    let agent = Agent::start(
+        LoopOptions::default(),
+        publisher.clone(),
+        fake.clone(),
+        Disk::default(),
+    );
+    agent.put("shop", 1, &web("a"));
+    settle(Duration::from_secs(65)).await;
+
+    agent.command(Verb::Ping, "", "inbox.1");
+    agent.command(
+        Verb::Logs,
+        r#"{"deployment":"shop","service":"web","tail_lines":1}"#,
+        "inbox.2",
+    );
+    agent.command(
+        Verb::Logs,
+        r#"{"deployment":"shop","service":"nope"}"#,
+        "inbox.3",
+    );
+    agent.command(Verb::Logs, "{not json", "inbox.4");
+    agent.command(
+        Verb::Exec,
+        r#"{"deployment":"shop","service":"web","argv":["true"]}"#,
+        "inbox.5",
+    );
+    settle(Duration::from_millis(100)).await;
+
+    let replies = publisher.replies.lock().unwrap().clone();
+    let by = |to: &str| {
+        replies
+            .iter()
+            .find(|(r, _)| r == to)
+            .map(|(_, b)| b.clone())
+            .unwrap()
+    };
+    let ping = by("inbox.1");
+    assert_eq!(ping["ok"]["device_id"], "pi-1");
+    assert_eq!(ping["ok"]["uptime_s"], 65);
+    let logs = by("inbox.2");
+    assert_eq!(logs["ok"]["text"].as_str().unwrap().lines().count(), 1);
+    assert!(
+        logs["ok"]["text"].as_str().unwrap().contains("started"),
+        "{logs}"
+    );
+    assert_eq!(by("inbox.3")["error"]["code"], "not_found");
+    assert_eq!(by("inbox.4")["error"]["code"], "bad_request");
+    assert_eq!(by("inbox.5")["error"]["code"], "exec_disabled");
+    let (_, stats) = agent.stop().await;
+    assert_eq!(stats.commands, 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_loop_resumes_from_its_disk_and_recreates_nothing() {
+    let publisher = Recorder::default();
+    let fake = fake();
+    let disk = Disk::default();
+    let agent = Agent::start(
+        LoopOptions::default(),
+        publisher.clone(),
+        fake.clone(),
+        disk.clone(),
+    );
+    agent.put("shop", 4, &web("a"));
+    settle(Duration::from_secs(2)).await;
+    agent.stop().await;
+    let created = fake.with(|f| f.containers().len());
+
+    let agent = Agent::start(
+        LoopOptions::default(),
+        publisher.clone(),
+        fake.clone(),
+        disk,
+    );
+    // The watch redelivers the same revision after the restart.
+    agent.put("shop", 4, &web("a"));
+    settle(Duration::from_secs(100)).await;
+    assert_eq!(
+        fake.with(|f| f.containers().len()),
+        created,
+        "nothing recreated"
+    );
+    assert_eq!(publisher.last_state("shop").unwrap().0, Phase::Running);
+    agent.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_source_ends_the_loop() {
+    let agent = Agent::start(
+        LoopOptions::default(),
+        Recorder::default(),
+        fake(),
+        Disk::default(),
+    );
+    let Agent { inbox, done, stop } = agent;
+    drop(inbox);
+    let (exit, _) = done.await.unwrap();
+    assert_eq!(exit, LoopExit::SourceClosed);
+    drop(stop);
+}
