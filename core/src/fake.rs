@@ -522,18 +522,10 @@ pub struct Harness {
     pending: Vec<Pending>,
     /// Whether heartbeats go into the transcript.
     pub log_heartbeats: bool,
-    /// What the reconciler has been told: per deployment, the latest
-    /// revision seen and the spec hashes of the newest valid one (`None`
-    /// once deleted).
-    seen: BTreeMap<String, (u64, Option<Seen>)>,
+    /// The invariant checks, told everything the reconciler is told.
+    pub oracle: Oracle,
     /// Invariant violations found so far, in words.
     pub violations: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-struct Seen {
-    revision: u64,
-    hashes: BTreeMap<String, String>,
 }
 
 impl Harness {
@@ -555,7 +547,7 @@ impl Harness {
             ready: VecDeque::new(),
             pending: Vec::new(),
             log_heartbeats: false,
-            seen: BTreeMap::new(),
+            oracle: Oracle::default(),
             violations: Vec::new(),
         };
         h.drain();
@@ -570,7 +562,7 @@ impl Harness {
     pub fn put(&mut self, deployment: &str, revision: u64, json: &str) {
         let name = DeploymentName::new(deployment).expect("test deployment names are valid");
         self.log(format_args!("desired put {deployment} rev {revision}"));
-        self.track_put(deployment, revision, json.as_bytes());
+        self.oracle.saw_put(deployment, revision, json.as_bytes());
         self.reconciler
             .handle_desired_put(self.now, name, revision, json.as_bytes());
         self.drain();
@@ -580,10 +572,7 @@ impl Harness {
     pub fn delete(&mut self, deployment: &str, revision: u64) {
         let name = DeploymentName::new(deployment).expect("test deployment names are valid");
         self.log(format_args!("desired delete {deployment} rev {revision}"));
-        let entry = self.seen.entry(deployment.to_owned()).or_insert((0, None));
-        if revision >= entry.0 {
-            *entry = (revision, None);
-        }
+        self.oracle.saw_delete(deployment, revision);
         self.reconciler
             .handle_desired_delete(self.now, name, revision);
         self.drain();
@@ -736,6 +725,13 @@ impl Harness {
                             .map(|c| format!(" cause {c:?}"))
                             .unwrap_or_default()
                     ));
+                    self.oracle.check_report(
+                        self.now,
+                        &deployment,
+                        &state,
+                        &self.runtime,
+                        &mut self.violations,
+                    );
                     self.states.insert(deployment.clone(), state.clone());
                     self.published.push((deployment, state));
                 }
@@ -754,120 +750,10 @@ impl Harness {
         }
     }
 
-    fn track_put(&mut self, deployment: &str, revision: u64, bytes: &[u8]) {
-        let entry = self.seen.entry(deployment.to_owned()).or_insert((0, None));
-        if revision < entry.0 {
-            return;
-        }
-        entry.0 = revision;
-        if let Ok(score) = crate::wire::PodmanV0Score::from_json(bytes) {
-            let signal = score.lifecycle_or_default().stop_signal;
-            let hashes = score
-                .services
-                .iter()
-                .map(|s| {
-                    (
-                        s.name.clone(),
-                        crate::reconciler::service_spec_hash(s, signal),
-                    )
-                })
-                .collect();
-            entry.1 = Some(Seen { revision, hashes });
-        }
-    }
-
-    /// Checks, at the moment an operation is issued, the invariants about
-    /// what the reconciler may ask for.
-    fn check_op(&mut self, op: &RuntimeOp) {
-        use crate::runtime::{
-            LABEL_DEPLOYMENT, LABEL_INIT, LABEL_REVISION, LABEL_SERVICE, LABEL_SPEC_HASH,
-        };
-        let (labels, running) = match op {
-            RuntimeOp::Create { spec } => (spec.labels.clone(), false),
-            RuntimeOp::Start { container }
-            | RuntimeOp::Stop { container, .. }
-            | RuntimeOp::Remove { container, .. } => {
-                let found = self
-                    .runtime
-                    .containers
-                    .get(container.as_str())
-                    .or_else(|| self.runtime.by_name(container));
-                match found {
-                    Some(c) => (c.spec.labels.clone(), self.runtime.is_running(&c.id)),
-                    None => return,
-                }
-            }
-            _ => return,
-        };
-        let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
-        let deployment = label(LABEL_DEPLOYMENT);
-        let service = label(LABEL_SERVICE);
-        let init = labels.contains_key(LABEL_INIT);
-        let seen = self.seen.get(&deployment).and_then(|(_, s)| s.clone());
-        let starts = matches!(op, RuntimeOp::Create { .. } | RuntimeOp::Start { .. });
-        if starts {
-            let ok = match &seen {
-                None => false,
-                Some(seen) if init => label(LABEL_REVISION) == seen.revision.to_string(),
-                Some(seen) => seen.hashes.get(&service) == labels.get(LABEL_SPEC_HASH),
-            };
-            if !ok {
-                self.violations.push(format!(
-                    "{}: no revert: {} of {deployment}/{service} (revision {}) which is not the newest valid spec seen",
-                    self.now,
-                    op.name(),
-                    label(LABEL_REVISION)
-                ));
-            }
-        } else if running && !init {
-            let healthy_target = seen
-                .as_ref()
-                .is_some_and(|seen| seen.hashes.get(&service) == labels.get(LABEL_SPEC_HASH));
-            if healthy_target {
-                self.violations.push(format!(
-                    "{}: healthy container recreated: {} of running {deployment}/{service} whose spec did not change",
-                    self.now,
-                    op.name()
-                ));
-            }
-        }
-    }
-
-    /// Checks the state invariants: one container per service.
-    fn check_state(&mut self) {
-        use crate::runtime::{LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE};
-        let mut per_service: BTreeMap<(String, String), usize> = BTreeMap::new();
-        for c in self.runtime.containers.values() {
-            if c.spec.labels.contains_key(LABEL_INIT) {
-                continue;
-            }
-            let key = (
-                c.spec
-                    .labels
-                    .get(LABEL_DEPLOYMENT)
-                    .cloned()
-                    .unwrap_or_default(),
-                c.spec
-                    .labels
-                    .get(LABEL_SERVICE)
-                    .cloned()
-                    .unwrap_or_default(),
-            );
-            *per_service.entry(key).or_default() += 1;
-        }
-        for ((deployment, service), n) in per_service {
-            if n > 1 {
-                self.violations.push(format!(
-                    "{}: {n} containers for service {deployment}/{service}",
-                    self.now
-                ));
-            }
-        }
-    }
-
     fn execute(&mut self, id: CommandId, op: RuntimeOp) {
         self.log(format_args!("  -> {id} {}", describe_op(&op)));
-        self.check_op(&op);
+        self.oracle
+            .check_op(self.now, &op, &self.runtime, &mut self.violations);
         self.ops.push((self.now, op.clone()));
         let fault = self.faults.get_mut(op.name()).and_then(VecDeque::pop_front);
         let completion = match fault {
@@ -884,7 +770,8 @@ impl Harness {
             }
             None => self.runtime.execute(&op),
         };
-        self.check_state();
+        self.oracle
+            .check_state(self.now, &self.runtime, &mut self.violations);
         match completion {
             Completion::Ready(result) => self.ready.push_back((self.now, id, result)),
             Completion::WhenStopped {
@@ -897,6 +784,309 @@ impl Harness {
             }),
         }
     }
+}
+
+/// What the reconciler has been told about one deployment.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// The newest revision seen, valid or not.
+    latest: u64,
+    /// The newest valid spec seen; `None` once deleted.
+    valid: Option<ValidSpec>,
+}
+
+#[derive(Debug, Clone)]
+struct ValidSpec {
+    revision: u64,
+    /// Service name -> spec hash.
+    hashes: BTreeMap<String, String>,
+    /// Init container names, in order.
+    inits: Vec<String>,
+}
+
+/// The safety invariants, checked against the fake runtime's ground truth.
+///
+/// Tell it every desired-state input the reconciler is given
+/// ([`saw_put`](Self::saw_put), [`saw_delete`](Self::saw_delete)); then
+/// [`check_op`](Self::check_op) each runtime operation as it is issued,
+/// [`check_state`](Self::check_state) after each one takes effect and
+/// [`check_report`](Self::check_report) each state published. Violations are
+/// appended in words, prefixed with the time and the invariant's name. The
+/// [`Harness`], the simulator's turmoil tier and the fuzzer all use it.
+#[derive(Debug, Clone, Default)]
+pub struct Oracle {
+    seen: BTreeMap<String, Seen>,
+}
+
+impl Oracle {
+    /// The reconciler was handed a put of `bytes` at `revision`.
+    pub fn saw_put(&mut self, deployment: &str, revision: u64, bytes: &[u8]) {
+        let entry = self.seen.entry(deployment.to_owned()).or_insert(Seen {
+            latest: 0,
+            valid: None,
+        });
+        if revision < entry.latest {
+            return;
+        }
+        entry.latest = revision;
+        if let Ok(score) = crate::wire::PodmanV0Score::from_json(bytes) {
+            let signal = score.lifecycle_or_default().stop_signal;
+            let hashes = score
+                .services
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        crate::reconciler::service_spec_hash(s, signal),
+                    )
+                })
+                .collect();
+            let inits = score
+                .init_containers
+                .iter()
+                .map(|i| i.name.clone())
+                .collect();
+            entry.valid = Some(ValidSpec {
+                revision,
+                hashes,
+                inits,
+            });
+        }
+    }
+
+    /// The reconciler was handed a delete at `revision`.
+    pub fn saw_delete(&mut self, deployment: &str, revision: u64) {
+        let entry = self.seen.entry(deployment.to_owned()).or_insert(Seen {
+            latest: 0,
+            valid: None,
+        });
+        if revision >= entry.latest {
+            *entry = Seen {
+                latest: revision,
+                valid: None,
+            };
+        }
+    }
+
+    /// Checks, as `op` is issued, what the reconciler may ask for: no
+    /// revert (2), no healthy container touched (1), init containers first
+    /// (3), graceful replace by recorded id with the recorded signal and
+    /// grace (4).
+    pub fn check_op(
+        &self,
+        now: Timestamp,
+        op: &RuntimeOp,
+        runtime: &FakeRuntime,
+        violations: &mut Vec<String>,
+    ) {
+        use crate::runtime::{
+            LABEL_DEPLOYMENT, LABEL_GRACE, LABEL_INIT, LABEL_REVISION, LABEL_SERVICE,
+            LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
+        };
+        let (labels, running) = match op {
+            RuntimeOp::Create { spec } => (spec.labels.clone(), false),
+            RuntimeOp::Start { container }
+            | RuntimeOp::Stop { container, .. }
+            | RuntimeOp::Remove { container, .. } => {
+                let found = runtime
+                    .containers
+                    .get(container.as_str())
+                    .or_else(|| runtime.by_name(container));
+                match found {
+                    Some(c) => (c.spec.labels.clone(), runtime.is_running(&c.id)),
+                    None => return,
+                }
+            }
+            _ => return,
+        };
+        let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        let deployment = label(LABEL_DEPLOYMENT);
+        let service = label(LABEL_SERVICE);
+        let init = labels.contains_key(LABEL_INIT);
+        let valid = self.seen.get(&deployment).and_then(|s| s.valid.as_ref());
+        let mut violation = |what: String| violations.push(format!("{now}: {what}"));
+        match op {
+            RuntimeOp::Create { .. } | RuntimeOp::Start { .. } => {
+                let ok = match valid {
+                    None => false,
+                    Some(v) if init => label(LABEL_REVISION) == v.revision.to_string(),
+                    Some(v) => v.hashes.get(&service) == labels.get(LABEL_SPEC_HASH),
+                };
+                if !ok {
+                    violation(format!(
+                        "no revert: {} of {deployment}/{service} (revision {}) which is not the newest valid spec seen",
+                        op.name(),
+                        label(LABEL_REVISION)
+                    ));
+                }
+                if let (RuntimeOp::Start { .. }, Some(v), false) = (op, valid, init) {
+                    if label(LABEL_REVISION) == v.revision.to_string() {
+                        if let Err(why) = inits_completed(runtime, &deployment, v) {
+                            violation(format!(
+                                "init containers first: start of {deployment}/{service} (revision {}) but {why}",
+                                v.revision
+                            ));
+                        }
+                    }
+                }
+            }
+            RuntimeOp::Stop {
+                container,
+                signal,
+                grace,
+            } if !init => {
+                if !runtime.containers.contains_key(container.as_str()) {
+                    violation(format!(
+                        "graceful replace: stop of {deployment}/{service} by name {container:?}, not by its recorded id"
+                    ));
+                }
+                let wanted = (label(LABEL_STOP_SIGNAL), label(LABEL_GRACE));
+                let got = (signal.to_string(), grace.as_secs().to_string());
+                if wanted != got {
+                    violation(format!(
+                        "graceful replace: stop of {deployment}/{service} with {} grace {}s, but it was created with {} grace {}s",
+                        got.0, got.1, wanted.0, wanted.1
+                    ));
+                }
+            }
+            RuntimeOp::Remove { container, .. } if running && !init => {
+                violation(format!(
+                    "graceful replace: remove of running {deployment}/{service} ({container}) without a stop first"
+                ));
+            }
+            _ => {}
+        }
+        if running && !init && !matches!(op, RuntimeOp::Start { .. }) {
+            let healthy_target =
+                valid.is_some_and(|v| v.hashes.get(&service) == labels.get(LABEL_SPEC_HASH));
+            if healthy_target {
+                violation(format!(
+                    "healthy container recreated: {} of running {deployment}/{service} whose spec did not change",
+                    op.name()
+                ));
+            }
+        }
+    }
+
+    /// Checks the runtime's state: never two containers for one service (4).
+    pub fn check_state(&self, now: Timestamp, runtime: &FakeRuntime, violations: &mut Vec<String>) {
+        use crate::runtime::{LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE};
+        let mut per_service: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        for c in runtime.containers.values() {
+            if c.spec.labels.contains_key(LABEL_INIT) {
+                continue;
+            }
+            let label = |k: &str| c.spec.labels.get(k).map_or("", String::as_str);
+            *per_service
+                .entry((label(LABEL_DEPLOYMENT), label(LABEL_SERVICE)))
+                .or_default() += 1;
+        }
+        for ((deployment, service), n) in per_service {
+            if n > 1 {
+                violations.push(format!(
+                    "{now}: graceful replace: {n} containers for service {deployment}/{service}"
+                ));
+            }
+        }
+    }
+
+    /// Checks a state as it is published: a Running report names only
+    /// containers that were created, started and not removed (6). A
+    /// container may have exited since (a crash races the report); it may
+    /// not be unknown, never started or gone.
+    pub fn check_report(
+        &self,
+        now: Timestamp,
+        deployment: &DeploymentName,
+        state: &DeploymentState,
+        runtime: &FakeRuntime,
+        violations: &mut Vec<String>,
+    ) {
+        if state.phase != crate::wire::Phase::Running {
+            return;
+        }
+        let valid = self
+            .seen
+            .get(deployment.as_str())
+            .and_then(|s| s.valid.as_ref())
+            .filter(|v| v.revision == state.revision);
+        if let Some(valid) = valid {
+            for (service, hash) in &valid.hashes {
+                let id = state.container_ids.get(service);
+                let created_with = id
+                    .and_then(|id| runtime.containers.get(id))
+                    .and_then(|c| c.spec.labels.get(crate::runtime::LABEL_SPEC_HASH));
+                if created_with != Some(hash) {
+                    violations.push(format!(
+                        "{now}: truthful reports: {deployment} reported Running at revision {} but service {service} {}",
+                        state.revision,
+                        match id {
+                            None => "is not in the report".to_owned(),
+                            Some(id) => format!("is reported as {id}, which is not its container for that revision"),
+                        }
+                    ));
+                }
+            }
+        }
+        for (service, id) in &state.container_ids {
+            let started = runtime.containers.get(id).is_some_and(|c| c.starts > 0);
+            if !started {
+                violations.push(format!(
+                    "{now}: truthful reports: {deployment} reported Running with {service}={id}, which {}",
+                    if runtime.containers.contains_key(id) {
+                        "was never started"
+                    } else {
+                        "does not exist"
+                    }
+                ));
+            }
+        }
+    }
+}
+
+/// Whether every init container of `spec` exited 0, in order.
+fn inits_completed(
+    runtime: &FakeRuntime,
+    deployment: &str,
+    spec: &ValidSpec,
+) -> Result<(), String> {
+    use crate::runtime::LABEL_REVISION;
+    let revision = spec.revision.to_string();
+    let mut previous_exit = Timestamp::ZERO;
+    for init in &spec.inits {
+        let name = crate::runtime::init_container_name(deployment, init);
+        let ids: BTreeSet<&str> = runtime
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                RuntimeEvent::Created { id, spec }
+                    if spec.name == name && spec.labels.get(LABEL_REVISION) == Some(&revision) =>
+                {
+                    Some(id.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        let exit = runtime
+            .events
+            .iter()
+            .rev()
+            .filter_map(|(at, e)| match e {
+                RuntimeEvent::Exited { id, code: 0 } if ids.contains(id.as_str()) => Some(*at),
+                _ => None,
+            })
+            .next();
+        match exit {
+            Some(at) if at >= previous_exit => previous_exit = at,
+            Some(_) => {
+                return Err(format!(
+                    "init container {init:?} finished before the one before it"
+                ))
+            }
+            None => return Err(format!("init container {init:?} never exited 0")),
+        }
+    }
+    Ok(())
 }
 
 /// A runtime operation in a few words, for transcripts.

@@ -217,6 +217,9 @@ pub(super) struct Deployment {
     pub(super) last_mutation_seq: u64,
     cache_dirty: bool,
     gone: bool,
+    /// `Bugs::create_before_remove`: new service containers get a second
+    /// name, so the old and the new one coexist.
+    bug_second_name: bool,
 }
 
 impl Deployment {
@@ -237,6 +240,7 @@ impl Deployment {
             last_report: None,
             last_mutation_seq: 0,
             cache_dirty: false,
+            bug_second_name: false,
             gone: false,
         }
     }
@@ -614,14 +618,16 @@ impl Deployment {
             Step::CreateService { service } => {
                 let target = target?;
                 let spec = target.score.services.iter().find(|s| &s.name == service)?;
-                RuntimeOp::Create {
-                    spec: service_container_spec(
-                        self.name.as_str(),
-                        spec,
-                        &target.score.lifecycle_or_default(),
-                        target.revision,
-                    ),
+                let mut spec = service_container_spec(
+                    self.name.as_str(),
+                    spec,
+                    &target.score.lifecycle_or_default(),
+                    target.revision,
+                );
+                if self.bug_second_name && self.observed.contains_key(service) {
+                    spec.name.push_str("-next");
                 }
+                RuntimeOp::Create { spec }
             }
             Step::RaceDelay { .. } | Step::Finish | Step::Fail(_) | Step::Forget => return None,
         })
@@ -912,7 +918,7 @@ impl Deployment {
                 }
                 Some(o) => {
                     recreates = true;
-                    if o.state == ContainerState::Running && !config.bugs.skip_graceful_stop {
+                    if still_up(o.state) && !config.bugs.skip_graceful_stop {
                         services.push(Step::Stop {
                             service: service.name.clone(),
                             id: o.id.clone(),
@@ -928,6 +934,7 @@ impl Deployment {
                         service: service.name.clone(),
                     };
                     if config.bugs.create_before_remove {
+                        self.bug_second_name = true;
                         services.push(create);
                         services.push(remove);
                     } else {
@@ -1196,12 +1203,19 @@ impl Deployment {
     }
 }
 
+/// Whether a container still has a process to stop gracefully. One already
+/// stopping (say, when an agent restarted mid-stop) is stopped again with
+/// its signal and grace rather than removed by force under its feet.
+fn still_up(state: ContainerState) -> bool {
+    matches!(state, ContainerState::Running | ContainerState::Stopping)
+}
+
 /// Steps that take `c` out of service: a graceful stop with its own signal
-/// and grace when it runs (init containers are just removed), then removal.
+/// and grace when it is up (init containers are just removed), then removal.
 fn retire(c: &ContainerSummary, steps: &mut Vec<Step>) {
     let o = Observed::from_summary(c);
     let service = c.label(LABEL_SERVICE).unwrap_or(&c.name).to_owned();
-    if c.state == ContainerState::Running && c.label(LABEL_INIT).is_none() {
+    if still_up(c.state) && c.label(LABEL_INIT).is_none() {
         steps.push(Step::Stop {
             service: service.clone(),
             id: c.id.clone(),

@@ -189,10 +189,16 @@ fn apply(h: &mut Harness, step: &Step, revision: &mut u64, kv: &mut Bucket) {
             after_effect,
             kind,
         } => {
+            let mut kind = KINDS[*kind];
+            if OPS[*op] == "stop" && kind == RuntimeErrorKind::NotFound {
+                // Podman says 404 to a stop only when the container is gone;
+                // a lying 404 would make any agent remove it without grace.
+                kind = RuntimeErrorKind::Other;
+            }
             let fault = if *after_effect {
-                OpFault::FailAfterEffect(KINDS[*kind])
+                OpFault::FailAfterEffect(kind)
             } else {
-                OpFault::Fail(KINDS[*kind])
+                OpFault::Fail(kind)
             };
             h.faults.entry(OPS[*op]).or_default().push_back(fault);
         }

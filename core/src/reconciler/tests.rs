@@ -873,3 +873,49 @@ fn transcript_of_delete() {
     h.run_for(SECOND);
     insta::assert_snapshot!(h.transcript);
 }
+
+#[test]
+fn a_restart_mid_stop_stops_again_instead_of_killing() {
+    // Found by the simulator: after a restart the list says "stopping", and
+    // the old container was force-removed inside its grace period.
+    let mut h = harness();
+    h.runtime.set_behaviour(
+        "img/web:1",
+        Behaviour {
+            ignores_stop_signal: true,
+            ..Behaviour::default()
+        },
+    );
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
+    let old = running_id(&h, "shop_web");
+    let v2 = score(&[web("img/web:1", "b")], &[]);
+    h.put("shop", 2, &v2);
+    h.run_for(SECOND);
+    assert_eq!(
+        h.runtime.containers()[&old].state,
+        ContainerState::Stopping,
+        "{}",
+        h.transcript
+    );
+    h.restart_agent(false);
+    h.put("shop", 2, &v2);
+    h.resync(&[DeploymentName::new("shop").unwrap()].into());
+    let from = h.ops.len();
+    h.run_for(Duration::from_secs(20));
+    assert!(
+        h.violations.is_empty(),
+        "{:?}\n{}",
+        h.violations,
+        h.transcript
+    );
+    let first_mutation = mutations_since(&h, from).into_iter().next();
+    assert_eq!(
+        first_mutation,
+        Some(RuntimeOp::Stop {
+            container: old,
+            signal: crate::wire::Signal::Int,
+            grace: Duration::from_secs(5)
+        })
+    );
+    assert_eq!(state(&h, "shop").phase, Phase::Running);
+}
