@@ -279,11 +279,18 @@ impl Outbox {
         self.pending.insert(report.key(), report);
     }
 
-    fn start_next<P: Publisher>(&mut self, publisher: &P, now: Timestamp) {
+    /// Starts publishing the next report, unless one is in flight or a
+    /// retry is not due. A state whose deployment is being torn down is
+    /// dropped unsent: it no longer holds, and the clear comes after.
+    fn start_next<P: Publisher>(&mut self, publisher: &P, now: Timestamp, reconciler: &Reconciler) {
         if self.in_flight.is_some() || self.retry_at.is_some_and(|at| now < at) {
             return;
         }
         self.retry_at = None;
+        self.pending.retain(|_, report| match report {
+            Report::State { deployment, .. } => reconciler.deployment_state(deployment).is_some(),
+            _ => true,
+        });
         if let Some((_, report)) = self.pending.pop_first() {
             let publisher = publisher.clone();
             self.in_flight = Some(
@@ -384,7 +391,7 @@ where
                 }
             }
         }
-        outbox.start_next(&publisher, now);
+        outbox.start_next(&publisher, now, &reconciler);
 
         let wake = reconciler.poll_timeout();
         let mut wake_at = wake.as_ref().map(|w| w.at);

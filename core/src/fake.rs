@@ -581,6 +581,7 @@ impl Harness {
     /// Tells the reconciler the desired bucket holds exactly `present`.
     pub fn resync(&mut self, present: &BTreeSet<DeploymentName>) {
         self.log(format_args!("desired resync {} keys", present.len()));
+        self.oracle.saw_resync(present);
         self.reconciler.handle_desired_resync(self.now, present);
         self.drain();
     }
@@ -798,10 +799,22 @@ struct Seen {
 #[derive(Debug, Clone)]
 struct ValidSpec {
     revision: u64,
+    /// This revision and the earlier ones that put the same bytes with no
+    /// other valid score in between: the reconciler runs no init container
+    /// again for identical bytes, so what ran for any of them counts for all.
+    revisions: BTreeSet<u64>,
+    bytes: Vec<u8>,
     /// Service name -> spec hash.
     hashes: BTreeMap<String, String>,
     /// Init container names, in order.
     inits: Vec<String>,
+}
+
+impl ValidSpec {
+    /// Whether a container's revision label names this spec.
+    fn is_revision(&self, label: &str) -> bool {
+        label.parse().is_ok_and(|r| self.revisions.contains(&r))
+    }
 }
 
 /// The safety invariants, checked against the fake runtime's ground truth.
@@ -846,8 +859,15 @@ impl Oracle {
                 .iter()
                 .map(|i| i.name.clone())
                 .collect();
+            let mut revisions = match &entry.valid {
+                Some(v) if v.bytes == bytes => v.revisions.clone(),
+                _ => BTreeSet::new(),
+            };
+            revisions.insert(revision);
             entry.valid = Some(ValidSpec {
                 revision,
+                revisions,
+                bytes: bytes.to_vec(),
                 hashes,
                 inits,
             });
@@ -865,6 +885,17 @@ impl Oracle {
                 latest: revision,
                 valid: None,
             };
+        }
+    }
+
+    /// The reconciler was told the bucket holds exactly `present`: every
+    /// other deployment is as good as deleted.
+    pub fn saw_resync(&mut self, present: &BTreeSet<DeploymentName>) {
+        for (name, seen) in &mut self.seen {
+            let kept = DeploymentName::new(name.as_str()).is_ok_and(|n| present.contains(&n));
+            if !kept {
+                seen.valid = None;
+            }
         }
     }
 
@@ -909,7 +940,7 @@ impl Oracle {
             RuntimeOp::Create { .. } | RuntimeOp::Start { .. } => {
                 let ok = match valid {
                     None => false,
-                    Some(v) if init => label(LABEL_REVISION) == v.revision.to_string(),
+                    Some(v) if init => v.is_revision(&label(LABEL_REVISION)),
                     Some(v) => v.hashes.get(&service) == labels.get(LABEL_SPEC_HASH),
                 };
                 if !ok {
@@ -920,7 +951,7 @@ impl Oracle {
                     ));
                 }
                 if let (RuntimeOp::Start { .. }, Some(v), false) = (op, valid, init) {
-                    if label(LABEL_REVISION) == v.revision.to_string() {
+                    if v.is_revision(&label(LABEL_REVISION)) {
                         if let Err(why) = inits_completed(runtime, &deployment, v) {
                             violation(format!(
                                 "init containers first: start of {deployment}/{service} (revision {}) but {why}",
@@ -1044,23 +1075,26 @@ impl Oracle {
     }
 }
 
-/// Whether every init container of `spec` exited 0, in order.
+/// Whether every init container of `valid` exited 0, in order.
 fn inits_completed(
     runtime: &FakeRuntime,
     deployment: &str,
-    spec: &ValidSpec,
+    valid: &ValidSpec,
 ) -> Result<(), String> {
     use crate::runtime::LABEL_REVISION;
-    let revision = spec.revision.to_string();
     let mut previous_exit = Timestamp::ZERO;
-    for init in &spec.inits {
+    for init in &valid.inits {
         let name = crate::runtime::init_container_name(deployment, init);
         let ids: BTreeSet<&str> = runtime
             .events
             .iter()
             .filter_map(|(_, e)| match e {
                 RuntimeEvent::Created { id, spec }
-                    if spec.name == name && spec.labels.get(LABEL_REVISION) == Some(&revision) =>
+                    if spec.name == name
+                        && spec
+                            .labels
+                            .get(LABEL_REVISION)
+                            .is_some_and(|r| valid.is_revision(r)) =>
                 {
                     Some(id.as_str())
                 }

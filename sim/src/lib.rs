@@ -13,6 +13,11 @@
 //! so an hour of device time costs milliseconds. The same seed always
 //! replays the same run, bit for bit; [`SeedOutcome::trace_hash`] proves it.
 
+pub mod broker;
+pub mod plan;
+pub mod tiers;
+pub mod world;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -351,6 +356,150 @@ pub fn summary(outcomes: &[SeedOutcome], wall: Duration) -> String {
         out,
         "simulated:wall       {:.0}x",
         simulated.as_secs_f64() / secs
+    );
+    out
+}
+
+/// Which simulator runs a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Agents, broker and operator as hosts on turmoil's network.
+    Turmoil,
+    /// The discrete-event fleet tier: the same agents, in one paused runtime.
+    Events,
+    /// The reconciler alone over the fake runtime, from the plan's seed.
+    Discrete,
+}
+
+impl Tier {
+    /// The name the command line takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Turmoil => "turmoil",
+            Tier::Events => "events",
+            Tier::Discrete => "discrete",
+        }
+    }
+}
+
+/// Runs `plan` on `tier`.
+pub fn run(tier: Tier, plan: &plan::Plan, switches: tiers::Switches) -> world::Outcome {
+    match tier {
+        Tier::Turmoil => tiers::run_turmoil(plan, switches),
+        Tier::Events => tiers::run_events(plan, switches),
+        Tier::Discrete => {
+            let o = run_seed_with_bugs(plan.seed, switches.bugs);
+            world::Outcome {
+                seed: o.seed,
+                simulated: o.simulated,
+                faults: o.faults,
+                probes: BTreeMap::new(),
+                violations: o.violations,
+                events: o.transcript.lines().count() as u64,
+                trace_hash: o.trace_hash,
+                trace: o.transcript.lines().map(str::to_owned).collect(),
+            }
+        }
+    }
+}
+
+/// What to print when a run fails: the seed, the violations, the fault
+/// plan, the last events and the command that replays it.
+pub fn failure_report(tier: Tier, plan: &plan::Plan, outcome: &world::Outcome) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "seed {} FAILED on the {} tier:",
+        plan.seed,
+        tier.name()
+    );
+    for v in &outcome.violations {
+        let _ = writeln!(out, "  violated: {v}");
+    }
+    let _ = writeln!(out, "fault plan:\n{}", plan.to_json());
+    let tail = outcome.trace.len().saturating_sub(40);
+    let _ = writeln!(out, "last events:\n{}", outcome.trace[tail..].join("\n"));
+    let _ = writeln!(
+        out,
+        "replay: cargo run --release -p sim -- --tier {} --devices {} --seed {} --trace\n   or: SIM_TIER={} SIM_DEVICES={} SIM_SEED={} cargo test -p sim --test seeds -- --nocapture",
+        tier.name(),
+        plan.devices,
+        plan.seed,
+        tier.name(),
+        plan.devices,
+        plan.seed
+    );
+    out
+}
+
+/// The runner's summary table.
+pub fn summary_table(
+    tier: Tier,
+    devices: u32,
+    outcomes: &[world::Outcome],
+    wall: Duration,
+) -> String {
+    let mut faults: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut probes: BTreeMap<&str, u64> = BTreeMap::new();
+    for o in outcomes {
+        for (k, v) in &o.faults {
+            *faults.entry(k).or_default() += v;
+        }
+        for (k, v) in &o.probes {
+            *probes.entry(k).or_default() += v;
+        }
+    }
+    let simulated: Duration = outcomes.iter().map(|o| o.simulated).sum();
+    let failed: Vec<u64> = outcomes
+        .iter()
+        .filter(|o| !o.violations.is_empty())
+        .map(|o| o.seed)
+        .collect();
+    let secs = wall.as_secs_f64().max(1e-9);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "tier                   {} ({devices} devices)",
+        tier.name()
+    );
+    let _ = writeln!(out, "seeds run              {}", outcomes.len());
+    let _ = writeln!(
+        out,
+        "simulated time         {:.1} h",
+        simulated.as_secs_f64() / 3600.0
+    );
+    let _ = writeln!(
+        out,
+        "events traced          {}",
+        outcomes.iter().map(|o| o.events).sum::<u64>()
+    );
+    for (kind, n) in &faults {
+        let _ = writeln!(out, "fault {kind:<24} {n}");
+    }
+    if tier != Tier::Discrete {
+        for probe in world::PROBES {
+            let _ = writeln!(
+                out,
+                "probe {probe:<24} {}",
+                probes.get(probe).copied().unwrap_or(0)
+            );
+        }
+    }
+    let _ = writeln!(out, "invariant violations   {} {failed:?}", failed.len());
+    let _ = writeln!(
+        out,
+        "seeds per second       {:.2}",
+        outcomes.len() as f64 / secs
+    );
+    let _ = writeln!(
+        out,
+        "simulated:wall         {:.0}x",
+        simulated.as_secs_f64() / secs
+    );
+    let _ = writeln!(
+        out,
+        "device-hours per sec   {:.1}",
+        simulated.as_secs_f64() * f64::from(devices.max(1)) / 3600.0 / secs
     );
     out
 }

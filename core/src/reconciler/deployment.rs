@@ -353,6 +353,11 @@ impl Deployment {
         self.latest_seen
     }
 
+    /// A delete was seen and the teardown has not finished.
+    pub(super) fn is_deleted(&self) -> bool {
+        self.deleted
+    }
+
     pub(super) fn is_gone(&self) -> bool {
         self.gone
     }

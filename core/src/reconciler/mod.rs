@@ -472,6 +472,15 @@ impl Reconciler {
                 self.drive(now, &name);
             }
         }
+        // A clear published just before a crash or a partition may never
+        // have reached the bucket; deleting a state key again is harmless.
+        for name in self.tombstones.keys() {
+            if !present.contains(name) && !self.deployments.contains_key(name) {
+                self.effects.outputs.push_back(Output::ClearState {
+                    deployment: name.clone(),
+                });
+            }
+        }
         self.orphan_sweep = true;
         self.liveness_wanted = true;
         self.start_inventory_list();
@@ -603,9 +612,13 @@ impl Reconciler {
         }
     }
 
-    /// The last state reported for `deployment`.
+    /// The last state reported for `deployment`; `None` once it is being
+    /// torn down, when its last report no longer holds.
     pub fn deployment_state(&self, deployment: &DeploymentName) -> Option<&DeploymentState> {
-        self.deployments.get(deployment)?.last_report()
+        self.deployments
+            .get(deployment)
+            .filter(|d| !d.is_deleted())?
+            .last_report()
     }
 
     /// The id of the container running `service` of `deployment`, for the

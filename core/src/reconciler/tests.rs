@@ -919,3 +919,67 @@ fn a_restart_mid_stop_stops_again_instead_of_killing() {
     );
     assert_eq!(state(&h, "shop").phase, Phase::Running);
 }
+
+#[test]
+fn a_resync_clears_the_state_of_deleted_deployments_again() {
+    // Found by the simulator: a clear published into a partition, then an
+    // agent crash, left the deleted deployment's state in the bucket.
+    let mut h = harness();
+    deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
+    h.delete("shop", 2);
+    h.run_for(Duration::from_secs(10));
+    h.restart_agent(true);
+    let from = h.transcript.len();
+    h.resync(&BTreeSet::new());
+    h.run_for(SECOND);
+    assert!(
+        h.transcript[from..].contains("clear shop"),
+        "{}",
+        &h.transcript[from..]
+    );
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+}
+
+#[test]
+fn the_same_score_at_a_newer_revision_keeps_the_init_containers_that_ran() {
+    // Found by the fuzzer (reconciler target): the operator puts the same
+    // bytes again while the rollout's init container runs, and later a
+    // service container vanishes. The reconciler rightly runs no init
+    // container again for identical bytes; the services it creates carry
+    // the newer revision, and the init containers of the older one count.
+    let mut h = harness();
+    h.runtime
+        .set_behaviour("img/m:1", Behaviour::exits(0, Duration::from_secs(2)));
+    let json = score(&[web("img/web:1", "a")], &[init("migrate", "img/m:1", 60)]);
+    h.put("shop", 3, &json);
+    h.run_for(SECOND);
+    h.put("shop", 6, &json);
+    h.run_for(Duration::from_secs(10));
+    let s = state(&h, "shop");
+    assert_eq!(
+        (s.phase, s.revision),
+        (Phase::Running, 6),
+        "{}",
+        h.transcript
+    );
+    let id = running_id(&h, "shop_web");
+    h.put("shop", 7, &json);
+    let from = h.ops.len();
+    h.runtime.execute(&RuntimeOp::Remove {
+        container: id,
+        force: true,
+    });
+    h.run_for(Duration::from_secs(60));
+    running_id(&h, "shop_web");
+    let inits_created = mutations_since(&h, from)
+        .iter()
+        .filter(|op| matches!(op, RuntimeOp::Create { spec } if spec.name == "shop_init_migrate"))
+        .count();
+    assert_eq!(inits_created, 0, "{}", h.transcript);
+    assert!(
+        h.violations.is_empty(),
+        "{:?}\n{}",
+        h.violations,
+        h.transcript
+    );
+}

@@ -1,0 +1,403 @@
+//! Fault plans: what a seed does to the world, as data.
+//!
+//! A seed expands ([`Plan::generate`]) into per-run fault rates (swarm
+//! testing: each seed enables its own subset of faults, at its own rates)
+//! and a time-ordered list of [`Step`]s: desired-state writes and the faults
+//! around them. The plan is all the randomness there is: the same plan
+//! replays the same run, it prints as JSON on failure, saves to a file,
+//! loads back ([`Plan::from_json`]) and shrinks ([`crate::fleet::shrink`])
+//! by dropping steps.
+
+use serde::{Deserialize, Serialize};
+
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Deployments a plan writes.
+pub const DEPLOYMENTS: [&str; 3] = ["shop", "cam", "relay"];
+const SERVICES: [&str; 3] = ["web", "worker", "db"];
+/// Images that run and stop cleanly (one slowly).
+pub const GOOD_IMAGES: [&str; 3] = ["img/app:1", "img/app:2", "img/slow-stop:1"];
+/// Init images that can never succeed.
+pub const DOOMED_INIT_IMAGES: [&str; 2] = ["img/init-fail:1", "img/init-hang:1"];
+/// Runtime operations a fault can hit.
+pub const FAULTY_OPS: [&str; 6] = ["list", "create", "start", "inspect", "stop", "remove"];
+
+/// One thing that happens at a planned time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "do", rename_all = "snake_case")]
+pub enum Action {
+    /// The operator puts desired state.
+    Put {
+        /// Device index.
+        device: u32,
+        /// Deployment name.
+        deployment: String,
+        /// The payload (maybe malformed).
+        json: String,
+    },
+    /// The operator deletes desired state.
+    Delete {
+        /// Device index.
+        device: u32,
+        /// Deployment name.
+        deployment: String,
+    },
+    /// The operator pings a device over request/reply.
+    Ping {
+        /// Device index.
+        device: u32,
+    },
+    /// A service container crashes.
+    Crash {
+        /// Device index.
+        device: u32,
+        /// Container name.
+        container: String,
+        /// Exit code.
+        code: i64,
+    },
+    /// The device's next runtime operation `op` fails.
+    ApiFault {
+        /// Device index.
+        device: u32,
+        /// The operation ("create", "stop", ...).
+        op: String,
+        /// Whether it takes effect anyway ("create failed but exists").
+        after_effect: bool,
+        /// Whether the runtime is unreachable (else: some other error).
+        unavailable: bool,
+    },
+    /// The device and the broker cannot reach each other for a while.
+    Partition {
+        /// Device index.
+        device: u32,
+        /// How long, in ms.
+        for_ms: u64,
+    },
+    /// Messages between the device and the broker are held, then delivered.
+    Hold {
+        /// Device index.
+        device: u32,
+        /// How long, in ms.
+        for_ms: u64,
+    },
+    /// The broker process restarts (its KV data survives).
+    BrokerRestart,
+    /// The agent process dies and comes back later.
+    AgentCrash {
+        /// Device index.
+        device: u32,
+        /// Whether its on-disk cache survives.
+        keep_cache: bool,
+        /// How long it stays down, in ms.
+        down_ms: u64,
+    },
+    /// An image disappears from the device for a while.
+    ImageMissing {
+        /// Device index.
+        device: u32,
+        /// The image.
+        image: String,
+        /// How long, in ms.
+        for_ms: u64,
+    },
+    /// The next desired-state write is delivered twice.
+    Duplicate,
+    /// The device's watch redelivers every current value.
+    Redeliver {
+        /// Device index.
+        device: u32,
+    },
+}
+
+impl Action {
+    /// The fault's kind, for the summary; `None` for workload.
+    pub fn fault_kind(&self) -> Option<&'static str> {
+        Some(match self {
+            Action::Put { json, .. } if is_malformed(json) => "malformed payload",
+            Action::Put { json, .. } if DOOMED_INIT_IMAGES.iter().any(|i| json.contains(i)) => {
+                "failing init container"
+            }
+            Action::Put { .. } | Action::Delete { .. } | Action::Ping { .. } => return None,
+            Action::Crash { .. } => "container crash",
+            Action::ApiFault {
+                after_effect: true, ..
+            } => "create failed but exists",
+            Action::ApiFault { .. } => "runtime api failure",
+            Action::Partition { .. } => "partition",
+            Action::Hold { .. } => "message delay",
+            Action::BrokerRestart => "broker restart",
+            Action::AgentCrash {
+                keep_cache: true, ..
+            } => "agent crash, cache kept",
+            Action::AgentCrash { .. } => "agent crash, cache lost",
+            Action::ImageMissing { .. } => "image missing",
+            Action::Duplicate | Action::Redeliver { .. } => "duplicate delivery",
+        })
+    }
+}
+
+/// Whether a payload cannot be a valid score.
+pub fn is_malformed(json: &str) -> bool {
+    podfleet_core::wire::PodmanV0Score::from_json(json.as_bytes()).is_err()
+}
+
+/// A planned action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Simulated time, ms since the start.
+    pub at_ms: u64,
+    /// What happens.
+    pub action: Action,
+}
+
+/// The per-run fault rates, in percent per workload step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rates {
+    /// Container crashes.
+    pub crash: u64,
+    /// Runtime API failures.
+    pub api: u64,
+    /// Agent crashes.
+    pub agent_crash: u64,
+    /// Partitions and holds.
+    pub network: u64,
+    /// Broker restarts.
+    pub broker: u64,
+    /// Missing images.
+    pub image: u64,
+    /// Duplicate deliveries.
+    pub duplicate: u64,
+}
+
+/// Everything one run does, as data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The seed it came from.
+    pub seed: u64,
+    /// How many devices.
+    pub devices: u32,
+    /// The rates it was drawn with.
+    pub rates: Rates,
+    /// The steps, in time order.
+    pub steps: Vec<Step>,
+    /// When the fault phase ends and healing starts, ms.
+    pub heal_at_ms: u64,
+}
+
+fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
+    rng.next_u64() % n.max(1)
+}
+
+fn chance(rng: &mut ChaCha8Rng, percent: u64) -> bool {
+    below(rng, 100) < percent
+}
+
+fn pick<'a>(rng: &mut ChaCha8Rng, from: &[&'a str]) -> &'a str {
+    from[below(rng, from.len() as u64) as usize]
+}
+
+/// A valid score: services from a small vocabulary, sometimes an init
+/// container, a short grace period.
+pub fn valid_score(rng: &mut ChaCha8Rng) -> String {
+    let mut services = Vec::new();
+    for (i, name) in SERVICES.iter().enumerate() {
+        if i == 0 || chance(rng, 50) {
+            let image = pick(rng, &GOOD_IMAGES);
+            let env = below(rng, 3);
+            services.push(format!(
+                r#"{{"name":"{name}","image":"{image}","env":{{"V":"{env}"}}}}"#
+            ));
+        }
+    }
+    let inits = if chance(rng, 40) {
+        r#"{"name":"migrate","image":"img/init-ok:1","timeout":30},{"name":"seed","image":"img/init-ok:1","timeout":30}"#
+    } else {
+        ""
+    };
+    let grace = 1 + below(rng, 5);
+    format!(
+        r#"{{"services":[{}],"init_containers":[{inits}],"lifecycle":{{"grace_period_secs":{grace}}}}}"#,
+        services.join(",")
+    )
+}
+
+impl Plan {
+    /// Expands `seed` into a plan for `devices` devices.
+    pub fn generate(seed: u64, devices: u32) -> Plan {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let rates = Rates {
+            crash: below(&mut rng, 25),
+            api: below(&mut rng, 20),
+            agent_crash: below(&mut rng, 6),
+            network: below(&mut rng, 12),
+            broker: below(&mut rng, 3),
+            image: below(&mut rng, 5),
+            duplicate: below(&mut rng, 10),
+        };
+        let devices = devices.max(1);
+        let mut steps = Vec::new();
+        let mut at_ms = 2_000;
+        // Fleets get a workload per device, packed closer together.
+        let workload = 12 + below(&mut rng, 20) + 3 * u64::from(devices.saturating_sub(2));
+        let spread = u64::from(devices / 2).max(1);
+        for _ in 0..workload {
+            let device = below(&mut rng, u64::from(devices)) as u32;
+            let deployment = pick(&mut rng, &DEPLOYMENTS).to_owned();
+            let mut push = |at_ms: u64, action: Action| steps.push(Step { at_ms, action });
+            match below(&mut rng, 100) {
+                0..=54 => push(
+                    at_ms,
+                    Action::Put {
+                        device,
+                        deployment: deployment.clone(),
+                        json: valid_score(&mut rng),
+                    },
+                ),
+                55..=61 => {
+                    let bad = [
+                        "{",
+                        r#"{"services":[]}"#,
+                        r#"{"services":[{"name":"a.b","image":"x"}]}"#,
+                    ];
+                    push(
+                        at_ms,
+                        Action::Put {
+                            device,
+                            deployment: deployment.clone(),
+                            json: pick(&mut rng, &bad).to_owned(),
+                        },
+                    );
+                }
+                62..=68 => {
+                    let init = pick(&mut rng, &DOOMED_INIT_IMAGES);
+                    push(
+                        at_ms,
+                        Action::Put {
+                            device,
+                            deployment: deployment.clone(),
+                            json: format!(
+                                r#"{{"services":[{{"name":"web","image":"img/app:1"}}],"init_containers":[{{"name":"bad","image":"{init}","timeout":5}}]}}"#
+                            ),
+                        },
+                    );
+                }
+                69..=76 => push(
+                    at_ms,
+                    Action::Delete {
+                        device,
+                        deployment: deployment.clone(),
+                    },
+                ),
+                77..=81 => push(at_ms, Action::Ping { device }),
+                _ => {}
+            }
+            // Faults land shortly after the workload step, often mid-rollout.
+            let soon = at_ms + below(&mut rng, 5_000);
+            if chance(&mut rng, rates.crash) {
+                let service = pick(&mut rng, &SERVICES);
+                push(
+                    soon,
+                    Action::Crash {
+                        device,
+                        container: format!("{deployment}_{service}"),
+                        code: 1 + below(&mut rng, 3) as i64,
+                    },
+                );
+            }
+            if chance(&mut rng, rates.api) {
+                let op = pick(&mut rng, &FAULTY_OPS).to_owned();
+                let after_effect = op == "create" && chance(&mut rng, 50);
+                push(
+                    soon,
+                    Action::ApiFault {
+                        device,
+                        op,
+                        after_effect,
+                        unavailable: chance(&mut rng, 50),
+                    },
+                );
+            }
+            if chance(&mut rng, rates.network) {
+                let for_ms = 1_000 + below(&mut rng, 90_000);
+                if chance(&mut rng, 60) {
+                    push(soon, Action::Partition { device, for_ms });
+                } else {
+                    push(soon, Action::Hold { device, for_ms });
+                }
+            }
+            if chance(&mut rng, rates.agent_crash) {
+                push(
+                    soon,
+                    Action::AgentCrash {
+                        device,
+                        keep_cache: chance(&mut rng, 60),
+                        down_ms: below(&mut rng, 30_000),
+                    },
+                );
+            }
+            if chance(&mut rng, rates.broker) {
+                push(soon, Action::BrokerRestart);
+            }
+            if chance(&mut rng, rates.image) {
+                push(
+                    soon,
+                    Action::ImageMissing {
+                        device,
+                        image: pick(&mut rng, &GOOD_IMAGES).to_owned(),
+                        for_ms: below(&mut rng, 120_000),
+                    },
+                );
+            }
+            if chance(&mut rng, rates.duplicate) {
+                if chance(&mut rng, 50) {
+                    push(soon, Action::Duplicate);
+                } else {
+                    push(soon, Action::Redeliver { device });
+                }
+            }
+            at_ms += (1_000 + below(&mut rng, 40_000)) / spread;
+        }
+        steps.sort_by_key(|s| s.at_ms);
+        Plan {
+            seed,
+            devices,
+            rates,
+            steps,
+            heal_at_ms: at_ms + 5_000,
+        }
+    }
+
+    /// The plan as JSON, to print or save.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a plan has only string map keys")
+    }
+
+    /// A plan saved by [`to_json`](Self::to_json).
+    ///
+    /// # Errors
+    /// The decoder's error, naming what is wrong.
+    pub fn from_json(text: &str) -> Result<Plan, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_are_data_and_round_trip() {
+        let plan = Plan::generate(7, 3);
+        assert!(!plan.steps.is_empty());
+        assert!(plan.steps.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+        assert!(plan.steps.iter().all(|s| s.at_ms < plan.heal_at_ms));
+        assert_eq!(Plan::from_json(&plan.to_json()).unwrap(), plan);
+        assert_eq!(
+            Plan::generate(7, 3),
+            plan,
+            "a seed always expands the same way"
+        );
+    }
+}
