@@ -11,6 +11,7 @@
 //! - SIGTERM and SIGINT end the loop at once and leave every container
 //!   running; a restarted agent adopts them without recreating anything.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -73,6 +74,7 @@ fn init_logging(settings: &Settings) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match settings.log_format {
         LogFormat::Text => builder.init(),

@@ -310,14 +310,13 @@ impl Settings {
             .unwrap_or_else(|| default_inbox_prefix(&device));
         check_subject_prefix(&inbox_prefix)?;
 
-        let duration =
-            |knob: &'static str, flag: &Option<String>, file: Option<String>, default| match flag
-                .clone()
-                .or(file)
-            {
-                Some(text) => positive_duration(knob, &text),
-                None => Ok(default),
-            };
+        let duration = |knob: &'static str,
+                        flag: &Option<String>,
+                        file: Option<String>,
+                        default| match flag.clone().or(file) {
+            Some(text) => positive_duration(knob, &text),
+            None => Ok(default),
+        };
         let nats_request_timeout = duration(
             "nats_request_timeout",
             &args.nats_request_timeout,
