@@ -367,6 +367,12 @@ impl Broker {
         }
     }
 
+    /// The reported-state bucket, e.g. to watch it.
+    #[must_use]
+    pub fn state_store(&self) -> &kv::Store {
+        &self.state
+    }
+
     /// Waits until the client is connected (after a server restart).
     ///
     /// # Panics
