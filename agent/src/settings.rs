@@ -759,6 +759,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let file: FileConfig =
+            toml::from_str(include_str!("../../deploy/agent.example.toml")).unwrap();
+        let settings = Settings::resolve(&args(&[]), file).unwrap();
+        assert_eq!(settings.device.as_str(), "rpi-01");
+        assert_eq!(settings.nats.inbox_prefix, "_INBOX.rpi-01");
+    }
+
+    #[test]
     fn durations_take_a_unit() {
         let ok = |t| positive_duration("x", t).unwrap();
         assert_eq!(ok("500ms"), Duration::from_millis(500));

@@ -51,14 +51,20 @@ fn main() {
         let dev = unique_prefix("bench");
         let mut device = Device::new(std::path::Path::new(AGENT), &dev, &nats.url(), &[]);
         device.start_agent();
-        let score = json!({"services": [{"name": "web", "image": TEST_IMAGE, "args": ["sleep", "1000"]}]}).to_string();
+        let score =
+            json!({"services": [{"name": "web", "image": TEST_IMAGE, "args": ["sleep", "1000"]}]})
+                .to_string();
 
         // 1. put -> Running, against podman run.
         let mut agent_times = Vec::new();
         let mut podman_times = Vec::new();
         for round in 0..ROUNDS {
             let dep = format!("{dev}-r{round}");
-            let mut watch = broker.state_store().watch(format!("{dev}.{dep}")).await.unwrap();
+            let mut watch = broker
+                .state_store()
+                .watch(format!("{dev}.{dep}"))
+                .await
+                .unwrap();
             let started = Instant::now();
             broker.put(&dev, &dep, score.clone()).await;
             loop {
@@ -75,7 +81,15 @@ fn main() {
             let status = device
                 .podman()
                 .podman()
-                .args(["run", "-d", "--name", &format!("{dev}-plain{round}"), TEST_IMAGE, "sleep", "1000"])
+                .args([
+                    "run",
+                    "-d",
+                    "--name",
+                    &format!("{dev}-plain{round}"),
+                    TEST_IMAGE,
+                    "sleep",
+                    "1000",
+                ])
                 .output()
                 .unwrap();
             podman_times.push(started.elapsed());
@@ -92,7 +106,9 @@ fn main() {
         }
         for (dep, rev) in &states {
             broker
-                .wait_state(&dev, dep, Duration::from_secs(60), |s| s.phase == Phase::Running && s.revision == *rev)
+                .wait_state(&dev, dep, Duration::from_secs(60), |s| {
+                    s.phase == Phase::Running && s.revision == *rev
+                })
                 .await;
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -112,11 +128,26 @@ fn main() {
         println!("| --- | --- |");
         println!("| put -> Running report, one service (median of {ROUNDS}) | {agent:.0?} |");
         println!("| plain `podman run -d` of the same image (median of {ROUNDS}) | {plain:.0?} |");
-        println!("| ratio | {:.2} |", agent.as_secs_f64() / plain.as_secs_f64());
+        println!(
+            "| ratio | {:.2} |",
+            agent.as_secs_f64() / plain.as_secs_f64()
+        );
         println!("| agent samples | {agent_times:.0?} |");
         println!("| podman samples | {podman_times:.0?} |");
-        println!("| idle VmRSS, 10 deployments | {} KiB ({:.1} MiB; {} KiB before the idle window) |", rss, rss as f64 / 1024.0, rss_before);
-        println!("| CPU over {ticks} idle 1 s ticks | {cpu_ms} ms ({:.1} ms per tick) |", cpu_ms as f64 / ticks as f64);
-        println!("| runtime API calls in {ticks} ticks, 10 services | {} ({} list) |", ops.len(), lists);
+        println!(
+            "| idle VmRSS, 10 deployments | {} KiB ({:.1} MiB; {} KiB before the idle window) |",
+            rss,
+            rss as f64 / 1024.0,
+            rss_before
+        );
+        println!(
+            "| CPU over {ticks} idle 1 s ticks | {cpu_ms} ms ({:.1} ms per tick) |",
+            cpu_ms as f64 / ticks as f64
+        );
+        println!(
+            "| runtime API calls in {ticks} ticks, 10 services | {} ({} list) |",
+            ops.len(),
+            lists
+        );
     });
 }
