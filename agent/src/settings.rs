@@ -85,7 +85,7 @@ pub struct Args {
 
     /// Prefix of this client's reply inboxes; the server's permissions
     /// should allow the device to subscribe to `<prefix>.>` only
-    /// [default: _INBOX.<device id>].
+    /// (default: `_INBOX.<device id>`).
     #[arg(long, env = "PODFLEET_NATS_INBOX_PREFIX", value_name = "PREFIX")]
     pub nats_inbox_prefix: Option<String>,
 
