@@ -6,10 +6,17 @@
 //! production adapters: podman through bollard (feature `podman`) and NATS
 //! JetStream through async-nats (feature `nats`).
 
+pub mod cache_store;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod conformance;
 pub mod event_loop;
 #[cfg(feature = "fake")]
 pub mod fake_runtime;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "podman")]
 pub mod podman;
 pub mod runtime;
+#[cfg(feature = "cli")]
+pub mod settings;

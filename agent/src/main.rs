@@ -1,9 +1,6 @@
-//! `podfleet-agent`: the binary that runs on every device.
+//! `podfleet-agent`: the binary that runs on every device. Everything it
+//! does is in [`podfleet_agent::cli`], so the e2e tests run the same code.
 
-fn main() {
-    eprintln!(
-        "podfleet-agent {}: not yet runnable; see the README",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+fn main() -> std::process::ExitCode {
+    podfleet_agent::cli::main()
 }

@@ -448,6 +448,78 @@ impl ContainerRuntime for PodmanRuntime {
     }
 }
 
+/// A [`PodmanRuntime`] that connects on first use, and again on the next
+/// call after a failed connect: the agent starts (and keeps its loop
+/// running) while podman's socket is still down, and every call made before
+/// the socket answers fails as [`RuntimeErrorKind::Unavailable`], which the
+/// reconciler retries with backoff and reports in heartbeats.
+#[derive(Debug, Clone)]
+pub struct LazyPodmanRuntime {
+    socket: PathBuf,
+    request_timeout: Duration,
+    connected: std::sync::Arc<tokio::sync::OnceCell<PodmanRuntime>>,
+}
+
+impl LazyPodmanRuntime {
+    /// A runtime for the API socket at `socket`; nothing is contacted yet.
+    pub fn new(socket: impl Into<PathBuf>, request_timeout: Duration) -> Self {
+        Self {
+            socket: socket.into(),
+            request_timeout,
+            connected: std::sync::Arc::default(),
+        }
+    }
+
+    /// The connected runtime, connecting first if need be.
+    ///
+    /// # Errors
+    /// As [`PodmanRuntime::connect`].
+    pub async fn runtime(&self) -> Result<&PodmanRuntime, RuntimeError> {
+        self.connected
+            .get_or_try_init(|| async {
+                let runtime = PodmanRuntime::connect(&self.socket).await?;
+                tracing::info!(
+                    socket = %self.socket.display(),
+                    api_version = runtime.api_version(),
+                    "connected to the container runtime"
+                );
+                Ok(runtime.with_request_timeout(self.request_timeout))
+            })
+            .await
+    }
+}
+
+impl ContainerRuntime for LazyPodmanRuntime {
+    async fn execute(&self, op: RuntimeOp) -> RuntimeResult {
+        self.runtime().await?.execute(op).await
+    }
+
+    async fn logs(
+        &self,
+        container: &str,
+        tail_lines: u32,
+        max_bytes: usize,
+    ) -> Result<LogsOutput, RuntimeError> {
+        self.runtime()
+            .await?
+            .logs(container, tail_lines, max_bytes)
+            .await
+    }
+
+    async fn exec(
+        &self,
+        container: &str,
+        argv: &[String],
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<ExecOutput, RuntimeError> {
+        self.runtime()
+            .await?
+            .exec(container, argv, timeout, max_bytes)
+            .await
+    }
+}
+
 /// GETs `path_and_query` over a connection of its own and decodes the JSON
 /// answer: HTTP/1.0, so the body is simply everything after the headers.
 async fn get_json<T: DeserializeOwned>(

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tempfile::TempDir;
 
+pub mod agent;
+
 /// The local image [`test_image`] builds: busybox on `scratch`, no
 /// entrypoint, so a container's args are its whole command.
 pub const TEST_IMAGE: &str = "localhost/podfleet-test:busybox";
@@ -61,6 +63,8 @@ pub struct PodmanService {
     child: Child,
     socket: PathBuf,
     log: PathBuf,
+    /// `--root`, `--runroot` and `--tmpdir` of an isolated service.
+    store: Option<[PathBuf; 3]>,
     _dir: TempDir,
 }
 
@@ -73,10 +77,56 @@ impl PodmanService {
     /// service does not answer within 30 s (with its log).
     #[must_use]
     pub fn start() -> Self {
-        let dir = temp_dir("podfleet-podman-");
+        Self::launch(temp_dir("podfleet-podman-"), None)
+    }
+
+    /// Starts a service on container storage of its own (`--root`,
+    /// `--runroot`, `--tmpdir` in its temporary directory) holding only
+    /// [`TEST_IMAGE`]: a device of its own, whose containers no other test
+    /// sees, and which are force-removed on drop. Use
+    /// [`PodmanService::podman`] to look at it.
+    ///
+    /// # Panics
+    ///
+    /// As [`PodmanService::start`], or if the test image cannot be copied in.
+    #[must_use]
+    pub fn start_isolated() -> Self {
+        let dir = temp_dir("podfleet-device-");
+        let store = ["root", "runroot", "tmp"].map(|d| dir.path().join(d));
+        let image = test_image();
+        let mut save = podman()
+            .args(["save", "--format", "oci-archive", image])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run podman save: {e}"));
+        let archive = save
+            .stdout
+            .take()
+            .unwrap_or_else(|| panic!("podman save has no stdout"));
+        let loaded = store_args(podman(), &store)
+            .args(["load", "--quiet"])
+            .stdin(archive)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run podman load: {e}"));
+        let saved = save.wait();
+        if !loaded.status.success() || !saved.as_ref().is_ok_and(|s| s.success()) {
+            panic!(
+                "copying {image} into an isolated store failed (save: {saved:?}):\n{}",
+                String::from_utf8_lossy(&loaded.stderr)
+            );
+        }
+        Self::launch(dir, Some(store))
+    }
+
+    fn launch(dir: TempDir, store: Option<[PathBuf; 3]>) -> Self {
         let socket = dir.path().join("podman.sock");
         let log = dir.path().join("podman-service.log");
-        let child = podman()
+        let mut command = podman();
+        if let Some(store) = &store {
+            command = store_args(command, store);
+        }
+        let child = command
             .args(["system", "service", "--time=0"])
             .arg(format!("unix://{}", socket.display()))
             .stdin(Stdio::null())
@@ -88,6 +138,7 @@ impl PodmanService {
             child,
             socket,
             log,
+            store,
             _dir: dir,
         };
         let deadline = Instant::now() + PODMAN_START_DEADLINE;
@@ -121,13 +172,45 @@ impl PodmanService {
     pub fn log(&self) -> String {
         read_log(&self.log)
     }
+
+    /// A [`podman`] command on this service's storage (the host's, unless
+    /// the service is isolated).
+    #[must_use]
+    pub fn podman(&self) -> Command {
+        match &self.store {
+            Some(store) => store_args(podman(), store),
+            None => podman(),
+        }
+    }
 }
 
 impl Drop for PodmanService {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.store.is_some() {
+            // Containers outlive the service (conmon keeps them); an
+            // isolated device takes its containers with it.
+            let _ = self
+                .podman()
+                .args(["rm", "--all", "--force", "--time", "0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
+}
+
+/// `command` with the storage flags of an isolated service.
+fn store_args(mut command: Command, [root, runroot, tmp]: &[PathBuf; 3]) -> Command {
+    command
+        .arg("--root")
+        .arg(root)
+        .arg("--runroot")
+        .arg(runroot)
+        .arg("--tmpdir")
+        .arg(tmp);
+    command
 }
 
 /// Whether the Docker-compatible API on `socket` answers `GET /_ping`.
@@ -154,6 +237,8 @@ fn ping(socket: &Path) -> bool {
 pub struct NatsServer {
     child: Option<Child>,
     port: u16,
+    /// The usual port while the server runs elsewhere.
+    home: Option<u16>,
     config: Option<PathBuf>,
     log: PathBuf,
     dir: TempDir,
@@ -188,6 +273,7 @@ impl NatsServer {
         let mut server = Self {
             child: None,
             port: free_port(),
+            home: None,
             config,
             log: dir.path().join("nats-server.log"),
             dir,
@@ -230,6 +316,51 @@ impl NatsServer {
     /// As [`NatsServer::start`].
     pub fn restart(&mut self) {
         self.kill();
+        self.spawn();
+    }
+
+    /// Kills the server; clients see a broker that is down.
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts a stopped server again on the same port and store.
+    ///
+    /// # Panics
+    ///
+    /// As [`NatsServer::start`].
+    pub fn resume(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
+        }
+    }
+
+    /// Restarts the server on another free port with the same store and
+    /// returns its URL: clients of the usual port are cut off while
+    /// changes are made through this one. [`come_home`](Self::come_home)
+    /// undoes it.
+    ///
+    /// # Panics
+    ///
+    /// As [`NatsServer::start`].
+    pub fn move_away(&mut self) -> String {
+        self.kill();
+        self.home.get_or_insert(self.port);
+        self.port = free_port();
+        self.spawn();
+        self.url()
+    }
+
+    /// Restarts the server on its usual port after [`move_away`](Self::move_away).
+    ///
+    /// # Panics
+    ///
+    /// As [`NatsServer::start`].
+    pub fn come_home(&mut self) {
+        self.kill();
+        if let Some(home) = self.home.take() {
+            self.port = home;
+        }
         self.spawn();
     }
 

@@ -5,6 +5,8 @@
 //!   missing and running as root), then runs `cargo test --workspace`.
 //!   Extra arguments are passed to `cargo test`.
 //! - `cargo xtask provision`: only the provisioning step.
+//! - `cargo xtask bench-agent`: provisions, then runs the agent benchmark
+//!   (`cargo bench -p e2e --bench agent`, figures for docs/performance.md).
 //!
 //! It fails loudly, naming the package, when something cannot be provided.
 
@@ -28,8 +30,9 @@ fn main() -> ExitCode {
     let result = match task.as_str() {
         "test" => provision().and_then(|()| cargo_test(&rest)),
         "provision" => provision(),
+        "bench-agent" => provision().and_then(|()| cargo(&["bench", "-p", "e2e", "--bench", "agent"], &rest)),
         _ => Err(format!(
-            "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, nats-server, busybox-static when missing"
+            "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, nats-server, busybox-static when missing\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)"
         )),
     };
     match result {
@@ -83,10 +86,12 @@ fn provision() -> Result<(), String> {
 }
 
 fn cargo_test(extra: &[String]) -> Result<(), String> {
+    cargo(&["test", "--workspace"], extra)
+}
+
+fn cargo(args: &[&str], extra: &[String]) -> Result<(), String> {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(cargo)
-        .args(["test", "--workspace"])
-        .args(extra))
+    run(Command::new(cargo).args(args).args(extra))
 }
 
 fn run(command: &mut Command) -> Result<(), String> {

@@ -1,0 +1,817 @@
+//! The NATS adapter: this device's desired state, commands and reports over
+//! NATS JetStream.
+//!
+//! [`connect`] returns at once, even when no server is reachable: the
+//! client connects in the background and retries forever. It yields a
+//! [`NatsSource`] (the loop's [`DesiredSource`]) and a [`NatsPublisher`]
+//! (its [`Publisher`]).
+//!
+//! A background task owns the watch and the command subscription and feeds
+//! an mpsc channel, so [`NatsSource::next`] is a channel receive: cancel-safe,
+//! and never blocked by the network. After every (re)connect the task makes
+//! a fresh watch that delivers the newest entry of each of this device's keys
+//! and then [`Inbound::Snapshot`], which is how deletes made while the agent
+//! was away are noticed.
+//!
+//! # What goes over the wire, and why (see docs/operations.md)
+//!
+//! Every subject this module uses names the device, so a nats-server
+//! configuration can grant a device exactly its own keys:
+//!
+//! - the watch is an ordered push consumer created on
+//!   `$JS.API.CONSUMER.CREATE.KV_podfleet-desired.<name>.$KV.podfleet-desired.<device>.*`
+//!   (the consumer has a name, so async-nats puts the filter into the
+//!   subject; nats-server 2.9 checks that the filter in the body matches it).
+//!   No `STREAM.INFO` and no direct get: both would need permissions that
+//!   read any device's keys;
+//! - state and heartbeats are plain JetStream publishes to
+//!   `$KV.podfleet-state.<device>.<deployment>` and
+//!   `$KV.podfleet-heartbeats.<device>` (a `KV-Operation: DEL` header for
+//!   deletes), not `Store::put`, which would first ask for the stream's info;
+//! - replies and deliveries use the inbox prefix from the configuration
+//!   (by default `_INBOX.<device>`);
+//! - commands arrive on `device-commands.<device>.*`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::push::{Ordered, OrderedConfig};
+use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::{Client, ConnectOptions, Event, Subscriber};
+use futures_util::StreamExt;
+use podfleet_core::time::Backoff;
+use podfleet_core::wire::names::{
+    device_command_filter, device_key_filter, heartbeat_key, DESIRED_BUCKET, HEARTBEAT_BUCKET,
+    STATE_BUCKET,
+};
+use podfleet_core::wire::{
+    CommandError, CommandReply, CommandSubject, DeploymentKey, DeploymentName, DeviceId, ErrorCode,
+};
+use tokio::sync::mpsc;
+
+use crate::event_loop::{CommandRequest, DesiredSource, Inbound, PublishError, Publisher, Report};
+
+/// The JetStream header that marks a KV delete or purge.
+const KV_OPERATION: &str = "KV-Operation";
+/// How many inbound messages wait for the loop before the task waits too.
+const INBOUND_CAPACITY: usize = 256;
+
+/// How the agent proves who it is to nats-server.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// No credentials (a development server).
+    None,
+    /// A user name and password.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A bearer token.
+    Token(String),
+    /// An NKey seed (`SU...`), read from a file.
+    NKeySeed(String),
+    /// A `.creds` file (JWT and NKey seed) for decentralised auth.
+    CredsFile(PathBuf),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a secret.
+        match self {
+            Credentials::None => f.write_str("None"),
+            Credentials::UserPassword { user, .. } => write!(f, "UserPassword({user:?}, ***)"),
+            Credentials::Token(_) => f.write_str("Token(***)"),
+            Credentials::NKeySeed(_) => f.write_str("NKeySeed(***)"),
+            Credentials::CredsFile(path) => write!(f, "CredsFile({})", path.display()),
+        }
+    }
+}
+
+/// What [`connect`] needs.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    /// This device.
+    pub device: DeviceId,
+    /// Server URLs, tried in turn.
+    pub urls: Vec<String>,
+    /// Credentials.
+    pub credentials: Credentials,
+    /// The prefix of every inbox this client subscribes to; per device, so
+    /// the server can keep devices out of each other's replies.
+    pub inbox_prefix: String,
+    /// How long a publish may wait for JetStream's acknowledgement.
+    pub request_timeout: Duration,
+    /// The backoff between attempts to create the watch.
+    pub watch_backoff: Backoff,
+    /// The client name shown by the server.
+    pub client_name: String,
+}
+
+impl NatsSettings {
+    /// Defaults for `device`: a local server, no credentials, inbox prefix
+    /// `_INBOX.<device>`, a 5 s request timeout, watch retries after 1 s
+    /// doubling to 30 s.
+    pub fn new(device: DeviceId) -> Self {
+        Self {
+            inbox_prefix: default_inbox_prefix(&device),
+            client_name: format!("podfleet-agent {device}"),
+            device,
+            urls: vec!["nats://127.0.0.1:4222".to_owned()],
+            credentials: Credentials::None,
+            request_timeout: Duration::from_secs(5),
+            watch_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
+        }
+    }
+}
+
+/// `_INBOX.<device>`: the default inbox prefix of a device.
+pub fn default_inbox_prefix(device: &DeviceId) -> String {
+    format!("_INBOX.{device}")
+}
+
+/// Why the NATS adapter could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NatsError {
+    /// The credentials file could not be read or parsed.
+    #[error("cannot read the NATS credentials file {path}: {source}")]
+    Credentials {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The client could not be set up (a bad URL, a bad NKey seed...).
+    #[error("cannot set up the NATS client: {0}")]
+    Connect(String),
+}
+
+/// Starts the NATS client, which connects in the background and retries
+/// forever, and the task that watches this device's keys.
+///
+/// Must be called within a tokio runtime.
+///
+/// # Errors
+/// [`NatsError`] for settings that can never work: an unreadable creds file,
+/// an invalid URL or seed. An unreachable server is not an error.
+pub async fn connect(settings: NatsSettings) -> Result<(NatsSource, NatsPublisher), NatsError> {
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let options =
+        match &settings.credentials {
+            Credentials::None => ConnectOptions::new(),
+            Credentials::UserPassword { user, password } => {
+                ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            Credentials::Token(token) => ConnectOptions::with_token(token.clone()),
+            Credentials::NKeySeed(seed) => ConnectOptions::with_nkey(seed.clone()),
+            Credentials::CredsFile(path) => ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| NatsError::Credentials {
+                    path: path.clone(),
+                    source,
+                })?,
+        };
+    let client = options
+        .name(&settings.client_name)
+        .custom_inbox_prefix(&settings.inbox_prefix)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .request_timeout(Some(settings.request_timeout))
+        .event_callback(move |event| {
+            let events_tx = events_tx.clone();
+            async move {
+                // The receiver is gone only when the agent is shutting down.
+                let _ = events_tx.send(event);
+            }
+        })
+        .connect(settings.urls.join(","))
+        .await
+        .map_err(|e| NatsError::Connect(e.to_string()))?;
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
+    let publisher = NatsPublisher {
+        client: client.clone(),
+        device: settings.device.clone(),
+        timeout: settings.request_timeout,
+    };
+    let watcher = Watcher {
+        js: async_nats::jetstream::new(client.clone()),
+        client,
+        device: settings.device,
+        backoff: settings.watch_backoff,
+        inbound: inbound_tx,
+    };
+    tokio::spawn(watcher.run(events_rx));
+    Ok((
+        NatsSource {
+            inbound: inbound_rx,
+        },
+        publisher,
+    ))
+}
+
+/// The loop's [`DesiredSource`] over NATS: the receiving end of the
+/// background task's channel.
+#[derive(Debug)]
+pub struct NatsSource {
+    inbound: mpsc::Receiver<Inbound>,
+}
+
+impl DesiredSource for NatsSource {
+    async fn next(&mut self) -> Option<Inbound> {
+        self.inbound.recv().await
+    }
+}
+
+/// The loop's [`Publisher`] over NATS JetStream.
+#[derive(Debug, Clone)]
+pub struct NatsPublisher {
+    client: Client,
+    device: DeviceId,
+    timeout: Duration,
+}
+
+impl NatsPublisher {
+    async fn kv_publish(
+        &self,
+        subject: String,
+        message: PublishMessage,
+    ) -> Result<(), PublishError> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let attempt = async {
+            let ack = js
+                .send_publish(subject.clone(), message)
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map(drop).map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(PublishError(format!("{subject}: {e}"))),
+            Err(_) => Err(PublishError(format!(
+                "{subject}: no acknowledgement within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    fn state_subject(&self, deployment: &DeploymentName) -> String {
+        let key = DeploymentKey {
+            device: self.device.clone(),
+            deployment: deployment.clone(),
+        };
+        kv_subject(STATE_BUCKET, &key.to_key())
+    }
+}
+
+impl Publisher for NatsPublisher {
+    async fn publish(&self, report: Report) -> Result<(), PublishError> {
+        let (subject, message) = match report {
+            Report::State { deployment, state } => {
+                let body = serde_json::to_vec(&state)
+                    .map_err(|e| PublishError(format!("state not encoded: {e}")))?;
+                (
+                    self.state_subject(&deployment),
+                    PublishMessage::build().payload(body.into()),
+                )
+            }
+            Report::Clear { deployment } => (
+                self.state_subject(&deployment),
+                PublishMessage::build().header(KV_OPERATION, "DEL"),
+            ),
+            Report::Heartbeat(heartbeat) => {
+                let body = serde_json::to_vec(&heartbeat)
+                    .map_err(|e| PublishError(format!("heartbeat not encoded: {e}")))?;
+                (
+                    kv_subject(HEARTBEAT_BUCKET, &heartbeat_key(&self.device)),
+                    PublishMessage::build().payload(body.into()),
+                )
+            }
+        };
+        self.kv_publish(subject, message).await
+    }
+
+    async fn reply(&self, reply_to: String, body: Vec<u8>) -> Result<(), PublishError> {
+        let send = self.client.publish(reply_to.clone(), body.into());
+        match tokio::time::timeout(self.timeout, send).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(PublishError(format!("reply to {reply_to}: {e}"))),
+            Err(_) => Err(PublishError(format!("reply to {reply_to}: timed out"))),
+        }
+    }
+}
+
+/// `$KV.<bucket>.<key>`: the subject a KV entry is stored under.
+pub fn kv_subject(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+/// The stream behind a KV bucket.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The subject filter of this device's desired-state keys.
+pub fn desired_filter(device: &DeviceId) -> String {
+    kv_subject(DESIRED_BUCKET, &device_key_filter(device))
+}
+
+/// What one watched KV entry means for the loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Put {
+        deployment: DeploymentName,
+        revision: u64,
+        value: Vec<u8>,
+    },
+    Delete {
+        deployment: DeploymentName,
+        revision: u64,
+    },
+}
+
+impl Entry {
+    fn deployment(&self) -> &DeploymentName {
+        match self {
+            Entry::Put { deployment, .. } | Entry::Delete { deployment, .. } => deployment,
+        }
+    }
+
+    fn into_inbound(self) -> Inbound {
+        match self {
+            Entry::Put {
+                deployment,
+                revision,
+                value,
+            } => Inbound::Put {
+                deployment,
+                revision,
+                value,
+            },
+            Entry::Delete {
+                deployment,
+                revision,
+            } => Inbound::Delete {
+                deployment,
+                revision,
+            },
+        }
+    }
+}
+
+/// Why a watched message was skipped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum SkipReason {
+    #[error("subject {0:?} is not in the desired-state bucket")]
+    Subject(String),
+    #[error("{0}")]
+    Key(String),
+    #[error("key {key:?} belongs to device {other}")]
+    OtherDevice { key: String, other: DeviceId },
+}
+
+/// Turns a watched message's subject, operation header and revision into
+/// an [`Entry`] for `device`.
+fn classify(
+    device: &DeviceId,
+    subject: &str,
+    operation: Option<&str>,
+    revision: u64,
+    payload: &[u8],
+) -> Result<Entry, SkipReason> {
+    let prefix = kv_subject(DESIRED_BUCKET, "");
+    let key = subject
+        .strip_prefix(&prefix)
+        .ok_or_else(|| SkipReason::Subject(subject.to_owned()))?;
+    let parsed = DeploymentKey::parse(key).map_err(|e| SkipReason::Key(e.to_string()))?;
+    if &parsed.device != device {
+        return Err(SkipReason::OtherDevice {
+            key: key.to_owned(),
+            other: parsed.device,
+        });
+    }
+    Ok(match operation {
+        Some("DEL" | "PURGE") => Entry::Delete {
+            deployment: parsed.deployment,
+            revision,
+        },
+        _ => Entry::Put {
+            deployment: parsed.deployment,
+            revision,
+            value: payload.to_vec(),
+        },
+    })
+}
+
+/// Tracks one watch's initial snapshot: which deployments it holds, and
+/// when the last of them has arrived.
+#[derive(Debug, Default)]
+struct Snapshot {
+    present: BTreeSet<DeploymentName>,
+    complete: bool,
+}
+
+impl Snapshot {
+    /// A watch whose consumer had `pending` entries at creation; an empty
+    /// bucket is complete at once.
+    fn new(pending: u64) -> (Self, Option<Inbound>) {
+        let mut snapshot = Self::default();
+        let done = (pending == 0).then(|| snapshot.finish());
+        (snapshot, done)
+    }
+
+    /// Records `entry`; returns [`Inbound::Snapshot`] when it was the last
+    /// one of the initial snapshot (`pending` entries still follow it).
+    fn record(&mut self, entry: &Entry, pending: u64) -> Option<Inbound> {
+        match entry {
+            Entry::Put { deployment, .. } => self.present.insert(deployment.clone()),
+            Entry::Delete { deployment, .. } => self.present.remove(deployment),
+        };
+        (!self.complete && pending == 0).then(|| self.finish())
+    }
+
+    /// A skipped message can end the snapshot too.
+    fn skip(&mut self, pending: u64) -> Option<Inbound> {
+        (!self.complete && pending == 0).then(|| self.finish())
+    }
+
+    fn finish(&mut self) -> Inbound {
+        self.complete = true;
+        Inbound::Snapshot {
+            present: self.present.clone(),
+        }
+    }
+}
+
+/// The background task: owns the watch and the command subscription.
+struct Watcher {
+    client: Client,
+    js: async_nats::jetstream::Context,
+    device: DeviceId,
+    backoff: Backoff,
+    inbound: mpsc::Sender<Inbound>,
+}
+
+/// A live watch and its snapshot.
+struct Watch {
+    messages: Ordered,
+    snapshot: Snapshot,
+}
+
+impl Watcher {
+    async fn run(self, mut events: mpsc::UnboundedReceiver<Event>) {
+        let mut commands = match self
+            .client
+            .subscribe(device_command_filter(&self.device))
+            .await
+        {
+            Ok(subscriber) => Some(subscriber),
+            Err(error) => {
+                tracing::error!(%error, "cannot subscribe to the command subject; commands are off");
+                None
+            }
+        };
+        let mut connected = false;
+        let mut watch: Option<Watch> = None;
+        let mut failures: u32 = 0;
+        let mut retry_at = tokio::time::Instant::now();
+        loop {
+            if connected && watch.is_none() && tokio::time::Instant::now() >= retry_at {
+                match self.start_watch().await {
+                    Ok((new, done)) => {
+                        failures = 0;
+                        watch = Some(new);
+                        if let Some(done) = done {
+                            if !self.forward(done).await {
+                                return;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        let delay = self.backoff.delay(failures);
+                        failures = failures.saturating_add(1);
+                        tracing::warn!(%error, retry_in = ?delay, "cannot watch the desired state");
+                        retry_at = tokio::time::Instant::now() + delay;
+                    }
+                }
+                continue;
+            }
+            let waiting_to_retry = connected && watch.is_none();
+            tokio::select! {
+                biased;
+                () = self.inbound.closed() => return,
+                event = events.recv() => match event {
+                    Some(Event::Connected) => {
+                        tracing::info!("connected to NATS");
+                        connected = true;
+                        // A fresh watch, so its snapshot reveals what changed meanwhile.
+                        watch = None;
+                        failures = 0;
+                        retry_at = tokio::time::Instant::now();
+                    }
+                    Some(Event::Disconnected) => {
+                        tracing::warn!("disconnected from NATS; the agent carries on without it");
+                        connected = false;
+                        watch = None;
+                    }
+                    Some(Event::ServerError(error)) => tracing::warn!(%error, "NATS server error"),
+                    Some(other) => tracing::debug!(event = %other, "NATS event"),
+                    None => return,
+                },
+                message = next_command(&mut commands) => match message {
+                    Some(message) => {
+                        if !self.command(message).await {
+                            return;
+                        }
+                    }
+                    None => {
+                        tracing::error!("the command subscription ended; commands are off");
+                        commands = None;
+                    }
+                },
+                message = next_entry(&mut watch) => match message {
+                    Some(Ok(message)) => {
+                        if let Some(w) = watch.as_mut() {
+                            for inbound in self.entry(w, &message) {
+                                if !self.forward(inbound).await {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "the desired-state watch failed; making a new one");
+                        watch = None;
+                    }
+                    None => {
+                        tracing::warn!("the desired-state watch ended; making a new one");
+                        watch = None;
+                    }
+                },
+                () = tokio::time::sleep_until(retry_at), if waiting_to_retry => {}
+            }
+        }
+    }
+
+    /// Sends one message to the loop; false once the loop is gone.
+    async fn forward(&self, inbound: Inbound) -> bool {
+        self.inbound.send(inbound).await.is_ok()
+    }
+
+    /// Creates an ordered consumer of the newest entry of each of this
+    /// device's keys (see the module docs for the subjects it uses).
+    async fn start_watch(&self) -> Result<(Watch, Option<Inbound>), String> {
+        let inbox = self.client.new_inbox();
+        // The inbox's last token is a fresh NUID: a unique consumer name.
+        let unique = inbox.rsplit('.').next().unwrap_or_default();
+        let config = OrderedConfig {
+            deliver_subject: inbox.clone(),
+            name: Some(format!("podfleet-{}-{unique}", self.device)),
+            description: Some(format!("podfleet-agent watch of {}", self.device)),
+            filter_subject: desired_filter(&self.device),
+            replay_policy: ReplayPolicy::Instant,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..OrderedConfig::default()
+        };
+        let consumer = self
+            .js
+            .create_consumer_on_stream(config, kv_stream(DESIRED_BUCKET))
+            .await
+            .map_err(|e| e.to_string())?;
+        let pending = consumer.cached_info().num_pending;
+        let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        tracing::info!(entries = pending, "watching the desired state");
+        let (snapshot, done) = Snapshot::new(pending);
+        Ok((Watch { messages, snapshot }, done))
+    }
+
+    /// What one watched message means: an entry, and maybe the end of the
+    /// snapshot.
+    fn entry(&self, watch: &mut Watch, message: &async_nats::jetstream::Message) -> Vec<Inbound> {
+        let Ok(info) = message.info() else {
+            tracing::warn!(subject = %message.subject, "watched message without JetStream metadata; skipped");
+            return Vec::new();
+        };
+        let (revision, pending) = (info.stream_sequence, info.pending);
+        let operation = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(KV_OPERATION))
+            .map(|v| v.as_str());
+        let mut out = Vec::new();
+        match classify(
+            &self.device,
+            message.subject.as_str(),
+            operation,
+            revision,
+            &message.payload,
+        ) {
+            Ok(entry) => {
+                tracing::debug!(deployment = %entry.deployment(), revision, "desired entry");
+                let done = watch.snapshot.record(&entry, pending);
+                out.push(entry.into_inbound());
+                out.extend(done);
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, revision, "desired-state entry skipped");
+                out.extend(watch.snapshot.skip(pending));
+            }
+        }
+        out
+    }
+
+    /// Forwards a command request, or answers a malformed one here.
+    async fn command(&self, message: async_nats::Message) -> bool {
+        let Some(reply_to) = message.reply.as_ref().map(|r| r.to_string()) else {
+            tracing::warn!(subject = %message.subject, "command without a reply subject; ignored");
+            return true;
+        };
+        match CommandSubject::parse(message.subject.as_str()) {
+            Ok(subject) if subject.device == self.device => {
+                self.forward(Inbound::Command(CommandRequest {
+                    verb: subject.verb,
+                    body: message.payload.to_vec(),
+                    reply_to,
+                }))
+                .await
+            }
+            Ok(subject) => {
+                tracing::warn!(device = %subject.device, "command for another device; ignored");
+                true
+            }
+            Err(error) => {
+                let reply = CommandReply::<()>::Error(CommandError::new(
+                    ErrorCode::BadRequest,
+                    error.to_string(),
+                ));
+                match serde_json::to_vec(&reply) {
+                    Ok(body) => {
+                        if let Err(error) = self.client.publish(reply_to, body.into()).await {
+                            tracing::debug!(%error, "command refusal not sent");
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "command refusal not encoded"),
+                }
+                true
+            }
+        }
+    }
+}
+
+async fn next_command(commands: &mut Option<Subscriber>) -> Option<async_nats::Message> {
+    match commands {
+        Some(subscriber) => subscriber.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_entry(
+    watch: &mut Option<Watch>,
+) -> Option<
+    Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>,
+> {
+    match watch {
+        Some(watch) => watch.messages.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> DeviceId {
+        DeviceId::new("rpi-01").unwrap()
+    }
+
+    fn name(n: &str) -> DeploymentName {
+        DeploymentName::new(n).unwrap()
+    }
+
+    #[test]
+    fn subjects_name_the_device() {
+        assert_eq!(desired_filter(&device()), "$KV.podfleet-desired.rpi-01.*");
+        assert_eq!(kv_stream(STATE_BUCKET), "KV_podfleet-state");
+        assert_eq!(default_inbox_prefix(&device()), "_INBOX.rpi-01");
+    }
+
+    #[test]
+    fn entries_are_classified_by_operation() {
+        let put = classify(
+            &device(),
+            "$KV.podfleet-desired.rpi-01.shop",
+            None,
+            7,
+            b"{}",
+        );
+        assert_eq!(
+            put,
+            Ok(Entry::Put {
+                deployment: name("shop"),
+                revision: 7,
+                value: b"{}".to_vec()
+            })
+        );
+        for op in ["DEL", "PURGE"] {
+            let delete = classify(
+                &device(),
+                "$KV.podfleet-desired.rpi-01.shop",
+                Some(op),
+                8,
+                b"",
+            );
+            assert_eq!(
+                delete,
+                Ok(Entry::Delete {
+                    deployment: name("shop"),
+                    revision: 8
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn bad_keys_are_skipped_with_a_reason() {
+        let bad = classify(&device(), "$KV.podfleet-desired.rpi-01.Shop", None, 1, b"");
+        assert!(
+            matches!(&bad, Err(SkipReason::Key(m)) if m.contains("invalid deployment name \"Shop\"")),
+            "{bad:?}"
+        );
+        let other = classify(&device(), "$KV.podfleet-desired.rpi-02.shop", None, 1, b"");
+        assert!(
+            matches!(other, Err(SkipReason::OtherDevice { .. })),
+            "{other:?}"
+        );
+        let elsewhere = classify(&device(), "$KV.podfleet-state.rpi-01.shop", None, 1, b"");
+        assert!(
+            matches!(elsewhere, Err(SkipReason::Subject(_))),
+            "{elsewhere:?}"
+        );
+    }
+
+    #[test]
+    fn an_empty_bucket_completes_the_snapshot_at_once() {
+        let (snapshot, done) = Snapshot::new(0);
+        assert!(snapshot.complete);
+        assert_eq!(
+            done,
+            Some(Inbound::Snapshot {
+                present: BTreeSet::new()
+            })
+        );
+    }
+
+    #[test]
+    fn the_snapshot_ends_with_the_last_pending_entry_and_holds_only_puts() {
+        let (mut snapshot, done) = Snapshot::new(3);
+        assert_eq!(done, None);
+        let put = |d: &str| Entry::Put {
+            deployment: name(d),
+            revision: 1,
+            value: Vec::new(),
+        };
+        let delete = Entry::Delete {
+            deployment: name("old"),
+            revision: 2,
+        };
+        assert_eq!(snapshot.record(&put("a"), 2), None);
+        assert_eq!(snapshot.record(&delete, 1), None);
+        assert_eq!(
+            snapshot.record(&put("b"), 0),
+            Some(Inbound::Snapshot {
+                present: BTreeSet::from([name("a"), name("b")])
+            })
+        );
+        // Later entries are live changes, not a new snapshot.
+        assert_eq!(snapshot.record(&put("c"), 0), None);
+        assert_eq!(snapshot.skip(0), None);
+    }
+
+    #[test]
+    fn a_skipped_last_entry_still_ends_the_snapshot() {
+        let (mut snapshot, _) = Snapshot::new(1);
+        assert!(
+            matches!(snapshot.skip(0), Some(Inbound::Snapshot { present }) if present.is_empty())
+        );
+    }
+
+    #[test]
+    fn credentials_never_print_secrets() {
+        let shown = format!(
+            "{:?} {:?} {:?}",
+            Credentials::UserPassword {
+                user: "rpi-01".into(),
+                password: "hunter2".into()
+            },
+            Credentials::Token("tok".into()),
+            Credentials::NKeySeed("SUAB".into())
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("tok)") && !shown.contains("SUAB"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,781 @@
+//! The agent's configuration: a TOML file, environment variables and
+//! command-line flags, merged and validated once at start.
+//!
+//! Precedence, highest first: a flag, its environment variable, the key in
+//! the TOML file (`--config`), the default. Every knob has all three forms,
+//! e.g. `--tick-interval`, `PODFLEET_TICK_INTERVAL` and `tick_interval`.
+//! Validation names the knob, the bad value and the rule it breaks; it
+//! never lets the agent start half-configured. This module reads the config
+//! file and the credential files it names, nothing else.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use podfleet_core::wire::DeviceId;
+use serde::Deserialize;
+
+use crate::event_loop::LoopOptions;
+use crate::nats::{default_inbox_prefix, Credentials, NatsSettings};
+
+/// The default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/podfleet";
+
+/// `podfleet-agent`: converges this device's podman to the desired state
+/// in NATS JetStream KV and reports back.
+///
+/// Every option can also be set by its environment variable or by its key
+/// (the option's long name with `_` for `-`) in the TOML file given by
+/// `--config`. Precedence: flag, environment, file, default. Durations take
+/// a unit: `500ms`, `30s`, `5m`, `1h`. Logging follows RUST_LOG when set.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "podfleet-agent", version, about, long_about)]
+pub struct Args {
+    /// A TOML configuration file.
+    #[arg(long, env = "PODFLEET_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration, print it (secrets masked) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// This device's id (required): 1-63 characters of a-z, 0-9 and '-'.
+    #[arg(long, env = "PODFLEET_DEVICE_ID", value_name = "ID")]
+    pub device_id: Option<String>,
+
+    /// NATS server URLs, comma-separated [default: nats://127.0.0.1:4222].
+    #[arg(
+        long,
+        env = "PODFLEET_NATS_URLS",
+        value_name = "URLS",
+        value_delimiter = ','
+    )]
+    pub nats_urls: Option<Vec<String>>,
+
+    /// NATS user name (with --nats-password).
+    #[arg(long, env = "PODFLEET_NATS_USER", value_name = "USER")]
+    pub nats_user: Option<String>,
+
+    /// NATS password (with --nats-user).
+    #[arg(
+        long,
+        env = "PODFLEET_NATS_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
+    pub nats_password: Option<String>,
+
+    /// NATS token.
+    #[arg(
+        long,
+        env = "PODFLEET_NATS_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub nats_token: Option<String>,
+
+    /// A file holding this device's NKey seed (SU...).
+    #[arg(long, env = "PODFLEET_NATS_NKEY_SEED_FILE", value_name = "FILE")]
+    pub nats_nkey_seed_file: Option<PathBuf>,
+
+    /// A NATS .creds file (JWT and seed).
+    #[arg(long, env = "PODFLEET_NATS_CREDS_FILE", value_name = "FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+
+    /// Prefix of this client's reply inboxes; the server's permissions
+    /// should allow the device to subscribe to `<prefix>.>` only
+    /// (default: `_INBOX.<device id>`).
+    #[arg(long, env = "PODFLEET_NATS_INBOX_PREFIX", value_name = "PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
+
+    /// How long a report may wait for JetStream's acknowledgement [default: 5s].
+    #[arg(long, env = "PODFLEET_NATS_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub nats_request_timeout: Option<String>,
+
+    /// podman's API socket [default: /run/podman/podman.sock as root,
+    /// $XDG_RUNTIME_DIR/podman/podman.sock otherwise]. A Docker engine's
+    /// socket works too.
+    #[arg(long, env = "PODFLEET_PODMAN_SOCKET", value_name = "PATH")]
+    pub podman_socket: Option<PathBuf>,
+
+    /// How long an ordinary podman API call may take [default: 30s].
+    #[arg(long, env = "PODFLEET_PODMAN_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub podman_request_timeout: Option<String>,
+
+    /// Where the agent keeps its cache of applied state [default: /var/lib/podfleet].
+    #[arg(long, env = "PODFLEET_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// How often running services are checked (one list call) [default: 30s].
+    #[arg(long, env = "PODFLEET_TICK_INTERVAL", value_name = "DURATION")]
+    pub tick_interval: Option<String>,
+
+    /// How often a heartbeat is published [default: 15s].
+    #[arg(long, env = "PODFLEET_HEARTBEAT_INTERVAL", value_name = "DURATION")]
+    pub heartbeat_interval: Option<String>,
+
+    /// Allow the `exec` command to run programs in service containers [default: false].
+    #[arg(long, env = "PODFLEET_ALLOW_EXEC", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_exec: Option<bool>,
+
+    /// The longest an `exec` may run, whatever the request asks [default: 300s].
+    #[arg(long, env = "PODFLEET_EXEC_MAX_TIMEOUT", value_name = "DURATION")]
+    pub exec_max_timeout: Option<String>,
+
+    /// The most bytes of each output stream an `exec` reply carries [default: 65536].
+    #[arg(long, env = "PODFLEET_EXEC_MAX_BYTES", value_name = "BYTES")]
+    pub exec_max_bytes: Option<usize>,
+
+    /// The most bytes of log text a `logs` reply carries [default: 65536].
+    #[arg(long, env = "PODFLEET_LOGS_MAX_BYTES", value_name = "BYTES")]
+    pub logs_max_bytes: Option<usize>,
+
+    /// Log format: `text` or `json` [default: text].
+    #[arg(long, env = "PODFLEET_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+
+    /// Log filter when RUST_LOG is unset, e.g. `info` or `podfleet_agent=debug` [default: info].
+    #[arg(long, env = "PODFLEET_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// The TOML file: the same knobs as [`Args`], under their snake_case names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    device_id: Option<String>,
+    nats_urls: Option<Vec<String>>,
+    nats_user: Option<String>,
+    nats_password: Option<String>,
+    nats_token: Option<String>,
+    nats_nkey_seed_file: Option<PathBuf>,
+    nats_creds_file: Option<PathBuf>,
+    nats_inbox_prefix: Option<String>,
+    nats_request_timeout: Option<String>,
+    podman_socket: Option<PathBuf>,
+    podman_request_timeout: Option<String>,
+    state_dir: Option<PathBuf>,
+    tick_interval: Option<String>,
+    heartbeat_interval: Option<String>,
+    allow_exec: Option<bool>,
+    exec_max_timeout: Option<String>,
+    exec_max_bytes: Option<usize>,
+    logs_max_bytes: Option<usize>,
+    log_format: Option<String>,
+    log_level: Option<String>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A configuration the agent refuses to start with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML file is not valid, or has an unknown key.
+    #[error("the configuration file {path} is invalid: {message}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message.
+        message: String,
+    },
+    /// A required knob is not set anywhere.
+    #[error(
+        "{knob} is not set: give --{flag}, PODFLEET_{env} or `{knob}` in the configuration file"
+    )]
+    Missing {
+        /// The knob's file key.
+        knob: &'static str,
+        /// Its flag.
+        flag: String,
+        /// Its environment variable's suffix.
+        env: String,
+    },
+    /// A knob's value breaks its rule.
+    #[error("invalid {knob} {value:?}: {rule}")]
+    Invalid {
+        /// The knob's file key.
+        knob: &'static str,
+        /// The value given.
+        value: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+}
+
+fn invalid(knob: &'static str, value: impl fmt::Display, rule: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        knob,
+        value: value.to_string(),
+        rule: rule.into(),
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This device.
+    pub device: DeviceId,
+    /// The NATS side.
+    pub nats: NatsSettings,
+    /// podman's API socket.
+    pub podman_socket: PathBuf,
+    /// The bound on ordinary podman API calls.
+    pub podman_request_timeout: Duration,
+    /// The cache directory.
+    pub state_dir: PathBuf,
+    /// The liveness tick.
+    pub tick_interval: Duration,
+    /// The heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// The loop's command limits.
+    pub loop_options: LoopOptions,
+    /// How logs are written.
+    pub log_format: LogFormat,
+    /// The log filter used when RUST_LOG is unset.
+    pub log_level: String,
+}
+
+impl Settings {
+    /// Merges `args` (flags and environment, as clap parsed them) over the
+    /// file they name, over the defaults, and validates the result.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the knob, the value and the rule.
+    pub fn load(args: &Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(args, file)
+    }
+
+    fn resolve(args: &Args, file: FileConfig) -> Result<Self, ConfigError> {
+        let device_raw = args
+            .device_id
+            .clone()
+            .or(file.device_id)
+            .ok_or_else(|| missing("device_id"))?;
+        let device = DeviceId::new(device_raw.clone())
+            .map_err(|e| invalid("device_id", &device_raw, e.to_string()))?;
+
+        let urls = args
+            .nats_urls
+            .clone()
+            .or(file.nats_urls)
+            .unwrap_or_else(|| vec!["nats://127.0.0.1:4222".to_owned()]);
+        if urls.is_empty() {
+            return Err(invalid("nats_urls", "", "give at least one server URL"));
+        }
+        for url in &urls {
+            url.parse::<async_nats::ServerAddr>().map_err(|e| {
+                invalid(
+                    "nats_urls",
+                    url,
+                    format!("not a NATS server URL (nats://host:port, tls://host:port): {e}"),
+                )
+            })?;
+        }
+
+        let credentials = credentials(
+            args.nats_user.clone().or(file.nats_user),
+            args.nats_password.clone().or(file.nats_password),
+            args.nats_token.clone().or(file.nats_token),
+            args.nats_nkey_seed_file
+                .clone()
+                .or(file.nats_nkey_seed_file),
+            args.nats_creds_file.clone().or(file.nats_creds_file),
+        )?;
+
+        let inbox_prefix = args
+            .nats_inbox_prefix
+            .clone()
+            .or(file.nats_inbox_prefix)
+            .unwrap_or_else(|| default_inbox_prefix(&device));
+        check_subject_prefix(&inbox_prefix)?;
+
+        let duration = |knob: &'static str,
+                        flag: &Option<String>,
+                        file: Option<String>,
+                        default| match flag.clone().or(file) {
+            Some(text) => positive_duration(knob, &text),
+            None => Ok(default),
+        };
+        let nats_request_timeout = duration(
+            "nats_request_timeout",
+            &args.nats_request_timeout,
+            file.nats_request_timeout,
+            Duration::from_secs(5),
+        )?;
+        let podman_request_timeout = duration(
+            "podman_request_timeout",
+            &args.podman_request_timeout,
+            file.podman_request_timeout,
+            crate::podman::DEFAULT_REQUEST_TIMEOUT,
+        )?;
+        let tick_interval = duration(
+            "tick_interval",
+            &args.tick_interval,
+            file.tick_interval,
+            Duration::from_secs(30),
+        )?;
+        let heartbeat_interval = duration(
+            "heartbeat_interval",
+            &args.heartbeat_interval,
+            file.heartbeat_interval,
+            Duration::from_secs(15),
+        )?;
+        let exec_max_timeout = duration(
+            "exec_max_timeout",
+            &args.exec_max_timeout,
+            file.exec_max_timeout,
+            Duration::from_secs(300),
+        )?;
+
+        let defaults = LoopOptions::default();
+        let bytes = |knob: &'static str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(invalid(knob, 0, "must be at least 1")),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        let loop_options = LoopOptions {
+            exec_enabled: args.allow_exec.or(file.allow_exec).unwrap_or(false),
+            logs_max_bytes: bytes(
+                "logs_max_bytes",
+                args.logs_max_bytes.or(file.logs_max_bytes),
+                defaults.logs_max_bytes,
+            )?,
+            exec_max_bytes: bytes(
+                "exec_max_bytes",
+                args.exec_max_bytes.or(file.exec_max_bytes),
+                defaults.exec_max_bytes,
+            )?,
+            exec_max_timeout,
+            ..defaults
+        };
+
+        let log_format = match args.log_format.clone().or(file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("log_format", other, "must be `text` or `json`")),
+        };
+        let log_level = args
+            .log_level
+            .clone()
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".to_owned());
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| invalid("log_level", &log_level, format!("not a log filter: {e}")))?;
+
+        let podman_socket = match args.podman_socket.clone().or(file.podman_socket) {
+            Some(path) => path,
+            None => default_podman_socket()?,
+        };
+        if !podman_socket.is_absolute() {
+            return Err(invalid(
+                "podman_socket",
+                podman_socket.display(),
+                "must be an absolute path",
+            ));
+        }
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if !state_dir.is_absolute() {
+            return Err(invalid(
+                "state_dir",
+                state_dir.display(),
+                "must be an absolute path",
+            ));
+        }
+
+        let mut nats = NatsSettings::new(device.clone());
+        nats.urls = urls;
+        nats.credentials = credentials;
+        nats.inbox_prefix = inbox_prefix;
+        nats.request_timeout = nats_request_timeout;
+        Ok(Self {
+            device,
+            nats,
+            podman_socket,
+            podman_request_timeout,
+            state_dir,
+            tick_interval,
+            heartbeat_interval,
+            loop_options,
+            log_format,
+            log_level,
+        })
+    }
+}
+
+impl fmt::Display for Settings {
+    /// The effective configuration as TOML-like lines, secrets masked.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "device_id = {:?}", self.device.as_str())?;
+        writeln!(f, "nats_urls = {:?}", self.nats.urls)?;
+        writeln!(f, "nats_credentials = {:?}", self.nats.credentials)?;
+        writeln!(f, "nats_inbox_prefix = {:?}", self.nats.inbox_prefix)?;
+        writeln!(f, "nats_request_timeout = {:?}", self.nats.request_timeout)?;
+        writeln!(f, "podman_socket = {:?}", self.podman_socket)?;
+        writeln!(
+            f,
+            "podman_request_timeout = {:?}",
+            self.podman_request_timeout
+        )?;
+        writeln!(f, "state_dir = {:?}", self.state_dir)?;
+        writeln!(f, "tick_interval = {:?}", self.tick_interval)?;
+        writeln!(f, "heartbeat_interval = {:?}", self.heartbeat_interval)?;
+        writeln!(f, "allow_exec = {}", self.loop_options.exec_enabled)?;
+        writeln!(
+            f,
+            "exec_max_timeout = {:?}",
+            self.loop_options.exec_max_timeout
+        )?;
+        writeln!(f, "exec_max_bytes = {}", self.loop_options.exec_max_bytes)?;
+        writeln!(f, "logs_max_bytes = {}", self.loop_options.logs_max_bytes)?;
+        writeln!(f, "log_format = {:?}", self.log_format)?;
+        write!(f, "log_level = {:?}", self.log_level)
+    }
+}
+
+fn missing(knob: &'static str) -> ConfigError {
+    ConfigError::Missing {
+        knob,
+        flag: knob.replace('_', "-"),
+        env: knob.to_uppercase(),
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// One credential method at most, complete, with readable files.
+fn credentials(
+    user: Option<String>,
+    password: Option<String>,
+    token: Option<String>,
+    seed_file: Option<PathBuf>,
+    creds_file: Option<PathBuf>,
+) -> Result<Credentials, ConfigError> {
+    let chosen: Vec<&str> = [
+        (
+            user.is_some() || password.is_some(),
+            "nats_user/nats_password",
+        ),
+        (token.is_some(), "nats_token"),
+        (seed_file.is_some(), "nats_nkey_seed_file"),
+        (creds_file.is_some(), "nats_creds_file"),
+    ]
+    .into_iter()
+    .filter_map(|(set, name)| set.then_some(name))
+    .collect();
+    if chosen.len() > 1 {
+        return Err(invalid(
+            "nats credentials",
+            chosen.join(" + "),
+            "set one credential method only",
+        ));
+    }
+    Ok(match (user, password, token, seed_file, creds_file) {
+        (Some(user), Some(password), ..) => Credentials::UserPassword { user, password },
+        (Some(user), None, ..) => {
+            return Err(invalid("nats_user", user, "nats_password must be set too"))
+        }
+        (None, Some(_), ..) => {
+            return Err(invalid("nats_password", "***", "nats_user must be set too"))
+        }
+        (_, _, Some(token), ..) => {
+            if token.is_empty() {
+                return Err(invalid("nats_token", "", "must not be empty"));
+            }
+            Credentials::Token(token)
+        }
+        (_, _, _, Some(path), _) => {
+            let seed = std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    "nats_nkey_seed_file",
+                    path.display(),
+                    format!("cannot read it: {e}"),
+                )
+            })?;
+            let seed = seed.trim().to_owned();
+            if !seed.starts_with("SU") {
+                return Err(invalid(
+                    "nats_nkey_seed_file",
+                    path.display(),
+                    "must hold a user NKey seed, which starts with SU",
+                ));
+            }
+            Credentials::NKeySeed(seed)
+        }
+        (_, _, _, _, Some(path)) => {
+            if !path.is_file() {
+                return Err(invalid(
+                    "nats_creds_file",
+                    path.display(),
+                    "must be a readable .creds file",
+                ));
+            }
+            Credentials::CredsFile(path)
+        }
+        _ => Credentials::None,
+    })
+}
+
+/// Subject tokens without wildcards or whitespace.
+fn check_subject_prefix(prefix: &str) -> Result<(), ConfigError> {
+    let rule = "must be dot-separated subject tokens without spaces, `*` or `>`";
+    let bad_token =
+        |t: &str| t.is_empty() || t == "*" || t == ">" || t.chars().any(|c| c.is_whitespace());
+    if prefix.split('.').any(bad_token) {
+        return Err(invalid("nats_inbox_prefix", prefix, rule));
+    }
+    Ok(())
+}
+
+/// podman's rootful socket as root, the rootless one otherwise.
+fn default_podman_socket() -> Result<PathBuf, ConfigError> {
+    let is_root = std::fs::metadata("/proc/self").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    if is_root.unwrap_or(false) {
+        return Ok(PathBuf::from(crate::podman::DEFAULT_SOCKET));
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => Ok(PathBuf::from(dir).join("podman/podman.sock")),
+        None => Err(invalid(
+            "podman_socket",
+            "",
+            "not set, and XDG_RUNTIME_DIR is unset so the rootless default cannot be found",
+        )),
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m` or `1h` into a non-zero duration.
+fn positive_duration(knob: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let rule = "must be a positive whole number with a unit: ms, s, m or h (e.g. 30s)";
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| invalid(knob, text, rule))?;
+    let millis = match unit {
+        "ms" => Some(number),
+        "s" => number.checked_mul(1_000),
+        "m" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        _ => None,
+    };
+    match millis {
+        Some(0) | None => Err(invalid(knob, text, rule)),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["podfleet-agent", "--podman-socket", "/run/p.sock"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    fn error(extra: &[&str]) -> String {
+        Settings::resolve(&args(extra), FileConfig::default())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_fill_everything_but_the_device() {
+        let settings =
+            Settings::resolve(&args(&["--device-id", "rpi-01"]), FileConfig::default()).unwrap();
+        assert_eq!(settings.device.as_str(), "rpi-01");
+        assert_eq!(settings.nats.urls, vec!["nats://127.0.0.1:4222"]);
+        assert_eq!(settings.nats.inbox_prefix, "_INBOX.rpi-01");
+        assert_eq!(settings.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(settings.tick_interval, Duration::from_secs(30));
+        assert!(!settings.loop_options.exec_enabled);
+        assert_eq!(settings.log_format, LogFormat::Text);
+        assert_eq!(
+            error(&[]),
+            "device_id is not set: give --device-id, PODFLEET_DEVICE_ID or `device_id` in the configuration file"
+        );
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: FileConfig = toml::from_str(
+            "device_id = \"rpi-02\"\ntick_interval = \"5s\"\nallow_exec = true\nnats_urls = [\"nats://a:1\", \"nats://b:2\"]\n",
+        )
+        .unwrap();
+        let settings = Settings::resolve(
+            &args(&["--tick-interval", "250ms", "--allow-exec=false"]),
+            file,
+        )
+        .unwrap();
+        assert_eq!(settings.device.as_str(), "rpi-02");
+        assert_eq!(settings.tick_interval, Duration::from_millis(250));
+        assert!(!settings.loop_options.exec_enabled);
+        assert_eq!(settings.nats.urls.len(), 2);
+    }
+
+    #[test]
+    fn bad_values_name_knob_value_and_rule() {
+        let message = error(&["--device-id", "RPI"]);
+        assert!(
+            message.starts_with("invalid device_id \"RPI\": invalid device id"),
+            "{message}"
+        );
+        let message = error(&["--device-id", "a", "--tick-interval", "30"]);
+        assert!(
+            message.starts_with(
+                "invalid tick_interval \"30\": must be a positive whole number with a unit"
+            ),
+            "{message}"
+        );
+        let message = error(&["--device-id", "a", "--heartbeat-interval", "0s"]);
+        assert!(message.contains("heartbeat_interval \"0s\""), "{message}");
+        let message = error(&["--device-id", "a", "--log-format", "xml"]);
+        assert_eq!(
+            message,
+            "invalid log_format \"xml\": must be `text` or `json`"
+        );
+        let message = error(&["--device-id", "a", "--nats-urls", "nats://a b"]);
+        assert!(
+            message.starts_with("invalid nats_urls \"nats://a b\""),
+            "{message}"
+        );
+        let message = error(&["--device-id", "a", "--nats-inbox-prefix", "_INBOX.>"]);
+        assert!(
+            message.starts_with("invalid nats_inbox_prefix"),
+            "{message}"
+        );
+        let message = error(&["--device-id", "a", "--state-dir", "rel"]);
+        assert_eq!(
+            message,
+            "invalid state_dir \"rel\": must be an absolute path"
+        );
+        let message = error(&["--device-id", "a", "--exec-max-bytes", "0"]);
+        assert_eq!(message, "invalid exec_max_bytes \"0\": must be at least 1");
+    }
+
+    #[test]
+    fn one_complete_credential_method() {
+        let message = error(&["--device-id", "a", "--nats-user", "u", "--nats-token", "t"]);
+        assert!(
+            message.contains("set one credential method only"),
+            "{message}"
+        );
+        let message = error(&["--device-id", "a", "--nats-user", "u"]);
+        assert!(
+            message.contains("nats_password must be set too"),
+            "{message}"
+        );
+        let message = error(&[
+            "--device-id",
+            "a",
+            "--nats-creds-file",
+            "/nonexistent.creds",
+        ]);
+        assert!(
+            message.contains("must be a readable .creds file"),
+            "{message}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed");
+        std::fs::write(&seed, "not a seed\n").unwrap();
+        let message = error(&[
+            "--device-id",
+            "a",
+            "--nats-nkey-seed-file",
+            seed.to_str().unwrap(),
+        ]);
+        assert!(message.contains("starts with SU"), "{message}");
+        let settings = Settings::resolve(
+            &args(&[
+                "--device-id",
+                "a",
+                "--nats-user",
+                "u",
+                "--nats-password",
+                "p",
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.nats.credentials,
+            Credentials::UserPassword {
+                user: "u".into(),
+                password: "p".into()
+            }
+        );
+        assert!(!settings.to_string().contains("\"p\""), "{settings}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "device_id = \"a\"\ntick_intervall = \"5s\"\n").unwrap();
+        let message = Settings::load(&Args {
+            config: Some(path),
+            ..Args::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(message.contains("tick_intervall"), "{message}");
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let file: FileConfig =
+            toml::from_str(include_str!("../../deploy/agent.example.toml")).unwrap();
+        let settings = Settings::resolve(&args(&[]), file).unwrap();
+        assert_eq!(settings.device.as_str(), "rpi-01");
+        assert_eq!(settings.nats.inbox_prefix, "_INBOX.rpi-01");
+    }
+
+    #[test]
+    fn durations_take_a_unit() {
+        let ok = |t| positive_duration("x", t).unwrap();
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("2s"), Duration::from_secs(2));
+        assert_eq!(ok("5m"), Duration::from_secs(300));
+        assert_eq!(ok("1h"), Duration::from_secs(3600));
+        for bad in ["", "s", "1", "1.5s", "-1s", "1d", "0ms"] {
+            assert!(positive_duration("x", bad).is_err(), "{bad}");
+        }
+    }
+}
