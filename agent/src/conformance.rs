@@ -2,10 +2,14 @@
 //! reconciler relies on it, written once against [`ContainerRuntime`].
 //!
 //! It runs against real podman in e2e/ (through the podman adapter) and
-//! against the simulator's fake runtime, so the fake cannot drift from the
-//! real thing: every check states what podman 4.3 really does, including the
-//! surprises. The programs the checks run are public ([`programs`]) so a
-//! fake can recognise them by their argv.
+//! against the fake runtime in agent/tests/conformance_fake.rs, so the fake
+//! cannot drift from the real thing: every check states what podman 4.3
+//! really does, including the surprises. The programs the checks run are
+//! public ([`programs`]) so a fake can recognise them by their argv; with the
+//! `fake` feature, `programs::fake_behaviours` says how each one behaves.
+//!
+//! A runtime must pass every check in [`CHECKS`]; only a runtime that runs
+//! no programs (the fake) may declare the [`EXEC_CHECKS`] unsupported.
 //!
 //! The suite owns its containers only: each check names them
 //! `<prefix>-<check>-<role>` and force-removes them afterwards, whatever the
@@ -90,6 +94,41 @@ pub mod programs {
         "-c",
         "echo err1 >&2; sleep 0.2; echo line1; echo line2; echo line3; echo line4; echo line5",
     ];
+
+    /// How each program above behaves under podman, for a fake runtime to
+    /// be configured with (by argv) instead of restating it.
+    #[cfg(feature = "fake")]
+    pub fn fake_behaviours() -> Vec<(&'static [&'static str], podfleet_core::fake::Behaviour)> {
+        use podfleet_core::fake::Behaviour;
+        use std::time::Duration;
+
+        let lines = |lines: &[&str]| lines.iter().map(|&l| l.to_owned()).collect();
+        // A PID 1 without a handler for SIGTERM ignores it.
+        let ignores_term = |runs_for: Duration| Behaviour {
+            ignores_stop_signal: true,
+            ..Behaviour::exits(0, runs_for)
+        };
+        vec![
+            (EXIT_3, Behaviour::exits(3, Duration::ZERO)),
+            (EXIT_0, Behaviour::exits(0, Duration::ZERO)),
+            (SLEEP, ignores_term(Duration::from_secs(1000))),
+            (
+                TRAPS_TERM,
+                Behaviour {
+                    output: lines(&["ready"]),
+                    ..Behaviour::default()
+                },
+            ),
+            (IGNORES_TERM, ignores_term(Duration::from_secs(1000))),
+            (
+                SIX_LINES,
+                Behaviour {
+                    output: lines(&["err1", "line1", "line2", "line3", "line4", "line5"]),
+                    ..Behaviour::exits(0, Duration::from_millis(200))
+                },
+            ),
+        ]
+    }
 }
 
 macro_rules! checks {
@@ -128,6 +167,14 @@ checks![
     logs_keep_the_newest_lines,
     exec_returns_output_and_exit_code,
     exec_timeout_is_reported,
+];
+
+/// The checks that run a program in a container with `exec`. A runtime that
+/// runs no programs cannot pass them honestly, so it may declare these, and
+/// only these, unsupported.
+pub const EXEC_CHECKS: &[&str] = &[
+    "exec_returns_output_and_exit_code",
+    "exec_timeout_is_reported",
 ];
 
 /// Runs every check in [`CHECKS`], one after the other, each cleaning up
@@ -842,5 +889,15 @@ mod tests {
         assert!(CHECKS
             .iter()
             .all(|c| c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+    }
+
+    #[test]
+    fn exec_checks_are_the_checks_named_exec() {
+        let named_exec: Vec<&str> = CHECKS
+            .iter()
+            .copied()
+            .filter(|c| c.starts_with("exec_"))
+            .collect();
+        assert_eq!(EXEC_CHECKS, named_exec.as_slice());
     }
 }

@@ -12,7 +12,7 @@ use podfleet_agent::event_loop::{
     LoopStats, PublishError, Publisher, Report, TokioClock,
 };
 use podfleet_agent::fake_runtime::SharedFake;
-use podfleet_core::fake::FakeRuntime;
+use podfleet_core::fake::{Behaviour, FakeRuntime};
 use podfleet_core::reconciler::AgentCache;
 use podfleet_core::runtime::ContainerState;
 use podfleet_core::wire::{DeploymentName, DeviceId, Phase, Verb};
@@ -288,6 +288,15 @@ async fn a_snapshot_removes_what_is_gone_and_republishes_the_rest() {
 async fn commands_are_answered_and_exec_is_refused_unless_allowed() {
     let publisher = Recorder::default();
     let fake = fake();
+    fake.with(|f| {
+        f.set_behaviour(
+            "img/web:1",
+            Behaviour {
+                output: vec!["listening on :8080".to_owned(), "ready".to_owned()],
+                ..Behaviour::default()
+            },
+        );
+    });
     let agent = Agent::start(
         LoopOptions::default(),
         publisher.clone(),
@@ -328,11 +337,7 @@ async fn commands_are_answered_and_exec_is_refused_unless_allowed() {
     assert_eq!(ping["ok"]["device_id"], "pi-1");
     assert_eq!(ping["ok"]["uptime_s"], 65);
     let logs = by("inbox.2");
-    assert_eq!(logs["ok"]["text"].as_str().unwrap().lines().count(), 1);
-    assert!(
-        logs["ok"]["text"].as_str().unwrap().contains("started"),
-        "{logs}"
-    );
+    assert_eq!(logs["ok"]["text"], "ready\n", "{logs}");
     assert_eq!(by("inbox.3")["error"]["code"], "not_found");
     assert_eq!(by("inbox.4")["error"]["code"], "bad_request");
     assert_eq!(by("inbox.5")["error"]["code"], "exec_disabled");

@@ -3,9 +3,14 @@
 //!
 //! [`FakeRuntime`] models what the reconciler relies on: containers by name
 //! and id, created/running/exited states, exit codes, labels, stop with a
-//! signal then a grace then a kill, name conflicts, missing images and the
-//! libpod race (inspect still saying "running" just after an exit). It has
-//! no clock of its own: time moves only when the caller says so.
+//! signal then a grace then a kill, name conflicts, missing images, the
+//! lines a program writes and the libpod race (inspect still saying
+//! "running" just after an exit). It runs no programs: how each behaves is
+//! configured, by its argv or its image. It has no clock of its own: time
+//! moves only when the caller says so.
+//!
+//! agent/src/conformance.rs states podman's behaviour and runs against both
+//! real podman and this model; where they differ, this model is wrong.
 //!
 //! [`Harness`] is a shell without IO: it executes the reconciler's commands
 //! on the fake, always advancing to the earliest deadline (the reconciler's,
@@ -25,7 +30,9 @@ use crate::runtime::{
 use crate::time::Timestamp;
 use crate::wire::{DeploymentName, DeploymentState, Heartbeat, Signal};
 
-/// How the program inside a container behaves, chosen per image.
+/// How the program inside a container behaves, chosen by its argv
+/// ([`FakeRuntime::set_program`]) or else by its image
+/// ([`FakeRuntime::set_behaviour`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Behaviour {
     /// Exits by itself after running this long; `None` runs forever.
@@ -34,10 +41,16 @@ pub struct Behaviour {
     pub exit_code: i64,
     /// How long it takes to exit after its stop signal.
     pub stop_delay: Duration,
-    /// It ignores its stop signal: only the kill after the grace ends it.
+    /// It ignores its stop signal (a PID 1 without a handler for it does):
+    /// only the kill after the grace ends it, with code 137. Otherwise it
+    /// handles the signal and exits 0 after `stop_delay`, unless that
+    /// outlasts the grace.
     pub ignores_stop_signal: bool,
     /// For this long after an exit, inspect still says "running" (the libpod race).
     pub inspect_lag: Duration,
+    /// The lines it writes to stdout and stderr, in order, as soon as it
+    /// starts: every run appends them to the container's logs.
+    pub output: Vec<String>,
 }
 
 impl Default for Behaviour {
@@ -48,6 +61,7 @@ impl Default for Behaviour {
             stop_delay: Duration::ZERO,
             ignores_stop_signal: false,
             inspect_lag: Duration::ZERO,
+            output: Vec::new(),
         }
     }
 }
@@ -82,6 +96,8 @@ pub struct FakeContainer {
     lagging_until: Option<Timestamp>,
     /// The signal and grace of the stop in progress.
     stopping: Option<(Signal, Duration)>,
+    /// What its runs wrote, oldest first.
+    logs: Vec<String>,
 }
 
 /// A mutation the fake performed, for invariant checks.
@@ -145,7 +161,7 @@ pub struct FakeRuntime {
     containers: BTreeMap<String, FakeContainer>,
     next_id: u64,
     missing_images: BTreeSet<String>,
-    behaviours: BTreeMap<String, Behaviour>,
+    behaviours: Behaviours,
     events: Vec<(Timestamp, RuntimeEvent)>,
 }
 
@@ -155,9 +171,17 @@ impl FakeRuntime {
         Self::default()
     }
 
-    /// Makes `image` behave like `behaviour`.
+    /// Makes containers from `image` behave like `behaviour`, unless their
+    /// program has a behaviour of its own.
     pub fn set_behaviour(&mut self, image: &str, behaviour: Behaviour) {
-        self.behaviours.insert(image.to_owned(), behaviour);
+        self.behaviours.by_image.insert(image.to_owned(), behaviour);
+    }
+
+    /// Makes containers whose args are exactly `args` behave like
+    /// `behaviour`, whatever their image.
+    pub fn set_program(&mut self, args: &[&str], behaviour: Behaviour) {
+        let args = args.iter().map(|&a| a.to_owned()).collect();
+        self.behaviours.by_program.insert(args, behaviour);
     }
 
     /// Makes `image` absent: creating from it fails with `ImageMissing`.
@@ -217,11 +241,7 @@ impl FakeRuntime {
         for c in self.containers.values_mut() {
             if let Some((at, code, _)) = c.exit_at {
                 if at <= now {
-                    let behaviour = self
-                        .behaviours
-                        .get(&c.spec.image)
-                        .cloned()
-                        .unwrap_or_default();
+                    let behaviour = self.behaviours.of(&c.spec);
                     c.state = ContainerState::Exited;
                     c.exit_code = Some(code);
                     c.exit_at = None;
@@ -239,35 +259,14 @@ impl FakeRuntime {
         }
     }
 
-    /// What the fake has to say in place of a container's logs: one line per
-    /// lifecycle event of `container` (an id or a name), oldest first.
+    /// The logs of `container` (an id or a name): the [`Behaviour::output`]
+    /// of each of its runs, oldest first, both streams together.
     ///
     /// # Errors
     /// `NotFound` when no such container exists.
     pub fn log_lines(&self, container: &str) -> Result<Vec<String>, RuntimeError> {
         let id = self.find(container)?;
-        Ok(self
-            .events
-            .iter()
-            .filter_map(|(at, event)| {
-                let line = match event {
-                    RuntimeEvent::Created { id: of, spec } if *of == id => {
-                        format!("created {} from {}", spec.name, spec.image)
-                    }
-                    RuntimeEvent::Started { id: of } if *of == id => "started".to_owned(),
-                    RuntimeEvent::StopBegan {
-                        id: of,
-                        signal,
-                        grace,
-                    } if *of == id => format!("stop: {signal:?}, grace {}s", grace.as_secs()),
-                    RuntimeEvent::Exited { id: of, code } if *of == id => {
-                        format!("exited with code {code}")
-                    }
-                    _ => return None,
-                };
-                Some(format!("{at} {line}"))
-            })
-            .collect())
+        Ok(self.containers[&id].logs.clone())
     }
 
     /// Whether `id` exists and runs (or is stopping).
@@ -326,6 +325,7 @@ impl FakeRuntime {
                 exit_at: None,
                 lagging_until: None,
                 stopping: None,
+                logs: Vec::new(),
             },
         );
         Ok(id)
@@ -369,6 +369,7 @@ impl FakeRuntime {
                         c.exit_at = behaviour
                             .exit_after
                             .map(|after| (now + after, behaviour.exit_code, false));
+                        c.logs.extend(behaviour.output);
                         self.events
                             .push((now, RuntimeEvent::Started { id: id.clone() }));
                     }
@@ -469,7 +470,25 @@ impl FakeRuntime {
     fn behaviour_of(&self, id: &str) -> Behaviour {
         self.containers
             .get(id)
-            .and_then(|c| self.behaviours.get(&c.spec.image))
+            .map(|c| self.behaviours.of(&c.spec))
+            .unwrap_or_default()
+    }
+}
+
+/// The configured behaviours, by program and by image.
+#[derive(Debug, Clone, Default)]
+struct Behaviours {
+    by_program: BTreeMap<Vec<String>, Behaviour>,
+    by_image: BTreeMap<String, Behaviour>,
+}
+
+impl Behaviours {
+    /// How a container created from `spec` behaves: as its program, else as
+    /// its image, else it runs forever and writes nothing.
+    fn of(&self, spec: &ContainerSpec) -> Behaviour {
+        self.by_program
+            .get(&spec.args)
+            .or_else(|| self.by_image.get(&spec.image))
             .cloned()
             .unwrap_or_default()
     }
@@ -1144,5 +1163,56 @@ pub fn describe_op(op: &RuntimeOp) -> String {
             format!("remove {container}{}", if *force { " force" } else { "" })
         }
         other => format!("{} {}", other.name(), other.container().unwrap_or("")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, image: &str, args: &[&str]) -> ContainerSpec {
+        ContainerSpec {
+            name: name.to_owned(),
+            image: image.to_owned(),
+            args: args.iter().map(|&a| a.to_owned()).collect(),
+            env: BTreeMap::new(),
+            volumes: Vec::new(),
+            ports: Vec::new(),
+            labels: BTreeMap::new(),
+            stop_signal: Signal::Term,
+        }
+    }
+
+    fn start(rt: &mut FakeRuntime, name: &str) {
+        let started = rt.execute(&RuntimeOp::Start {
+            container: name.to_owned(),
+        });
+        assert_eq!(started, Completion::Ready(Ok(RuntimeReply::Started)));
+    }
+
+    #[test]
+    fn a_program_behaves_as_configured_whatever_its_image_and_logs_every_run() {
+        let mut rt = FakeRuntime::new();
+        rt.set_behaviour("img/a:1", Behaviour::exits(1, Duration::from_secs(5)));
+        rt.set_program(
+            &["echo", "hi"],
+            Behaviour {
+                output: vec!["hi".to_owned()],
+                ..Behaviour::exits(0, Duration::ZERO)
+            },
+        );
+        rt.create_quietly(spec("echo", "img/a:1", &["echo", "hi"]));
+        rt.create_quietly(spec("other", "img/a:1", &["true"]));
+        for run in 1..=2 {
+            start(&mut rt, "echo");
+            rt.advance(Timestamp::ZERO);
+            let echo = rt.by_name("echo").map(|c| (c.state, c.exit_code));
+            assert_eq!(echo, Some((ContainerState::Exited, Some(0))));
+            assert_eq!(rt.log_lines("echo").map(|l| l.len()), Ok(run));
+        }
+        start(&mut rt, "other");
+        rt.advance(Timestamp::ZERO);
+        assert!(rt.by_name("other").is_some_and(|c| c.exit_at.is_some()));
+        assert_eq!(rt.log_lines("other"), Ok(Vec::new()));
     }
 }

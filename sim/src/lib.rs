@@ -503,3 +503,64 @@ pub fn summary_table(
     );
     out
 }
+
+/// Each deliberate bug, and the invariant whose check must report it.
+pub const BITES: [(&str, Bugs, &str); 6] = [
+    (
+        "recreate_on_tick",
+        Bugs {
+            recreate_on_tick: true,
+            ..NO_BUGS
+        },
+        "healthy container recreated",
+    ),
+    (
+        "revert_on_failure",
+        Bugs {
+            revert_on_failure: true,
+            ..NO_BUGS
+        },
+        "no revert",
+    ),
+    (
+        "skip_init_containers",
+        Bugs {
+            skip_init_containers: true,
+            ..NO_BUGS
+        },
+        "init containers first",
+    ),
+    (
+        "skip_graceful_stop",
+        Bugs {
+            skip_graceful_stop: true,
+            ..NO_BUGS
+        },
+        "graceful replace",
+    ),
+    (
+        "create_before_remove",
+        Bugs {
+            create_before_remove: true,
+            ..NO_BUGS
+        },
+        "containers for service",
+    ),
+    (
+        "report_running_early",
+        Bugs {
+            report_running_early: true,
+            ..NO_BUGS
+        },
+        "truthful reports",
+    ),
+];
+
+const NO_BUGS: Bugs = Bugs {
+    recreate_on_tick: false,
+    revert_on_failure: false,
+    skip_init_containers: false,
+    skip_graceful_stop: false,
+    create_before_remove: false,
+    report_running_early: false,
+};

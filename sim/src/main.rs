@@ -1,6 +1,6 @@
 //! The simulator's command line. See `--help`.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -203,12 +203,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// A progress bar on a terminal; a line per tenth of the run otherwise.
 fn progress(done: usize, total: usize, started: Instant) {
+    let tty = std::io::stderr().is_terminal();
+    if !tty && done * 10 / total.max(1) == (done - 1) * 10 / total.max(1) && done != total {
+        return;
+    }
     let width = 30;
     let filled = done * width / total.max(1);
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     eprint!(
-        "\r[{}{}] {done}/{total} seeds, {:.1}/s",
+        "{}[{}{}] {done}/{total} seeds, {:.1}/s",
+        if tty { "\r" } else { "\n" },
         "#".repeat(filled),
         " ".repeat(width - filled),
         done as f64 / secs

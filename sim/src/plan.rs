@@ -297,14 +297,18 @@ impl Plan {
             let soon = at_ms + below(&mut rng, 5_000);
             if chance(&mut rng, rates.crash) {
                 let service = pick(&mut rng, &SERVICES);
-                push(
-                    soon,
-                    Action::Crash {
-                        device,
-                        container: format!("{deployment}_{service}"),
-                        code: 1 + below(&mut rng, 3) as i64,
-                    },
-                );
+                // Sometimes the same container crashes again and again.
+                let times = if chance(&mut rng, 30) { 3 } else { 1 };
+                for n in 0..times {
+                    push(
+                        soon + n * 25_000,
+                        Action::Crash {
+                            device,
+                            container: format!("{deployment}_{service}"),
+                            code: 1 + below(&mut rng, 3) as i64,
+                        },
+                    );
+                }
             }
             if chance(&mut rng, rates.api) {
                 let op = pick(&mut rng, &FAULTY_OPS).to_owned();

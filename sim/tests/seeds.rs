@@ -2,8 +2,6 @@
 //! proof that the invariant checks catch deliberate bugs.
 //! `SIM_SEEDS=N` runs more seeds; `SIM_SEED=S` runs one and prints its trace.
 
-use podfleet_core::reconciler::Bugs;
-
 fn seeds() -> std::ops::Range<u64> {
     if let Some(one) = std::env::var("SIM_SEED")
         .ok()
@@ -61,70 +59,9 @@ fn same_seed_same_trace() {
     }
 }
 
-/// Each deliberate bug, and the invariant whose check must report it.
-pub const BITES: [(&str, Bugs, &str); 6] = [
-    (
-        "recreate_on_tick",
-        Bugs {
-            recreate_on_tick: true,
-            ..NO_BUGS
-        },
-        "healthy container recreated",
-    ),
-    (
-        "revert_on_failure",
-        Bugs {
-            revert_on_failure: true,
-            ..NO_BUGS
-        },
-        "no revert",
-    ),
-    (
-        "skip_init_containers",
-        Bugs {
-            skip_init_containers: true,
-            ..NO_BUGS
-        },
-        "init containers first",
-    ),
-    (
-        "skip_graceful_stop",
-        Bugs {
-            skip_graceful_stop: true,
-            ..NO_BUGS
-        },
-        "graceful replace",
-    ),
-    (
-        "create_before_remove",
-        Bugs {
-            create_before_remove: true,
-            ..NO_BUGS
-        },
-        "containers for service",
-    ),
-    (
-        "report_running_early",
-        Bugs {
-            report_running_early: true,
-            ..NO_BUGS
-        },
-        "truthful reports",
-    ),
-];
-
-const NO_BUGS: Bugs = Bugs {
-    recreate_on_tick: false,
-    revert_on_failure: false,
-    skip_init_containers: false,
-    skip_graceful_stop: false,
-    create_before_remove: false,
-    report_running_early: false,
-};
-
 #[test]
 fn every_invariant_bites_its_bug() {
-    for (name, bug, invariant) in BITES {
+    for (name, bug, invariant) in sim::BITES {
         let caught = (0..200).find(|&seed| {
             sim::run_seed_with_bugs(seed, bug)
                 .violations
