@@ -89,27 +89,16 @@ fn score(rng: &mut ChaCha8Rng, with_init: bool) -> String {
 fn world(seed: u64, bugs: Bugs) -> Harness {
     let config = Config::new(DeviceId::new("sim-device").expect("valid"), "sim").inject_bugs(bugs);
     let mut h = Harness::new(config);
-    let rt = &mut h.runtime;
-    rt.set_behaviour(
-        "img/slow-stop:1",
-        Behaviour {
-            stop_delay: Duration::from_secs(2),
-            ..Behaviour::default()
-        },
-    );
-    rt.set_behaviour(
+    // The network tiers' images, except that only every other seed hits the
+    // libpod race here.
+    h.runtime = world::fake_runtime();
+    h.runtime.set_behaviour(
         "img/init-ok:1",
         Behaviour {
-            // Every other seed hits the libpod race.
             inspect_lag: Duration::from_millis(if seed % 2 == 0 { 120 } else { 0 }),
             ..Behaviour::exits(0, Duration::from_secs(2))
         },
     );
-    rt.set_behaviour(
-        "img/init-fail:1",
-        Behaviour::exits(3, Duration::from_secs(1)),
-    );
-    rt.set_behaviour("img/init-hang:1", Behaviour::default());
     h
 }
 
