@@ -5,7 +5,7 @@
 //! and a time-ordered list of [`Step`]s: desired-state writes and the faults
 //! around them. The plan is all the randomness there is: the same plan
 //! replays the same run, it prints as JSON on failure, saves to a file,
-//! loads back ([`Plan::from_json`]) and shrinks ([`crate::fleet::shrink`])
+//! loads back ([`Plan::from_json`]) and shrinks ([`crate::world::shrink`])
 //! by dropping steps.
 
 use serde::{Deserialize, Serialize};
