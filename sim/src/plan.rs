@@ -102,6 +102,16 @@ pub enum Action {
         /// How long, in ms.
         for_ms: u64,
     },
+    /// Every runtime operation of the device takes longer for a while
+    /// (a loaded SD card, a slow image start).
+    SlowRuntime {
+        /// Device index.
+        device: u32,
+        /// How long, in ms.
+        for_ms: u64,
+        /// The extra time per operation, in ms.
+        delay_ms: u64,
+    },
     /// The next desired-state write is delivered twice.
     Duplicate,
     /// The device's watch redelivers every current value.
@@ -133,6 +143,7 @@ impl Action {
             } => "agent crash, cache kept",
             Action::AgentCrash { .. } => "agent crash, cache lost",
             Action::ImageMissing { .. } => "image missing",
+            Action::SlowRuntime { .. } => "slow runtime",
             Action::Duplicate | Action::Redeliver { .. } => "duplicate delivery",
         })
     }
@@ -351,6 +362,16 @@ impl Plan {
                         device,
                         image: pick(&mut rng, &GOOD_IMAGES).to_owned(),
                         for_ms: below(&mut rng, 120_000),
+                    },
+                );
+            }
+            if chance(&mut rng, rates.api / 2) {
+                push(
+                    soon,
+                    Action::SlowRuntime {
+                        device,
+                        for_ms: 10_000 + below(&mut rng, 120_000),
+                        delay_ms: 200 + below(&mut rng, 8_000),
                     },
                 );
             }

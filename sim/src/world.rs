@@ -87,7 +87,8 @@ impl Clock for SimClock {
 
 /// The coverage probes: situations worth reaching. A default batch that
 /// never reaches one fails, so the simulator cannot quietly stop exploring.
-pub const PROBES: [&str; 13] = [
+pub const PROBES: [&str; 14] = [
+    "slow runtime",
     "libpod race hit",
     "retry backoff cap reached",
     "crash loop restarted",
@@ -172,6 +173,8 @@ pub struct Device {
     bugs: Bugs,
     /// A deliberately wrong adapter: it watches every device's keys.
     pub watch_everyone: bool,
+    /// Until when, and by how much, every runtime operation is slowed.
+    slow: Arc<Mutex<Option<(Timestamp, Duration)>>>,
 }
 
 /// The device id of plan index `index`.
@@ -225,6 +228,7 @@ impl Device {
             world,
             bugs,
             watch_everyone: false,
+            slow: Arc::default(),
         }
     }
 
@@ -281,6 +285,11 @@ impl ContainerRuntime for FaultyRuntime {
             .get_mut(op.name())
             .and_then(VecDeque::pop_front);
         self.trace(format_args!("-> {}", podfleet_core::fake::describe_op(&op)));
+        let slow = *lock(&d.slow);
+        if let Some((_, delay)) = slow.filter(|(until, _)| now < *until) {
+            d.world.probe("slow runtime");
+            tokio::time::sleep(delay).await;
+        }
         let result = match fault {
             Some((after_effect, kind)) => {
                 if after_effect {
@@ -1021,6 +1030,16 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
                         }
                     }
                     Action::Duplicate => shared.broker.duplicate_next(1),
+                    Action::SlowRuntime {
+                        device: i,
+                        for_ms,
+                        delay_ms,
+                    } => {
+                        if let Some(d) = device(i) {
+                            let until = now + Duration::from_millis(for_ms);
+                            *lock(&d.slow) = Some((until, Duration::from_millis(delay_ms)));
+                        }
+                    }
                     Action::Redeliver { device: i } => {
                         shared
                             .broker
@@ -1058,6 +1077,7 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
             tier.start_agent(i);
         }
         lock(&d.faults).clear();
+        *lock(&d.slow) = None;
         d.fake.with(|f| {
             for image in crate::plan::GOOD_IMAGES {
                 f.add_image(image);
@@ -1246,9 +1266,21 @@ pub fn invariant_of(violation: &str) -> &str {
     "other"
 }
 
+/// How long a lasting fault lasts, in ms, to shorten while shrinking.
+fn fault_duration(action: &mut Action) -> Option<&mut u64> {
+    match action {
+        Action::Partition { for_ms, .. }
+        | Action::Hold { for_ms, .. }
+        | Action::ImageMissing { for_ms, .. }
+        | Action::SlowRuntime { for_ms, .. } => Some(for_ms),
+        Action::AgentCrash { down_ms, .. } => Some(down_ms),
+        _ => None,
+    }
+}
+
 /// Reduces a failing plan to a smaller one that fails with the same
-/// invariant: drops chunks of steps, halving the chunk size, then shortens
-/// the fault phase. `run` runs a plan. At most `budget` runs.
+/// invariant: drops chunks of steps, halving the chunk size, halves the
+/// faults' durations, then heals as early as it can. `run` runs a plan. At most `budget` runs.
 pub fn shrink(plan: &Plan, mut run: impl FnMut(&Plan) -> Outcome, budget: u32) -> (Plan, Outcome) {
     let first = run(plan);
     let Some(target) = first.violations.first().map(|v| invariant_of(v).to_owned()) else {
@@ -1279,6 +1311,33 @@ pub fn shrink(plan: &Plan, mut run: impl FnMut(&Plan) -> Outcome, budget: u32) -
                 break;
             }
             chunk = chunk.div_ceil(2);
+        }
+    }
+    // Shorter faults: halve each fault's duration while it still fails.
+    for i in 0..best.0.steps.len() {
+        loop {
+            if runs >= budget {
+                break;
+            }
+            let mut candidate = best.0.clone();
+            let Some(duration) = candidate
+                .steps
+                .get_mut(i)
+                .and_then(|s| fault_duration(&mut s.action))
+            else {
+                break;
+            };
+            if *duration < 2_000 {
+                break;
+            }
+            *duration /= 2;
+            let outcome = run(&candidate);
+            runs += 1;
+            if fails(&outcome) {
+                best = (candidate, outcome);
+            } else {
+                break;
+            }
         }
     }
     // Heal as early as the last step allows.
