@@ -1,0 +1,21 @@
+//! The reconciler driven by an `arbitrary` sequence of steps: desired puts
+//! (vocabulary scores, mutated scores, raw bytes), deletes, late
+//! redeliveries of older revisions, resyncs, runtime faults (including the
+//! libpod wait/inspect race and init-container timeouts), container
+//! crashes, missing images, time passing, and agent restarts with the cache
+//! kept or lost, played against the real core on `podfleet_core::fake`'s
+//! harness.
+//!
+//! Checks, after every step and once more after healing and settling: no
+//! input panics or busy-loops the core, and the harness's oracle saw no
+//! invariant violation (no two containers for one service, no healthy
+//! container recreated, nothing older started once a newer revision was
+//! seen, init containers first, graceful replace by recorded id, truthful
+//! Running reports). A violation panics with the invariant, the steps and
+//! the transcript. See `podfleet_fuzz::scenario`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use podfleet_fuzz::scenario::{run, Step};
+
+fuzz_target!(|steps: Vec<Step>| run(&steps));

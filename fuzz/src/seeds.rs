@@ -1,0 +1,868 @@
+//! The seed corpora under fuzz/corpus/, generated from the wire tests'
+//! fixtures: the insta snapshots (core/tests/snapshots/*.snap) and the JSON
+//! literals of core/tests/wire.rs, which include the legacy payloads.
+//!
+//! It also writes the libFuzzer dictionaries under fuzz/dict/: JSON syntax
+//! plus every field name and enum value in the wire types' JSON schemas,
+//! and the tokens of keys and subjects.
+//!
+//! `seed_corpus_is_current` fails when a committed seed or dictionary is
+//! missing or stale; with `PODFLEET_BLESS=1` it writes them instead (and
+//! removes `seed-*` files no fixture produces any more). `cargo xtask fuzz
+//! seeds` runs it that way. Corpus files not named `seed-*` are left alone.
+//!
+//! The reconciler target reads its input through `arbitrary`, so its seeds
+//! are step sequences encoded the way `arbitrary` 1.x decodes them; the test
+//! decodes every encoded seed and compares, so a change in that format
+//! fails loudly instead of producing useless seeds.
+
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use arbitrary::{Arbitrary, Unstructured};
+use podfleet_core::reconciler::fnv1a64;
+use serde_json::Value;
+
+use crate::scenario::{
+    Deployment, ErrorKind, InitSketch, LifecycleSketch, Mutation, OpName, RawBytes, ScoreSketch,
+    ServiceSketch, Step, Wait,
+};
+
+/// The bytes `arbitrary` decodes back into `self`.
+trait Encode {
+    fn encode(&self, out: &mut Vec<u8>);
+}
+
+impl Encode for u8 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(*self);
+    }
+}
+
+impl Encode for i8 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+}
+
+impl Encode for u16 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+}
+
+impl Encode for bool {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(*self));
+    }
+}
+
+impl<T: Encode> Encode for Option<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.is_some().encode(out);
+        if let Some(value) = self {
+            value.encode(out);
+        }
+    }
+}
+
+impl<A: Encode, B: Encode> Encode for (A, B) {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.0.encode(out);
+        self.1.encode(out);
+    }
+}
+
+impl<A: Encode, B: Encode, C: Encode> Encode for (A, B, C) {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.0.encode(out);
+        self.1.encode(out);
+        self.2.encode(out);
+    }
+}
+
+/// A collection: each element preceded by a "keep going" byte, then a stop.
+impl<T: Encode> Encode for Vec<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        for item in self {
+            true.encode(out);
+            item.encode(out);
+        }
+        false.encode(out);
+    }
+}
+
+/// A derived enum's variant: a little-endian u32 scaled onto the variants.
+fn variant(index: u64, count: u64, out: &mut Vec<u8>) {
+    let tag = (index << 32).div_ceil(count);
+    let tag = u32::try_from(tag).expect("a variant index below the count");
+    out.extend(tag.to_le_bytes());
+}
+
+impl Encode for Deployment {
+    fn encode(&self, out: &mut Vec<u8>) {
+        variant(*self as u64, 3, out);
+    }
+}
+
+impl Encode for Wait {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let (index, n) = match self {
+            Wait::CentiSeconds(n) => (0, n),
+            Wait::Seconds(n) => (1, n),
+            Wait::Minutes(n) => (2, n),
+        };
+        variant(index, 3, out);
+        n.encode(out);
+    }
+}
+
+impl Encode for OpName {
+    fn encode(&self, out: &mut Vec<u8>) {
+        variant(*self as u64, 7, out);
+    }
+}
+
+impl Encode for ErrorKind {
+    fn encode(&self, out: &mut Vec<u8>) {
+        variant(*self as u64, 2, out);
+    }
+}
+
+impl Encode for Mutation {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Mutation::Truncate { at } => {
+                variant(0, 4, out);
+                at.encode(out);
+            }
+            Mutation::Overwrite { at, byte } => {
+                variant(1, 4, out);
+                (at, byte).encode(out);
+            }
+            Mutation::Insert { at, byte } => {
+                variant(2, 4, out);
+                (at, byte).encode(out);
+            }
+            Mutation::Remove { at } => {
+                variant(3, 4, out);
+                at.encode(out);
+            }
+        }
+    }
+}
+
+impl Encode for RawBytes {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let len = u16::try_from(self.0.len()).expect("a seed payload under 64 KiB");
+        len.encode(out);
+        out.extend(&self.0);
+    }
+}
+
+impl<T: Encode> Encode for &T {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (*self).encode(out);
+    }
+}
+
+impl Encode for ServiceSketch {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (self.name, self.image, self.args).encode(out);
+        (self.env, self.volume, self.port).encode(out);
+    }
+}
+
+impl Encode for InitSketch {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (self.name, self.image).encode(out);
+        (self.timeout, self.env).encode(out);
+    }
+}
+
+impl Encode for LifecycleSketch {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (self.signal, self.grace).encode(out);
+    }
+}
+
+impl Encode for ScoreSketch {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (&self.service, &self.more_services, &self.init_containers).encode(out);
+        (&self.lifecycle, self.unknown_field).encode(out);
+    }
+}
+
+impl Encode for Step {
+    fn encode(&self, out: &mut Vec<u8>) {
+        const STEPS: u64 = 11;
+        match self {
+            Step::Put { deployment, score } => {
+                variant(0, STEPS, out);
+                (deployment, score).encode(out);
+            }
+            Step::PutMutated {
+                deployment,
+                score,
+                mutation,
+            } => {
+                variant(1, STEPS, out);
+                (deployment, score, mutation).encode(out);
+            }
+            Step::PutRaw { deployment, bytes } => {
+                variant(2, STEPS, out);
+                (deployment, bytes).encode(out);
+            }
+            Step::Delete { deployment } => {
+                variant(3, STEPS, out);
+                deployment.encode(out);
+            }
+            Step::Redeliver { deployment, back } => {
+                variant(4, STEPS, out);
+                (deployment, back).encode(out);
+            }
+            Step::Reconnect => variant(5, STEPS, out),
+            Step::Advance(wait) => {
+                variant(6, STEPS, out);
+                wait.encode(out);
+            }
+            Step::Crash {
+                deployment,
+                service,
+                code,
+            } => {
+                variant(7, STEPS, out);
+                (deployment, service, code).encode(out);
+            }
+            Step::Fault {
+                op,
+                kind,
+                after_effect,
+            } => {
+                variant(8, STEPS, out);
+                (op, kind, after_effect).encode(out);
+            }
+            Step::RestartAgent {
+                keep_cache,
+                watch_snapshot,
+            } => {
+                variant(9, STEPS, out);
+                (keep_cache, watch_snapshot).encode(out);
+            }
+            Step::ToggleImage { image } => {
+                variant(10, STEPS, out);
+                image.encode(out);
+            }
+        }
+    }
+}
+
+/// A reconciler seed: the steps as the fuzz target's top-level `Vec<Step>`
+/// (taken from the rest of the input: no stop byte), checked to decode back.
+fn encode_steps(steps: &[Step]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for step in steps {
+        true.encode(&mut out);
+        step.encode(&mut out);
+    }
+    let decoded =
+        Vec::<Step>::arbitrary_take_rest(Unstructured::new(&out)).expect("an encoded seed decodes");
+    assert_eq!(
+        decoded, steps,
+        "arbitrary decodes the seed differently: its format changed, update the Encode impls in fuzz/src/seeds.rs"
+    );
+    out
+}
+
+fn core_tests() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests")
+}
+
+/// A JSON payload from a fixture, with the name of its seed file.
+struct Payload {
+    name: String,
+    text: String,
+    value: Value,
+}
+
+/// Every payload of every snapshot; an array snapshot gives one per element.
+fn snapshot_payloads() -> Vec<Payload> {
+    let dir = core_tests().join("snapshots");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "snap"))
+        .collect();
+    files.sort();
+    let mut payloads = Vec::new();
+    for path in files {
+        let text = fs::read_to_string(&path).unwrap();
+        // An insta snapshot: a `---`-delimited header, then the JSON body.
+        let body = text
+            .strip_prefix("---\n")
+            .and_then(|rest| rest.split_once("\n---\n"))
+            .map(|(_, body)| body.trim())
+            .unwrap_or_else(|| panic!("{} is not an insta snapshot", path.display()));
+        let value: Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("{} holds no JSON: {e}", path.display()));
+        let stem = path.file_stem().unwrap().to_string_lossy();
+        let stem = stem.strip_prefix("wire__").unwrap_or(&stem).to_owned();
+        match &value {
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    payloads.push(Payload {
+                        name: format!("{stem}-{i}"),
+                        text: item.to_string(),
+                        value: item.clone(),
+                    });
+                }
+            }
+            _ => payloads.push(Payload {
+                name: stem,
+                text: body.to_owned(),
+                value,
+            }),
+        }
+    }
+    payloads
+}
+
+/// The JSON objects written as raw string literals in core/tests/wire.rs:
+/// the legacy and minimal payloads the snapshots do not show as sent.
+fn literal_payloads() -> Vec<Payload> {
+    let source = fs::read_to_string(core_tests().join("wire.rs")).unwrap();
+    let mut payloads = Vec::new();
+    let mut rest = source.as_str();
+    while let Some(start) = rest.find("r#\"") {
+        let after = &rest[start + 3..];
+        let Some(end) = after.find("\"#") else { break };
+        let text = &after[..end];
+        rest = &after[end + 2..];
+        if let Ok(value @ Value::Object(_)) = serde_json::from_str::<Value>(text) {
+            payloads.push(Payload {
+                name: format!("literal-{:08x}", fnv1a64(text.as_bytes()) as u32),
+                text: text.to_owned(),
+                value,
+            });
+        }
+    }
+    payloads
+}
+
+/// Which decoder targets a payload seeds: those with a type that decodes it
+/// (validation aside), or all of them when none does, since a refused
+/// fixture is as good a start as any.
+fn decoder_targets(text: &str) -> Vec<&'static str> {
+    use podfleet_core::wire::*;
+    fn decodes<T: serde::de::DeserializeOwned>(text: &str) -> bool {
+        serde_json::from_str::<T>(text).is_ok()
+    }
+    let mut targets = Vec::new();
+    if decodes::<PodmanV0Score>(text) {
+        targets.push("score");
+    }
+    if decodes::<DeploymentState>(text)
+        || decodes::<FailureCause>(text)
+        || decodes::<Heartbeat>(text)
+    {
+        targets.push("report");
+    }
+    if decodes::<LogsRequest>(text)
+        || decodes::<ExecRequest>(text)
+        || decodes::<CommandReply<PingReply>>(text)
+        || decodes::<CommandReply<LogsReply>>(text)
+        || decodes::<CommandReply<ExecReply>>(text)
+    {
+        targets.push("command");
+    }
+    if targets.is_empty() {
+        targets = vec!["score", "report", "command"];
+    }
+    targets
+}
+
+/// Every string found under `key` anywhere in `value`.
+fn strings_under(value: &Value, key: &str, found: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    Value::String(s) if k == key => found.push(s.clone()),
+                    _ => strings_under(v, key, found),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| strings_under(v, key, found)),
+        _ => {}
+    }
+}
+
+/// Identifiers, keys and subjects built from the fixtures' device ids,
+/// deployment, service and container names.
+fn name_seeds(payloads: &[Payload]) -> Vec<(String, Vec<u8>)> {
+    let mut devices = Vec::new();
+    let mut deployments = Vec::new();
+    for payload in payloads {
+        strings_under(&payload.value, "device_id", &mut devices);
+        strings_under(&payload.value, "deployment", &mut deployments);
+        strings_under(&payload.value, "name", &mut deployments);
+        strings_under(&payload.value, "service", &mut deployments);
+        strings_under(&payload.value, "container", &mut deployments);
+    }
+    devices.sort();
+    devices.dedup();
+    deployments.sort();
+    deployments.dedup();
+    let mut texts = Vec::new();
+    for device in &devices {
+        texts.push(device.clone());
+        texts.push(format!("device-commands.{device}.ping"));
+        texts.push(format!("device-commands.{device}.logs"));
+        texts.push(format!("device-commands.{device}.exec"));
+        for deployment in &deployments {
+            texts.push(format!("{device}.{deployment}"));
+        }
+    }
+    texts.extend(deployments.iter().cloned());
+    texts.sort();
+    texts.dedup();
+    texts
+        .into_iter()
+        .map(|text| {
+            let name = format!("{:08x}", fnv1a64(text.as_bytes()) as u32);
+            (name, text.into_bytes())
+        })
+        .collect()
+}
+
+fn service(name: u8, image: u8) -> ServiceSketch {
+    ServiceSketch {
+        name,
+        image,
+        args: 0,
+        env: Some((0, 0)),
+        volume: None,
+        port: None,
+    }
+}
+
+fn init(name: u8, image: u8, timeout: Option<u8>) -> InitSketch {
+    InitSketch {
+        name,
+        image,
+        timeout,
+        env: None,
+    }
+}
+
+fn score(mut services: Vec<ServiceSketch>, inits: Vec<InitSketch>) -> ScoreSketch {
+    ScoreSketch {
+        service: services.remove(0),
+        more_services: services,
+        init_containers: inits,
+        lifecycle: Some(LifecycleSketch {
+            signal: Some(0),
+            grace: Some(1),
+        }),
+        unknown_field: false,
+    }
+}
+
+/// Tours of the reconciler's features: each fixture score rolled out,
+/// crashed, redelivered, restarted and deleted; then vocabulary scores
+/// through init containers, the libpod race, timeouts, faults and restarts.
+fn reconciler_seeds(payloads: &[Payload]) -> Vec<(String, Vec<u8>)> {
+    use Deployment::{Cam, Shop};
+    let mut seeds = Vec::new();
+    for payload in payloads {
+        if serde_json::from_str::<podfleet_core::wire::PodmanV0Score>(&payload.text).is_err() {
+            continue;
+        }
+        let steps = [
+            Step::PutRaw {
+                deployment: Shop,
+                bytes: RawBytes(payload.text.clone().into_bytes()),
+            },
+            Step::Advance(Wait::Seconds(5)),
+            Step::Crash {
+                deployment: Shop,
+                service: 0,
+                code: 1,
+            },
+            Step::Advance(Wait::Minutes(1)),
+            Step::Redeliver {
+                deployment: Shop,
+                back: 0,
+            },
+            Step::RestartAgent {
+                keep_cache: false,
+                watch_snapshot: true,
+            },
+            Step::Advance(Wait::Minutes(1)),
+            Step::Delete { deployment: Shop },
+            Step::Advance(Wait::Seconds(30)),
+            Step::Redeliver {
+                deployment: Shop,
+                back: 1,
+            },
+        ];
+        seeds.push((payload.name.clone(), encode_steps(&steps)));
+    }
+    let tours: [(&str, Vec<Step>); 4] = [
+        (
+            "tour-init-race-then-update",
+            vec![
+                Step::Put {
+                    deployment: Shop,
+                    score: score(vec![service(0, 0), service(1, 3)], vec![init(0, 1, None)]),
+                },
+                Step::Advance(Wait::Seconds(3)),
+                Step::Put {
+                    deployment: Shop,
+                    score: score(
+                        vec![service(0, 1), service(1, 3)],
+                        vec![init(1, 0, Some(0))],
+                    ),
+                },
+                Step::Advance(Wait::Seconds(10)),
+                Step::Crash {
+                    deployment: Shop,
+                    service: 1,
+                    code: 2,
+                },
+                Step::Advance(Wait::Minutes(2)),
+            ],
+        ),
+        (
+            "tour-init-timeout-superseded",
+            vec![
+                Step::Put {
+                    deployment: Cam,
+                    score: score(vec![service(0, 0)], vec![init(0, 4, Some(1))]),
+                },
+                Step::Advance(Wait::CentiSeconds(150)),
+                Step::Put {
+                    deployment: Cam,
+                    score: score(vec![service(0, 4)], vec![init(0, 230, Some(2))]),
+                },
+                Step::Advance(Wait::Seconds(5)),
+                Step::PutMutated {
+                    deployment: Cam,
+                    score: score(vec![service(0, 0)], vec![]),
+                    mutation: Mutation::Truncate { at: 20 },
+                },
+                Step::Advance(Wait::Seconds(40)),
+            ],
+        ),
+        (
+            "tour-faults-and-restarts",
+            vec![
+                Step::Fault {
+                    op: OpName::Create,
+                    kind: ErrorKind::Other,
+                    after_effect: true,
+                },
+                Step::Put {
+                    deployment: Shop,
+                    score: score(vec![service(0, 0), service(2, 2)], vec![]),
+                },
+                Step::Advance(Wait::Seconds(20)),
+                Step::Fault {
+                    op: OpName::List,
+                    kind: ErrorKind::Unavailable,
+                    after_effect: false,
+                },
+                Step::RestartAgent {
+                    keep_cache: true,
+                    watch_snapshot: false,
+                },
+                Step::Advance(Wait::Minutes(1)),
+                Step::ToggleImage { image: 0 },
+                Step::Crash {
+                    deployment: Shop,
+                    service: 0,
+                    code: 9,
+                },
+                Step::Advance(Wait::Minutes(1)),
+                Step::ToggleImage { image: 0 },
+                Step::Advance(Wait::Minutes(5)),
+            ],
+        ),
+        (
+            "tour-delete-and-late-redelivery",
+            vec![
+                Step::Put {
+                    deployment: Shop,
+                    score: score(vec![service(0, 0)], vec![]),
+                },
+                Step::Put {
+                    deployment: Cam,
+                    score: score(vec![service(1, 1)], vec![init(2, 3, None)]),
+                },
+                Step::Advance(Wait::Seconds(10)),
+                Step::Delete { deployment: Shop },
+                Step::Advance(Wait::Seconds(40)),
+                Step::RestartAgent {
+                    keep_cache: true,
+                    watch_snapshot: true,
+                },
+                Step::Redeliver {
+                    deployment: Shop,
+                    back: 1,
+                },
+                Step::Reconnect,
+                Step::Advance(Wait::Minutes(2)),
+            ],
+        ),
+    ];
+    for (name, steps) in tours {
+        seeds.push((name.to_owned(), encode_steps(&steps)));
+    }
+    seeds
+}
+
+/// JSON tokens that are not podfleet's: syntax, escapes and the edges of
+/// the integer types the wire uses.
+const JSON_SYNTAX: [&str; 21] = [
+    "{",
+    "}",
+    "[",
+    "]",
+    ":",
+    ",",
+    "\"",
+    "\\\\",
+    "\\u0000",
+    "\\ud800",
+    "null",
+    "true",
+    "false",
+    "-1",
+    "0",
+    "1e3",
+    "4294967295",
+    "65535",
+    "65536",
+    "18446744073709551615",
+    "-9223372036854775808",
+];
+
+/// Every property name and enum or constant string value in `schema`.
+fn schema_words(schema: &Value, fields: &mut BTreeSet<String>, values: &mut BTreeSet<String>) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::Object(properties)) = map.get("properties") {
+                fields.extend(properties.keys().cloned());
+            }
+            if let Some(Value::Array(items)) = map.get("enum") {
+                values.extend(items.iter().filter_map(Value::as_str).map(str::to_owned));
+            }
+            if let Some(Value::String(value)) = map.get("const") {
+                values.insert(value.clone());
+            }
+            map.values().for_each(|v| schema_words(v, fields, values));
+        }
+        Value::Array(items) => items.iter().for_each(|v| schema_words(v, fields, values)),
+        _ => {}
+    }
+}
+
+/// A libFuzzer dictionary entry: the token, quoted and escaped.
+fn dict_entry(token: &str) -> String {
+    let mut quoted = String::from("\"");
+    for byte in token.bytes() {
+        match byte {
+            b'"' | b'\\' => {
+                quoted.push('\\');
+                quoted.push(char::from(byte));
+            }
+            0x20..=0x7e => quoted.push(char::from(byte)),
+            _ => quoted.push_str(&format!("\\x{byte:02x}")),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// fuzz/dict/json.dict: JSON syntax, then every field name (as a key) and
+/// every enum value (as a string) of the wire types.
+fn json_dictionary() -> String {
+    use podfleet_core::wire::*;
+    let schemas = [
+        schemars::schema_for!(PodmanV0Score),
+        schemars::schema_for!(DeploymentState),
+        schemars::schema_for!(Heartbeat),
+        schemars::schema_for!(LogsRequest),
+        schemars::schema_for!(ExecRequest),
+        schemars::schema_for!(CommandReply<PingReply>),
+        schemars::schema_for!(CommandReply<LogsReply>),
+        schemars::schema_for!(CommandReply<ExecReply>),
+    ];
+    let mut fields = BTreeSet::new();
+    let mut values = BTreeSet::new();
+    for schema in &schemas {
+        schema_words(
+            &serde_json::to_value(schema).unwrap(),
+            &mut fields,
+            &mut values,
+        );
+    }
+    values.extend(Signal::ALL.map(|s| s.name().to_owned()));
+    let mut text = String::from(
+        "# Generated by fuzz/src/seeds.rs (cargo xtask fuzz seeds): do not edit.\n\
+         # JSON syntax, then every field name and enum value of podfleet's wire types.\n",
+    );
+    for token in JSON_SYNTAX {
+        text.push_str(&dict_entry(token));
+        text.push('\n');
+    }
+    for field in &fields {
+        text.push_str(&dict_entry(&format!("\"{field}\":")));
+        text.push('\n');
+    }
+    for value in &values {
+        text.push_str(&dict_entry(&format!("\"{value}\"")));
+        text.push('\n');
+    }
+    text
+}
+
+/// fuzz/dict/names.dict: the tokens of keys and subjects, and a few
+/// characters the label rule refuses.
+fn names_dictionary() -> String {
+    use podfleet_core::wire::names::COMMAND_SUBJECT_PREFIX;
+    use podfleet_core::wire::Verb;
+    let mut tokens = vec![
+        COMMAND_SUBJECT_PREFIX.to_owned(),
+        ".".into(),
+        "*".into(),
+        ">".into(),
+    ];
+    tokens.extend(Verb::ALL.map(|v| v.as_str().to_owned()));
+    tokens.extend(["-", "_", " ", "A", "\0", "\u{e9}"].map(str::to_owned));
+    tokens.push("a".repeat(63));
+    let mut text = String::from(
+        "# Generated by fuzz/src/seeds.rs (cargo xtask fuzz seeds): do not edit.\n\
+         # Tokens of podfleet's keys and subjects.\n",
+    );
+    for token in tokens {
+        text.push_str(&dict_entry(&token));
+        text.push('\n');
+    }
+    text
+}
+
+/// Every seed file, by target and file name.
+fn seed_corpus() -> BTreeMap<(&'static str, String), Vec<u8>> {
+    let mut payloads = snapshot_payloads();
+    payloads.extend(literal_payloads());
+    let mut corpus = BTreeMap::new();
+    for payload in &payloads {
+        for target in decoder_targets(&payload.text) {
+            corpus.insert(
+                (target, format!("seed-{}.json", payload.name)),
+                payload.text.clone().into_bytes(),
+            );
+        }
+    }
+    for (name, bytes) in name_seeds(&payloads) {
+        corpus.insert(("names", format!("seed-{name}")), bytes);
+    }
+    for (name, bytes) in reconciler_seeds(&payloads) {
+        corpus.insert(("reconciler", format!("seed-{name}")), bytes);
+    }
+    corpus
+}
+
+#[test]
+fn seed_corpus_is_current() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let corpus = seed_corpus();
+    let bless = std::env::var_os("PODFLEET_BLESS").is_some();
+    let mut problems = Vec::new();
+    let dicts = Path::new(env!("CARGO_MANIFEST_DIR")).join("dict");
+    for (name, text) in [
+        ("json.dict", json_dictionary()),
+        ("names.dict", names_dictionary()),
+    ] {
+        let path = dicts.join(name);
+        if fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        if bless {
+            fs::create_dir_all(&dicts).unwrap();
+            fs::write(&path, text).unwrap();
+        } else {
+            problems.push(format!("{} is missing or stale", path.display()));
+        }
+    }
+    for ((target, name), bytes) in &corpus {
+        let path = root.join(target).join(name);
+        if fs::read(&path).ok().as_ref() == Some(bytes) {
+            continue;
+        }
+        if bless {
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, bytes).unwrap();
+        } else {
+            problems.push(format!("{} is missing or stale", path.display()));
+        }
+    }
+    for dir in fs::read_dir(&root).into_iter().flatten().flatten() {
+        let target = dir.file_name().to_string_lossy().into_owned();
+        for file in fs::read_dir(dir.path()).into_iter().flatten().flatten() {
+            let name = file.file_name().to_string_lossy().into_owned();
+            let generated = corpus.keys().any(|(t, n)| *t == target && *n == name);
+            if name.starts_with("seed-") && !generated {
+                if bless {
+                    fs::remove_file(file.path()).unwrap();
+                } else {
+                    problems.push(format!("{} is no longer generated", file.path().display()));
+                }
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "the seed corpus is out of date: run `cargo xtask fuzz seeds` and commit fuzz/corpus/\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn every_target_has_seeds() {
+    let corpus = seed_corpus();
+    for target in ["score", "report", "command", "names", "reconciler"] {
+        let n = corpus.keys().filter(|(t, _)| *t == target).count();
+        assert!(n >= 3, "only {n} seeds for {target}");
+    }
+}
+
+#[test]
+fn committed_corpus_replays_clean() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    type Check = fn(&[u8]);
+    let checks: [(&str, Check); 5] = [
+        ("score", crate::wire::score),
+        ("report", crate::wire::report),
+        ("command", crate::wire::command),
+        ("names", crate::names::names),
+        ("reconciler", |data| {
+            if let Ok(steps) = Vec::<Step>::arbitrary_take_rest(Unstructured::new(data)) {
+                crate::scenario::run(&steps);
+            }
+        }),
+    ];
+    for (target, check) in checks {
+        for file in fs::read_dir(root.join(target))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            check(&fs::read(file.path()).unwrap());
+        }
+    }
+}
