@@ -577,8 +577,9 @@ struct Player {
     revision: u64,
     /// Per deployment, every revision the bucket held, oldest first.
     history: BTreeMap<Deployment, Vec<(u64, Entry)>>,
-    /// Deployments whose current bucket entry this agent has been told (or
-    /// kept in its cache): only for those can an older revision arrive late.
+    /// Deployments whose current bucket entry this agent has been told (and,
+    /// across restarts, kept in its cache): only for those can an older
+    /// revision arrive late.
     /// A fresh watch never delivers an old revision, and an agent that lost
     /// its cache cannot tell an old revision from a new one.
     knows_current: BTreeSet<Deployment>,
@@ -746,10 +747,19 @@ impl Player {
                         "offline"
                     }
                 );
+                // The agent keeps across a restart what its cache holds: a
+                // deployment's newest valid revision, or its tombstone. One
+                // it had only seen invalid revisions of is not in it, and is
+                // as new to the restarted agent as after a lost cache.
+                let cache = self.h.cache.as_ref().filter(|_| *keep_cache);
+                self.knows_current.retain(|d| {
+                    let name = DeploymentName::new(d.name()).ok();
+                    cache.zip(name).is_some_and(|(cache, name)| {
+                        cache.deployments.contains_key(&name)
+                            || cache.tombstones.contains_key(&name)
+                    })
+                });
                 self.h.restart_agent(*keep_cache);
-                if !*keep_cache {
-                    self.knows_current.clear();
-                }
                 if *watch_snapshot {
                     self.reconnect();
                 }
@@ -786,29 +796,172 @@ impl Player {
     }
 }
 
-/// Plays one input and prints what was sent and the whole transcript:
-/// `PODFLEET_FUZZ_INPUT=artifacts/reconciler/crash-... cargo test --lib
-/// show_reconciler_input -- --ignored --nocapture` (in fuzz/, on stable),
-/// the first step in turning a crash into a unit test.
 #[cfg(test)]
-#[test]
-#[ignore = "a tool: needs PODFLEET_FUZZ_INPUT"]
-fn show_reconciler_input() {
-    let path =
-        std::env::var("PODFLEET_FUZZ_INPUT").expect("PODFLEET_FUZZ_INPUT names an input file");
-    let data = std::fs::read(&path).expect("the input file reads");
-    let steps = Vec::<Step>::arbitrary_take_rest(arbitrary::Unstructured::new(&data))
-        .expect("the input decodes into steps");
-    let steps = &steps[..steps.len().min(MAX_STEPS)];
-    println!("{steps:#?}");
-    let mut player = Player::new();
-    for step in steps {
-        player.play(step);
+mod tests {
+    use super::*;
+
+    fn web_on(image: u8) -> ScoreSketch {
+        ScoreSketch {
+            service: ServiceSketch {
+                name: 0,
+                image,
+                args: 0,
+                env: None,
+                volume: None,
+                port: None,
+            },
+            more_services: Vec::new(),
+            init_containers: Vec::new(),
+            lifecycle: None,
+            unknown_field: false,
+        }
     }
-    player.h.faults.clear();
-    player.h.run_for(Duration::from_secs(600));
-    println!(
-        "{}\n{}\nviolations: {:?}",
-        player.script, player.h.transcript, player.h.violations
-    );
+
+    fn played(steps: &[Step]) -> Player {
+        let mut player = Player::new();
+        for step in steps {
+            player.play(step);
+        }
+        player
+    }
+
+    #[test]
+    fn an_agent_that_lost_its_cache_gets_no_stale_revision() {
+        // A fresh agent cannot tell an old revision from a new one, and a
+        // fresh watch never sends one: the fuzzer delivers the current one.
+        let shop = Deployment::Shop;
+        let player = played(&[
+            Step::Put {
+                deployment: shop,
+                score: web_on(0),
+            },
+            Step::Put {
+                deployment: shop,
+                score: web_on(1),
+            },
+            Step::RestartAgent {
+                keep_cache: false,
+                watch_snapshot: false,
+            },
+            Step::Redeliver {
+                deployment: shop,
+                back: 1,
+            },
+        ]);
+        assert!(
+            player.script.ends_with("redeliver shop rev 2\n"),
+            "{}",
+            player.script
+        );
+        // With its cache, the late revision does arrive, and is ignored.
+        let player = played(&[
+            Step::Put {
+                deployment: shop,
+                score: web_on(0),
+            },
+            Step::Put {
+                deployment: shop,
+                score: web_on(1),
+            },
+            Step::RestartAgent {
+                keep_cache: true,
+                watch_snapshot: false,
+            },
+            Step::Redeliver {
+                deployment: shop,
+                back: 1,
+            },
+            Step::Advance(Wait::Minutes(1)),
+        ]);
+        assert!(
+            player.script.contains("redeliver shop rev 1\n"),
+            "{}",
+            player.script
+        );
+        assert!(player.h.violations.is_empty(), "{:?}", player.h.violations);
+        // A cache keeps no deployment it has only seen invalid revisions of.
+        let player = played(&[
+            Step::Put {
+                deployment: shop,
+                score: web_on(0),
+            },
+            Step::RestartAgent {
+                keep_cache: false,
+                watch_snapshot: false,
+            },
+            Step::PutRaw {
+                deployment: shop,
+                bytes: RawBytes(b"{".to_vec()),
+            },
+            Step::RestartAgent {
+                keep_cache: true,
+                watch_snapshot: false,
+            },
+            Step::Redeliver {
+                deployment: shop,
+                back: 1,
+            },
+        ]);
+        assert!(
+            player.script.ends_with("redeliver shop rev 2\n"),
+            "{}",
+            player.script
+        );
+    }
+
+    #[test]
+    fn a_reconnect_delivers_the_bucket_before_the_resync() {
+        // The reconciler's resync sweeps containers of deployments it does
+        // not know, so it must follow the snapshot's values, as it does in
+        // a real watch.
+        let shop = Deployment::Shop;
+        let steps = [
+            Step::Put {
+                deployment: shop,
+                score: web_on(0),
+            },
+            Step::Advance(Wait::Seconds(5)),
+            Step::RestartAgent {
+                keep_cache: false,
+                watch_snapshot: false,
+            },
+            Step::Reconnect,
+            Step::Advance(Wait::Minutes(1)),
+        ];
+        let player = played(&steps);
+        assert!(
+            player
+                .script
+                .contains("redeliver shop rev 1\nresync 1 present\n"),
+            "{}",
+            player.script
+        );
+        run(&steps);
+    }
+
+    /// Plays one input and prints what was sent and the whole transcript:
+    /// `PODFLEET_FUZZ_INPUT=artifacts/reconciler/crash-... cargo test --lib
+    /// show_reconciler_input -- --ignored --nocapture` (in fuzz/, on stable),
+    /// the first step in turning a crash into a unit test.
+    #[test]
+    #[ignore = "a tool: needs PODFLEET_FUZZ_INPUT"]
+    fn show_reconciler_input() {
+        let path =
+            std::env::var("PODFLEET_FUZZ_INPUT").expect("PODFLEET_FUZZ_INPUT names an input file");
+        let data = std::fs::read(&path).expect("the input file reads");
+        let steps = Vec::<Step>::arbitrary_take_rest(arbitrary::Unstructured::new(&data))
+            .expect("the input decodes into steps");
+        let steps = &steps[..steps.len().min(MAX_STEPS)];
+        println!("{steps:#?}");
+        let mut player = Player::new();
+        for step in steps {
+            player.play(step);
+        }
+        player.h.faults.clear();
+        player.h.run_for(Duration::from_secs(600));
+        println!(
+            "{}\n{}\nviolations: {:?}",
+            player.script, player.h.transcript, player.h.violations
+        );
+    }
 }

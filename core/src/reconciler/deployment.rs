@@ -358,6 +358,11 @@ impl Deployment {
         self.deleted
     }
 
+    /// A valid revision is in force, applied or not.
+    pub(super) fn has_target(&self) -> bool {
+        self.target.is_some()
+    }
+
     pub(super) fn is_gone(&self) -> bool {
         self.gone
     }

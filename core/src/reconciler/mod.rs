@@ -420,13 +420,18 @@ impl Reconciler {
             if revision <= tombstone {
                 return;
             }
-            self.tombstones.remove(&deployment);
         }
         let entry = self
             .deployments
             .entry(deployment.clone())
             .or_insert_with(|| Deployment::new(deployment.clone()));
         entry.desired_put(revision, bytes);
+        // Only a valid revision lifts the tombstone: after an invalid one, a
+        // late redelivery of what was deleted must still find it, after a
+        // restart too (an invalid-only deployment is not in the cache).
+        if entry.has_target() {
+            self.tombstones.remove(&deployment);
+        }
         self.drive(now, &deployment);
     }
 

@@ -983,3 +983,41 @@ fn the_same_score_at_a_newer_revision_keeps_the_init_containers_that_ran() {
         h.transcript
     );
 }
+
+#[test]
+fn an_invalid_put_after_a_delete_keeps_the_tombstone_across_a_restart() {
+    // Found analysing a fuzzer crash (reconciler target): an invalid put
+    // after a delete lifted the tombstone, the next cache write (for any
+    // other deployment) dropped it from disk, and after an agent restart a
+    // late redelivery of the deleted revision brought its containers back.
+    let mut h = harness();
+    let json = score(&[web("img/web:1", "a")], &[]);
+    deploy(&mut h, 1, &json);
+    h.delete("shop", 2);
+    h.run_for(Duration::from_secs(10));
+    h.put("shop", 3, "{");
+    h.put("other", 4, &score(&[worker()], &[]));
+    h.run_for(SECOND);
+    assert_eq!(state(&h, "shop").phase, Phase::Failed, "{}", h.transcript);
+    h.restart_agent(true);
+    h.run_for(SECOND);
+    h.put("shop", 1, &json);
+    h.run_for(Duration::from_secs(10));
+    assert!(h.runtime.by_name("shop_web").is_none(), "{}", h.transcript);
+    assert!(
+        h.violations.is_empty(),
+        "{:?}\n{}",
+        h.violations,
+        h.transcript
+    );
+    // A valid revision after the delete does lift it.
+    h.put("shop", 5, &json);
+    h.run_for(SECOND);
+    running_id(&h, "shop_web");
+    assert!(
+        h.violations.is_empty(),
+        "{:?}\n{}",
+        h.violations,
+        h.transcript
+    );
+}
