@@ -184,11 +184,6 @@ impl Broker {
             .collect()
     }
 
-    /// Writes as the operator does, without a connection (test set-up).
-    pub fn write(&self, bucket: &str, key: &str, value: Option<Vec<u8>>) -> u64 {
-        write(&mut self.lock(), bucket, key, value)
-    }
-
     /// Attempts the permissions refused, in words.
     pub fn refusals(&self) -> Vec<String> {
         self.lock().refusals.clone()

@@ -11,7 +11,7 @@
 //!
 //! This is the discrete-event tier: it jumps straight to the next deadline,
 //! so an hour of device time costs milliseconds. The same seed always
-//! replays the same run, bit for bit; [`SeedOutcome::trace_hash`] proves it.
+//! replays the same run, bit for bit; [`world::Outcome::trace_hash`] proves it.
 
 pub mod broker;
 pub mod plan;
@@ -27,64 +27,10 @@ use podfleet_core::reconciler::Bugs;
 use podfleet_core::runtime::{ContainerState, RuntimeErrorKind};
 use podfleet_core::wire::{DeploymentName, DeviceId, Phase};
 use podfleet_core::Config;
-use rand_chacha::rand_core::{Rng, SeedableRng};
+use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-const DEPLOYMENTS: [&str; 3] = ["shop", "cam", "relay"];
-const SERVICES: [&str; 3] = ["web", "worker", "db"];
-const GOOD_IMAGES: [&str; 3] = ["img/app:1", "img/app:2", "img/slow-stop:1"];
-const OPS: [&str; 6] = ["list", "create", "start", "inspect", "stop", "remove"];
-
-/// What one seed did and found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeedOutcome {
-    /// The seed.
-    pub seed: u64,
-    /// Simulated time covered.
-    pub simulated: Duration,
-    /// Runtime operations issued by the reconciler.
-    pub runtime_ops: usize,
-    /// Faults injected, by kind.
-    pub faults: BTreeMap<&'static str, u32>,
-    /// Invariant violations, in words; empty when the seed passed.
-    pub violations: Vec<String>,
-    /// A hash folding every transcript line: equal for equal runs.
-    pub trace_hash: u64,
-    /// The readable trace.
-    pub transcript: String,
-}
-
-fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
-    rng.next_u64() % n.max(1)
-}
-
-fn chance(rng: &mut ChaCha8Rng, percent: u64) -> bool {
-    below(rng, 100) < percent
-}
-
-/// A valid score; `crashy` makes one service exit now and then.
-fn score(rng: &mut ChaCha8Rng, with_init: bool) -> String {
-    let mut services = Vec::new();
-    for (i, name) in SERVICES.iter().enumerate() {
-        if i == 0 || chance(rng, 50) {
-            let image = GOOD_IMAGES[below(rng, 3) as usize];
-            let env = below(rng, 3);
-            services.push(format!(
-                r#"{{"name":"{name}","image":"{image}","env":{{"V":"{env}"}}}}"#
-            ));
-        }
-    }
-    let inits = if with_init && chance(rng, 50) {
-        r#"{"name":"migrate","image":"img/init-ok:1","timeout":30}"#
-    } else {
-        ""
-    };
-    let grace = 1 + below(rng, 5);
-    format!(
-        r#"{{"services":[{}],"init_containers":[{inits}],"lifecycle":{{"grace_period_secs":{grace}}}}}"#,
-        services.join(",")
-    )
-}
+use plan::{below, chance, DEPLOYMENTS, FAULTY_OPS as OPS, SERVICES};
 
 fn world(seed: u64, bugs: Bugs) -> Harness {
     let config = Config::new(DeviceId::new("sim-device").expect("valid"), "sim").inject_bugs(bugs);
@@ -103,13 +49,13 @@ fn world(seed: u64, bugs: Bugs) -> Harness {
 }
 
 /// Runs one seed: workload and faults, then heal and check liveness.
-pub fn run_seed(seed: u64) -> SeedOutcome {
+pub fn run_seed(seed: u64) -> world::Outcome {
     run_seed_with_bugs(seed, Bugs::default())
 }
 
 /// Runs one seed against a reconciler with deliberate bugs switched on, to
 /// prove the invariant checks notice them.
-pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> SeedOutcome {
+pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut h = world(seed, bugs);
     let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
@@ -126,7 +72,7 @@ pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> SeedOutcome {
         match below(&mut rng, 100) {
             0..=34 => {
                 revision += 1;
-                let json = score(&mut rng, true);
+                let json = plan::valid_score(&mut rng);
                 h.put(deployment, revision, &json);
                 kv.insert(deployment, (revision, json));
             }
@@ -247,16 +193,17 @@ pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> SeedOutcome {
         h.violations
             .push(format!("no quiet after convergence: {flaps:?}"));
     }
-    // The determinism fingerprint of the run.
-    let trace_hash = podfleet_core::reconciler::fnv1a64(h.transcript.as_bytes());
-    SeedOutcome {
+    let trace: Vec<String> = h.transcript.lines().map(str::to_owned).collect();
+    world::Outcome {
         seed,
         simulated: h.now.saturating_since(podfleet_core::Timestamp::ZERO),
-        runtime_ops: h.ops.len(),
         faults,
+        probes: BTreeMap::new(),
         violations: h.violations.clone(),
-        trace_hash,
-        transcript: h.transcript.clone(),
+        events: trace.len() as u64,
+        // The determinism fingerprint of the run.
+        trace_hash: podfleet_core::reconciler::fnv1a64(h.transcript.as_bytes()),
+        trace,
     }
 }
 
@@ -305,50 +252,6 @@ fn check_converged(h: &mut Harness, kv: &BTreeMap<&'static str, (u64, String)>) 
     h.violations.extend(problems);
 }
 
-/// Formats a summary table of many outcomes.
-pub fn summary(outcomes: &[SeedOutcome], wall: Duration) -> String {
-    let mut faults: BTreeMap<&str, u32> = BTreeMap::new();
-    for o in outcomes {
-        for (k, v) in &o.faults {
-            *faults.entry(k).or_default() += v;
-        }
-    }
-    let simulated: Duration = outcomes.iter().map(|o| o.simulated).sum();
-    let failed: Vec<u64> = outcomes
-        .iter()
-        .filter(|o| !o.violations.is_empty())
-        .map(|o| o.seed)
-        .collect();
-    let mut out = String::new();
-    let _ = writeln!(out, "seeds run            {}", outcomes.len());
-    let _ = writeln!(
-        out,
-        "simulated time       {:.1} h",
-        simulated.as_secs_f64() / 3600.0
-    );
-    let _ = writeln!(
-        out,
-        "runtime operations   {}",
-        outcomes.iter().map(|o| o.runtime_ops).sum::<usize>()
-    );
-    for (kind, n) in &faults {
-        let _ = writeln!(out, "fault {kind:<24} {n}");
-    }
-    let _ = writeln!(out, "invariant violations {} {failed:?}", failed.len());
-    let secs = wall.as_secs_f64().max(1e-9);
-    let _ = writeln!(
-        out,
-        "seeds per second     {:.1}",
-        outcomes.len() as f64 / secs
-    );
-    let _ = writeln!(
-        out,
-        "simulated:wall       {:.0}x",
-        simulated.as_secs_f64() / secs
-    );
-    out
-}
-
 /// Which simulator runs a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tier {
@@ -376,19 +279,7 @@ pub fn run(tier: Tier, plan: &plan::Plan, switches: tiers::Switches) -> world::O
     match tier {
         Tier::Turmoil => tiers::run_turmoil(plan, switches),
         Tier::Events => tiers::run_events(plan, switches),
-        Tier::Discrete => {
-            let o = run_seed_with_bugs(plan.seed, switches.bugs);
-            world::Outcome {
-                seed: o.seed,
-                simulated: o.simulated,
-                faults: o.faults,
-                probes: BTreeMap::new(),
-                violations: o.violations,
-                events: o.transcript.lines().count() as u64,
-                trace_hash: o.trace_hash,
-                trace: o.transcript.lines().map(str::to_owned).collect(),
-            }
-        }
+        Tier::Discrete => run_seed_with_bugs(plan.seed, switches.bugs),
     }
 }
 

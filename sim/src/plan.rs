@@ -15,7 +15,8 @@ use rand_chacha::ChaCha8Rng;
 
 /// Deployments a plan writes.
 pub const DEPLOYMENTS: [&str; 3] = ["shop", "cam", "relay"];
-const SERVICES: [&str; 3] = ["web", "worker", "db"];
+/// Services a score picks from.
+pub const SERVICES: [&str; 3] = ["web", "worker", "db"];
 /// Images that run and stop cleanly (one slowly).
 pub const GOOD_IMAGES: [&str; 3] = ["img/app:1", "img/app:2", "img/slow-stop:1"];
 /// Init images that can never succeed.
@@ -197,11 +198,13 @@ pub struct Plan {
     pub heal_at_ms: u64,
 }
 
-fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
+/// A number below `n` (0 when `n` is 0).
+pub(crate) fn below(rng: &mut ChaCha8Rng, n: u64) -> u64 {
     rng.next_u64() % n.max(1)
 }
 
-fn chance(rng: &mut ChaCha8Rng, percent: u64) -> bool {
+/// True `percent` times in a hundred.
+pub(crate) fn chance(rng: &mut ChaCha8Rng, percent: u64) -> bool {
     below(rng, 100) < percent
 }
 

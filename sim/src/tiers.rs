@@ -29,8 +29,8 @@ use tokio::task::{AbortHandle, JoinHandle, LocalSet};
 use crate::broker::Broker;
 use crate::plan::Plan;
 use crate::world::{
-    device_software, operator, run_plan, BoxRead, BoxWrite, Device, Dialer, Dialing, LinkState,
-    Network, Outcome, Shared, SimClock, World,
+    device_id, device_software, operator, run_plan, BoxRead, BoxWrite, Device, Dialer, Dialing,
+    LinkState, Network, Outcome, Shared, SimClock, World,
 };
 
 /// turmoil's step. The agent's shortest deadline is the 200 ms libpod-race
@@ -97,7 +97,7 @@ struct TurmoilTier<'a> {
 }
 
 fn host(index: u32) -> String {
-    format!("dev-{index}")
+    device_id(index).to_string()
 }
 
 impl Network for TurmoilTier<'_> {

@@ -23,11 +23,10 @@ fn default_batch_keeps_every_invariant() {
     for seed in seeds() {
         let outcome = sim::run_seed(seed);
         if trace {
-            println!("{}", outcome.transcript);
+            println!("{}", outcome.trace.join("\n"));
         }
         if !outcome.violations.is_empty() {
-            let tail: Vec<&str> = outcome.transcript.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let tail = &outcome.trace[outcome.trace.len().saturating_sub(40)..];
             failed.push(format!(
                 "seed {seed}: {:?}\nlast events:\n{}\nreplay: SIM_SEED={seed} cargo test -p sim -- --nocapture",
                 outcome.violations,
@@ -45,15 +44,15 @@ fn same_seed_same_trace() {
         let b = sim::run_seed(seed);
         if a.trace_hash != b.trace_hash {
             let first = a
-                .transcript
-                .lines()
-                .zip(b.transcript.lines())
+                .trace
+                .iter()
+                .zip(&b.trace)
                 .position(|(x, y)| x != y)
                 .unwrap_or(0);
             panic!(
                 "seed {seed} diverged at event {first}:\n  {:?}\n  {:?}",
-                a.transcript.lines().nth(first),
-                b.transcript.lines().nth(first)
+                a.trace.get(first),
+                b.trace.get(first)
             );
         }
     }
