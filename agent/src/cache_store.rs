@@ -109,6 +109,7 @@ mod tests {
                 revision,
                 score: Some("{}".into()),
                 applied: true,
+                attempt: 1,
                 container_ids: BTreeMap::from([("web".into(), "abc".into())]),
             },
         );

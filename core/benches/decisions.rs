@@ -90,6 +90,7 @@ fn main() {
                 revision: 1,
                 score: Some(json.clone()),
                 applied: true,
+                attempt: 1,
                 container_ids: BTreeMap::new(),
             },
         )]),

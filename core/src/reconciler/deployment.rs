@@ -5,6 +5,7 @@
 //! containers are only ever touched by one job; deployments run side by side.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::spec::{init_container_spec, service_container_spec, service_spec_hash};
@@ -15,6 +16,7 @@ use crate::runtime::{
     LABEL_SERVICE, LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
 };
 use crate::time::Timestamp;
+use crate::wire::text::{bounded, Quoted, TEXT_MAX_BYTES};
 use crate::wire::{
     DeploymentName, DeploymentState, FailureCause, Phase, PodmanV0Score, RestartRecord, ScoreError,
     Signal, DEFAULT_INIT_CONTAINER_TIMEOUT,
@@ -24,6 +26,9 @@ use crate::wire::{
 #[derive(Debug, Clone)]
 struct Target {
     revision: u64,
+    /// The revision at which this spec first arrived: later revisions with
+    /// the same spec (a re-put) only move `revision`.
+    since: u64,
     bytes: Vec<u8>,
     score: PodmanV0Score,
     /// Service name -> spec hash, in score order of `score.services`.
@@ -40,6 +45,7 @@ impl Target {
             .collect();
         Self {
             revision,
+            since: revision,
             bytes,
             score,
             hashes,
@@ -210,6 +216,10 @@ pub(super) struct Deployment {
     /// Whether the applied revision ran init containers.
     init_completed: usize,
     observed: BTreeMap<String, Observed>,
+    /// Whether `observed` comes from the runtime since the agent started,
+    /// rather than from the cache: until then nothing is known about what
+    /// runs, and no report may claim anything about it.
+    observed_runtime: bool,
     restarts: BTreeMap<String, Restart>,
     job: Option<Job>,
     failure: Option<Failure>,
@@ -234,6 +244,7 @@ impl Deployment {
             attempts: 0,
             init_completed: 0,
             observed: BTreeMap::new(),
+            observed_runtime: false,
             restarts: BTreeMap::new(),
             job: None,
             failure: None,
@@ -262,6 +273,13 @@ impl Deployment {
         };
         d.target = Some(Target::new(cached.revision, bytes, score));
         d.applied = cached.applied;
+        // An applied revision was attempted at least once, even by an agent
+        // whose cache predates the attempt count.
+        d.attempts = if cached.applied {
+            cached.attempt.max(1)
+        } else {
+            cached.attempt
+        };
         for (service, id) in &cached.container_ids {
             d.observed.insert(
                 service.clone(),
@@ -290,7 +308,13 @@ impl Deployment {
             Ok(score) => {
                 self.deleted = false;
                 self.invalid = None;
-                if let Some(target) = self.target.as_mut().filter(|t| t.bytes == bytes) {
+                // The same spec at a newer revision (the same bytes, or bytes
+                // that decode to an equal score) changes nothing on the runtime.
+                if let Some(target) = self
+                    .target
+                    .as_mut()
+                    .filter(|t| t.bytes == bytes || t.score == score)
+                {
                     target.revision = revision;
                     self.cache_dirty = true;
                     if self
@@ -389,6 +413,7 @@ impl Deployment {
                 (false, None) => return None,
             },
             applied: self.applied && !self.deleted,
+            attempt: self.attempts,
             container_ids: self
                 .observed
                 .iter()
@@ -871,6 +896,7 @@ impl Deployment {
     }
 
     fn refresh_observed(&mut self, mine: &[&ContainerSummary]) {
+        self.observed_runtime = true;
         let mut observed = BTreeMap::new();
         for c in mine {
             if c.label(LABEL_INIT).is_some() {
@@ -1101,6 +1127,15 @@ impl Deployment {
     }
 
     fn report(&self, config: &Config) -> Option<DeploymentState> {
+        let mut report = self.report_unbounded(config)?;
+        report.message = bounded(&report.message, TEXT_MAX_BYTES);
+        if let Some(cause) = report.cause.as_mut() {
+            cause.bound_texts(TEXT_MAX_BYTES);
+        }
+        Some(report)
+    }
+
+    fn report_unbounded(&self, config: &Config) -> Option<DeploymentState> {
         if self.deleted || self.gone {
             return None;
         }
@@ -1148,6 +1183,11 @@ impl Deployment {
         }
         let target = self.target.as_ref()?;
         let revision = target.revision;
+        if self.applied && !self.observed_runtime && !config.bugs.report_before_observing {
+            // Adopted from the cache after a restart: until the runtime has
+            // been listed, the last report published stands.
+            return None;
+        }
         if self
             .job
             .as_ref()
@@ -1200,7 +1240,7 @@ impl Deployment {
         }
         let services = target.score.services.len();
         let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-        let message = if self.init_completed > 0 {
+        let mut message = if self.init_completed > 0 {
             format!(
                 "{} completed, {} running",
                 plural(self.init_completed, "init container"),
@@ -1209,6 +1249,9 @@ impl Deployment {
         } else {
             format!("{} running", plural(services, "service"))
         };
+        if target.since != revision {
+            let _ = write!(message, " (spec unchanged since revision {})", target.since);
+        }
         Some(base(Phase::Running, revision, message, None))
     }
 }
@@ -1243,29 +1286,36 @@ fn retire(c: &ContainerSummary, steps: &mut Vec<Step>) {
 pub(super) fn describe(cause: &FailureCause) -> String {
     match cause {
         FailureCause::InvalidScore { error } => format!("invalid score: {error}"),
-        FailureCause::InitContainerExited { name, exit_code } => {
-            format!("init container {name:?} exited with code {exit_code}")
-        }
-        FailureCause::InitContainerTimedOut { name, waited_secs } => {
-            format!("init container {name:?} timed out after {waited_secs} s and was removed")
-        }
+        FailureCause::InitContainerExited { name, exit_code } => format!(
+            "init container {} exited with code {exit_code}",
+            Quoted(name)
+        ),
+        FailureCause::InitContainerTimedOut { name, waited_secs } => format!(
+            "init container {} timed out after {waited_secs} s and was removed",
+            Quoted(name)
+        ),
         FailureCause::StillRunningAfterWait { name } => format!(
-            "init container {name:?} still reads as running after wait returned and a retry"
+            "init container {} still reads as running after wait returned and a retry",
+            Quoted(name)
         ),
         FailureCause::Runtime {
             container,
             operation,
             error,
-        } => format!("{operation} of {container:?} failed: {error}"),
+        } => format!("{operation} of {} failed: {error}", Quoted(container)),
         FailureCause::CrashLoop {
             service,
             restarts,
             last_exit_code,
         } => match last_exit_code {
-            Some(code) => {
-                format!("service {service:?} exited with code {code} ({restarts} restarts)")
-            }
-            None => format!("service {service:?} is not running ({restarts} restarts)"),
+            Some(code) => format!(
+                "service {} exited with code {code} ({restarts} restarts)",
+                Quoted(service)
+            ),
+            None => format!(
+                "service {} is not running ({restarts} restarts)",
+                Quoted(service)
+            ),
         },
     }
 }

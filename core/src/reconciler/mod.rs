@@ -138,6 +138,12 @@ impl Config {
         self.tick_interval
     }
 
+    /// The deliberate bugs switched on (all off outside tests).
+    #[doc(hidden)]
+    pub fn bugs(&self) -> Bugs {
+        self.bugs
+    }
+
     /// Switches on deliberate bugs so that tests can prove the invariant
     /// checks catch them. Never use outside tests.
     #[doc(hidden)]
@@ -164,6 +170,13 @@ pub struct Bugs {
     pub create_before_remove: bool,
     /// Reports say Running as soon as a rollout starts.
     pub report_running_early: bool,
+    /// A restarted agent reports its cached deployments before it has
+    /// listed the runtime (they read as crash-looping).
+    pub report_before_observing: bool,
+    /// The agent's outbox publishes strictly in key order and treats a
+    /// report the broker refuses as too large like any other failure: one
+    /// report that cannot be published holds up every report behind it.
+    pub head_of_line_reports: bool,
 }
 
 /// Identifies a runtime operation handed out by [`Reconciler::poll_output`];
@@ -287,6 +300,10 @@ pub struct CachedDeployment {
     pub score: Option<String>,
     /// Whether that revision was fully rolled out.
     pub applied: bool,
+    /// Attempts at that revision so far (0 in caches written before the
+    /// field existed).
+    #[serde(default)]
+    pub attempt: u32,
     /// Service name -> container id.
     pub container_ids: BTreeMap<String, String>,
 }

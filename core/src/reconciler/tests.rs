@@ -1021,3 +1021,151 @@ fn an_invalid_put_after_a_delete_keeps_the_tombstone_across_a_restart() {
         h.transcript
     );
 }
+
+/// Deploys, restarts the agent with the runtime unreachable for its first
+/// `unreachable_lists` lists, redelivers the same put, and returns what was
+/// published between the restart and the first successful list.
+fn restart_with_runtime_down(bugs: Bugs) -> (Harness, Vec<DeploymentState>, String) {
+    let mut h = Harness::new(config().inject_bugs(bugs));
+    h.run_for(SECOND);
+    let json = score(&[web("img/web:1", "a")], &[]);
+    deploy(&mut h, 1, &json);
+    let id = running_id(&h, "shop_web");
+    for _ in 0..5 {
+        h.faults
+            .entry("list")
+            .or_default()
+            .push_back(OpFault::Fail(crate::runtime::RuntimeErrorKind::Unavailable));
+    }
+    h.restart_agent(true);
+    let from = h.published.len();
+    h.put("shop", 1, &json);
+    h.run_for(Duration::from_secs(8));
+    let early = h.published[from..].iter().map(|(_, s)| s.clone()).collect();
+    (h, early, id)
+}
+
+#[test]
+fn a_restarted_agent_reports_nothing_until_it_has_listed_the_runtime() {
+    // Issue 10, bug 1: every restart published `failed` (crash_loop, 0
+    // restarts) for healthy deployments before the first list, and kept it
+    // published for as long as podman was unreachable.
+    let (mut h, early, id) = restart_with_runtime_down(Bugs::default());
+    assert!(early.is_empty(), "{early:?}\n{}", h.transcript);
+    assert!(matches!(
+        h.heartbeats.last().map(|hb| &hb.runtime),
+        Some(crate::wire::RuntimeHealth::Unreachable { .. })
+    ));
+    h.run_for(Duration::from_secs(60));
+    let s = state(&h, "shop");
+    assert_eq!(
+        (s.phase, s.revision),
+        (Phase::Running, 1),
+        "{}",
+        h.transcript
+    );
+    assert_eq!(s.container_ids["web"], id);
+    assert_eq!(s.attempt, 1, "the attempt survives the restart");
+    assert!(h.published.iter().all(|(_, s)| s.phase != Phase::Failed));
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+}
+
+#[test]
+fn the_restart_report_check_bites() {
+    let (h, early, _) = restart_with_runtime_down(Bugs {
+        report_before_observing: true,
+        ..Bugs::default()
+    });
+    assert!(
+        early
+            .iter()
+            .any(|s| matches!(s.cause, Some(FailureCause::CrashLoop { .. }))),
+        "{early:?}\n{}",
+        h.transcript
+    );
+}
+
+#[test]
+fn a_huge_invalid_value_is_quoted_bounded_in_its_report() {
+    // Issue 10, bug 2: a 1,000,000-character service name was quoted twice
+    // in the failure report, 2 MB, over the broker's payload limit.
+    let mut h = harness();
+    let name = "w".repeat(1_000_000);
+    h.put(
+        "shop",
+        1,
+        &format!(r#"{{"services":[{{"name":"{name}","image":"img/web:1"}}]}}"#),
+    );
+    h.run_for(SECOND);
+    let s = state(&h, "shop");
+    assert_eq!(s.phase, Phase::Failed);
+    let bytes = serde_json::to_vec(&s).unwrap().len();
+    assert!(bytes < 4096, "{bytes} bytes: {}", s.message);
+    assert!(s.message.contains("(1000000 bytes)"), "{}", s.message);
+    assert!(matches!(s.cause, Some(FailureCause::InvalidScore { .. })));
+}
+
+#[test]
+fn long_runtime_errors_are_cut_in_reports() {
+    use crate::runtime::{RuntimeError, RuntimeErrorKind, RuntimeReply};
+    let now = Timestamp::ZERO;
+    let mut r = Reconciler::new(config(), None, now);
+    let listed = || {
+        Ok(RuntimeReply::Listed {
+            containers: Vec::new(),
+        })
+    };
+    let mut next_op = |r: &mut Reconciler| loop {
+        match r.poll_output().expect("an operation is due") {
+            Output::Runtime { id, op } => break (id, op),
+            _ => continue,
+        }
+    };
+    let (id, _) = next_op(&mut r);
+    r.handle_runtime_result(now, id, listed());
+    let name = DeploymentName::new("shop").unwrap();
+    let json = score(&[web("img/web:1", "a")], &[]);
+    r.handle_desired_put(now, name.clone(), 1, json.as_bytes());
+    let (id, op) = next_op(&mut r);
+    assert_eq!(op, RuntimeOp::List);
+    r.handle_runtime_result(now, id, listed());
+    let (id, op) = next_op(&mut r);
+    assert!(matches!(op, RuntimeOp::Create { .. }), "{op:?}");
+    let error = RuntimeError::new(RuntimeErrorKind::Other, "e".repeat(100_000));
+    r.handle_runtime_result(now, id, Err(error));
+    let s = r.deployment_state(&name).expect("a state").clone();
+    assert_eq!(s.phase, Phase::Failed, "{s:?}");
+    assert!(serde_json::to_vec(&s).unwrap().len() < 4 * crate::wire::text::TEXT_MAX_BYTES);
+    let Some(FailureCause::Runtime { error, .. }) = &s.cause else {
+        panic!("{s:?}");
+    };
+    assert!(error.ends_with("(100000 bytes in all)"), "{error}");
+}
+
+#[test]
+fn the_same_spec_at_a_newer_revision_reports_running_once_and_says_so() {
+    // Issue 10: a re-put of the same content published `pending`, then
+    // `running` claiming "1 init container completed" although none ran.
+    let mut h = harness();
+    h.runtime
+        .set_behaviour("img/m:1", Behaviour::exits(0, SECOND));
+    let json = score(&[web("img/web:1", "a")], &[init("migrate", "img/m:1", 60)]);
+    deploy(&mut h, 1, &json);
+    h.run_for(Duration::from_secs(3));
+    assert_eq!(state(&h, "shop").phase, Phase::Running, "{}", h.transcript);
+    let (from_ops, from_published) = (h.ops.len(), h.published.len());
+    // The same score, written with other white space.
+    h.put("shop", 2, &format!("  {json}\n"));
+    h.run_for(Duration::from_secs(40));
+    assert!(mutations_since(&h, from_ops).is_empty(), "{}", h.transcript);
+    let since: Vec<&DeploymentState> = h.published[from_published..]
+        .iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(since.len(), 1, "{since:?}");
+    assert_eq!((since[0].phase, since[0].revision), (Phase::Running, 2));
+    assert_eq!(
+        since[0].message,
+        "1 init container completed, 1 service running (spec unchanged since revision 1)"
+    );
+}

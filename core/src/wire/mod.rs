@@ -9,6 +9,7 @@ pub mod command;
 pub mod names;
 pub mod report;
 pub mod score;
+pub mod text;
 
 pub use command::{
     CommandError, CommandReply, ErrorCode, ExecReply, ExecRequest, LogsReply, LogsRequest,

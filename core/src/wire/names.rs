@@ -17,6 +17,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::wire::text::Quoted;
+
 /// The JetStream KV bucket the operator writes desired state into.
 pub const DESIRED_BUCKET: &str = "podfleet-desired";
 /// The JetStream KV bucket agents write per-deployment reported state into.
@@ -62,7 +64,7 @@ impl fmt::Display for NameKind {
 #[non_exhaustive]
 pub enum NameError {
     /// An identifier broke [`LABEL_RULE`].
-    #[error("invalid {kind} {value:?}: {problem}; the rule is {LABEL_RULE}")]
+    #[error("invalid {kind} {}: {problem}; the rule is {LABEL_RULE}", Quoted(.value))]
     InvalidLabel {
         /// What the identifier names.
         kind: NameKind,
@@ -72,21 +74,21 @@ pub enum NameError {
         problem: &'static str,
     },
     /// A KV key did not have the `<device_id>.<deployment>` shape.
-    #[error("invalid key {value:?}: expected <device_id>.<deployment>")]
+    #[error("invalid key {}: expected <device_id>.<deployment>", Quoted(.value))]
     InvalidKey {
         /// The offending key.
         value: String,
     },
     /// A subject did not have the `device-commands.<device_id>.<verb>` shape.
     #[error(
-        "invalid command subject {value:?}: expected {COMMAND_SUBJECT_PREFIX}.<device_id>.<verb>"
+        "invalid command subject {}: expected {COMMAND_SUBJECT_PREFIX}.<device_id>.<verb>", Quoted(.value)
     )]
     InvalidSubject {
         /// The offending subject.
         value: String,
     },
     /// A subject named a verb this agent does not know.
-    #[error("unknown command verb {value:?}: expected one of ping, logs, exec")]
+    #[error("unknown command verb {}: expected one of ping, logs, exec", Quoted(.value))]
     UnknownVerb {
         /// The offending verb.
         value: String,

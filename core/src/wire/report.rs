@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::wire::names::DeviceId;
+use crate::wire::text::bounded;
 
 /// Where a deployment stands on its device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -54,6 +55,35 @@ pub struct DeploymentState {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+/// The most bytes of each text a [`DeploymentState::summarised`] report keeps.
+pub const SUMMARY_TEXT_MAX_BYTES: usize = 256;
+
+impl DeploymentState {
+    /// The smallest report that still says where the deployment stands: the
+    /// same phase, revision, attempt and kind of cause, with texts cut to
+    /// [`SUMMARY_TEXT_MAX_BYTES`] and no container ids or restart records.
+    /// The agent publishes it in place of a report the broker refused as
+    /// too large (`size` bytes), so the deployment's state is never missing.
+    pub fn summarised(&self, size: usize) -> DeploymentState {
+        let mut cause = self.cause.clone();
+        if let Some(cause) = cause.as_mut() {
+            cause.bound_texts(SUMMARY_TEXT_MAX_BYTES);
+        }
+        let note = format!(
+            "[report of {size} bytes was over the broker's payload limit; container ids and restarts left out] "
+        );
+        DeploymentState {
+            phase: self.phase,
+            revision: self.revision,
+            container_ids: BTreeMap::new(),
+            message: bounded(&(note + &self.message), SUMMARY_TEXT_MAX_BYTES + 100),
+            cause,
+            attempt: self.attempt,
+            restarts: BTreeMap::new(),
+        }
+    }
 }
 
 /// How often a service's container has been restarted by the agent.
@@ -116,6 +146,28 @@ pub enum FailureCause {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last_exit_code: Option<i64>,
     },
+}
+
+impl FailureCause {
+    /// Cuts every free text the cause carries to at most `max` bytes.
+    pub fn bound_texts(&mut self, max: usize) {
+        match self {
+            FailureCause::InvalidScore { error } => *error = bounded(error, max),
+            FailureCause::Runtime {
+                container,
+                operation,
+                error,
+            } => {
+                *container = bounded(container, max);
+                *operation = bounded(operation, max);
+                *error = bounded(error, max);
+            }
+            FailureCause::InitContainerExited { name, .. }
+            | FailureCause::InitContainerTimedOut { name, .. }
+            | FailureCause::StillRunningAfterWait { name } => *name = bounded(name, max),
+            FailureCause::CrashLoop { service, .. } => *service = bounded(service, max),
+        }
+    }
 }
 
 /// The device's periodic liveness report, at key `<device_id>` of the

@@ -22,6 +22,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::wire::names::{validate_label, NameError, NameKind};
+use crate::wire::text::{bounded, Quoted, TEXT_MAX_BYTES};
 
 /// How long an init container may run when its score does not say.
 pub const DEFAULT_INIT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(300);
@@ -281,12 +282,21 @@ pub enum Protocol {
     Udp,
 }
 
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
 /// Why a desired-state payload was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ScoreError {
     /// The bytes are not a score at all (bad JSON, wrong types, missing fields).
-    #[error("malformed score: {reason}")]
+    #[error("malformed score: {}", bounded(.reason, TEXT_MAX_BYTES / 2))]
     Malformed {
         /// The decoder's message, with line and column.
         reason: String,
@@ -298,37 +308,37 @@ pub enum ScoreError {
     #[error(transparent)]
     InvalidName(#[from] NameError),
     /// Two services share a name.
-    #[error("duplicate service name {name:?}: service names must be unique")]
+    #[error("duplicate service name {}: service names must be unique", Quoted(.name))]
     DuplicateService {
         /// The repeated name.
         name: String,
     },
     /// Two init containers share a name.
-    #[error("duplicate init container name {name:?}: init container names must be unique")]
+    #[error("duplicate init container name {}: init container names must be unique", Quoted(.name))]
     DuplicateInitContainer {
         /// The repeated name.
         name: String,
     },
     /// A service and an init container share a name.
-    #[error("{name:?} names both a service and an init container: names must be distinct")]
+    #[error("{} names both a service and an init container: names must be distinct", Quoted(.name))]
     ServiceInitNameClash {
         /// The shared name.
         name: String,
     },
     /// A container has an empty image reference.
-    #[error("{container:?} has an empty image: every container needs an image reference")]
+    #[error("{} has an empty image: every container needs an image reference", Quoted(.container))]
     EmptyImage {
         /// The service or init container.
         container: String,
     },
     /// An init container's timeout is zero.
-    #[error("init container {name:?} has a timeout of 0 s: the timeout must be at least 1 s")]
+    #[error("init container {} has a timeout of 0 s: the timeout must be at least 1 s", Quoted(.name))]
     ZeroTimeout {
         /// The init container.
         name: String,
     },
     /// An environment variable name is empty or contains `=` or NUL.
-    #[error("{container:?} has invalid environment variable name {key:?}: names must be non-empty and contain neither '=' nor NUL")]
+    #[error("{} has invalid environment variable name {}: names must be non-empty and contain neither '=' nor NUL", Quoted(.container), Quoted(.key))]
     InvalidEnvName {
         /// The service or init container.
         container: String,
@@ -336,7 +346,7 @@ pub enum ScoreError {
         key: String,
     },
     /// A volume mount's source or target is unusable.
-    #[error("{container:?} has invalid volume {source_path:?} -> {target:?}: {rule}")]
+    #[error("{} has invalid volume {} -> {}: {rule}", Quoted(.container), Quoted(.source_path), Quoted(.target))]
     InvalidVolume {
         /// The service or init container.
         container: String,
@@ -348,13 +358,13 @@ pub enum ScoreError {
         rule: &'static str,
     },
     /// A port number is zero.
-    #[error("service {service:?} publishes port 0: ports must be 1-65535")]
+    #[error("service {} publishes port 0: ports must be 1-65535", Quoted(.service))]
     ZeroPort {
         /// The service.
         service: String,
     },
     /// Two services publish the same host port and protocol.
-    #[error("host port {port}/{protocol:?} is published by both {first:?} and {second:?}: a host port can be published once")]
+    #[error("host port {port}/{protocol} is published by both {} and {}: a host port can be published once", Quoted(.first), Quoted(.second))]
     PortConflict {
         /// The host port.
         port: u16,

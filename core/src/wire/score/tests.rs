@@ -226,7 +226,7 @@ fn every_validation_error_is_reachable_with_its_message() {
     };
     assert_eq!(
         error_of(&score(vec![published("a"), published("b")], vec![])),
-        "host port 8080/Tcp is published by both \"a\" and \"b\": a host port can be published once"
+        "host port 8080/tcp is published by both \"a\" and \"b\": a host port can be published once"
     );
 }
 
