@@ -29,7 +29,7 @@
 //!   simulation replays exactly.
 //! - Shutdown returns at once and leaves every container running.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -39,12 +39,14 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use podfleet_core::reconciler::{AgentCache, Output, Reconciler, WakeReason};
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::time::{Backoff, Timestamp};
+use podfleet_core::wire::text::Quoted;
 use podfleet_core::wire::{
     CommandError, CommandReply, DeploymentName, DeploymentState, ErrorCode, ExecReply, ExecRequest,
     Heartbeat, LogsReply, LogsRequest, PingReply, Verb,
 };
 use podfleet_core::Config;
 
+use crate::outbox::Outbox;
 use crate::runtime::ContainerRuntime;
 
 /// Time as the loop sees it.
@@ -153,10 +155,23 @@ pub enum Report {
     Heartbeat(Heartbeat),
 }
 
-/// Why a publish did not go through. The loop keeps the report and tries again.
+/// Why a publish did not go through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("publish failed: {0}")]
-pub struct PublishError(pub String);
+pub enum PublishError {
+    /// The broker did not take it (not connected, no acknowledgement in
+    /// time, refused): the loop keeps the report and tries again later.
+    #[error("publish failed: {0}")]
+    Failed(String),
+    /// The encoded report is larger than the broker accepts: trying again
+    /// cannot help. The loop publishes a summary of a state in its place.
+    #[error("a report of {size} bytes is over the broker's payload limit of {limit} bytes")]
+    TooLarge {
+        /// The encoded report's size.
+        size: usize,
+        /// The broker's limit (`max_payload`).
+        limit: usize,
+    },
+}
 
 /// Where reports and replies go.
 pub trait Publisher: Clone + Send + Sync + 'static {
@@ -246,78 +261,6 @@ pub struct LoopStats {
     pub cache_failures: u64,
 }
 
-/// The ordering key of the outbox: states before the heartbeat, so a
-/// reconnect reports deployments first.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum OutboxKey {
-    Deployment(DeploymentName),
-    Heartbeat,
-}
-
-impl Report {
-    fn key(&self) -> OutboxKey {
-        match self {
-            Report::State { deployment, .. } | Report::Clear { deployment } => {
-                OutboxKey::Deployment(deployment.clone())
-            }
-            Report::Heartbeat(_) => OutboxKey::Heartbeat,
-        }
-    }
-}
-
-/// Newest report per key, one publish in flight, retries with backoff.
-struct Outbox {
-    pending: BTreeMap<OutboxKey, Report>,
-    in_flight: Option<BoxFuture<'static, (Report, Result<(), PublishError>)>>,
-    retry_at: Option<Timestamp>,
-    failures: u32,
-    backoff: Backoff,
-}
-
-impl Outbox {
-    fn push(&mut self, report: Report) {
-        self.pending.insert(report.key(), report);
-    }
-
-    /// Starts publishing the next report, unless one is in flight or a
-    /// retry is not due. A state whose deployment is being torn down is
-    /// dropped unsent: it no longer holds, and the clear comes after.
-    fn start_next<P: Publisher>(&mut self, publisher: &P, now: Timestamp, reconciler: &Reconciler) {
-        if self.in_flight.is_some() || self.retry_at.is_some_and(|at| now < at) {
-            return;
-        }
-        self.retry_at = None;
-        self.pending.retain(|_, report| match report {
-            Report::State { deployment, .. } => reconciler.deployment_state(deployment).is_some(),
-            _ => true,
-        });
-        if let Some((_, report)) = self.pending.pop_first() {
-            let publisher = publisher.clone();
-            self.in_flight = Some(
-                async move {
-                    let result = publisher.publish(report.clone()).await;
-                    (report, result)
-                }
-                .boxed(),
-            );
-        }
-    }
-
-    fn finished(&mut self, now: Timestamp, report: Report, result: Result<(), PublishError>) {
-        self.in_flight = None;
-        match result {
-            Ok(()) => self.failures = 0,
-            Err(error) => {
-                tracing::debug!(%error, "report not published; will retry");
-                // A newer report for the same key supersedes the failed one.
-                self.pending.entry(report.key()).or_insert(report);
-                self.retry_at = Some(now + self.backoff.delay(self.failures));
-                self.failures = self.failures.saturating_add(1);
-            }
-        }
-    }
-}
-
 type Pending<T> = FuturesUnordered<BoxFuture<'static, T>>;
 
 /// Runs the agent until `shutdown` completes or `source` closes.
@@ -351,14 +294,10 @@ where
             None
         }
     };
+    let head_of_line = config.bugs().head_of_line_reports;
     let mut reconciler = Reconciler::new(config, cache, clock.now());
-    let mut outbox = Outbox {
-        pending: BTreeMap::new(),
-        in_flight: None,
-        retry_at: None,
-        failures: 0,
-        backoff: options.publish_backoff,
-    };
+    let mut outbox = Outbox::new(options.publish_backoff).with_head_of_line_bug(head_of_line);
+    let mut publishing: Option<BoxFuture<'static, (Report, Result<(), PublishError>)>> = None;
     let mut ops: Pending<(podfleet_core::reconciler::CommandId, _)> = FuturesUnordered::new();
     let mut commands: Pending<(String, Vec<u8>)> = FuturesUnordered::new();
     let mut replies: Pending<Result<(), PublishError>> = FuturesUnordered::new();
@@ -376,13 +315,13 @@ where
                 }
                 Output::PublishState { deployment, state } => {
                     tracing::info!(%deployment, phase = ?state.phase, revision = state.revision, "state");
-                    outbox.push(Report::State { deployment, state });
+                    outbox.push(now, Report::State { deployment, state });
                 }
                 Output::ClearState { deployment } => {
                     tracing::info!(%deployment, "state cleared");
-                    outbox.push(Report::Clear { deployment });
+                    outbox.push(now, Report::Clear { deployment });
                 }
-                Output::Heartbeat(heartbeat) => outbox.push(Report::Heartbeat(heartbeat)),
+                Output::Heartbeat(heartbeat) => outbox.push(now, Report::Heartbeat(heartbeat)),
                 Output::PersistCache(cache) => {
                     if let Err(error) = store.store(&cache) {
                         stats.cache_failures += 1;
@@ -391,21 +330,32 @@ where
                 }
             }
         }
-        outbox.start_next(&publisher, now, &reconciler);
+        if publishing.is_none() {
+            // A state whose deployment is being torn down no longer holds;
+            // the clear comes after.
+            outbox.retain_states(|d| reconciler.deployment_state(d).is_some());
+            if let Some(report) = outbox.poll_transmit(now) {
+                let publisher = publisher.clone();
+                publishing = Some(
+                    async move {
+                        let result = publisher.publish(report.clone()).await;
+                        (report, result)
+                    }
+                    .boxed(),
+                );
+            }
+        }
 
         let wake = reconciler.poll_timeout();
-        let mut wake_at = wake.as_ref().map(|w| w.at);
-        if outbox.in_flight.is_none() && !outbox.pending.is_empty() {
-            wake_at = earliest(wake_at, outbox.retry_at);
-        }
+        let wake_at = earliest(wake.as_ref().map(|w| w.at), outbox.poll_timeout());
         let sleep = async {
             match wake_at {
                 Some(at) => clock.sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
-        let publishing = async {
-            match outbox.in_flight.as_mut() {
+        let published = async {
+            match publishing.as_mut() {
                 Some(flight) => flight.await,
                 None => std::future::pending().await,
             }
@@ -445,13 +395,14 @@ where
                     }
                 }
             }
-            (report, result) = publishing => {
+            (report, result) = published => {
+                publishing = None;
                 if result.is_ok() {
                     stats.published += 1;
                 } else {
                     stats.publish_failures += 1;
                 }
-                outbox.finished(clock.now(), report, result);
+                outbox.handle_result(clock.now(), report, result);
             }
             Some((reply_to, body)) = commands.next(), if !commands.is_empty() => {
                 let publisher = publisher.clone();
@@ -487,13 +438,16 @@ fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
 fn republish(reconciler: &Reconciler, outbox: &mut Outbox, now: Timestamp) {
     for deployment in reconciler.deployments() {
         if let Some(state) = reconciler.deployment_state(deployment) {
-            outbox.push(Report::State {
-                deployment: deployment.clone(),
-                state: state.clone(),
-            });
+            outbox.push(
+                now,
+                Report::State {
+                    deployment: deployment.clone(),
+                    state: state.clone(),
+                },
+            );
         }
     }
-    outbox.push(Report::Heartbeat(reconciler.heartbeat(now)));
+    outbox.push(now, Report::Heartbeat(reconciler.heartbeat(now)));
 }
 
 fn encode<T: serde::Serialize>(reply: &CommandReply<T>) -> Vec<u8> {
@@ -535,7 +489,9 @@ fn answer<R: ContainerRuntime>(
                 error_reply(
                     ErrorCode::NotFound,
                     format!(
-                        "no running container for service {service:?} of deployment {deployment:?}"
+                        "no running container for service {} of deployment {}",
+                        Quoted(service),
+                        Quoted(deployment.as_str())
                     ),
                 )
             })

@@ -15,6 +15,7 @@ pub mod event_loop;
 pub mod fake_runtime;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod outbox;
 #[cfg(feature = "podman")]
 pub mod podman;
 pub mod runtime;

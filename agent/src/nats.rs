@@ -250,8 +250,8 @@ impl NatsPublisher {
         };
         match tokio::time::timeout(self.timeout, attempt).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(PublishError(format!("{subject}: {e}"))),
-            Err(_) => Err(PublishError(format!(
+            Ok(Err(e)) => Err(PublishError::Failed(format!("{subject}: {e}"))),
+            Err(_) => Err(PublishError::Failed(format!(
                 "{subject}: no acknowledgement within {:?}",
                 self.timeout
             ))),
@@ -272,7 +272,16 @@ impl Publisher for NatsPublisher {
         let (subject, message) = match report {
             Report::State { deployment, state } => {
                 let body = serde_json::to_vec(&state)
-                    .map_err(|e| PublishError(format!("state not encoded: {e}")))?;
+                    .map_err(|e| PublishError::Failed(format!("state not encoded: {e}")))?;
+                // The server would close the connection over an oversized
+                // message; refuse it here so the loop sends a summary.
+                let limit = self.client.server_info().max_payload;
+                if limit > 0 && body.len() > limit {
+                    return Err(PublishError::TooLarge {
+                        size: body.len(),
+                        limit,
+                    });
+                }
                 (
                     self.state_subject(&deployment),
                     PublishMessage::build().payload(body.into()),
@@ -284,7 +293,7 @@ impl Publisher for NatsPublisher {
             ),
             Report::Heartbeat(heartbeat) => {
                 let body = serde_json::to_vec(&heartbeat)
-                    .map_err(|e| PublishError(format!("heartbeat not encoded: {e}")))?;
+                    .map_err(|e| PublishError::Failed(format!("heartbeat not encoded: {e}")))?;
                 (
                     kv_subject(HEARTBEAT_BUCKET, &heartbeat_key(&self.device)),
                     PublishMessage::build().payload(body.into()),
@@ -298,8 +307,10 @@ impl Publisher for NatsPublisher {
         let send = self.client.publish(reply_to.clone(), body.into());
         match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(PublishError(format!("reply to {reply_to}: {e}"))),
-            Err(_) => Err(PublishError(format!("reply to {reply_to}: timed out"))),
+            Ok(Err(e)) => Err(PublishError::Failed(format!("reply to {reply_to}: {e}"))),
+            Err(_) => Err(PublishError::Failed(format!(
+                "reply to {reply_to}: timed out"
+            ))),
         }
     }
 }

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use podfleet_agent::event_loop::{
 };
 use podfleet_agent::fake_runtime::SharedFake;
 use podfleet_core::fake::{Behaviour, FakeRuntime};
-use podfleet_core::reconciler::AgentCache;
+use podfleet_core::reconciler::{AgentCache, Bugs};
 use podfleet_core::runtime::ContainerState;
 use podfleet_core::wire::{DeploymentName, DeviceId, Phase, Verb};
 use podfleet_core::Config;
@@ -30,6 +30,10 @@ impl DesiredSource for Channel {
 #[derive(Clone, Default)]
 struct Recorder {
     offline: Arc<AtomicBool>,
+    /// The broker's payload limit (0: none).
+    limit: Arc<AtomicUsize>,
+    /// Deployments whose state the broker never acknowledges.
+    stuck: Arc<Mutex<BTreeSet<String>>>,
     reports: Arc<Mutex<Vec<Report>>>,
     replies: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
 }
@@ -37,7 +41,17 @@ struct Recorder {
 impl Publisher for Recorder {
     async fn publish(&self, report: Report) -> Result<(), PublishError> {
         if self.offline.load(Ordering::SeqCst) {
-            return Err(PublishError("offline".into()));
+            return Err(PublishError::Failed("offline".into()));
+        }
+        if let Report::State { deployment, state } = &report {
+            if self.stuck.lock().unwrap().contains(deployment.as_str()) {
+                return Err(PublishError::Failed("no acknowledgement".into()));
+            }
+            let size = serde_json::to_vec(state).unwrap().len();
+            let limit = self.limit.load(Ordering::SeqCst);
+            if limit > 0 && size > limit {
+                return Err(PublishError::TooLarge { size, limit });
+            }
         }
         self.reports.lock().unwrap().push(report);
         Ok(())
@@ -106,9 +120,19 @@ impl Agent {
         fake: SharedFake<TokioClock>,
         disk: Disk,
     ) -> Self {
+        Self::start_with_bugs(options, publisher, fake, disk, Bugs::default())
+    }
+
+    fn start_with_bugs(
+        options: LoopOptions,
+        publisher: Recorder,
+        fake: SharedFake<TokioClock>,
+        disk: Disk,
+        bugs: Bugs,
+    ) -> Self {
         let (inbox, rx) = mpsc::unbounded_channel();
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = Config::new(DeviceId::new("pi-1").unwrap(), "0.1.0-test");
+        let config = Config::new(DeviceId::new("pi-1").unwrap(), "0.1.0-test").inject_bugs(bugs);
         let done = tokio::spawn(async move {
             let mut stats = LoopStats::default();
             let exit = event_loop::run(
@@ -392,4 +416,72 @@ async fn a_closed_source_ends_the_loop() {
     let (exit, _) = done.await.unwrap();
     assert_eq!(exit, LoopExit::SourceClosed);
     drop(stop);
+}
+
+/// Puts three deployments: `aaa`, whose state the broker never acknowledges,
+/// `big`, whose Running report is over the broker's 400-byte limit, and
+/// `zzz`, which sorts after both. Returns the publisher after 30 s.
+async fn one_stuck_one_too_large(bugs: Bugs) -> Recorder {
+    let publisher = Recorder::default();
+    publisher.limit.store(400, Ordering::SeqCst);
+    publisher.stuck.lock().unwrap().insert("aaa".into());
+    let agent = Agent::start_with_bugs(
+        LoopOptions::default(),
+        publisher.clone(),
+        fake(),
+        Disk::default(),
+        bugs,
+    );
+    let services: Vec<String> = (0..16)
+        .map(|i| format!(r#"{{"name":"service-{i}","image":"img/web:1"}}"#))
+        .collect();
+    agent.put("aaa", 1, &web("a"));
+    agent.put(
+        "big",
+        2,
+        &format!(r#"{{"services":[{}]}}"#, services.join(",")),
+    );
+    agent.put("zzz", 3, &web("z"));
+    settle(Duration::from_secs(30)).await;
+    agent.stop().await;
+    publisher
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_report_that_cannot_be_published_never_holds_up_the_others() {
+    // Issue 10, bug 2: one report the broker would not take was retried
+    // forever, and the reports of deployments sorting after it never went out.
+    let publisher = one_stuck_one_too_large(Bugs::default()).await;
+    assert_eq!(publisher.last_state("aaa"), None);
+    assert_eq!(
+        publisher.last_state("zzz").map(|(p, r, _)| (p, r)),
+        Some((Phase::Running, 3))
+    );
+    let reports = publisher.reports.lock().unwrap();
+    let big = reports
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            Report::State { deployment, state } if deployment.as_str() == "big" => Some(state),
+            _ => None,
+        })
+        .expect("big's summary was published");
+    assert_eq!((big.phase, big.revision), (Phase::Running, 2));
+    assert!(big.container_ids.is_empty());
+    assert!(
+        big.message.contains("over the broker's payload limit"),
+        "{}",
+        big.message
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_head_of_line_switch_brings_bug_2_back() {
+    let publisher = one_stuck_one_too_large(Bugs {
+        head_of_line_reports: true,
+        ..Bugs::default()
+    })
+    .await;
+    assert_eq!(publisher.last_state("big"), None);
+    assert_eq!(publisher.last_state("zzz"), None);
 }

@@ -443,4 +443,6 @@ const NO_BUGS: Bugs = Bugs {
     skip_graceful_stop: false,
     create_before_remove: false,
     report_running_early: false,
+    report_before_observing: false,
+    head_of_line_reports: false,
 };

@@ -404,12 +404,12 @@ impl SimPublisher {
                 value,
                 done,
             })
-            .map_err(|_| PublishError("link gone".into()))?;
+            .map_err(|_| PublishError::Failed("link gone".into()))?;
         match tokio::time::timeout(ACK_TIMEOUT, answer).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(reason))) => Err(PublishError(reason)),
-            Ok(Err(_)) => Err(PublishError("connection lost".into())),
-            Err(_) => Err(PublishError("no acknowledgement".into())),
+            Ok(Ok(Err(reason))) => Err(PublishError::Failed(reason)),
+            Ok(Err(_)) => Err(PublishError::Failed("connection lost".into())),
+            Err(_) => Err(PublishError::Failed("no acknowledgement".into())),
         }
     }
 }
@@ -446,7 +446,8 @@ impl Publisher for SimPublisher {
                         state.phase, state.revision, state.container_ids
                     ),
                 );
-                let value = serde_json::to_vec(&state).map_err(|e| PublishError(e.to_string()))?;
+                let value =
+                    serde_json::to_vec(&state).map_err(|e| PublishError::Failed(e.to_string()))?;
                 lock(&d.published).insert(deployment.to_string(), state);
                 self.write(STATE_BUCKET, format!("{}.{deployment}", d.id), Some(value))
                     .await
@@ -457,8 +458,8 @@ impl Publisher for SimPublisher {
                     .await
             }
             Report::Heartbeat(heartbeat) => {
-                let value =
-                    serde_json::to_vec(&heartbeat).map_err(|e| PublishError(e.to_string()))?;
+                let value = serde_json::to_vec(&heartbeat)
+                    .map_err(|e| PublishError::Failed(e.to_string()))?;
                 self.write(HEARTBEAT_BUCKET, d.id.to_string(), Some(value))
                     .await
             }
@@ -468,10 +469,10 @@ impl Publisher for SimPublisher {
     async fn reply(&self, reply_to: String, body: Vec<u8>) -> Result<(), PublishError> {
         let reply = reply_to
             .parse()
-            .map_err(|_| PublishError(format!("bad reply subject {reply_to:?}")))?;
+            .map_err(|_| PublishError::Failed(format!("bad reply subject {reply_to:?}")))?;
         self.link
             .send(Outgoing::Respond { reply, body })
-            .map_err(|_| PublishError("link gone".into()))
+            .map_err(|_| PublishError::Failed("link gone".into()))
     }
 }
 
