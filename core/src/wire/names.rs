@@ -35,6 +35,11 @@ pub const LABEL_RULE: &str =
 /// Longest identifier accepted.
 pub const MAX_LABEL_LEN: usize = 63;
 
+/// [`LABEL_RULE`] as a JSON Schema (ECMA-262) pattern, to be paired with a
+/// `maxLength` of [`MAX_LABEL_LEN`]: together they accept exactly what
+/// [`validate_label`] accepts.
+pub const LABEL_PATTERN: &str = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$";
+
 /// Which kind of identifier a [`NameError`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NameKind {
@@ -191,7 +196,7 @@ macro_rules! label_type {
                     "type": "string",
                     "minLength": 1,
                     "maxLength": MAX_LABEL_LEN,
-                    "pattern": "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+                    "pattern": LABEL_PATTERN,
                     "description": LABEL_RULE,
                 })
             }

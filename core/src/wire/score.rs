@@ -21,7 +21,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::names::{validate_label, NameError, NameKind};
+use crate::wire::names::{validate_label, NameError, NameKind, LABEL_PATTERN, MAX_LABEL_LEN};
 use crate::wire::text::{bounded, Quoted, TEXT_MAX_BYTES};
 
 /// How long an init container may run when its score does not say.
@@ -29,11 +29,29 @@ pub const DEFAULT_INIT_CONTAINER_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a stopping container gets between its stop signal and the kill.
 pub const DEFAULT_GRACE_PERIOD_SECS: u64 = 30;
 
+/// The JSON Schema's top-level description: what the schema leaves to the agent.
+///
+/// Every rule of [`PodmanV0Score::validate`] that looks at one value is in the
+/// schema, through the `schemars` attributes beside the fields. The rules
+/// below span several values, or the JSON text rather than the value it
+/// encodes, which JSON Schema cannot express; the score tests hold one case
+/// for each and assert that the schema accepts it and the agent does not.
+const SCHEMA_DESCRIPTION: &str = "A deployment's desired state, version 0 of the podman score.
+
+The agent alone checks these rules, which JSON Schema cannot express:
+- service names are unique;
+- init container names are unique;
+- no init container has the name of a service;
+- a host port and protocol pair is published once in the whole score;
+- no field is written twice in one object;
+- integers are written without a fraction or an exponent (80, not 80.0 or 8e1) and fit in 64 bits.";
+
 /// A deployment's desired state, version 0 of the podman score.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[schemars(title = "podfleet PodmanV0Score")]
+#[schemars(title = "podfleet PodmanV0Score", description = SCHEMA_DESCRIPTION)]
 pub struct PodmanV0Score {
-    /// Long-running services, each one container.
+    /// Long-running services, each one container; at least one.
+    #[schemars(length(min = 1))]
     pub services: Vec<PodmanService>,
     /// One-shot containers run to completion, in list order, before any
     /// service of a new revision is (re)created.
@@ -47,15 +65,21 @@ pub struct PodmanV0Score {
 /// One long-running service container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PodmanService {
-    /// The service's name, unique within the score ([`crate::wire::names::LABEL_RULE`]).
+    /// The service's name, unique among the score's services and init
+    /// containers: 1-63 characters of a-z, 0-9 and '-', starting and ending
+    /// with a letter or digit.
+    #[schemars(length(min = 1, max = MAX_LABEL_LEN), regex(pattern = LABEL_PATTERN))]
     pub name: String,
-    /// The image reference, for example `localhost/app:1.2`.
+    /// The image reference, for example `localhost/app:1.2`; not blank.
+    #[schemars(regex(pattern = IMAGE_PATTERN))]
     pub image: String,
     /// Arguments passed to the image's entrypoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    /// Environment variables.
+    /// Environment variables; names are non-empty and contain neither '='
+    /// nor NUL.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": ENV_NAME_PATTERN }))]
     pub env: BTreeMap<String, String>,
     /// Bind mounts and named volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -69,15 +93,20 @@ pub struct PodmanService {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct InitContainer {
     /// The init container's name, unique within the score and distinct from
-    /// every service name.
+    /// every service name: 1-63 characters of a-z, 0-9 and '-', starting and
+    /// ending with a letter or digit.
+    #[schemars(length(min = 1, max = MAX_LABEL_LEN), regex(pattern = LABEL_PATTERN))]
     pub name: String,
-    /// The image reference.
+    /// The image reference; not blank.
+    #[schemars(regex(pattern = IMAGE_PATTERN))]
     pub image: String,
     /// Arguments passed to the image's entrypoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    /// Environment variables.
+    /// Environment variables; names are non-empty and contain neither '='
+    /// nor NUL.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": ENV_NAME_PATTERN }))]
     pub env: BTreeMap<String, String>,
     /// Bind mounts and named volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -85,7 +114,7 @@ pub struct InitContainer {
     /// How long it may run before it is force-removed and the revision fails;
     /// whole seconds on the wire, 300 when absent, never 0.
     #[serde(default = "default_init_timeout", with = "whole_seconds")]
-    #[schemars(with = "u64", extend("default" = 300, "minimum" = 1))]
+    #[schemars(with = "u64", range(min = 1), extend("default" = 300))]
     pub timeout: Duration,
 }
 
@@ -248,9 +277,11 @@ impl JsonSchema for Signal {
 /// (`source` is a plain name).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct VolumeMount {
-    /// Absolute host path, or a named volume.
+    /// Absolute host path, or a named volume; not empty, no ':'.
+    #[schemars(regex(pattern = VOLUME_SOURCE_PATTERN))]
     pub source: String,
-    /// Absolute path inside the container.
+    /// Absolute path inside the container; no ':'.
+    #[schemars(regex(pattern = VOLUME_TARGET_PATTERN))]
     pub target: String,
     /// Mount read-only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -261,8 +292,10 @@ pub struct VolumeMount {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PortMapping {
     /// Port on the device, 1-65535.
+    #[schemars(range(min = 1))]
     pub host_port: u16,
     /// Port inside the container, 1-65535.
+    #[schemars(range(min = 1))]
     pub container_port: u16,
     /// Transport protocol.
     #[serde(default)]
@@ -469,6 +502,21 @@ impl PodmanV0Score {
         Ok(())
     }
 }
+
+// The JSON Schema (ECMA-262) patterns of the single-value rules in
+// `validate_container`. Each is written so that ECMA-262 and the regex crate
+// read it alike: no `\s` (the two disagree on it), no flags.
+
+/// Some character that `char::is_whitespace` (Unicode White_Space) rejects,
+/// so `image.trim().is_empty()` is false.
+const IMAGE_PATTERN: &str =
+    r"[^\t\n\v\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]";
+/// Non-empty, neither '=' nor NUL.
+const ENV_NAME_PATTERN: &str = r"^[^=\x00]+$";
+/// Non-empty, no ':'.
+const VOLUME_SOURCE_PATTERN: &str = "^[^:]+$";
+/// Starts with '/', no ':'.
+const VOLUME_TARGET_PATTERN: &str = "^/[^:]*$";
 
 fn validate_container(
     name: &str,

@@ -1,5 +1,10 @@
 use super::*;
 
+mod cases;
+mod schema;
+
+use cases::CASES;
+
 fn service(name: &str) -> PodmanService {
     PodmanService {
         name: name.into(),
@@ -28,12 +33,6 @@ fn score(services: Vec<PodmanService>, inits: Vec<InitContainer>) -> PodmanV0Sco
         init_containers: inits,
         lifecycle: None,
     }
-}
-
-fn error_of(s: &PodmanV0Score) -> String {
-    s.validate()
-        .expect_err("score should be invalid")
-        .to_string()
 }
 
 #[test]
@@ -103,23 +102,6 @@ fn unknown_fields_are_tolerated() {
 }
 
 #[test]
-fn malformed_payloads_are_typed() {
-    for bad in [&b"not json"[..], b"{}", b"{\"services\":3}", b""] {
-        let err = PodmanV0Score::from_json(bad).unwrap_err();
-        assert!(matches!(err, ScoreError::Malformed { .. }), "{err}");
-        assert!(err.to_string().starts_with("malformed score: "), "{err}");
-    }
-    let err = PodmanV0Score::from_json(
-        br#"{"services":[{"name":"web","image":"i"}],"lifecycle":{"stop_signal":"TERM"}}"#,
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains("unknown stop signal \"TERM\""),
-        "{err}"
-    );
-}
-
-#[test]
 fn signals_round_trip_by_name_and_number() {
     for sig in Signal::ALL {
         assert_eq!(sig.name().parse::<Signal>().unwrap(), sig);
@@ -131,118 +113,29 @@ fn signals_round_trip_by_name_and_number() {
 }
 
 #[test]
-fn every_validation_error_is_reachable_with_its_message() {
-    assert_eq!(
-        error_of(&score(vec![], vec![])),
-        "the score has no services: at least one is required"
-    );
-    assert_eq!(
-        error_of(&score(vec![service("")], vec![])),
-        format!(
-            "invalid service name \"\": it is empty; the rule is {}",
-            crate::wire::names::LABEL_RULE
-        )
-    );
-    assert!(
-        error_of(&score(vec![service("web")], vec![init("Bad_Name")]))
-            .starts_with("invalid init container name \"Bad_Name\"")
-    );
-    assert_eq!(
-        error_of(&score(vec![service("web"), service("web")], vec![])),
-        "duplicate service name \"web\": service names must be unique"
-    );
-    assert_eq!(
-        error_of(&score(vec![service("web")], vec![init("m"), init("m")])),
-        "duplicate init container name \"m\": init container names must be unique"
-    );
-    assert_eq!(
-        error_of(&score(vec![service("web")], vec![init("web")])),
-        "\"web\" names both a service and an init container: names must be distinct"
-    );
-    assert_eq!(
-        error_of(&score(vec![service_with_image("web", " ")], vec![])),
-        "\"web\" has an empty image: every container needs an image reference"
-    );
-    let mut no_image_init = init("m");
-    no_image_init.image = String::new();
-    assert_eq!(
-        error_of(&score(vec![service("web")], vec![no_image_init])),
-        "\"m\" has an empty image: every container needs an image reference"
-    );
-    let mut zero = init("m");
-    zero.timeout = Duration::ZERO;
-    assert_eq!(
-        error_of(&score(vec![service("web")], vec![zero])),
-        "init container \"m\" has a timeout of 0 s: the timeout must be at least 1 s"
-    );
-    let mut env = service("web");
-    env.env.insert("A=B".into(), "x".into());
-    assert_eq!(
-        error_of(&score(vec![env], vec![])),
-        "\"web\" has invalid environment variable name \"A=B\": names must be non-empty and contain neither '=' nor NUL"
-    );
-    let mut vol = service("web");
-    vol.volumes.push(VolumeMount {
-        source: "/data".into(),
-        target: "relative".into(),
-        read_only: false,
-    });
-    assert_eq!(
-        error_of(&score(vec![vol], vec![])),
-        "\"web\" has invalid volume \"/data\" -> \"relative\": the target must be an absolute path"
-    );
-    let mut vol = service("web");
-    vol.volumes.push(VolumeMount {
-        source: String::new(),
-        target: "/x".into(),
-        read_only: false,
-    });
-    assert!(error_of(&score(vec![vol], vec![])).ends_with("the source must not be empty"));
-    let mut vol = service("web");
-    vol.volumes.push(VolumeMount {
-        source: "/a:b".into(),
-        target: "/x".into(),
-        read_only: true,
-    });
-    assert!(error_of(&score(vec![vol], vec![])).ends_with("paths must not contain ':'"));
-    let mut port = service("web");
-    port.ports.push(PortMapping {
-        host_port: 0,
-        container_port: 80,
-        protocol: Protocol::Tcp,
-    });
-    assert_eq!(
-        error_of(&score(vec![port], vec![])),
-        "service \"web\" publishes port 0: ports must be 1-65535"
-    );
-    let published = |name: &str| {
-        let mut s = service(name);
-        s.ports.push(PortMapping {
-            host_port: 8080,
-            container_port: 80,
-            protocol: Protocol::Tcp,
-        });
-        s
-    };
-    assert_eq!(
-        error_of(&score(vec![published("a"), published("b")], vec![])),
-        "host port 8080/tcp is published by both \"a\" and \"b\": a host port can be published once"
-    );
-}
-
-#[test]
-fn same_port_on_different_protocols_is_fine() {
-    let mut a = service("a");
-    a.ports.push(PortMapping {
-        host_port: 53,
-        container_port: 53,
-        protocol: Protocol::Tcp,
-    });
-    let mut b = service("b");
-    b.ports.push(PortMapping {
-        host_port: 53,
-        container_port: 53,
-        protocol: Protocol::Udp,
-    });
-    score(vec![a, b], vec![]).validate().unwrap();
+fn every_case_gets_the_agents_verdict_and_message() {
+    let mut wrong = Vec::new();
+    for &(what, json, verdict) in CASES {
+        let result = PodmanV0Score::from_json(json.as_bytes());
+        match (verdict.agent_error(), result) {
+            (None, Ok(_)) => {}
+            (None, Err(err)) => wrong.push(format!("{what}: rejected with {err}")),
+            (Some(_), Ok(_)) => wrong.push(format!("{what}: accepted")),
+            (Some(expected), Err(err)) => {
+                let message = err.to_string();
+                let malformed = matches!(err, ScoreError::Malformed { .. });
+                let matches = if expected.starts_with("malformed score: ") {
+                    malformed && message.starts_with(expected)
+                } else {
+                    !malformed && message == expected
+                };
+                if !matches {
+                    wrong.push(format!(
+                        "{what}:\n  expected {expected}\n  got      {message}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
