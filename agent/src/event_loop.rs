@@ -16,10 +16,13 @@
 //!
 //! # What the loop guarantees
 //!
-//! - The loop never blocks on the network: reports go to an outbox that
-//!   keeps only the newest report per key (so it is bounded by the number
-//!   of deployments) and is flushed one publish at a time, retried with a
-//!   capped backoff. While NATS is away the reconciler keeps ticking.
+//! - The loop never blocks on the network: reports go to the
+//!   [`Outbox`](crate::outbox::Outbox), which keeps only the newest report
+//!   per key (so it is bounded by the number of deployments), publishes one
+//!   at a time, retries each failed key with its own capped backoff so that
+//!   no report waits behind another, and replaces a state the broker
+//!   refuses as too large by its summary. While NATS is away the reconciler
+//!   keeps ticking.
 //! - After every reconnect snapshot every known state and a heartbeat are
 //!   republished, so the operator's view heals without waiting for a change.
 //! - Runtime operations run concurrently; a `wait` that lasts an hour holds

@@ -233,11 +233,6 @@ impl Outbox {
         }
         self.pending.values().map(|q| q.not_before).min()
     }
-
-    /// Whether a publish is under way.
-    pub fn is_publishing(&self) -> bool {
-        self.in_flight.is_some()
-    }
 }
 
 #[cfg(test)]
