@@ -6,8 +6,10 @@
 //!
 //! # Guarantees
 //!
-//! - The agent starts without NATS (the client connects in the background)
-//!   and without podman (the runtime connects on first use and is retried).
+//! - The agent starts without NATS (the client connects in the background,
+//!   then makes sure the KV buckets exist) and without podman (the runtime
+//!   starts connecting in the background at once, so the first deployment
+//!   does not wait for it, and is retried on use while it is down).
 //! - SIGTERM and SIGINT end the loop at once and leave every container
 //!   running; a restarted agent adopts them without recreating anything.
 
@@ -15,7 +17,6 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use podfleet_core::Config;
 use tracing_subscriber::EnvFilter;
 
 use crate::cache_store::FileCacheStore;
@@ -107,15 +108,14 @@ async fn serve(settings: Settings) -> Result<(), AgentError> {
     };
 
     let store = FileCacheStore::open(&settings.state_dir)?;
-    let (source, publisher) = nats::connect(settings.nats.clone()).await?;
     let runtime = LazyPodmanRuntime::new(&settings.podman_socket, settings.podman_request_timeout);
-    let config = Config::new(settings.device.clone(), env!("CARGO_PKG_VERSION"))
-        .tick_interval(settings.tick_interval)
-        .heartbeat_interval(settings.heartbeat_interval);
+    runtime.connect_in_background();
+    let (source, publisher) = nats::connect(settings.nats.clone()).await?;
+    let config = settings.reconciler_config(env!("CARGO_PKG_VERSION"));
     tracing::info!(
         device = %settings.device,
         version = env!("CARGO_PKG_VERSION"),
-        nats = ?settings.nats.urls,
+        nats = %settings.nats.urls.join(","),
         podman_socket = %settings.podman_socket.display(),
         state_dir = %settings.state_dir.display(),
         "podfleet-agent starting"
@@ -133,9 +133,31 @@ async fn serve(settings: Settings) -> Result<(), AgentError> {
         &mut stats,
     )
     .await;
+    let LoopStats {
+        runtime_ops,
+        published,
+        publish_failures,
+        commands,
+        cache_failures,
+        ..
+    } = stats;
     match exit {
-        LoopExit::Shutdown => tracing::info!(?stats, "stopped"),
-        LoopExit::SourceClosed => tracing::warn!(?stats, "the NATS adapter stopped"),
+        LoopExit::Shutdown => tracing::info!(
+            runtime_ops,
+            published,
+            publish_failures,
+            commands,
+            cache_failures,
+            "stopped"
+        ),
+        LoopExit::SourceClosed => tracing::warn!(
+            runtime_ops,
+            published,
+            publish_failures,
+            commands,
+            cache_failures,
+            "the NATS adapter stopped"
+        ),
     }
     Ok(())
 }

@@ -285,7 +285,11 @@ async fn create_then_start_shows_in_list_with_labels<R: ContainerRuntime>(
     for (key, value) in &spec.labels {
         ensure(
             row.label(key) == Some(value.as_str()),
-            format!("label {key} lists as {:?}, want {value:?}", row.label(key)),
+            format!(
+                "label {key} lists as {}, want \"{value}\"",
+                row.label(key)
+                    .map_or("absent".to_owned(), |v| format!("\"{v}\""))
+            ),
         )?;
     }
     // podman answers 304 to starting a running container: not an error.
@@ -385,7 +389,7 @@ async fn wait_then_inspect_gives_the_exit_code<R: ContainerRuntime>(
     )?;
     ensure(
         status.exit_code == Some(3),
-        format!("exit code {:?}, want Some(3)", status.exit_code),
+        format!("{}, want exit code 3", shown(&status)),
     )?;
     let row = list_row(rt, &spec.name).await?;
     ensure(
@@ -405,7 +409,7 @@ async fn wait_on_a_never_started_container_returns<R: ContainerRuntime>(
     let status = inspect(rt, &spec.name).await?;
     ensure(
         status.state == ContainerState::Created && status.exit_code.is_none(),
-        format!("a never-started container inspects as {status:?}"),
+        format!("a never-started container inspects as {}", shown(&status)),
     )
 }
 
@@ -425,7 +429,7 @@ async fn stop_of_a_trapping_container_is_graceful<R: ContainerRuntime>(
     let status = inspect(rt, &spec.name).await?;
     ensure(
         status.state == ContainerState::Exited && status.exit_code == Some(0),
-        format!("after a graceful stop: {status:?}"),
+        format!("after a graceful stop: {}", shown(&status)),
     )
 }
 
@@ -443,7 +447,7 @@ async fn stop_of_a_container_ignoring_term_is_killed<R: ContainerRuntime>(
     let status = inspect(rt, &spec.name).await?;
     ensure(
         status.state == ContainerState::Exited && status.exit_code == Some(137),
-        format!("after the kill: {status:?}"),
+        format!("after the kill: {}", shown(&status)),
     )
 }
 
@@ -463,7 +467,7 @@ async fn stop_with_sigkill_is_killed<R: ContainerRuntime>(
     let status = inspect(rt, &spec.name).await?;
     ensure(
         status.exit_code == Some(137),
-        format!("after SIGKILL: {status:?}"),
+        format!("after SIGKILL: {}", shown(&status)),
     )
 }
 
@@ -485,7 +489,7 @@ async fn stop_of_a_stopped_container_is_already_stopped<R: ContainerRuntime>(
     let status = inspect(rt, &exited.name).await?;
     ensure(
         status.exit_code == Some(0),
-        format!("stop changed an exited container: {status:?}"),
+        format!("stop changed an exited container: {}", shown(&status)),
     )?;
     let created = scope.spec("web", programs::SLEEP);
     create(rt, &created).await?;
@@ -563,7 +567,10 @@ async fn start_of_an_exited_container_restarts_it<R: ContainerRuntime>(
         let status = inspect_after_wait(rt, scope, &spec.name).await?;
         ensure(
             status.id == id && status.exit_code == Some(3),
-            format!("run {run}: {status:?}, want id {id} and exit code 3"),
+            format!(
+                "run {run}: {}, want id {id} and exit code 3",
+                shown(&status)
+            ),
         )?;
     }
     Ok(())
@@ -685,6 +692,14 @@ async fn exec_timeout_is_reported<R: ContainerRuntime>(
 
 const SECOND: Duration = Duration::from_secs(1);
 
+/// A status as people read it: `exited with exit code 3 (id 1a2b...)`.
+fn shown(status: &ContainerStatus) -> String {
+    match status.exit_code {
+        Some(code) => format!("{} with exit code {code} (id {})", status.state, status.id),
+        None => format!("{} without an exit code (id {})", status.state, status.id),
+    }
+}
+
 fn ensure(condition: bool, failure: String) -> CheckResult {
     if condition {
         Ok(())
@@ -779,7 +794,10 @@ async fn inspect_after_wait<R: ContainerRuntime>(
         scope.pause(Duration::from_millis(200)).await;
         status = inspect(rt, name).await?;
     }
-    Err(format!("still not exited a second after wait: {status:?}"))
+    Err(format!(
+        "still not exited a second after wait: {}",
+        shown(&status)
+    ))
 }
 
 async fn stop<R: ContainerRuntime>(

@@ -4,8 +4,11 @@
 //! once, generic over its desired-state source, state publisher, container
 //! runtime and clock, so the simulator runs the very same loop) and the
 //! production adapters: podman through bollard (feature `podman`) and NATS
-//! JetStream through async-nats (feature `nats`).
+//! JetStream through async-nats (feature `nats`), with the KV buckets it
+//! needs (module `buckets`, reusable by a control plane).
 
+#[cfg(feature = "nats")]
+pub mod buckets;
 pub mod cache_store;
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -30,7 +30,12 @@
 //!   deletes), not `Store::put`, which would first ask for the stream's info;
 //! - replies and deliveries use the inbox prefix from the configuration
 //!   (by default `_INBOX.<device>`);
-//! - commands arrive on `device-commands.<device>.*`.
+//! - commands arrive on `device-commands.<device>.*`;
+//! - once connected, the task makes sure the KV buckets exist
+//!   ([`crate::buckets::ensure_bucket`]: `$JS.API.STREAM.INFO.KV_<bucket>`,
+//!   then `$JS.API.STREAM.CREATE.KV_<bucket>` for a missing one). A device
+//!   user normally may not; the refusal (or timeout) is logged once at warn
+//!   and the agent carries on.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -50,7 +55,9 @@ use podfleet_core::wire::{
     CommandError, CommandReply, CommandSubject, DeploymentKey, DeploymentName, DeviceId, ErrorCode,
 };
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
+use crate::buckets::{self, BucketError, BucketSettings, Ensured};
 use crate::event_loop::{CommandRequest, DesiredSource, Inbound, PublishError, Publisher, Report};
 
 /// The JetStream header that marks a KV delete or purge.
@@ -91,6 +98,19 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+impl std::fmt::Display for Credentials {
+    /// The method, for people: `user rpi-01, password ***`; never a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::None => f.write_str("none"),
+            Credentials::UserPassword { user, .. } => write!(f, "user {user}, password ***"),
+            Credentials::Token(_) => f.write_str("token ***"),
+            Credentials::NKeySeed(_) => f.write_str("NKey seed ***"),
+            Credentials::CredsFile(path) => write!(f, "creds file {}", path.display()),
+        }
+    }
+}
+
 /// What [`connect`] needs.
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
@@ -109,12 +129,16 @@ pub struct NatsSettings {
     pub watch_backoff: Backoff,
     /// The client name shown by the server.
     pub client_name: String,
+    /// The KV buckets to create at connect when missing (existing ones are
+    /// left as they are); empty to create none.
+    pub buckets: Vec<BucketSettings>,
 }
 
 impl NatsSettings {
     /// Defaults for `device`: a local server, no credentials, inbox prefix
     /// `_INBOX.<device>`, a 5 s request timeout, watch retries after 1 s
-    /// doubling to 30 s.
+    /// doubling to 30 s, and podfleet's three buckets
+    /// ([`buckets::fleet_buckets`]) created when missing.
     pub fn new(device: DeviceId) -> Self {
         Self {
             inbox_prefix: default_inbox_prefix(&device),
@@ -124,6 +148,7 @@ impl NatsSettings {
             credentials: Credentials::None,
             request_timeout: Duration::from_secs(5),
             watch_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
+            buckets: buckets::fleet_buckets().to_vec(),
         }
     }
 }
@@ -203,6 +228,8 @@ pub async fn connect(settings: NatsSettings) -> Result<(NatsSource, NatsPublishe
         device: settings.device,
         backoff: settings.watch_backoff,
         inbound: inbound_tx,
+        buckets: settings.buckets,
+        request_timeout: settings.request_timeout,
     };
     tokio::spawn(watcher.run(events_rx));
     Ok((
@@ -464,7 +491,12 @@ struct Watcher {
     device: DeviceId,
     backoff: Backoff,
     inbound: mpsc::Sender<Inbound>,
+    buckets: Vec<BucketSettings>,
+    request_timeout: Duration,
 }
+
+/// What became of each bucket the agent made sure of.
+type BucketOutcomes = Vec<(String, Result<Ensured, BucketError>)>;
 
 /// A live watch and its snapshot.
 struct Watch {
@@ -489,6 +521,13 @@ impl Watcher {
         let mut watch: Option<Watch> = None;
         let mut failures: u32 = 0;
         let mut retry_at = tokio::time::Instant::now();
+        // Asked again after each connect until an attempt gets answers;
+        // a refusal is warned about once.
+        let mut buckets_pending = !self.buckets.is_empty();
+        let mut ensuring: Option<JoinHandle<BucketOutcomes>> = None;
+        let mut warned = false;
+        // Bucket-check subjects the server said this user may not publish to.
+        let mut denied = BTreeSet::new();
         loop {
             if connected && watch.is_none() && tokio::time::Instant::now() >= retry_at {
                 match self.start_watch().await {
@@ -504,7 +543,12 @@ impl Watcher {
                     Err(error) => {
                         let delay = self.backoff.delay(failures);
                         failures = failures.saturating_add(1);
-                        tracing::warn!(%error, retry_in = ?delay, "cannot watch the desired state");
+                        if ensuring.is_some() {
+                            // Likely a bucket the check is about to create.
+                            tracing::debug!(%error, retry_in = ?delay, "cannot watch the desired state while the buckets are checked");
+                        } else {
+                            tracing::warn!(%error, retry_in = ?delay, "cannot watch the desired state");
+                        }
                         retry_at = tokio::time::Instant::now() + delay;
                     }
                 }
@@ -518,6 +562,13 @@ impl Watcher {
                     Some(Event::Connected) => {
                         tracing::info!("connected to NATS");
                         connected = true;
+                        if buckets_pending && ensuring.is_none() {
+                            ensuring = Some(tokio::spawn(ensure_buckets(
+                                self.client.clone(),
+                                self.buckets.clone(),
+                                self.request_timeout,
+                            )));
+                        }
                         // A fresh watch, so its snapshot reveals what changed meanwhile.
                         watch = None;
                         failures = 0;
@@ -528,7 +579,17 @@ impl Watcher {
                         connected = false;
                         watch = None;
                     }
-                    Some(Event::ServerError(error)) => tracing::warn!(%error, "NATS server error"),
+                    Some(Event::ServerError(error)) => {
+                        let text = error.to_string();
+                        match bucket_check_denied(&text, &self.buckets) {
+                            // The bucket warning says it, once.
+                            Some(subject) => {
+                                tracing::debug!(%subject, "the bucket check is not permitted");
+                                denied.insert(subject);
+                            }
+                            None => tracing::warn!(error = %text, "NATS server error"),
+                        }
+                    }
                     Some(other) => tracing::debug!(event = %other, "NATS event"),
                     None => return,
                 },
@@ -562,6 +623,20 @@ impl Watcher {
                         watch = None;
                     }
                 },
+                outcomes = next_outcomes(&mut ensuring) => {
+                    ensuring = None;
+                    let outcomes = outcomes.unwrap_or_else(|error| {
+                        tracing::warn!(%error, "the bucket check did not finish");
+                        Vec::new()
+                    });
+                    let (created, repeat) = log_buckets(&outcomes, &denied, &mut warned);
+                    buckets_pending = repeat;
+                    if created && watch.is_none() {
+                        // The watch may have failed for want of the bucket.
+                        failures = 0;
+                        retry_at = tokio::time::Instant::now();
+                    }
+                }
                 () = tokio::time::sleep_until(retry_at), if waiting_to_retry => {}
             }
         }
@@ -669,6 +744,115 @@ impl Watcher {
                 true
             }
         }
+    }
+}
+
+/// Makes sure of every bucket, all at once so a refused user waits one
+/// timeout, not three.
+async fn ensure_buckets(
+    client: Client,
+    settings: Vec<BucketSettings>,
+    timeout: Duration,
+) -> BucketOutcomes {
+    let checks = settings.iter().map(|bucket| {
+        let client = &client;
+        async move {
+            let outcome = buckets::ensure_bucket(client, bucket, timeout).await;
+            (bucket.name().to_owned(), outcome)
+        }
+    });
+    futures_util::future::join_all(checks).await
+}
+
+/// The subject of a bucket check (`$JS.API.STREAM.INFO.KV_<bucket>` or
+/// `...CREATE...`) of one of `buckets`, when the server error `text` is a
+/// permissions violation for publishing to it.
+fn bucket_check_denied(text: &str, buckets: &[BucketSettings]) -> Option<String> {
+    let (_, rest) = text.split_once("Permissions Violation for Publish to \"")?;
+    let (subject, _) = rest.split_once('"')?;
+    buckets
+        .iter()
+        .flat_map(|bucket| bucket_check_subjects(bucket.name()))
+        .find(|check| check == subject)
+}
+
+/// The subjects a bucket check publishes to.
+fn bucket_check_subjects(bucket: &str) -> [String; 2] {
+    let stream = kv_stream(bucket);
+    [
+        format!("$JS.API.STREAM.INFO.{stream}"),
+        format!("$JS.API.STREAM.CREATE.{stream}"),
+    ]
+}
+
+/// Logs what became of the buckets: creations at info, existing buckets
+/// whose settings differ at info, failures once at warn with what to do
+/// (a timeout on a subject in `denied` is a missing permission). Returns
+/// whether a bucket was created, and whether to ask again at the next
+/// connect (a request failed under a lost connection).
+fn log_buckets(
+    outcomes: &BucketOutcomes,
+    denied: &BTreeSet<String>,
+    warned: &mut bool,
+) -> (bool, bool) {
+    let mut created = false;
+    let mut failed = Vec::new();
+    for (bucket, outcome) in outcomes {
+        match outcome {
+            Ok(Ensured::Created) => {
+                created = true;
+                tracing::info!(%bucket, "created the NATS KV bucket");
+            }
+            Ok(Ensured::Existing { differences }) if !differences.is_empty() => {
+                let differences: Vec<String> = differences.iter().map(|d| d.to_string()).collect();
+                tracing::info!(
+                    %bucket,
+                    differences = %differences.join(", "),
+                    "the NATS KV bucket exists with other settings; it is left as it is"
+                );
+            }
+            Ok(_) => tracing::debug!(%bucket, "the NATS KV bucket exists"),
+            Err(error) => failed.push((bucket.as_str(), error)),
+        }
+    }
+    if failed.is_empty() {
+        return (created, false);
+    }
+    let repeat = failed.iter().any(|(_, error)| error.is_transient());
+    let errors: Vec<String> = failed
+        .iter()
+        .map(|(bucket, error)| match error {
+            BucketError::TimedOut { subject, .. } if denied.contains(subject) => {
+                format!("bucket {bucket}: this user may not publish to {subject}")
+            }
+            other => other.to_string(),
+        })
+        .collect();
+    if *warned {
+        tracing::debug!(errors = %errors.join("; "), "the NATS KV buckets are still unchecked");
+    } else {
+        *warned = true;
+        let subjects: Vec<String> = failed
+            .iter()
+            .flat_map(|(bucket, _)| bucket_check_subjects(bucket))
+            .collect();
+        tracing::warn!(
+            errors = %errors.join("; "),
+            "cannot make sure the NATS KV buckets exist; carrying on. If an admin created them, \
+             nothing is wrong (set nats_create_buckets = false to skip this check). Otherwise \
+             create them as an admin (docs/operations.md, section 6) or let this user publish to {}",
+            subjects.join(", ")
+        );
+    }
+    (created, repeat)
+}
+
+async fn next_outcomes(
+    task: &mut Option<JoinHandle<BucketOutcomes>>,
+) -> Result<BucketOutcomes, tokio::task::JoinError> {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -810,15 +994,49 @@ mod tests {
     }
 
     #[test]
+    fn only_bucket_checks_of_our_buckets_count_as_denied() {
+        let buckets = crate::buckets::fleet_buckets();
+        let error =
+            |subject: &str| format!("nats: Permissions Violation for Publish to \"{subject}\"");
+        assert_eq!(
+            bucket_check_denied(&error("$JS.API.STREAM.INFO.KV_podfleet-state"), &buckets),
+            Some("$JS.API.STREAM.INFO.KV_podfleet-state".to_owned())
+        );
+        assert_eq!(
+            bucket_check_denied(
+                &error("$JS.API.STREAM.CREATE.KV_podfleet-desired"),
+                &buckets
+            ),
+            Some("$JS.API.STREAM.CREATE.KV_podfleet-desired".to_owned())
+        );
+        for other in [
+            error("$JS.API.STREAM.INFO.KV_other"),
+            error("$KV.podfleet-state.rpi-02.x"),
+            "nats: Permissions Violation for Subscription to \"$JS.API.STREAM.INFO.KV_podfleet-state\"".to_owned(),
+            "nats: authorization violation".to_owned(),
+        ] {
+            assert_eq!(bucket_check_denied(&other, &buckets), None, "{other}");
+        }
+    }
+
+    #[test]
     fn credentials_never_print_secrets() {
+        let user = Credentials::UserPassword {
+            user: "rpi-01".into(),
+            password: "hunter2".into(),
+        };
+        assert_eq!(user.to_string(), "user rpi-01, password ***");
         let shown = format!(
-            "{:?} {:?} {:?}",
+            "{:?} {:?} {:?} {} {} {}",
             Credentials::UserPassword {
                 user: "rpi-01".into(),
                 password: "hunter2".into()
             },
             Credentials::Token("tok".into()),
-            Credentials::NKeySeed("SUAB".into())
+            Credentials::NKeySeed("SUAB".into()),
+            user,
+            Credentials::Token("tok".into()),
+            Credentials::NKeySeed("SUAB".into()),
         );
         assert!(
             !shown.contains("hunter2") && !shown.contains("tok)") && !shown.contains("SUAB"),

@@ -102,6 +102,12 @@ impl PodmanRuntime {
     /// (podman 4.3 speaks 1.41; a recent Docker refuses versions that old,
     /// so none is fixed here).
     ///
+    /// The version comes from the `Api-Version` header of `GET /_ping`,
+    /// which podman and Docker both send and answer at once; only a server
+    /// without that header is asked `GET /version`, which podman answers
+    /// only after running its OCI runtime and conmon to learn their
+    /// versions (about a second on a Raspberry-Pi class device).
+    ///
     /// # Errors
     ///
     /// [`RuntimeErrorKind::Unavailable`] when the socket is absent or does
@@ -118,13 +124,27 @@ impl PodmanRuntime {
         })?;
         // Not bollard's negotiation: it asks `/v1.53/version`, which a Docker
         // engine with an older API refuses ("client version is too new").
-        // The unversioned path works everywhere.
-        let server: VersionAnswer =
-            get_json(&socket, "/version", DEFAULT_REQUEST_TIMEOUT, Call::System).await?;
-        let version = client_version(&server.api_version).ok_or_else(|| {
+        // The unversioned paths work everywhere.
+        let ping = get(&socket, "/_ping", DEFAULT_REQUEST_TIMEOUT).await?;
+        if !(200..300).contains(&ping.status) {
+            return Err(status_error(
+                ping.status,
+                error_message(&ping.body),
+                Call::System,
+            ));
+        }
+        let api_version = match ping.header("api-version") {
+            Some(version) => version.to_owned(),
+            None => {
+                let server: VersionAnswer =
+                    get_json(&socket, "/version", DEFAULT_REQUEST_TIMEOUT, Call::System).await?;
+                server.api_version
+            }
+        };
+        let version = client_version(&api_version).ok_or_else(|| {
             RuntimeError::new(
                 RuntimeErrorKind::Other,
-                format!("unreadable API version {:?}", server.api_version),
+                format!("unreadable API version \"{api_version}\""),
             )
         })?;
         let docker = Docker::connect_with_unix(path, DEFAULT_REQUEST_TIMEOUT.as_secs(), &version)
@@ -462,12 +482,28 @@ pub struct LazyPodmanRuntime {
 
 impl LazyPodmanRuntime {
     /// A runtime for the API socket at `socket`; nothing is contacted yet.
+    /// Call [`connect_in_background`](Self::connect_in_background) to
+    /// connect before the first operation needs it.
     pub fn new(socket: impl Into<PathBuf>, request_timeout: Duration) -> Self {
         Self {
             socket: socket.into(),
             request_timeout,
             connected: std::sync::Arc::default(),
         }
+    }
+
+    /// Starts connecting now, in a task of its own, so that the first
+    /// operation finds the runtime connected (and a socket-activated podman
+    /// started) instead of waiting for it. Never blocks: a socket that is
+    /// down only leaves the runtime unconnected, and the next operation
+    /// tries again. Must be called within a tokio runtime.
+    pub fn connect_in_background(&self) {
+        let runtime = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = runtime.runtime().await {
+                tracing::debug!(error = %error.message, "the container runtime is not reachable yet");
+            }
+        });
     }
 
     /// The connected runtime, connecting first if need be.
@@ -521,13 +557,36 @@ impl ContainerRuntime for LazyPodmanRuntime {
 }
 
 /// GETs `path_and_query` over a connection of its own and decodes the JSON
-/// answer: HTTP/1.0, so the body is simply everything after the headers.
+/// answer.
 async fn get_json<T: DeserializeOwned>(
     socket: &Path,
     path_and_query: &str,
     timeout: Duration,
     call: Call,
 ) -> Result<T, RuntimeError> {
+    let response = get(socket, path_and_query, timeout).await?;
+    if !(200..300).contains(&response.status) {
+        return Err(status_error(
+            response.status,
+            error_message(&response.body),
+            call,
+        ));
+    }
+    serde_json::from_slice(&response.body).map_err(|e| {
+        RuntimeError::new(
+            RuntimeErrorKind::Other,
+            format!("unreadable answer to GET {path_and_query}: {e}"),
+        )
+    })
+}
+
+/// GETs `path_and_query` over a connection of its own: HTTP/1.0, so the
+/// body is simply everything after the headers.
+async fn get(
+    socket: &Path,
+    path_and_query: &str,
+    timeout: Duration,
+) -> Result<HttpResponse, RuntimeError> {
     let request = format!(
         "GET {path_and_query} HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n\r\n"
     );
@@ -549,16 +608,7 @@ async fn get_json<T: DeserializeOwned>(
         Ok(Err(e)) => return Err(unavailable(e.to_string())),
         Ok(Ok(response)) => response,
     };
-    let (status, body) = parse_http_response(&response).map_err(unavailable)?;
-    if !(200..300).contains(&status) {
-        return Err(status_error(status, error_message(&body), call));
-    }
-    serde_json::from_slice(&body).map_err(|e| {
-        RuntimeError::new(
-            RuntimeErrorKind::Other,
-            format!("unreadable answer to GET {path_and_query}: {e}"),
-        )
-    })
+    parse_http_response(&response).map_err(unavailable)
 }
 
 /// The API version to speak with a server that speaks up to `server`
@@ -694,9 +744,29 @@ fn error_message(body: &[u8]) -> String {
         .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_owned())
 }
 
-/// Splits a complete HTTP/1.x response into its status code and body,
-/// undoing chunked transfer encoding.
-fn parse_http_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
+/// A complete HTTP/1.x response.
+#[derive(Debug, PartialEq, Eq)]
+struct HttpResponse {
+    status: u16,
+    /// Names as sent, values trimmed.
+    headers: Vec<(String, String)>,
+    /// Dechunked when it was sent in chunks.
+    body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The value of the first header called `name`, whatever its case.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Splits a complete HTTP/1.x response into its status code, headers and
+/// body, undoing chunked transfer encoding.
+fn parse_http_response(raw: &[u8]) -> Result<HttpResponse, String> {
     let head_end = find(raw, b"\r\n\r\n").ok_or("the answer has no end of headers")?;
     let head = raw.get(..head_end).unwrap_or_default();
     let body = raw.get(head_end + 4..).unwrap_or_default();
@@ -707,18 +777,25 @@ fn parse_http_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
         .split(' ')
         .nth(1)
         .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let chunked = lines.any(|line| {
-        line.split_once(':').is_some_and(|(name, value)| {
-            name.trim().eq_ignore_ascii_case("transfer-encoding")
-                && value.trim().eq_ignore_ascii_case("chunked")
-        })
-    });
-    if chunked {
-        dechunk(body).map(|body| (status, body))
+        .ok_or_else(|| format!("bad status line \"{status_line}\""))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
+        .collect();
+    let mut response = HttpResponse {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    let chunked = response
+        .header("transfer-encoding")
+        .is_some_and(|value| value.eq_ignore_ascii_case("chunked"));
+    response.body = if chunked {
+        dechunk(body)?
     } else {
-        Ok((status, body.to_vec()))
-    }
+        body.to_vec()
+    };
+    Ok(response)
 }
 
 fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
@@ -927,18 +1004,31 @@ mod tests {
 
     #[test]
     fn plain_and_chunked_responses_parse() {
+        let status_and_body = |raw: &[u8]| {
+            parse_http_response(raw)
+                .map(|r| (r.status, r.body))
+                .unwrap()
+        };
         let plain = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n[]";
-        assert_eq!(parse_http_response(plain).unwrap(), (200, b"[]".to_vec()));
+        assert_eq!(status_and_body(plain), (200, b"[]".to_vec()));
         let chunked =
             b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n2;x=y\r\n\"}\r\n0\r\n\r\n";
-        assert_eq!(
-            parse_http_response(chunked).unwrap(),
-            (404, b"{\"a\"}".to_vec())
-        );
+        assert_eq!(status_and_body(chunked), (404, b"{\"a\"}".to_vec()));
         assert!(parse_http_response(b"HTTP/1.0 200 OK\r\n").is_err());
         assert!(parse_http_response(b"garbage\r\n\r\n").is_err());
         let short = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc";
         assert!(parse_http_response(short).is_err());
+    }
+
+    #[test]
+    fn the_ping_answer_carries_the_api_version() {
+        // podman 4.3's answer to GET /_ping, abridged.
+        let ping = b"HTTP/1.0 200 OK\r\nApi-Version: 1.41\r\nBuilder-Version: \r\nLibpod-Api-Version: 4.3.1\r\nContent-Length: 2\r\n\r\nOK";
+        let response = parse_http_response(ping).unwrap();
+        assert_eq!(response.header("API-Version"), Some("1.41"));
+        assert_eq!(response.header("builder-version"), Some(""));
+        assert_eq!(response.header("Docker-Experimental"), None);
+        assert_eq!(response.body, b"OK");
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use podfleet_core::time::Backoff;
 use podfleet_core::wire::DeviceId;
+use podfleet_core::Config;
 use serde::Deserialize;
 
 use crate::event_loop::LoopOptions;
@@ -21,6 +23,18 @@ use crate::nats::{default_inbox_prefix, Credentials, NatsSettings};
 
 /// The default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/podfleet";
+
+/// The reconciler's defaults, as [`Config::new`] has them (a unit test
+/// keeps the two equal).
+const DEFAULT_TICK_INTERVAL: Duration = Duration::from_secs(30);
+const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+const DEFAULT_RETRY_BACKOFF: Backoff =
+    Backoff::new(Duration::from_secs(10), Duration::from_secs(300));
+const DEFAULT_RESTART_BACKOFF: Backoff =
+    Backoff::new(Duration::from_secs(10), Duration::from_secs(300));
+const DEFAULT_RESTART_RESET_AFTER: Duration = Duration::from_secs(600);
+const DEFAULT_RUNTIME_BACKOFF: Backoff =
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
 
 /// `podfleet-agent`: converges this device's podman to the desired state
 /// in NATS JetStream KV and reports back.
@@ -93,6 +107,26 @@ pub struct Args {
     #[arg(long, env = "PODFLEET_NATS_REQUEST_TIMEOUT", value_name = "DURATION")]
     pub nats_request_timeout: Option<String>,
 
+    /// First wait before the desired-state watch is made again after it
+    /// could not be; it doubles up to --nats-watch-backoff-max [default: 1s].
+    #[arg(
+        long,
+        env = "PODFLEET_NATS_WATCH_BACKOFF_INITIAL",
+        value_name = "DURATION"
+    )]
+    pub nats_watch_backoff_initial: Option<String>,
+
+    /// Longest wait between attempts to make the watch [default: 30s].
+    #[arg(long, env = "PODFLEET_NATS_WATCH_BACKOFF_MAX", value_name = "DURATION")]
+    pub nats_watch_backoff_max: Option<String>,
+
+    /// Create the KV buckets podfleet-desired, podfleet-state and
+    /// podfleet-heartbeats at connect when they are missing (existing ones
+    /// are never changed). A device user normally may not: the refusal is
+    /// logged once and the agent carries on [default: true].
+    #[arg(long, env = "PODFLEET_NATS_CREATE_BUCKETS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub nats_create_buckets: Option<bool>,
+
     /// podman's API socket [default: /run/podman/podman.sock as root,
     /// $XDG_RUNTIME_DIR/podman/podman.sock otherwise]. A Docker engine's
     /// socket works too.
@@ -114,6 +148,59 @@ pub struct Args {
     /// How often a heartbeat is published [default: 15s].
     #[arg(long, env = "PODFLEET_HEARTBEAT_INTERVAL", value_name = "DURATION")]
     pub heartbeat_interval: Option<String>,
+
+    /// First wait before a failed revision is tried again; it doubles after
+    /// each failure up to --retry-backoff-max [default: 10s].
+    #[arg(long, env = "PODFLEET_RETRY_BACKOFF_INITIAL", value_name = "DURATION")]
+    pub retry_backoff_initial: Option<String>,
+
+    /// Longest wait between attempts at a failed revision [default: 5m].
+    #[arg(long, env = "PODFLEET_RETRY_BACKOFF_MAX", value_name = "DURATION")]
+    pub retry_backoff_max: Option<String>,
+
+    /// First wait before a service that exited is restarted; it doubles
+    /// after each restart up to --restart-backoff-max [default: 10s].
+    #[arg(
+        long,
+        env = "PODFLEET_RESTART_BACKOFF_INITIAL",
+        value_name = "DURATION"
+    )]
+    pub restart_backoff_initial: Option<String>,
+
+    /// Longest wait between restarts of a service that keeps exiting [default: 5m].
+    #[arg(long, env = "PODFLEET_RESTART_BACKOFF_MAX", value_name = "DURATION")]
+    pub restart_backoff_max: Option<String>,
+
+    /// How long a restarted service must run before its restart backoff
+    /// starts again from the initial wait [default: 10m].
+    #[arg(long, env = "PODFLEET_RESTART_RESET_AFTER", value_name = "DURATION")]
+    pub restart_reset_after: Option<String>,
+
+    /// First wait before an unreachable podman is tried again; it doubles up
+    /// to --runtime-backoff-max [default: 1s].
+    #[arg(
+        long,
+        env = "PODFLEET_RUNTIME_BACKOFF_INITIAL",
+        value_name = "DURATION"
+    )]
+    pub runtime_backoff_initial: Option<String>,
+
+    /// Longest wait between attempts to reach podman [default: 30s].
+    #[arg(long, env = "PODFLEET_RUNTIME_BACKOFF_MAX", value_name = "DURATION")]
+    pub runtime_backoff_max: Option<String>,
+
+    /// First wait before a report that NATS did not take is published again;
+    /// it doubles up to --publish-backoff-max [default: 500ms].
+    #[arg(
+        long,
+        env = "PODFLEET_PUBLISH_BACKOFF_INITIAL",
+        value_name = "DURATION"
+    )]
+    pub publish_backoff_initial: Option<String>,
+
+    /// Longest wait between attempts to publish a report [default: 30s].
+    #[arg(long, env = "PODFLEET_PUBLISH_BACKOFF_MAX", value_name = "DURATION")]
+    pub publish_backoff_max: Option<String>,
 
     /// Allow the `exec` command to run programs in service containers [default: false].
     #[arg(long, env = "PODFLEET_ALLOW_EXEC", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -158,6 +245,18 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     tick_interval: Option<String>,
     heartbeat_interval: Option<String>,
+    retry_backoff_initial: Option<String>,
+    retry_backoff_max: Option<String>,
+    restart_backoff_initial: Option<String>,
+    restart_backoff_max: Option<String>,
+    restart_reset_after: Option<String>,
+    runtime_backoff_initial: Option<String>,
+    runtime_backoff_max: Option<String>,
+    publish_backoff_initial: Option<String>,
+    publish_backoff_max: Option<String>,
+    nats_watch_backoff_initial: Option<String>,
+    nats_watch_backoff_max: Option<String>,
+    nats_create_buckets: Option<bool>,
     allow_exec: Option<bool>,
     exec_max_timeout: Option<String>,
     exec_max_bytes: Option<usize>,
@@ -244,7 +343,15 @@ pub struct Settings {
     pub tick_interval: Duration,
     /// The heartbeat interval.
     pub heartbeat_interval: Duration,
-    /// The loop's command limits.
+    /// The backoff between attempts at a failed revision.
+    pub retry_backoff: Backoff,
+    /// The backoff between restarts of a service that keeps exiting.
+    pub restart_backoff: Backoff,
+    /// How long a restarted service must run before its backoff resets.
+    pub restart_reset_after: Duration,
+    /// The backoff between attempts to reach an unreachable runtime.
+    pub runtime_backoff: Backoff,
+    /// The loop's command limits and publish backoff.
     pub loop_options: LoopOptions,
     /// How logs are written.
     pub log_format: LogFormat,
@@ -333,14 +440,102 @@ impl Settings {
             "tick_interval",
             &args.tick_interval,
             file.tick_interval,
-            Duration::from_secs(30),
+            DEFAULT_TICK_INTERVAL,
         )?;
         let heartbeat_interval = duration(
             "heartbeat_interval",
             &args.heartbeat_interval,
             file.heartbeat_interval,
-            Duration::from_secs(15),
+            DEFAULT_HEARTBEAT_INTERVAL,
         )?;
+        let restart_reset_after = duration(
+            "restart_reset_after",
+            &args.restart_reset_after,
+            file.restart_reset_after,
+            DEFAULT_RESTART_RESET_AFTER,
+        )?;
+        let retry_backoff = backoff(
+            (
+                "retry_backoff_initial",
+                args.retry_backoff_initial
+                    .clone()
+                    .or(file.retry_backoff_initial),
+            ),
+            (
+                "retry_backoff_max",
+                args.retry_backoff_max.clone().or(file.retry_backoff_max),
+            ),
+            DEFAULT_RETRY_BACKOFF,
+        )?;
+        let restart_backoff = backoff(
+            (
+                "restart_backoff_initial",
+                args.restart_backoff_initial
+                    .clone()
+                    .or(file.restart_backoff_initial),
+            ),
+            (
+                "restart_backoff_max",
+                args.restart_backoff_max
+                    .clone()
+                    .or(file.restart_backoff_max),
+            ),
+            DEFAULT_RESTART_BACKOFF,
+        )?;
+        let runtime_backoff = backoff(
+            (
+                "runtime_backoff_initial",
+                args.runtime_backoff_initial
+                    .clone()
+                    .or(file.runtime_backoff_initial),
+            ),
+            (
+                "runtime_backoff_max",
+                args.runtime_backoff_max
+                    .clone()
+                    .or(file.runtime_backoff_max),
+            ),
+            DEFAULT_RUNTIME_BACKOFF,
+        )?;
+        let defaults = LoopOptions::default();
+        let publish_backoff = backoff(
+            (
+                "publish_backoff_initial",
+                args.publish_backoff_initial
+                    .clone()
+                    .or(file.publish_backoff_initial),
+            ),
+            (
+                "publish_backoff_max",
+                args.publish_backoff_max
+                    .clone()
+                    .or(file.publish_backoff_max),
+            ),
+            defaults.publish_backoff,
+        )?;
+        let mut nats = NatsSettings::new(device.clone());
+        nats.watch_backoff = backoff(
+            (
+                "nats_watch_backoff_initial",
+                args.nats_watch_backoff_initial
+                    .clone()
+                    .or(file.nats_watch_backoff_initial),
+            ),
+            (
+                "nats_watch_backoff_max",
+                args.nats_watch_backoff_max
+                    .clone()
+                    .or(file.nats_watch_backoff_max),
+            ),
+            nats.watch_backoff,
+        )?;
+        if !args
+            .nats_create_buckets
+            .or(file.nats_create_buckets)
+            .unwrap_or(true)
+        {
+            nats.buckets.clear();
+        }
         let exec_max_timeout = duration(
             "exec_max_timeout",
             &args.exec_max_timeout,
@@ -348,7 +543,6 @@ impl Settings {
             Duration::from_secs(300),
         )?;
 
-        let defaults = LoopOptions::default();
         let bytes = |knob: &'static str, value: Option<usize>, default: usize| match value {
             Some(0) => Err(invalid(knob, 0, "must be at least 1")),
             Some(n) => Ok(n),
@@ -367,7 +561,7 @@ impl Settings {
                 defaults.exec_max_bytes,
             )?,
             exec_max_timeout,
-            ..defaults
+            publish_backoff,
         };
 
         let log_format = match args.log_format.clone().or(file.log_format).as_deref() {
@@ -407,7 +601,6 @@ impl Settings {
             ));
         }
 
-        let mut nats = NatsSettings::new(device.clone());
         nats.urls = urls;
         nats.credentials = credentials;
         nats.inbox_prefix = inbox_prefix;
@@ -420,39 +613,69 @@ impl Settings {
             state_dir,
             tick_interval,
             heartbeat_interval,
+            retry_backoff,
+            restart_backoff,
+            restart_reset_after,
+            runtime_backoff,
             loop_options,
             log_format,
             log_level,
         })
     }
+
+    /// The reconciler's configuration: this device, `agent_version`, and
+    /// the intervals and backoffs set here.
+    pub fn reconciler_config(&self, agent_version: &str) -> Config {
+        Config::new(self.device.clone(), agent_version)
+            .tick_interval(self.tick_interval)
+            .heartbeat_interval(self.heartbeat_interval)
+            .retry_backoff(self.retry_backoff)
+            .restart_backoff(self.restart_backoff)
+            .restart_reset_after(self.restart_reset_after)
+            .runtime_backoff(self.runtime_backoff)
+    }
 }
 
 impl fmt::Display for Settings {
-    /// The effective configuration as TOML-like lines, secrets masked.
+    /// The effective configuration as TOML lines, secrets masked.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let duration = |f: &mut fmt::Formatter<'_>, knob: &str, value: Duration| {
+            writeln!(f, "{knob} = \"{}\"", human(value))
+        };
+        let backoff = |f: &mut fmt::Formatter<'_>, knob: &str, value: Backoff| {
+            duration(f, &format!("{knob}_initial"), value.initial)?;
+            duration(f, &format!("{knob}_max"), value.max)
+        };
         writeln!(f, "device_id = {:?}", self.device.as_str())?;
         writeln!(f, "nats_urls = {:?}", self.nats.urls)?;
-        writeln!(f, "nats_credentials = {:?}", self.nats.credentials)?;
+        writeln!(f, "nats_credentials = \"{}\"", self.nats.credentials)?;
         writeln!(f, "nats_inbox_prefix = {:?}", self.nats.inbox_prefix)?;
-        writeln!(f, "nats_request_timeout = {:?}", self.nats.request_timeout)?;
-        writeln!(f, "podman_socket = {:?}", self.podman_socket)?;
+        duration(f, "nats_request_timeout", self.nats.request_timeout)?;
+        backoff(f, "nats_watch_backoff", self.nats.watch_backoff)?;
+        writeln!(f, "nats_create_buckets = {}", !self.nats.buckets.is_empty())?;
         writeln!(
             f,
-            "podman_request_timeout = {:?}",
-            self.podman_request_timeout
+            "podman_socket = {:?}",
+            self.podman_socket.display().to_string()
         )?;
-        writeln!(f, "state_dir = {:?}", self.state_dir)?;
-        writeln!(f, "tick_interval = {:?}", self.tick_interval)?;
-        writeln!(f, "heartbeat_interval = {:?}", self.heartbeat_interval)?;
+        duration(f, "podman_request_timeout", self.podman_request_timeout)?;
+        writeln!(f, "state_dir = {:?}", self.state_dir.display().to_string())?;
+        duration(f, "tick_interval", self.tick_interval)?;
+        duration(f, "heartbeat_interval", self.heartbeat_interval)?;
+        backoff(f, "retry_backoff", self.retry_backoff)?;
+        backoff(f, "restart_backoff", self.restart_backoff)?;
+        duration(f, "restart_reset_after", self.restart_reset_after)?;
+        backoff(f, "runtime_backoff", self.runtime_backoff)?;
+        backoff(f, "publish_backoff", self.loop_options.publish_backoff)?;
         writeln!(f, "allow_exec = {}", self.loop_options.exec_enabled)?;
-        writeln!(
-            f,
-            "exec_max_timeout = {:?}",
-            self.loop_options.exec_max_timeout
-        )?;
+        duration(f, "exec_max_timeout", self.loop_options.exec_max_timeout)?;
         writeln!(f, "exec_max_bytes = {}", self.loop_options.exec_max_bytes)?;
         writeln!(f, "logs_max_bytes = {}", self.loop_options.logs_max_bytes)?;
-        writeln!(f, "log_format = {:?}", self.log_format)?;
+        let format = match self.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        writeln!(f, "log_format = \"{format}\"")?;
         write!(f, "log_level = {:?}", self.log_level)
     }
 }
@@ -576,6 +799,52 @@ fn default_podman_socket() -> Result<PathBuf, ConfigError> {
             "",
             "not set, and XDG_RUNTIME_DIR is unset so the rootless default cannot be found",
         )),
+    }
+}
+
+/// A backoff from its two knobs, `(file key, value given)` each: both
+/// positive, the initial wait at most the longest. When only the longest
+/// was given, it is the one named as breaking the rule.
+fn backoff(
+    (initial_knob, initial): (&'static str, Option<String>),
+    (max_knob, max): (&'static str, Option<String>),
+    default: Backoff,
+) -> Result<Backoff, ConfigError> {
+    let initial_value = match &initial {
+        Some(text) => positive_duration(initial_knob, text)?,
+        None => default.initial,
+    };
+    let max_value = match &max {
+        Some(text) => positive_duration(max_knob, text)?,
+        None => default.max,
+    };
+    if initial_value > max_value {
+        return Err(match (initial, max) {
+            (None, Some(max)) => invalid(
+                max_knob,
+                max,
+                format!("must be at least {initial_knob} ({})", human(initial_value)),
+            ),
+            (initial, _) => invalid(
+                initial_knob,
+                initial.unwrap_or_else(|| human(initial_value)),
+                format!("must be at most {max_knob} ({})", human(max_value)),
+            ),
+        });
+    }
+    Ok(Backoff::new(initial_value, max_value))
+}
+
+/// A duration in the form the knobs take: the largest unit that shows it
+/// exactly (`1h`, `5m`, `30s`, `500ms`).
+fn human(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    match ms {
+        0 => "0ms".to_owned(),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        _ => format!("{ms}ms"),
     }
 }
 
@@ -760,11 +1029,165 @@ mod tests {
 
     #[test]
     fn the_shipped_example_config_is_valid() {
-        let file: FileConfig =
-            toml::from_str(include_str!("../../deploy/agent.example.toml")).unwrap();
+        let example = include_str!("../../deploy/agent.example.toml");
+        let file: FileConfig = toml::from_str(example).unwrap();
         let settings = Settings::resolve(&args(&[]), file).unwrap();
         assert_eq!(settings.device.as_str(), "rpi-01");
         assert_eq!(settings.nats.inbox_prefix, "_INBOX.rpi-01");
+
+        // Its commented-out knobs are real ones, shown with their defaults
+        // (the other credential methods aside: one method at a time).
+        let uncommented: String = example
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(knob)
+                    if knob.contains(" = ")
+                        && !knob.starts_with("nats_token")
+                        && !knob.starts_with("nats_nkey_seed_file")
+                        && !knob.starts_with("nats_creds_file") =>
+                {
+                    knob
+                }
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(uncommented.contains("\nrestart_reset_after = "));
+        let file: FileConfig = toml::from_str(&uncommented).unwrap();
+        let all = Settings::resolve(&args(&[]), file).unwrap();
+        assert_eq!(all.reconciler_config("v"), settings.reconciler_config("v"));
+        assert_eq!(all.loop_options, settings.loop_options);
+        assert_eq!(all.nats.watch_backoff, settings.nats.watch_backoff);
+        assert_eq!(all.nats.buckets, settings.nats.buckets);
+    }
+
+    #[test]
+    fn the_defaults_are_the_cores_and_the_loops() {
+        let settings =
+            Settings::resolve(&args(&["--device-id", "rpi-01"]), FileConfig::default()).unwrap();
+        assert_eq!(
+            settings.reconciler_config("1.2.3"),
+            Config::new(settings.device.clone(), "1.2.3")
+        );
+        assert_eq!(settings.loop_options, LoopOptions::default());
+        let nats = NatsSettings::new(settings.device.clone());
+        assert_eq!(settings.nats.watch_backoff, nats.watch_backoff);
+        assert_eq!(settings.nats.buckets, nats.buckets);
+        assert_eq!(settings.nats.buckets.len(), 3);
+    }
+
+    #[test]
+    fn backoff_knobs_reach_the_config() {
+        let file: FileConfig = toml::from_str(
+            "device_id = \"rpi-01\"\nretry_backoff_initial = \"2s\"\nretry_backoff_max = \"1m\"\n\
+             restart_reset_after = \"1h\"\nnats_create_buckets = false\n",
+        )
+        .unwrap();
+        let settings = Settings::resolve(
+            &args(&[
+                "--retry-backoff-max",
+                "2m",
+                "--restart-backoff-initial",
+                "500ms",
+                "--restart-backoff-max",
+                "20s",
+                "--runtime-backoff-initial",
+                "250ms",
+                "--runtime-backoff-max",
+                "5s",
+                "--publish-backoff-initial",
+                "100ms",
+                "--publish-backoff-max",
+                "10s",
+                "--nats-watch-backoff-initial",
+                "2s",
+                "--nats-watch-backoff-max",
+                "1m",
+            ]),
+            file,
+        )
+        .unwrap();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            settings.reconciler_config("v"),
+            Config::new(settings.device.clone(), "v")
+                .retry_backoff(Backoff::new(ms(2_000), ms(120_000)))
+                .restart_backoff(Backoff::new(ms(500), ms(20_000)))
+                .restart_reset_after(ms(3_600_000))
+                .runtime_backoff(Backoff::new(ms(250), ms(5_000)))
+        );
+        assert_eq!(
+            settings.loop_options.publish_backoff,
+            Backoff::new(ms(100), ms(10_000))
+        );
+        assert_eq!(
+            settings.nats.watch_backoff,
+            Backoff::new(ms(2_000), ms(60_000))
+        );
+        assert!(settings.nats.buckets.is_empty());
+        let shown = settings.to_string();
+        for line in [
+            "retry_backoff_initial = \"2s\"",
+            "retry_backoff_max = \"2m\"",
+            "restart_reset_after = \"1h\"",
+            "publish_backoff_initial = \"100ms\"",
+            "nats_create_buckets = false",
+            "log_format = \"text\"",
+        ] {
+            assert!(shown.lines().any(|l| l == line), "{line} in\n{shown}");
+        }
+    }
+
+    #[test]
+    fn a_backoff_starts_positive_and_no_longer_than_its_cap() {
+        assert_eq!(
+            error(&["--device-id", "a", "--retry-backoff-initial", "10m"]),
+            "invalid retry_backoff_initial \"10m\": must be at most retry_backoff_max (5m)"
+        );
+        assert_eq!(
+            error(&["--device-id", "a", "--runtime-backoff-max", "500ms"]),
+            "invalid runtime_backoff_max \"500ms\": must be at least runtime_backoff_initial (1s)"
+        );
+        assert_eq!(
+            error(&[
+                "--device-id",
+                "a",
+                "--publish-backoff-initial",
+                "2s",
+                "--publish-backoff-max",
+                "1s"
+            ]),
+            "invalid publish_backoff_initial \"2s\": must be at most publish_backoff_max (1s)"
+        );
+        let message = error(&["--device-id", "a", "--restart-backoff-initial", "0s"]);
+        assert!(
+            message.starts_with("invalid restart_backoff_initial \"0s\": must be a positive"),
+            "{message}"
+        );
+        let message = error(&["--device-id", "a", "--restart-reset-after", "soon"]);
+        assert!(
+            message.starts_with("invalid restart_reset_after \"soon\""),
+            "{message}"
+        );
+        let message = error(&["--device-id", "a", "--nats-watch-backoff-max", "1"]);
+        assert!(
+            message.starts_with("invalid nats_watch_backoff_max \"1\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn durations_are_shown_as_they_are_written() {
+        let ms = Duration::from_millis;
+        assert_eq!(human(ms(500)), "500ms");
+        assert_eq!(human(ms(1_500)), "1500ms");
+        assert_eq!(human(ms(30_000)), "30s");
+        assert_eq!(human(ms(90_000)), "90s");
+        assert_eq!(human(ms(300_000)), "5m");
+        assert_eq!(human(ms(7_200_000)), "2h");
+        for text in ["500ms", "30s", "5m", "2h"] {
+            assert_eq!(human(positive_duration("x", text).unwrap()), text);
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
+use podfleet_agent::buckets;
+use podfleet_core::wire::names::{DESIRED_BUCKET, HEARTBEAT_BUCKET, STATE_BUCKET};
 use podfleet_core::wire::{DeploymentState, Heartbeat};
 use serde::Deserialize;
 use tempfile::TempDir;
@@ -336,7 +338,8 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects with `options` and creates the three buckets when missing.
+    /// Connects with `options` and creates the three buckets when missing,
+    /// with the agent's own [`buckets::ensure_bucket`] and settings.
     ///
     /// # Panics
     ///
@@ -346,23 +349,34 @@ impl Broker {
             .connect(url)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+        for bucket in buckets::fleet_buckets() {
+            buckets::ensure_bucket(&client, &bucket, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("cannot create the buckets: {e}"));
+        }
+        Self::open(client).await
+    }
+
+    /// An admin client on `client` for buckets that exist already; nothing
+    /// is created.
+    ///
+    /// # Panics
+    ///
+    /// If a bucket is missing.
+    pub async fn open(client: async_nats::Client) -> Self {
         let js = jetstream::new(client.clone());
-        let bucket = |name: &'static str| {
-            let (js, client) = (js.clone(), client.clone());
+        let store = |name: &'static str| {
+            let js = js.clone();
             async move {
-                if let Ok(store) = js.get_key_value(name).await {
-                    return store;
-                }
-                create_bucket(&client, name).await;
                 js.get_key_value(name)
                     .await
-                    .unwrap_or_else(|e| panic!("bucket {name} was not created: {e}"))
+                    .unwrap_or_else(|e| panic!("no bucket {name}: {e}"))
             }
         };
         Self {
-            desired: bucket("podfleet-desired").await,
-            state: bucket("podfleet-state").await,
-            heartbeats: bucket("podfleet-heartbeats").await,
+            desired: store(DESIRED_BUCKET).await,
+            state: store(STATE_BUCKET).await,
+            heartbeats: store(HEARTBEAT_BUCKET).await,
             client,
         }
     }
@@ -517,48 +531,6 @@ impl Broker {
             )
         })
     }
-}
-
-/// Creates the KV bucket `name` with a raw JetStream API request, as the
-/// `nats` CLI would: async-nats 0.51's `create_key_value` sends fields that
-/// nats-server 2.9 answers in a shape the client cannot decode.
-///
-/// # Panics
-///
-/// If the server refuses.
-pub async fn create_bucket(client: &async_nats::Client, name: &str) {
-    let stream = format!("KV_{name}");
-    let config = serde_json::json!({
-        "name": stream,
-        "subjects": [format!("$KV.{name}.>")],
-        "retention": "limits",
-        "max_msgs_per_subject": 5,
-        "max_msgs": -1,
-        "max_bytes": -1,
-        "max_age": 0,
-        "max_msg_size": -1,
-        "storage": "file",
-        "discard": "new",
-        "num_replicas": 1,
-        "duplicate_window": 120_000_000_000_u64,
-        "allow_rollup_hdrs": true,
-        "deny_delete": true,
-        "deny_purge": false,
-        "allow_direct": true,
-    });
-    let reply = client
-        .request(
-            format!("$JS.API.STREAM.CREATE.{stream}"),
-            config.to_string().into(),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("cannot create bucket {name}: {e}"));
-    let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
-        .unwrap_or_else(|e| panic!("bucket {name}: the answer is not JSON: {e}"));
-    assert!(
-        answer.get("error").is_none(),
-        "cannot create bucket {name}: {answer}"
-    );
 }
 
 /// A current-thread tokio runtime for one test.

@@ -109,10 +109,16 @@ impl PodmanService {
             .stdin(archive)
             .output()
             .unwrap_or_else(|e| panic!("cannot run podman load: {e}"));
-        let saved = save.wait();
-        if !loaded.status.success() || !saved.as_ref().is_ok_and(|s| s.success()) {
+        let saved = match save.wait() {
+            Ok(status) if status.success() => None,
+            Ok(status) => Some(format!("podman save exited with {status}")),
+            Err(e) => Some(format!("podman save could not be waited for: {e}")),
+        };
+        if !loaded.status.success() || saved.is_some() {
             panic!(
-                "copying {image} into an isolated store failed (save: {saved:?}):\n{}",
+                "copying {image} into an isolated store failed ({}; podman load exited with {}):\n{}",
+                saved.as_deref().unwrap_or("podman save succeeded"),
+                loaded.status,
                 String::from_utf8_lossy(&loaded.stderr)
             );
         }

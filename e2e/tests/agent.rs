@@ -439,3 +439,55 @@ fn a_podman_socket_that_is_down_is_reported_in_heartbeats() {
         assert!(agent.is_running());
     });
 }
+
+/// The first deployment after a start is not held up by the connection to
+/// podman: the agent connects at start, in the background, with a call
+/// podman answers at once. Once the agent is in sync with NATS, two
+/// one-service deployments are put one after the other and each is timed
+/// from the put to its `Running` report; the figures are printed (an
+/// observation, not a timed assertion: `cargo test -p e2e --test agent
+/// first_deployment -- --nocapture`). What is asserted is the order: podman
+/// was connected before the first put arrived.
+#[test]
+fn the_first_deployment_after_start_finds_podman_connected() {
+    tokio_runtime().block_on(async {
+        let nats = NatsServer::start();
+        let broker = Broker::connect(&nats.url(), ConnectOptions::new()).await;
+        let dev = unique_id("first");
+        let mut device = Device::new(agent_binary(), &dev, &nats.url(), &[]);
+        device.start_agent();
+        eventually!("the agent to be in sync", SETTLE, {
+            device
+                .agent()
+                .log()
+                .contains("desired state in sync")
+                .then_some(())
+        });
+        let score = json!({"services": [sleeper("web", json!({}))]}).to_string();
+        let mut figures = Vec::new();
+        for n in ["first", "second"] {
+            let dep = format!("{dev}-{n}");
+            let started = std::time::Instant::now();
+            let rev = broker.put(&dev, &dep, score.clone()).await;
+            broker
+                .wait_state(&dev, &dep, SETTLE, |s| {
+                    s.phase == Phase::Running && s.revision == rev
+                })
+                .await;
+            figures.push(started.elapsed());
+        }
+        eprintln!(
+            "put -> Running after start: first {:?}, second {:?}",
+            figures[0], figures[1]
+        );
+        let log = device.agent().log();
+        let at = |line: &str| {
+            log.find(line)
+                .unwrap_or_else(|| panic!("no {line:?} in\n{log}"))
+        };
+        assert!(
+            at("connected to the container runtime") < at("desired put"),
+            "the first put waited for podman:\n{log}"
+        );
+    });
+}

@@ -58,6 +58,19 @@ fn device_credentials_reach_only_their_own_keys_and_subjects() {
         assert!(admin.heartbeat("rpi-01").await.is_some());
         let ping = admin.command("rpi-01", "ping", "").await;
         assert_eq!(ping["ok"]["device_id"], json!("rpi-01"), "{ping}");
+        // It may not check or create the buckets: told once, and it carries on.
+        let warning = "cannot make sure the NATS KV buckets exist";
+        eventually!("the agent's warning about the buckets", SETTLE, {
+            device.agent().log().contains(warning).then_some(())
+        });
+        let log = device.agent().log();
+        assert_eq!(log.matches(warning).count(), 1, "{log}");
+        assert!(
+            log.contains("this user may not publish to $JS.API.STREAM.INFO.KV_podfleet-desired"),
+            "{log}"
+        );
+        assert!(log.contains("$JS.API.STREAM.CREATE.KV_podfleet-state"), "{log}");
+        assert!(!log.contains("NATS server error"), "warned once, not per refusal: {log}");
         admin.delete("rpi-01", &mine).await;
         eventually!("rpi-01's teardown to clear its state", SETTLE, {
             admin.state("rpi-01", &mine).await.is_none().then_some(())
