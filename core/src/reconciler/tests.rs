@@ -1115,7 +1115,7 @@ fn long_runtime_errors_are_cut_in_reports() {
             containers: Vec::new(),
         })
     };
-    let mut next_op = |r: &mut Reconciler| loop {
+    let next_op = |r: &mut Reconciler| loop {
         match r.poll_output().expect("an operation is due") {
             Output::Runtime { id, op } => break (id, op),
             _ => continue,
