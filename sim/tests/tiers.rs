@@ -4,7 +4,8 @@
 //!
 //! `SIM_SEEDS=N` runs N seeds per tier, `SIM_SEED=S` runs one and prints its
 //! trace, `SIM_TIER=turmoil|events` picks one tier, `SIM_DEVICES=N` sets the
-//! devices per run.
+//! devices per run, `SIM_NEW_FAULTS=1` draws the new faults (and requires
+//! their probes).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -12,7 +13,7 @@ use std::sync::Mutex;
 
 use sim::plan::{Action, Plan, Step};
 use sim::tiers::Switches;
-use sim::world::{Outcome, PROBES};
+use sim::world::Outcome;
 use sim::Tier;
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -24,7 +25,13 @@ fn wanted(tier: Tier) -> bool {
 }
 
 /// Runs `seeds` on `tier` two at a time; the outcomes come back in seed order.
-fn run_all(tier: Tier, seeds: &[u64], devices: u32, switches: Switches) -> Vec<(Plan, Outcome)> {
+fn run_all(
+    tier: Tier,
+    seeds: &[u64],
+    devices: u32,
+    new_faults: bool,
+    switches: Switches,
+) -> Vec<(Plan, Outcome)> {
     let results = Mutex::new(BTreeMap::new());
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|scope| {
@@ -32,7 +39,7 @@ fn run_all(tier: Tier, seeds: &[u64], devices: u32, switches: Switches) -> Vec<(
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let Some(&seed) = seeds.get(i) else { break };
-                let plan = Plan::generate(seed, devices);
+                let plan = Plan::generate_with(seed, devices, new_faults);
                 let outcome = sim::run(tier, &plan, switches);
                 results.lock().unwrap().insert(i, (plan, outcome));
             });
@@ -55,26 +62,21 @@ fn batch(tier: Tier, default: u64) {
         ..Switches::default()
     };
     let devices = env("SIM_DEVICES").unwrap_or(2);
+    let new_faults = sim::plan::new_faults_from_env();
     let mut failures = Vec::new();
-    let mut probes: BTreeMap<&str, u64> = BTreeMap::new();
-    for (plan, outcome) in run_all(tier, &seeds, devices, switches) {
+    let mut outcomes = Vec::new();
+    for (plan, outcome) in run_all(tier, &seeds, devices, new_faults, switches) {
         if one.is_some() {
             println!("{}", outcome.trace.join("\n"));
         }
-        for (probe, n) in &outcome.probes {
-            *probes.entry(probe).or_default() += n;
-        }
         if !outcome.violations.is_empty() {
-            failures.push(sim::failure_report(tier, &plan, &outcome));
+            failures.push(sim::failure_report(tier, &plan, &outcome, switches));
         }
+        outcomes.push(outcome);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     if one.is_none() {
-        let missed: Vec<&str> = PROBES
-            .iter()
-            .copied()
-            .filter(|p| !probes.contains_key(p))
-            .collect();
+        let missed = sim::missed_probes(tier, new_faults, &outcomes);
         assert!(
             missed.is_empty(),
             "the {} batch never reached {missed:?}: the simulator stopped exploring them",
@@ -205,6 +207,7 @@ fn a_partitioned_device_keeps_running_its_last_applied_state() {
             ),
         ],
         heal_at_ms: hours * 1000,
+        ..Plan::generate(1, 1)
     };
     let outcome = sim::run(
         Tier::Turmoil,
