@@ -545,6 +545,8 @@ pub struct Harness {
     pub oracle: Oracle,
     /// Invariant violations found so far, in words.
     pub violations: Vec<String>,
+    /// Runtime operations that failed so far (injected or not).
+    pub errors: u64,
 }
 
 impl Harness {
@@ -568,6 +570,7 @@ impl Harness {
             log_heartbeats: false,
             oracle: Oracle::default(),
             violations: Vec::new(),
+            errors: 0,
         };
         h.drain();
         h
@@ -617,6 +620,7 @@ impl Harness {
         if !keep_cache {
             self.cache = None;
         }
+        self.oracle.saw_agent_start();
         self.reconciler = Reconciler::new(self.config.clone(), self.cache.clone(), self.now);
         self.drain();
     }
@@ -724,6 +728,12 @@ impl Harness {
             Err(e) => format!("error {e}"),
         };
         self.log(format_args!("  <- {id} {text}"));
+        if result.is_err() {
+            self.errors += 1;
+        }
+        if matches!(result, Ok(RuntimeReply::Listed { .. })) {
+            self.oracle.saw_list();
+        }
         self.reconciler.handle_runtime_result(self.now, id, result);
         self.drain();
     }
@@ -745,7 +755,7 @@ impl Harness {
                             .map(|c| format!(" cause {c:?}"))
                             .unwrap_or_default()
                     ));
-                    self.oracle.check_report(
+                    self.oracle.check_published(
                         self.now,
                         &deployment,
                         &state,
@@ -823,6 +833,7 @@ struct ValidSpec {
     /// again for identical bytes, so what ran for any of them counts for all.
     revisions: BTreeSet<u64>,
     bytes: Vec<u8>,
+    score: crate::wire::PodmanV0Score,
     /// Service name -> spec hash.
     hashes: BTreeMap<String, String>,
     /// Init container names, in order.
@@ -834,23 +845,94 @@ impl ValidSpec {
     fn is_revision(&self, label: &str) -> bool {
         label.parse().is_ok_and(|r| self.revisions.contains(&r))
     }
+
+    /// Whether `spec` is, field for field and label for label, a container
+    /// this score asks for at one of its revisions.
+    fn produced(&self, deployment: &str, spec: &ContainerSpec) -> bool {
+        let Some(revision) = spec
+            .labels
+            .get(crate::runtime::LABEL_REVISION)
+            .and_then(|r| r.parse::<u64>().ok())
+            .filter(|r| self.revisions.contains(r))
+        else {
+            return false;
+        };
+        let lifecycle = self.score.lifecycle_or_default();
+        self.score.services.iter().any(|s| {
+            crate::reconciler::service_container_spec(deployment, s, &lifecycle, revision) == *spec
+        }) || self
+            .score
+            .init_containers
+            .iter()
+            .any(|i| crate::reconciler::init_container_spec(deployment, i, revision) == *spec)
+    }
+
+    /// Whether `spec` runs what this score asks of `service`: everything
+    /// baked into the container (image, args, env, mounts, ports, stop
+    /// signal, name and labels), whatever revision created it and whatever
+    /// grace it recorded, since neither is baked in.
+    fn runs_service(&self, deployment: &str, service: &str, spec: &ContainerSpec) -> bool {
+        let lifecycle = self.score.lifecycle_or_default();
+        self.score
+            .services
+            .iter()
+            .filter(|s| s.name == service)
+            .any(|s| {
+                let wanted = crate::reconciler::service_container_spec(
+                    deployment,
+                    s,
+                    &lifecycle,
+                    self.revision,
+                );
+                baked_in(&wanted) == baked_in(spec)
+            })
+    }
+}
+
+/// A spec without the labels that are not baked into what runs.
+fn baked_in(spec: &ContainerSpec) -> ContainerSpec {
+    let mut spec = spec.clone();
+    spec.labels.remove(crate::runtime::LABEL_REVISION);
+    spec.labels.remove(crate::runtime::LABEL_GRACE);
+    spec
 }
 
 /// The safety invariants, checked against the fake runtime's ground truth.
 ///
-/// Tell it every desired-state input the reconciler is given
-/// ([`saw_put`](Self::saw_put), [`saw_delete`](Self::saw_delete)); then
-/// [`check_op`](Self::check_op) each runtime operation as it is issued,
+/// Tell it every desired-state input the reconciler is given, in the order
+/// the reconciler is given them ([`saw_put`](Self::saw_put),
+/// [`saw_delete`](Self::saw_delete), [`saw_resync`](Self::saw_resync));
+/// then [`check_op`](Self::check_op) each runtime operation as it is issued,
 /// [`check_state`](Self::check_state) after each one takes effect and
 /// [`check_report`](Self::check_report) each state published. Violations are
 /// appended in words, prefixed with the time and the invariant's name. The
-/// [`Harness`], the simulator's turmoil tier and the fuzzer all use it.
+/// [`Harness`], the simulator's network tiers and the fuzzer all use it.
+///
+/// What it holds a container to is the spec the fake recorded at its create
+/// ([`FakeContainer::spec`]), compared with the spec the reconciler's own
+/// builders make from the score: labels are checked, never trusted.
 #[derive(Debug, Clone, Default)]
 pub struct Oracle {
     seen: BTreeMap<String, Seen>,
+    /// Every valid score ever seen, per deployment, oldest first: a stop is
+    /// held to the score that created the container, however old.
+    history: BTreeMap<String, Vec<ValidSpec>>,
+    /// Whether a `list` has answered since the agent (re)started: before
+    /// that, it knows nothing of what runs.
+    listed: bool,
 }
 
 impl Oracle {
+    /// The agent (re)started: it has not looked at the runtime yet.
+    pub fn saw_agent_start(&mut self) {
+        self.listed = false;
+    }
+
+    /// A `list` answered: the agent has looked at the runtime.
+    pub fn saw_list(&mut self) {
+        self.listed = true;
+    }
+
     /// The reconciler was handed a put of `bytes` at `revision`.
     pub fn saw_put(&mut self, deployment: &str, revision: u64, bytes: &[u8]) {
         let entry = self.seen.entry(deployment.to_owned()).or_insert(Seen {
@@ -883,13 +965,20 @@ impl Oracle {
                 _ => BTreeSet::new(),
             };
             revisions.insert(revision);
-            entry.valid = Some(ValidSpec {
+            let valid = ValidSpec {
                 revision,
                 revisions,
                 bytes: bytes.to_vec(),
+                score,
                 hashes,
                 inits,
-            });
+            };
+            let history = self.history.entry(deployment.to_owned()).or_default();
+            match history.last_mut() {
+                Some(last) if last.bytes == bytes => *last = valid.clone(),
+                _ => history.push(valid.clone()),
+            }
+            entry.valid = Some(valid);
         }
     }
 
@@ -918,10 +1007,30 @@ impl Oracle {
         }
     }
 
+    /// The newest valid score the reconciler was handed for `deployment`
+    /// since it was last deleted, with its revision.
+    pub fn newest_valid(&self, deployment: &str) -> Option<(u64, &[u8])> {
+        let v = self.seen.get(deployment)?.valid.as_ref()?;
+        Some((v.revision, &v.bytes))
+    }
+
+    /// The score that created a container with `spec`, with its deployment:
+    /// the one whose builders make exactly this spec. `None` for a
+    /// container no score the reconciler was handed asks for.
+    fn created_by(&self, spec: &ContainerSpec) -> Option<&ValidSpec> {
+        self.history
+            .iter()
+            .flat_map(|(d, specs)| specs.iter().rev().map(move |v| (d, v)))
+            .find(|(d, v)| v.produced(d, spec))
+            .map(|(_, v)| v)
+    }
+
     /// Checks, as `op` is issued, what the reconciler may ask for: no
-    /// revert (2), no healthy container touched (1), init containers first
-    /// (3), graceful replace by recorded id with the recorded signal and
-    /// grace (4).
+    /// revert (2: what is created is exactly what the newest valid score
+    /// asks for; what is started runs it), no healthy container touched
+    /// (1), init containers first (3), graceful replace by recorded id with
+    /// the stop signal the container was created with and the grace of the
+    /// score that created it (4).
     pub fn check_op(
         &self,
         now: Timestamp,
@@ -931,10 +1040,9 @@ impl Oracle {
     ) {
         use crate::runtime::{
             LABEL_DEPLOYMENT, LABEL_GRACE, LABEL_INIT, LABEL_REVISION, LABEL_SERVICE,
-            LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
         };
-        let (labels, running) = match op {
-            RuntimeOp::Create { spec } => (spec.labels.clone(), false),
+        let (spec, running) = match op {
+            RuntimeOp::Create { spec } => (spec, false),
             RuntimeOp::Start { container }
             | RuntimeOp::Stop { container, .. }
             | RuntimeOp::Remove { container, .. } => {
@@ -943,12 +1051,13 @@ impl Oracle {
                     .get(container.as_str())
                     .or_else(|| runtime.by_name(container));
                 match found {
-                    Some(c) => (c.spec.labels.clone(), runtime.is_running(&c.id)),
+                    Some(c) => (&c.spec, runtime.is_running(&c.id)),
                     None => return,
                 }
             }
             _ => return,
         };
+        let labels = &spec.labels;
         let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
         let deployment = label(LABEL_DEPLOYMENT);
         let service = label(LABEL_SERVICE);
@@ -957,14 +1066,18 @@ impl Oracle {
         let mut violation = |what: String| violations.push(format!("{now}: {what}"));
         match op {
             RuntimeOp::Create { .. } | RuntimeOp::Start { .. } => {
-                let ok = match valid {
-                    None => false,
-                    Some(v) if init => v.is_revision(&label(LABEL_REVISION)),
-                    Some(v) => v.hashes.get(&service) == labels.get(LABEL_SPEC_HASH),
+                let ok = match (valid, op) {
+                    (None, _) => false,
+                    (Some(v), RuntimeOp::Create { .. }) => v.produced(&deployment, spec),
+                    (Some(v), _) if init => v.produced(&deployment, spec),
+                    (Some(v), _) => v.runs_service(&deployment, &service, spec),
                 };
                 if !ok {
+                    let newest = valid.map_or("none since its delete".to_owned(), |v| {
+                        format!("revision {}", v.revision)
+                    });
                     violation(format!(
-                        "no revert: {} of {deployment}/{service} (revision {}) which is not the newest valid spec seen",
+                        "no revert: {} of {deployment}/{service} (revision {}) which is not the newest valid spec seen ({newest}) as its score asks for it",
                         op.name(),
                         label(LABEL_REVISION)
                     ));
@@ -990,12 +1103,23 @@ impl Oracle {
                         "graceful replace: stop of {deployment}/{service} by name {container:?}, not by its recorded id"
                     ));
                 }
-                let wanted = (label(LABEL_STOP_SIGNAL), label(LABEL_GRACE));
-                let got = (signal.to_string(), grace.as_secs().to_string());
-                if wanted != got {
+                // The signal is what the container was created with; the
+                // grace is the one of the score that created it, or, for a
+                // container no score asked for, its label.
+                let recorded_grace = match self.created_by(spec) {
+                    Some(v) => Some(v.score.lifecycle_or_default().grace_period()),
+                    None => labels
+                        .get(LABEL_GRACE)
+                        .and_then(|g| g.parse().ok())
+                        .map(Duration::from_secs),
+                };
+                if *signal != spec.stop_signal || Some(*grace) != recorded_grace {
                     violation(format!(
-                        "graceful replace: stop of {deployment}/{service} with {} grace {}s, but it was created with {} grace {}s",
-                        got.0, got.1, wanted.0, wanted.1
+                        "graceful replace: stop of {deployment}/{service} with {} grace {}s, but it was created with {} grace {}",
+                        signal,
+                        grace.as_secs(),
+                        spec.stop_signal,
+                        recorded_grace.map_or("unknown".to_owned(), |g| format!("{}s", g.as_secs()))
                     ));
                 }
             }
@@ -1007,8 +1131,7 @@ impl Oracle {
             _ => {}
         }
         if running && !init && !matches!(op, RuntimeOp::Start { .. }) {
-            let healthy_target =
-                valid.is_some_and(|v| v.hashes.get(&service) == labels.get(LABEL_SPEC_HASH));
+            let healthy_target = valid.is_some_and(|v| v.runs_service(&deployment, &service, spec));
             if healthy_target {
                 violation(format!(
                     "healthy container recreated: {} of running {deployment}/{service} whose spec did not change",
@@ -1040,7 +1163,33 @@ impl Oracle {
         }
     }
 
-    /// Checks a state as it is published: a Running report names only
+    /// Checks a state at the moment the agent publishes it: a report about
+    /// containers (Running, or a crash loop) follows a `list` since the
+    /// agent started, so it says what the agent saw rather than what its
+    /// cache remembers (6), and then everything [`check_report`](Self::check_report) checks.
+    pub fn check_published(
+        &self,
+        now: Timestamp,
+        deployment: &DeploymentName,
+        state: &DeploymentState,
+        runtime: &FakeRuntime,
+        violations: &mut Vec<String>,
+    ) {
+        let about_containers = state.phase == crate::wire::Phase::Running
+            || matches!(
+                state.cause,
+                Some(crate::wire::FailureCause::CrashLoop { .. })
+            );
+        if about_containers && !self.listed {
+            violations.push(format!(
+                "{now}: truthful reports: {deployment} reported {:?} at revision {} before the agent, since it started, listed the runtime",
+                state.phase, state.revision
+            ));
+        }
+        self.check_report(now, deployment, state, runtime, violations);
+    }
+
+    /// Checks a state as it is published or stored: a Running report names only
     /// containers that were created, started and not removed (6). A
     /// container may have exited since (a crash races the report); it may
     /// not be unknown, never started or gone.
@@ -1214,5 +1363,129 @@ mod tests {
         rt.advance(Timestamp::ZERO);
         assert!(rt.by_name("other").is_some_and(|c| c.exit_at.is_some()));
         assert_eq!(rt.log_lines("other"), Ok(Vec::new()));
+    }
+}
+
+#[cfg(test)]
+mod oracle_tests {
+    use super::*;
+    use crate::reconciler::service_container_spec;
+    use crate::runtime::{LABEL_GRACE, LABEL_STOP_SIGNAL};
+    use crate::wire::PodmanV0Score;
+
+    const V1: &str = r#"{"services":[{"name":"web","image":"img/a:1"}],"lifecycle":{"stop_signal":"SIGINT","grace_period_secs":2}}"#;
+    /// The same service, a longer grace: nothing is recreated.
+    const V2: &str = r#"{"services":[{"name":"web","image":"img/a:1"}],"lifecycle":{"stop_signal":"SIGINT","grace_period_secs":9}}"#;
+    const OTHER: &str = r#"{"services":[{"name":"web","image":"img/b:1"}]}"#;
+
+    fn web_spec(json: &str, revision: u64) -> ContainerSpec {
+        let score = PodmanV0Score::from_json(json.as_bytes()).unwrap();
+        service_container_spec(
+            "shop",
+            &score.services[0],
+            &score.lifecycle_or_default(),
+            revision,
+        )
+    }
+
+    fn check(oracle: &Oracle, rt: &FakeRuntime, op: &RuntimeOp) -> Vec<String> {
+        let mut found = Vec::new();
+        oracle.check_op(Timestamp::ZERO, op, rt, &mut found);
+        found
+    }
+
+    /// Creates `spec` as the reconciler would, checked, and starts it.
+    fn create_and_start(oracle: &Oracle, rt: &mut FakeRuntime, spec: ContainerSpec) -> String {
+        let create = RuntimeOp::Create { spec };
+        assert_eq!(check(oracle, rt, &create), Vec::<String>::new());
+        let Completion::Ready(Ok(RuntimeReply::Created { id })) = rt.execute(&create) else {
+            panic!("created");
+        };
+        rt.execute(&RuntimeOp::Start {
+            container: id.clone(),
+        });
+        id
+    }
+
+    fn stop(id: &str, signal: Signal, grace_secs: u64) -> RuntimeOp {
+        RuntimeOp::Stop {
+            container: id.to_owned(),
+            signal,
+            grace: Duration::from_secs(grace_secs),
+        }
+    }
+
+    #[test]
+    fn a_stop_is_held_to_what_the_container_was_created_with() {
+        let mut oracle = Oracle::default();
+        let mut rt = FakeRuntime::new();
+        oracle.saw_put("shop", 5, V1.as_bytes());
+        let id = create_and_start(&oracle, &mut rt, web_spec(V1, 5));
+        oracle.saw_put("shop", 6, V2.as_bytes());
+        oracle.saw_put("shop", 7, OTHER.as_bytes());
+        assert_eq!(
+            check(&oracle, &rt, &stop(&id, Signal::Int, 2)),
+            Vec::<String>::new()
+        );
+        // The newer score's grace is not the one it was created with.
+        let found = check(&oracle, &rt, &stop(&id, Signal::Int, 9));
+        assert!(found[0].contains("graceful replace"), "{found:?}");
+        let found = check(&oracle, &rt, &stop(&id, Signal::Term, 2));
+        assert!(
+            found[0].contains("created with SIGINT grace 2s"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn labels_that_lie_are_caught_at_create_and_at_stop() {
+        let mut oracle = Oracle::default();
+        let mut rt = FakeRuntime::new();
+        oracle.saw_put("shop", 5, V1.as_bytes());
+        let mut lying = web_spec(V1, 5);
+        lying.labels.insert(LABEL_GRACE.into(), "30".into());
+        lying
+            .labels
+            .insert(LABEL_STOP_SIGNAL.into(), "SIGKILL".into());
+        let create = RuntimeOp::Create {
+            spec: lying.clone(),
+        };
+        let found = check(&oracle, &rt, &create);
+        assert!(
+            found[0].contains("no revert: create of shop/web"),
+            "{found:?}"
+        );
+        let id = rt.create_quietly(lying);
+        rt.execute(&RuntimeOp::Start {
+            container: id.clone(),
+        });
+        // Stopped as its labels say: the signal it was created with is SIGINT.
+        let found = check(&oracle, &rt, &stop(&id, Signal::Kill, 30));
+        assert!(
+            found.iter().any(|v| v.contains("graceful replace")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn an_older_revision_delivered_late_is_never_the_one_to_run() {
+        let mut oracle = Oracle::default();
+        let rt = FakeRuntime::new();
+        oracle.saw_put("shop", 7, OTHER.as_bytes());
+        // A watch delivers revision 5 after 7, and the reconciler acts on it.
+        oracle.saw_put("shop", 5, V1.as_bytes());
+        let found = check(
+            &oracle,
+            &rt,
+            &RuntimeOp::Create {
+                spec: web_spec(V1, 5),
+            },
+        );
+        assert!(found[0].contains("no revert"), "{found:?}");
+        let newest = RuntimeOp::Create {
+            spec: web_spec(OTHER, 7),
+        };
+        assert_eq!(check(&oracle, &rt, &newest), Vec::<String>::new());
+        assert_eq!(oracle.newest_valid("shop").map(|(r, _)| r), Some(7));
     }
 }

@@ -21,6 +21,11 @@ pub const SERVICES: [&str; 3] = ["web", "worker", "db"];
 pub const GOOD_IMAGES: [&str; 3] = ["img/app:1", "img/app:2", "img/slow-stop:1"];
 /// Init images that can never succeed.
 pub const DOOMED_INIT_IMAGES: [&str; 2] = ["img/init-fail:1", "img/init-hang:1"];
+/// Images whose program exits with code 1 some seconds after every start:
+/// a crash loop that never ends (used by the long-horizon tests).
+pub const CRASHING_IMAGES: [&str; 1] = ["img/crashloop:1"];
+/// NATS's default `max_payload`, the fake broker's default limit.
+pub const DEFAULT_MAX_PAYLOAD: u64 = 1024 * 1024;
 /// Runtime operations a fault can hit.
 pub const FAULTY_OPS: [&str; 6] = ["list", "create", "start", "inspect", "stop", "remove"];
 
@@ -120,6 +125,57 @@ pub enum Action {
         /// Device index.
         device: u32,
     },
+    /// The device's watch delivers, after a newer revision of a key, an
+    /// older one it had delivered before, as a watch can around a reconnect.
+    StaleDelivery {
+        /// Device index.
+        device: u32,
+    },
+    /// The agent process dies, comes back after `down_ms`, and then finds
+    /// its container runtime in trouble for `for_ms`.
+    AgentRestartTrouble {
+        /// Device index.
+        device: u32,
+        /// Whether its on-disk cache survives.
+        keep_cache: bool,
+        /// How long it stays down, in ms.
+        down_ms: u64,
+        /// How long the runtime stays in trouble after the restart, in ms.
+        for_ms: u64,
+        /// What the trouble is.
+        trouble: RuntimeTrouble,
+    },
+    /// The operator puts a score with a service name `name_bytes` long: an
+    /// invalid score that fits the broker's payload limit, but whose failure
+    /// report, quoting the name in full, would not: the agent quotes it cut.
+    PutOversized {
+        /// Device index.
+        device: u32,
+        /// Deployment name.
+        deployment: String,
+        /// The length of the service name.
+        name_bytes: u64,
+    },
+}
+
+/// How a runtime misbehaves after an agent restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RuntimeTrouble {
+    /// Every operation takes this much longer.
+    Slow {
+        /// The extra time per operation, in ms.
+        delay_ms: u64,
+    },
+    /// Every operation fails with `RuntimeErrorKind::Unavailable`.
+    Unavailable,
+}
+
+/// The score of an [`Action::PutOversized`]: one service whose name is
+/// `name_bytes` long, so the score is invalid and the error quotes it.
+pub fn oversized_score(name_bytes: u64) -> String {
+    let name = "x".repeat(usize::try_from(name_bytes).unwrap_or(usize::MAX));
+    format!(r#"{{"services":[{{"name":"{name}","image":"img/app:1"}}]}}"#)
 }
 
 impl Action {
@@ -146,6 +202,13 @@ impl Action {
             Action::ImageMissing { .. } => "image missing",
             Action::SlowRuntime { .. } => "slow runtime",
             Action::Duplicate | Action::Redeliver { .. } => "duplicate delivery",
+            Action::StaleDelivery { .. } => "older revision redelivered",
+            Action::AgentRestartTrouble {
+                trouble: RuntimeTrouble::Slow { .. },
+                ..
+            } => "agent restart, slow runtime",
+            Action::AgentRestartTrouble { .. } => "agent restart, runtime unavailable",
+            Action::PutOversized { .. } => "oversized report",
         })
     }
 }
@@ -153,6 +216,28 @@ impl Action {
 /// Whether a payload cannot be a valid score.
 pub fn is_malformed(json: &str) -> bool {
     podfleet_core::wire::PodmanV0Score::from_json(json.as_bytes()).is_err()
+}
+
+/// What a desired payload can come to, once every fault has healed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outlook {
+    /// It runs: Running at its revision, one container per service.
+    Succeeds,
+    /// It can never run: malformed, or an init container that fails or hangs.
+    Fails,
+    /// It runs, but a service keeps exiting and is restarted forever.
+    CrashLoops,
+}
+
+/// What `json` can come to.
+pub fn outlook(json: &str) -> Outlook {
+    if is_malformed(json) || DOOMED_INIT_IMAGES.iter().any(|i| json.contains(i)) {
+        Outlook::Fails
+    } else if CRASHING_IMAGES.iter().any(|i| json.contains(i)) {
+        Outlook::CrashLoops
+    } else {
+        Outlook::Succeeds
+    }
 }
 
 /// A planned action.
@@ -179,8 +264,14 @@ pub struct Rates {
     pub broker: u64,
     /// Missing images.
     pub image: u64,
-    /// Duplicate deliveries.
+    /// Duplicate, repeated and stale deliveries.
     pub duplicate: u64,
+    /// Agent restarts into a slow or unavailable runtime (new faults only).
+    #[serde(default)]
+    pub restart_trouble: u64,
+    /// Oversized scores (new faults only).
+    #[serde(default)]
+    pub oversize: u64,
 }
 
 /// Everything one run does, as data.
@@ -196,6 +287,13 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// When the fault phase ends and healing starts, ms.
     pub heal_at_ms: u64,
+    /// The broker's payload limit, in bytes.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: u64,
+}
+
+fn default_max_payload() -> u64 {
+    DEFAULT_MAX_PAYLOAD
 }
 
 /// A number below `n` (0 when `n` is 0).
@@ -249,7 +347,10 @@ impl Plan {
             broker: below(&mut rng, 3),
             image: below(&mut rng, 5),
             duplicate: below(&mut rng, 10),
+            restart_trouble: below(&mut rng, 8),
+            oversize: below(&mut rng, 4),
         };
+        let max_payload = DEFAULT_MAX_PAYLOAD;
         let devices = devices.max(1);
         let mut steps = Vec::new();
         let mut at_ms = 2_000;
@@ -379,11 +480,44 @@ impl Plan {
                 );
             }
             if chance(&mut rng, rates.duplicate) {
-                if chance(&mut rng, 50) {
-                    push(soon, Action::Duplicate);
-                } else {
-                    push(soon, Action::Redeliver { device });
+                match below(&mut rng, 3) {
+                    0 => push(soon, Action::Duplicate),
+                    1 => push(soon, Action::Redeliver { device }),
+                    _ => push(soon, Action::StaleDelivery { device }),
                 }
+            }
+            if chance(&mut rng, rates.restart_trouble) {
+                let trouble = if chance(&mut rng, 50) {
+                    RuntimeTrouble::Slow {
+                        delay_ms: 1_000 + below(&mut rng, 9_000),
+                    }
+                } else {
+                    RuntimeTrouble::Unavailable
+                };
+                push(
+                    soon,
+                    Action::AgentRestartTrouble {
+                        device,
+                        keep_cache: chance(&mut rng, 60),
+                        down_ms: below(&mut rng, 20_000),
+                        for_ms: 5_000 + below(&mut rng, 60_000),
+                        trouble,
+                    },
+                );
+            }
+            if chance(&mut rng, rates.oversize) {
+                // Between half the limit and the limit: the score fits, a
+                // report quoting the name twice does not.
+                let name_bytes =
+                    max_payload / 2 + max_payload / 8 + below(&mut rng, max_payload / 4);
+                push(
+                    at_ms + 500,
+                    Action::PutOversized {
+                        device,
+                        deployment: pick(&mut rng, &DEPLOYMENTS).to_owned(),
+                        name_bytes,
+                    },
+                );
             }
             at_ms += (1_000 + below(&mut rng, 40_000)) / spread;
         }
@@ -394,7 +528,14 @@ impl Plan {
             rates,
             steps,
             heal_at_ms: at_ms + 5_000,
+            max_payload,
         }
+    }
+
+    /// Whether this is the plan its seed expands to, so that the seed alone
+    /// replays it.
+    pub fn is_generated(&self) -> bool {
+        *self == Plan::generate(self.seed, self.devices)
     }
 
     /// The plan as JSON, to print or save.
@@ -427,5 +568,33 @@ mod tests {
             plan,
             "a seed always expands the same way"
         );
+    }
+
+    #[test]
+    fn restart_trouble_and_oversized_puts_are_drawn() {
+        let new = |p: &Plan| {
+            p.steps
+                .iter()
+                .filter(|s| {
+                    matches!(
+                        s.action,
+                        Action::AgentRestartTrouble { .. } | Action::PutOversized { .. }
+                    )
+                })
+                .count()
+        };
+        let asked: Vec<Plan> = (0..200).map(|s| Plan::generate(s, 2)).collect();
+        assert!(asked.iter().map(new).sum::<usize>() > 20);
+        for plan in &asked {
+            assert!(plan.is_generated());
+            assert_eq!(Plan::from_json(&plan.to_json()).unwrap(), *plan);
+            for step in &plan.steps {
+                if let Action::PutOversized { name_bytes, .. } = step.action {
+                    let score = oversized_score(name_bytes).len() as u64;
+                    assert!(score < plan.max_payload && 2 * name_bytes > plan.max_payload);
+                    assert!(is_malformed(&oversized_score(name_bytes)));
+                }
+            }
+        }
     }
 }

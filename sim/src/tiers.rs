@@ -70,7 +70,8 @@ fn shared(
     (
         Shared {
             world,
-            broker: Broker::default(),
+            broker: Broker::default()
+                .with_max_payload(usize::try_from(plan.max_payload).unwrap_or(usize::MAX)),
             devices,
             operator,
         },
@@ -365,6 +366,13 @@ impl Network for EventTier {
 
 /// Runs `plan` on the discrete-event tier.
 pub fn run_events(plan: &Plan, switches: Switches) -> Outcome {
+    run_events_with(plan, switches, |_| {})
+}
+
+/// Runs `plan` on the discrete-event tier, then hands `inspect` what the
+/// run leaves behind (the devices' runtimes, reports and the broker), still
+/// inside the simulated runtime, so that its clocks read simulated time.
+pub fn run_events_with(plan: &Plan, switches: Switches, inspect: impl FnOnce(&Shared)) -> Outcome {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -402,5 +410,7 @@ pub fn run_events(plan: &Plan, switches: Switches) -> Outcome {
     for i in 0..plan.devices {
         tier.spawn_agent(i);
     }
-    run_plan(plan, &mut tier, &shared)
+    let outcome = run_plan(plan, &mut tier, &shared);
+    inspect(&shared);
+    outcome
 }

@@ -6,7 +6,9 @@
 //! container runtime behind a fault injector, a disk that is the only thing
 //! surviving an agent crash, and [`SimClock`]. The driver ([`run_plan`])
 //! walks a [`Plan`], applies its faults through the tier, heals, and checks
-//! the safety and liveness invariants. A network tier ([`Network`]) only says how time
+//! the safety invariants (the shared [`Oracle`], on every runtime operation
+//! and report) and the liveness ones ([`check_device`], shared with the
+//! discrete tier). A network tier ([`Network`]) only says how time
 //! passes and how hosts and links fail: turmoil's lockstep network or the
 //! discrete-event fleet scheduler.
 
@@ -25,11 +27,11 @@ use podfleet_agent::event_loop::{
 };
 use podfleet_agent::fake_runtime::SharedFake;
 use podfleet_agent::runtime::{ContainerRuntime, ExecOutput, LogsOutput};
-use podfleet_core::fake::{Behaviour, FakeRuntime, Oracle, RuntimeEvent};
-use podfleet_core::reconciler::{fnv1a64, AgentCache, Bugs};
+use podfleet_core::fake::{Behaviour, FakeContainer, FakeRuntime, Oracle, RuntimeEvent};
+use podfleet_core::reconciler::{fnv1a64, service_container_spec, AgentCache, Bugs};
 use podfleet_core::runtime::{
-    ContainerState, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult,
-    LABEL_DEPLOYMENT, LABEL_INIT,
+    service_container_name, ContainerSpec, ContainerState, RuntimeError, RuntimeErrorKind,
+    RuntimeOp, RuntimeReply, RuntimeResult, LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE,
 };
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::names::{
@@ -37,14 +39,14 @@ use podfleet_core::wire::names::{
 };
 use podfleet_core::wire::{
     CommandReply, CommandSubject, DeploymentKey, DeploymentName, DeploymentState, DeviceId,
-    FailureCause, Phase, PingReply, Verb,
+    FailureCause, Phase, PingReply, PodmanV0Score, Verb,
 };
 use podfleet_core::Config;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::{Broker, Frame, IDLE_TIMEOUT, PING_INTERVAL};
-use crate::plan::{is_malformed, Action, Plan, DOOMED_INIT_IMAGES};
+use crate::plan::{outlook, oversized_score, Action, Outlook, Plan, RuntimeTrouble};
 
 /// How long after healing every deployment must have converged: the retry
 /// backoff cap (5 min) twice over, plus ticks and reconnects.
@@ -87,7 +89,7 @@ impl Clock for SimClock {
 
 /// The coverage probes: situations worth reaching. A default batch that
 /// never reaches one fails, so the simulator cannot quietly stop exploring.
-pub const PROBES: [&str; 14] = [
+pub const PROBES: [&str; 18] = [
     "slow runtime",
     "libpod race hit",
     "retry backoff cap reached",
@@ -102,6 +104,10 @@ pub const PROBES: [&str; 14] = [
     "stop killed after grace",
     "delete while offline",
     "command answered",
+    "older revision delivered late",
+    "agent restarted into a slow runtime",
+    "agent restarted into an unavailable runtime",
+    "oversized value quoted cut",
 ];
 
 #[derive(Debug, Default)]
@@ -154,6 +160,42 @@ impl World {
 /// A device's fault queue: op name -> (takes effect anyway, error kind).
 type FaultQueue = BTreeMap<String, VecDeque<(bool, RuntimeErrorKind)>>;
 
+/// The last report an agent handed its publisher for one deployment, and
+/// what became of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handed {
+    /// The state, or `None` for a clear.
+    pub state: Option<DeploymentState>,
+    /// Whether the broker has it.
+    pub delivery: Delivery,
+}
+
+/// What became of a report handed to the publisher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Its write is on its way, since then; `retry` when the same report
+    /// failed before.
+    InFlight {
+        /// When it was handed.
+        since: Timestamp,
+        /// Whether it is a retry of a write that failed.
+        retry: bool,
+    },
+    /// The broker acknowledged it.
+    Stored,
+    /// The write failed, for this reason.
+    Failed(String),
+}
+
+/// What the running agent process has been through since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Epoch {
+    /// How many events the fake runtime had recorded when it started.
+    pub events: usize,
+    /// Runtime operations that failed since.
+    pub errors: u64,
+}
+
 /// Everything of one device that outlives its agent process.
 #[derive(Debug, Clone)]
 pub struct Device {
@@ -167,14 +209,18 @@ pub struct Device {
     pub disk: Arc<Mutex<Option<AgentCache>>>,
     faults: Arc<Mutex<FaultQueue>>,
     oracle: Arc<Mutex<Oracle>>,
-    /// The last state it published per deployment.
-    published: Arc<Mutex<BTreeMap<String, DeploymentState>>>,
+    /// The last report the agent handed its publisher per deployment.
+    published: Arc<Mutex<BTreeMap<String, Handed>>>,
     world: World,
     bugs: Bugs,
     /// A deliberately wrong adapter: it watches every device's keys.
     pub watch_everyone: bool,
     /// Until when, and by how much, every runtime operation is slowed.
     slow: Arc<Mutex<Option<(Timestamp, Duration)>>>,
+    /// Until when, and how, the runtime misbehaves after an agent restart.
+    trouble: Arc<Mutex<Option<(Timestamp, RuntimeTrouble)>>>,
+    /// Since the agent process last started.
+    epoch: Arc<Mutex<Epoch>>,
 }
 
 /// The device id of plan index `index`.
@@ -211,6 +257,10 @@ pub fn fake_runtime() -> FakeRuntime {
         Behaviour::exits(3, Duration::from_secs(1)),
     );
     rt.set_behaviour("img/init-hang:1", Behaviour::default());
+    rt.set_behaviour(
+        "img/crashloop:1",
+        Behaviour::exits(1, Duration::from_secs(20)),
+    );
     rt
 }
 
@@ -229,7 +279,18 @@ impl Device {
             bugs,
             watch_everyone: false,
             slow: Arc::default(),
+            trouble: Arc::default(),
+            epoch: Arc::default(),
         }
+    }
+
+    /// The last state the agent handed its publisher, per deployment
+    /// (cleared ones left out).
+    pub fn published(&self) -> BTreeMap<String, DeploymentState> {
+        lock(&self.published)
+            .iter()
+            .filter_map(|(k, h)| Some((k.clone(), h.state.clone()?)))
+            .collect()
     }
 
     fn who(&self) -> String {
@@ -281,16 +342,36 @@ impl ContainerRuntime for FaultyRuntime {
         let d = &self.device;
         let now = self.clock.now();
         d.check(|oracle, fake, out| oracle.check_op(now, &op, fake, out));
-        let fault = lock(&d.faults)
-            .get_mut(op.name())
-            .and_then(VecDeque::pop_front);
+        let trouble = *lock(&d.trouble);
+        let trouble = trouble.filter(|(until, _)| now < *until).map(|(_, t)| t);
+        // An unreachable runtime leaves the queued API faults for later.
+        let fault = match trouble {
+            Some(RuntimeTrouble::Unavailable) => None,
+            _ => lock(&d.faults)
+                .get_mut(op.name())
+                .and_then(VecDeque::pop_front),
+        };
         self.trace(format_args!("-> {}", podfleet_core::fake::describe_op(&op)));
         let slow = *lock(&d.slow);
         if let Some((_, delay)) = slow.filter(|(until, _)| now < *until) {
             d.world.probe("slow runtime");
             tokio::time::sleep(delay).await;
         }
+        match trouble {
+            Some(RuntimeTrouble::Slow { delay_ms }) => {
+                d.world.probe("agent restarted into a slow runtime");
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            }
+            Some(RuntimeTrouble::Unavailable) => {
+                d.world.probe("agent restarted into an unavailable runtime");
+            }
+            None => {}
+        }
         let result = match fault {
+            _ if trouble == Some(RuntimeTrouble::Unavailable) => Err(RuntimeError::new(
+                RuntimeErrorKind::Unavailable,
+                "injected: cannot connect to the podman socket",
+            )),
             Some((after_effect, kind)) => {
                 if after_effect {
                     d.fake.with(|fake| drop(fake.execute(&op)));
@@ -305,6 +386,11 @@ impl ContainerRuntime for FaultyRuntime {
         };
         let now = self.clock.now();
         d.check(|oracle, fake, out| oracle.check_state(now, fake, out));
+        match &result {
+            Err(_) => lock(&d.epoch).errors += 1,
+            Ok(RuntimeReply::Listed { .. }) => lock(&d.oracle).saw_list(),
+            Ok(_) => {}
+        }
         match &result {
             Ok(RuntimeReply::Inspected { status }) if status.state == ContainerState::Running => {
                 let init = op.container().is_some_and(|c| {
@@ -373,7 +459,7 @@ enum Outgoing {
         bucket: &'static str,
         key: String,
         value: Option<Vec<u8>>,
-        done: oneshot::Sender<Result<(), String>>,
+        done: oneshot::Sender<Result<(), PublishError>>,
     },
     Respond {
         reply: u64,
@@ -407,10 +493,50 @@ impl SimPublisher {
             .map_err(|_| PublishError::Failed("link gone".into()))?;
         match tokio::time::timeout(ACK_TIMEOUT, answer).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(reason))) => Err(PublishError::Failed(reason)),
+            Ok(Ok(Err(error))) => Err(error),
             Ok(Err(_)) => Err(PublishError::Failed("connection lost".into())),
             Err(_) => Err(PublishError::Failed("no acknowledgement".into())),
         }
+    }
+}
+
+impl SimPublisher {
+    /// Writes a state or clear, recording it as the last one handed over
+    /// and what became of it.
+    async fn handed(
+        &self,
+        deployment: &str,
+        state: Option<DeploymentState>,
+        bucket: &'static str,
+        key: String,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), PublishError> {
+        let d = &self.device;
+        {
+            let mut handed = lock(&d.published);
+            let retry = handed
+                .get(deployment)
+                .is_some_and(|h| h.state == state && matches!(h.delivery, Delivery::Failed(_)));
+            let since = self.clock.now();
+            handed.insert(
+                deployment.to_owned(),
+                Handed {
+                    state: state.clone(),
+                    delivery: Delivery::InFlight { since, retry },
+                },
+            );
+        }
+        let result = self.write(bucket, key, value).await;
+        if let Some(h) = lock(&d.published)
+            .get_mut(deployment)
+            .filter(|h| h.state == state)
+        {
+            h.delivery = match &result {
+                Ok(()) => Delivery::Stored,
+                Err(e) => Delivery::Failed(e.to_string()),
+            };
+        }
+        result
     }
 }
 
@@ -421,7 +547,7 @@ impl Publisher for SimPublisher {
             Report::State { deployment, state } => {
                 let now = self.clock.now();
                 d.check(|oracle, fake, out| {
-                    oracle.check_report(now, &deployment, &state, fake, out);
+                    oracle.check_published(now, &deployment, &state, fake, out);
                 });
                 if state.attempt >= 6 && state.phase != Phase::Running {
                     d.world.probe("retry backoff cap reached");
@@ -430,6 +556,9 @@ impl Publisher for SimPublisher {
                     d.world.probe("crash loop restarted");
                 }
                 match &state.cause {
+                    Some(FailureCause::InvalidScore { error }) if error.contains("…\" (") => {
+                        d.world.probe("oversized value quoted cut");
+                    }
                     Some(FailureCause::InitContainerTimedOut { .. }) => {
                         d.world.probe("init container timed out");
                     }
@@ -448,13 +577,19 @@ impl Publisher for SimPublisher {
                 );
                 let value =
                     serde_json::to_vec(&state).map_err(|e| PublishError::Failed(e.to_string()))?;
-                lock(&d.published).insert(deployment.to_string(), state);
-                self.write(STATE_BUCKET, format!("{}.{deployment}", d.id), Some(value))
-                    .await
+                let key = format!("{}.{deployment}", d.id);
+                self.handed(
+                    deployment.as_str(),
+                    Some(state),
+                    STATE_BUCKET,
+                    key,
+                    Some(value),
+                )
+                .await
             }
             Report::Clear { deployment } => {
-                lock(&d.published).remove(deployment.as_str());
-                self.write(STATE_BUCKET, format!("{}.{deployment}", d.id), None)
+                let key = format!("{}.{deployment}", d.id);
+                self.handed(deployment.as_str(), None, STATE_BUCKET, key, None)
                     .await
             }
             Report::Heartbeat(heartbeat) => {
@@ -556,106 +691,140 @@ async fn link<D: Dialer>(
                 prefix: format!("{COMMAND_SUBJECT_PREFIX}.{}.", device.id),
             },
         ];
-        let mut ok = true;
+        // Full duplex, as a real client is: the loop below hands frames to
+        // the write side and never waits for them to drain, so two large
+        // frames crossing cannot stall each other.
+        let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
         for frame in &hello {
-            ok &= writer.write_all(&frame.to_line()).await.is_ok();
+            let _ = wtx.send(frame.to_line());
         }
+        let write_side = async {
+            while let Some(line) = wrx.recv().await {
+                if writer.write_all(&line).await.is_err() {
+                    return;
+                }
+            }
+        };
         let mut lines = BufReader::new(reader).lines();
         let mut snapshot: Option<BTreeSet<DeploymentName>> = Some(BTreeSet::new());
-        let mut acks: BTreeMap<u64, oneshot::Sender<Result<(), String>>> = BTreeMap::new();
+        let mut acks: BTreeMap<u64, oneshot::Sender<Result<(), PublishError>>> = BTreeMap::new();
         let mut next_id = 0u64;
         let mut ping = tokio::time::interval(PING_INTERVAL);
         let mut silent_since = tokio::time::Instant::now();
-        while ok {
-            tokio::select! {
-                biased;
-                () = tokio::time::sleep_until(silent_since + IDLE_TIMEOUT) => break,
-                line = lines.next_line() => {
-                    let Ok(Some(line)) = line else { break };
-                    silent_since = tokio::time::Instant::now();
-                    let Ok(frame) = serde_json::from_str::<Frame>(&line) else { break };
-                    match frame {
-                        Frame::Entry { key, revision, value } => {
-                            let parsed = DeploymentKey::parse(&key);
-                            let Some(parsed) = parsed.ok().filter(|k| k.device == device.id) else {
-                                world.violation(format!(
-                                    "{who}: isolation: the agent received key {key:?}, not one of its own"
-                                ));
-                                continue;
-                            };
-                            let last = seen.insert(key.clone(), revision);
-                            if last.is_some_and(|l| l >= revision) {
-                                world.probe("duplicate delivery");
-                            }
-                            let deployment = parsed.deployment;
-                            let inbound = match value {
-                                Some(value) => {
-                                    if let Some(s) = snapshot.as_mut() {
-                                        s.insert(deployment.clone());
+        let read_side = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = tokio::time::sleep_until(silent_since + IDLE_TIMEOUT) => return true,
+                    line = lines.next_line() => {
+                        let Ok(Some(line)) = line else { return true };
+                        silent_since = tokio::time::Instant::now();
+                        let Ok(frame) = serde_json::from_str::<Frame>(&line) else { return true };
+                        match frame {
+                            Frame::Entry { key, revision, value } => {
+                                let parsed = DeploymentKey::parse(&key);
+                                let Some(parsed) = parsed.ok().filter(|k| k.device == device.id) else {
+                                    world.violation(format!(
+                                        "{who}: isolation: the agent received key {key:?}, not one of its own"
+                                    ));
+                                    continue;
+                                };
+                                let last = seen.get(&key).copied();
+                                seen.insert(key.clone(), last.unwrap_or(0).max(revision));
+                                match last {
+                                    Some(l) if l == revision => world.probe("duplicate delivery"),
+                                    Some(l) if l > revision => world.probe("older revision delivered late"),
+                                    _ => {}
+                                }
+                                let deployment = parsed.deployment;
+                                let inbound = match value {
+                                    Some(value) => {
+                                        if let Some(s) = snapshot.as_mut() {
+                                            s.insert(deployment.clone());
+                                        }
+                                        Inbound::Put { deployment, revision, value }
                                     }
-                                    Inbound::Put { deployment, revision, value }
+                                    None => Inbound::Delete { deployment, revision },
+                                };
+                                let _ = to_agent.send(inbound);
+                            }
+                            Frame::Synced => {
+                                if let Some(present) = snapshot.take() {
+                                    if connects > 1 {
+                                        world.probe("resync after reconnect");
+                                    }
+                                    let _ = to_agent.send(Inbound::Snapshot { present });
                                 }
-                                None => Inbound::Delete { deployment, revision },
-                            };
-                            let _ = to_agent.send(inbound);
-                        }
-                        Frame::Synced => {
-                            if let Some(present) = snapshot.take() {
-                                if connects > 1 {
-                                    world.probe("resync after reconnect");
+                            }
+                            Frame::Ack { id, .. } => {
+                                if let Some(done) = acks.remove(&id) {
+                                    let _ = done.send(Ok(()));
                                 }
-                                let _ = to_agent.send(Inbound::Snapshot { present });
                             }
-                        }
-                        Frame::Ack { id, .. } => {
-                            if let Some(done) = acks.remove(&id) {
-                                let _ = done.send(Ok(()));
+                            Frame::Denied { id, reason } => {
+                                if let Some(done) = acks.remove(&id) {
+                                    let _ = done.send(Err(PublishError::Failed(reason)));
+                                }
                             }
-                        }
-                        Frame::Denied { id, reason } => {
-                            if let Some(done) = acks.remove(&id) {
-                                let _ = done.send(Err(reason));
+                            Frame::TooLarge { id, size, limit } => {
+                                world.probe("report over the payload limit");
+                                if let Some(done) = acks.remove(&id) {
+                                    let _ = done.send(Err(PublishError::TooLarge { size, limit }));
+                                }
                             }
+                            Frame::Incoming { reply, subject, body } => {
+                                let Ok(parsed) = CommandSubject::parse(&subject) else { continue };
+                                let _ = to_agent.send(Inbound::Command(CommandRequest {
+                                    verb: parsed.verb,
+                                    body,
+                                    reply_to: reply.to_string(),
+                                }));
+                            }
+                            _ => {}
                         }
-                        Frame::Incoming { reply, subject, body } => {
-                            let Ok(parsed) = CommandSubject::parse(&subject) else { continue };
-                            let _ = to_agent.send(Inbound::Command(CommandRequest {
-                                verb: parsed.verb,
-                                body,
-                                reply_to: reply.to_string(),
-                            }));
-                        }
-                        _ => {}
+                    }
+                    out = from_agent.recv() => {
+                        let Some(out) = out else { return false };
+                        let frame = match out {
+                            Outgoing::Write { bucket, key, value, done } => {
+                                if done.is_closed() {
+                                    continue;
+                                }
+                                next_id += 1;
+                                acks.insert(next_id, done);
+                                Frame::Write { id: next_id, bucket: bucket.into(), key, value }
+                            }
+                            Outgoing::Respond { reply, body } => Frame::Respond { reply, body },
+                        };
+                        let _ = wtx.send(frame.to_line());
+                    }
+                    _ = ping.tick() => {
+                        let _ = wtx.send(Frame::Ping.to_line());
                     }
                 }
-                out = from_agent.recv() => {
-                    let Some(out) = out else { return };
-                    let frame = match out {
-                        Outgoing::Write { bucket, key, value, done } => {
-                            if done.is_closed() {
-                                continue;
-                            }
-                            next_id += 1;
-                            acks.insert(next_id, done);
-                            Frame::Write { id: next_id, bucket: bucket.into(), key, value }
-                        }
-                        Outgoing::Respond { reply, body } => Frame::Respond { reply, body },
-                    };
-                    ok = writer.write_all(&frame.to_line()).await.is_ok();
-                }
-                _ = ping.tick() => {
-                    ok = writer.write_all(&Frame::Ping.to_line()).await.is_ok();
-                }
             }
-        }
+        };
+        let reconnect = tokio::select! {
+            biased;
+            again = read_side => again,
+            () = write_side => true,
+        };
         world.trace(clock.now(), &who, "disconnected");
         drop(acks);
+        if !reconnect {
+            return;
+        }
         tokio::time::sleep(RECONNECT_DELAY).await;
     }
 }
 
 /// The software of one device: the production event loop and its link.
 pub async fn device_software<D: Dialer>(device: Device, dialer: D, clock: SimClock) {
+    *lock(&device.epoch) = Epoch {
+        events: device.fake.with(|f| f.events().len()),
+        errors: 0,
+    };
+    lock(&device.oracle).saw_agent_start();
     let (to_agent, inbox) = mpsc::unbounded_channel();
     let (outbox, from_agent) = mpsc::unbounded_channel();
     let link = link(device.clone(), dialer, clock.clone(), to_agent, from_agent);
@@ -876,7 +1045,8 @@ pub struct Outcome {
 enum Timed {
     Plan(Action),
     LinkUp(u32),
-    AgentUp(u32),
+    /// The agent starts again, maybe into a runtime in trouble for a while.
+    AgentUp(u32, Option<(RuntimeTrouble, u64)>),
     ImageBack(u32, String),
 }
 
@@ -985,9 +1155,8 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
                             LinkState::Held
                         };
                         if let Some(d) = device(i) {
-                            let upgrading = lock(&d.published)
-                                .values()
-                                .any(|s| s.phase == Phase::Pending);
+                            let upgrading =
+                                d.published().values().any(|s| s.phase == Phase::Pending);
                             if upgrading && state == LinkState::Partitioned {
                                 world.probe("partition during an upgrade");
                             }
@@ -1017,8 +1186,40 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
                                     world.probe("adoption after cache loss");
                                 }
                             }
-                            later(&mut queue, down_ms, Timed::AgentUp(i));
+                            later(&mut queue, down_ms, Timed::AgentUp(i, None));
                         }
+                    }
+                    Action::AgentRestartTrouble {
+                        device: i,
+                        keep_cache,
+                        down_ms,
+                        for_ms,
+                        trouble,
+                    } => {
+                        if let Some(d) = device(i).filter(|_| agent_up[i as usize]) {
+                            tier.crash_agent(i);
+                            agent_up[i as usize] = false;
+                            if !keep_cache {
+                                *lock(&d.disk) = None;
+                            }
+                            let up = Timed::AgentUp(i, Some((trouble, for_ms)));
+                            later(&mut queue, down_ms, up);
+                        }
+                    }
+                    Action::PutOversized {
+                        device: i,
+                        deployment,
+                        name_bytes,
+                    } => {
+                        let _ = shared.operator.send(OperatorCommand::Write {
+                            key: format!("{}.{deployment}", device_id(i)),
+                            value: Some(oversized_score(name_bytes).into_bytes()),
+                        });
+                    }
+                    Action::StaleDelivery { device: i } => {
+                        shared
+                            .broker
+                            .deliver_stale(DESIRED_BUCKET, &format!("{}.", device_id(i)));
                     }
                     Action::ImageMissing {
                         device: i,
@@ -1052,7 +1253,11 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
                 links[i as usize] = LinkState::Up;
                 tier.set_link(i, LinkState::Up);
             }
-            Timed::AgentUp(i) => {
+            Timed::AgentUp(i, trouble) => {
+                if let (Some(d), Some((trouble, for_ms))) = (device(i), trouble) {
+                    let until = now + Duration::from_millis(for_ms);
+                    *lock(&d.trouble) = Some((until, trouble));
+                }
                 agent_up[i as usize] = true;
                 tier.start_agent(i);
             }
@@ -1079,6 +1284,7 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
         }
         lock(&d.faults).clear();
         *lock(&d.slow) = None;
+        *lock(&d.trouble) = None;
         d.fake.with(|f| {
             for image in crate::plan::GOOD_IMAGES {
                 f.add_image(image);
@@ -1120,97 +1326,397 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
 }
 
 /// Liveness: what each device reports through the broker matches desired
-/// state and the runtime's ground truth. Returns the (device, deployment)
-/// pairs that run and must now stay still.
+/// state, the agent's own latest reports and the runtime's ground truth
+/// ([`check_device`]). Returns the (device, deployment) pairs that run and
+/// must now stay still.
 fn check_converged(shared: &Shared) -> Vec<(usize, String)> {
     let desired = shared.broker.entries(DESIRED_BUCKET);
     let reported = shared.broker.entries(STATE_BUCKET);
     let mut running = Vec::new();
     for (i, d) in shared.devices.iter().enumerate() {
         let prefix = format!("{}.", d.id);
-        let mut problems = Vec::new();
-        let under = |map: &'_ BTreeMap<String, (u64, Vec<u8>)>| {
+        let under = |map: &BTreeMap<String, (u64, Vec<u8>)>| {
             map.range(prefix.clone()..)
                 .take_while(|(k, _)| k.starts_with(&prefix))
                 .map(|(k, v)| (k[prefix.len()..].to_owned(), v.clone()))
                 .collect::<BTreeMap<String, (u64, Vec<u8>)>>()
         };
         let mine = under(&desired);
-        for (deployment, (revision, value)) in &mine {
-            let text = String::from_utf8_lossy(value);
-            let can_succeed =
-                !is_malformed(&text) && !DOOMED_INIT_IMAGES.iter().any(|i| text.contains(i));
-            let state = reported
-                .get(&format!("{prefix}{deployment}"))
-                .and_then(|(_, v)| serde_json::from_slice::<DeploymentState>(v).ok());
-            match (&state, can_succeed) {
-                (Some(s), true) if s.phase == Phase::Running && s.revision == *revision => {
-                    let Ok(name) = DeploymentName::new(deployment.as_str()) else {
-                        continue;
-                    };
-                    let mut found = Vec::new();
-                    let oracle = lock(&d.oracle).clone();
-                    d.fake.with(|f| {
-                        oracle.check_report(Timestamp::ZERO, &name, s, f, &mut found);
-                        for (service, id) in &s.container_ids {
-                            if !f.is_running(id) {
-                                found.push(format!("{service}={id} does not run"));
-                            }
-                        }
-                        for c in f.containers().values() {
-                            let of_it = c.spec.labels.get(LABEL_DEPLOYMENT).map(String::as_str)
-                                == Some(deployment.as_str());
-                            if of_it && c.spec.labels.contains_key(LABEL_INIT) {
-                                found.push(format!("init container {} left behind", c.spec.name));
-                            }
-                        }
-                    });
-                    if found.is_empty() {
-                        running.push((i, (*deployment).to_owned()));
-                    }
-                    problems.extend(found);
-                }
-                (Some(s), false) if s.phase == Phase::Failed && s.cause.is_some() => {}
-                // Between two failed attempts, a retry is under way.
-                (Some(s), false) if s.phase == Phase::Pending && s.attempt > 1 => {}
-                (other, _) => problems.push(format!(
-                    "{deployment} (revision {revision}, {}) reports {:?}",
-                    if can_succeed {
-                        "can succeed"
-                    } else {
-                        "cannot succeed"
-                    },
-                    other.as_ref().map(|s| (s.phase, s.revision, &s.message))
-                )),
-            }
-        }
-        for key in under(&reported).keys() {
-            if !mine.contains_key(key) {
-                problems.push(format!("{key} is deleted but still has a reported state"));
-            }
-        }
-        d.fake.with(|f| {
-            for c in f.containers().values() {
-                let deployment = c
-                    .spec
-                    .labels
-                    .get(LABEL_DEPLOYMENT)
-                    .map_or("", String::as_str);
-                if !mine.contains_key(deployment) {
-                    problems.push(format!(
-                        "{} of deleted {deployment} still exists",
-                        c.spec.name
-                    ));
-                }
-            }
+        let stored = under(&reported)
+            .into_iter()
+            .map(|(k, (_, v))| (k, v))
+            .collect();
+        let published = lock(&d.published).clone();
+        let oracle = lock(&d.oracle).clone();
+        let epoch = *lock(&d.epoch);
+        let (problems, converged) = d.fake.with(|fake| {
+            check_device(&DeviceView {
+                desired: &mine,
+                stored: &stored,
+                published: Some(&published),
+                fake,
+                oracle: &oracle,
+                epoch,
+                now: d.fake.now(),
+            })
         });
+        running.extend(converged.into_iter().map(|c| (i, c)));
         for p in problems {
-            shared
-                .world
-                .violation(format!("{}: liveness: not converged: {p}", d.id));
+            shared.world.violation(format!("{}: {p}", d.id));
         }
     }
     running
+}
+
+/// One device as the liveness phase finds it, once every fault has healed
+/// and desired state has stayed put for [`LIVENESS_BOUND`].
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceView<'a> {
+    /// Desired state: deployment -> (revision, value).
+    pub desired: &'a BTreeMap<String, (u64, Vec<u8>)>,
+    /// The state bucket as the broker stores it: deployment -> value.
+    pub stored: &'a BTreeMap<String, Vec<u8>>,
+    /// What the agent last handed its publisher, per deployment, where that
+    /// can differ from `stored` (`None` when reports go straight in).
+    pub published: Option<&'a BTreeMap<String, Handed>>,
+    /// The device's runtime: the ground truth.
+    pub fake: &'a FakeRuntime,
+    /// What the reconciler was told.
+    pub oracle: &'a Oracle,
+    /// Since the agent process last started.
+    pub epoch: Epoch,
+    /// The time of the check.
+    pub now: Timestamp,
+}
+
+/// The liveness checks of one device. Returns the problems, each starting
+/// with the invariant it breaks, and the deployments that converged to
+/// Running (and must now stay still).
+///
+/// - None left behind: the runtime's full container list, init containers
+///   included, holds nothing of a deleted deployment; for one that can
+///   succeed, exactly one container per service of the desired score,
+///   running what the score asks for, and no init container; for one that
+///   cannot (malformed, doomed init), no init container and at most one
+///   container per service.
+/// - Converged: the stored report is Running at the desired revision with
+///   the true ids (or, for a spec that cannot succeed, Failed with a cause
+///   or a retry under way; for a crash loop, Running or a CrashLoop).
+/// - Truthful reports, every field ([`check_report_fields`]).
+pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut running = Vec::new();
+    let mut states = BTreeMap::new();
+    for (deployment, bytes) in view.stored {
+        match serde_json::from_slice::<DeploymentState>(bytes) {
+            Ok(s) => {
+                states.insert(deployment.clone(), s);
+            }
+            Err(e) => problems.push(format!(
+                "truthful reports: the stored state of {deployment} does not decode: {e}"
+            )),
+        }
+    }
+    let mut by_deployment: BTreeMap<&str, Vec<&FakeContainer>> = BTreeMap::new();
+    for c in view.fake.containers().values() {
+        let deployment = c
+            .spec
+            .labels
+            .get(LABEL_DEPLOYMENT)
+            .map_or("", String::as_str);
+        by_deployment.entry(deployment).or_default().push(c);
+    }
+    for (deployment, containers) in &by_deployment {
+        if !view.desired.contains_key(*deployment) {
+            for c in containers {
+                problems.push(format!(
+                    "liveness: not converged: {} of deleted {deployment:?} still exists ({})",
+                    c.spec.name, c.state
+                ));
+            }
+        }
+    }
+    for (deployment, (revision, value)) in view.desired {
+        let outlook = outlook(&String::from_utf8_lossy(value));
+        let state = states.get(deployment);
+        let containers = by_deployment
+            .get(deployment.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let mut found = Vec::new();
+        let mut services: BTreeMap<&str, Vec<&FakeContainer>> = BTreeMap::new();
+        for c in containers {
+            if c.spec.labels.contains_key(LABEL_INIT) {
+                // A revision that cannot succeed (or that crash-loops) may be
+                // at another attempt: an init container it created within
+                // the longest init timeout the plans use is still at work.
+                let created = created_at(view.fake, &c.id);
+                let at_work = outlook != Outlook::Succeeds
+                    && created.is_some_and(|at| view.now.saturating_since(at) < INIT_AT_WORK);
+                if !at_work {
+                    found.push(format!(
+                        "init container {} of {deployment} left behind ({}, created at {})",
+                        c.spec.name,
+                        c.state,
+                        created.map_or("?".to_owned(), |t| t.to_string())
+                    ));
+                }
+            } else {
+                let service = c.spec.labels.get(LABEL_SERVICE).map_or("", String::as_str);
+                services.entry(service).or_default().push(c);
+            }
+        }
+        for (service, cs) in &services {
+            if cs.len() > 1 {
+                found.push(format!(
+                    "{} containers for service {deployment}/{service}",
+                    cs.len()
+                ));
+            }
+        }
+        if let (Outlook::Succeeds | Outlook::CrashLoops, Ok(score)) =
+            (outlook, PodmanV0Score::from_json(value))
+        {
+            let lifecycle = score.lifecycle_or_default();
+            for s in &score.services {
+                let wanted = service_container_spec(deployment, s, &lifecycle, *revision);
+                match services.get(s.name.as_str()).and_then(|cs| cs.first()) {
+                    None => found.push(format!("service {deployment}/{} has no container", s.name)),
+                    Some(c) if !same_program(&c.spec, &wanted) => found.push(format!(
+                        "{} ({}) does not run what revision {revision} asks for: image {} env {:?}",
+                        c.spec.name, c.id, c.spec.image, c.spec.env
+                    )),
+                    Some(c) if outlook == Outlook::Succeeds && !view.fake.is_running(&c.id) => {
+                        found.push(format!("{} ({}) is {}", c.spec.name, c.id, c.state));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for service in services.keys() {
+                if !score.services.iter().any(|s| s.name == *service) {
+                    found.push(format!(
+                        "a container of {deployment}/{service}, which revision {revision} does not have, is left behind"
+                    ));
+                }
+            }
+        }
+        let report_ok = state.is_some_and(|s| {
+            s.revision == *revision
+                && match outlook {
+                    Outlook::Succeeds => s.phase == Phase::Running,
+                    Outlook::CrashLoops => {
+                        s.phase == Phase::Running
+                            || matches!(s.cause, Some(FailureCause::CrashLoop { .. }))
+                    }
+                    // Failed with a cause, or between two attempts a retry
+                    // under way.
+                    Outlook::Fails => {
+                        (s.phase == Phase::Failed && s.cause.is_some())
+                            || (s.phase == Phase::Pending && s.attempt > 1)
+                    }
+                }
+        });
+        match (state, report_ok) {
+            (Some(s), true) if outlook == Outlook::Succeeds => {
+                if let Ok(name) = DeploymentName::new(deployment.as_str()) {
+                    view.oracle
+                        .check_report(Timestamp::ZERO, &name, s, view.fake, &mut found);
+                }
+            }
+            (_, true) => {}
+            (state, false) => found.push(format!(
+                "{deployment} (revision {revision}, {outlook:?}) reports {}",
+                state.map_or("nothing".to_owned(), brief)
+            )),
+        }
+        if found.is_empty() && outlook == Outlook::Succeeds {
+            running.push(deployment.clone());
+        }
+        problems.extend(
+            found
+                .into_iter()
+                .map(|p| format!("liveness: not converged: {p}")),
+        );
+    }
+    for key in states.keys() {
+        if !view.desired.contains_key(key) {
+            problems.push(format!(
+                "liveness: not converged: {key} is deleted but still has a reported state"
+            ));
+        }
+    }
+    for (deployment, state) in &states {
+        let crash_loops = view
+            .desired
+            .get(deployment)
+            .is_some_and(|(_, v)| outlook(&String::from_utf8_lossy(v)) == Outlook::CrashLoops);
+        check_report_fields(view, deployment, state, crash_loops, &mut problems);
+    }
+    if let Some(published) = view.published {
+        let keys: BTreeSet<&String> = states.keys().chain(published.keys()).collect();
+        for key in keys {
+            let stored = states.get(key);
+            let handed = published.get(key);
+            if stored == handed.and_then(|h| h.state.as_ref()) {
+                continue;
+            }
+            // A first attempt still on its way is not a difference yet.
+            let fate = match handed.map(|h| &h.delivery) {
+                Some(Delivery::InFlight {
+                    since,
+                    retry: false,
+                }) if view.now.saturating_since(*since) < ACK_TIMEOUT => continue,
+                Some(Delivery::InFlight { retry: true, .. }) => {
+                    ", whose write failed before and is being retried".to_owned()
+                }
+                Some(Delivery::InFlight { .. }) => ", whose write was never answered".to_owned(),
+                Some(Delivery::Failed(reason)) => format!(", whose write failed: {reason}"),
+                Some(Delivery::Stored) | None => String::new(),
+            };
+            problems.push(format!(
+                "truthful reports: {key}: the broker holds {} but the agent last handed its publisher {}{fate}",
+                stored.map_or("nothing".to_owned(), brief),
+                handed.map_or("nothing".to_owned(), |h| h
+                    .state
+                    .as_ref()
+                    .map_or("a clear".to_owned(), brief)),
+            ));
+        }
+    }
+    (problems, running)
+}
+
+/// Truthful reports, every field of a stored report: a non-empty message;
+/// a cause exactly when Failed; attempt 1 or more for a failed attempt at
+/// a revision; container ids that exist and run (a crash loop's may have
+/// exited since), each the container of its service; restart counts and
+/// exit codes the runtime's history bears out: a restart needs an exit, a
+/// reported exit code was some container's, and the agent cannot have
+/// counted more restarts since it started than its containers exited
+/// (plus one exit from before the start) plus runtime operations failed.
+pub fn check_report_fields(
+    view: &DeviceView<'_>,
+    deployment: &str,
+    s: &DeploymentState,
+    crash_loops: bool,
+    problems: &mut Vec<String>,
+) {
+    let mut bad = |p: String| problems.push(format!("truthful reports: {deployment}: {p}"));
+    if s.message.trim().is_empty() {
+        bad(format!("{:?} report with an empty message", s.phase));
+    }
+    match (s.phase, &s.cause) {
+        (Phase::Failed, None) => bad("Failed without a cause".to_owned()),
+        (Phase::Running | Phase::Pending, Some(cause)) => {
+            bad(format!("{:?} with a cause, {cause:?}", s.phase));
+        }
+        _ => {}
+    }
+    let failed_attempt = matches!(
+        s.cause,
+        Some(
+            FailureCause::InitContainerExited { .. }
+                | FailureCause::InitContainerTimedOut { .. }
+                | FailureCause::StillRunningAfterWait { .. }
+                | FailureCause::Runtime { .. }
+        )
+    );
+    if failed_attempt && s.attempt == 0 {
+        bad(format!(
+            "a failed attempt at revision {} reported as attempt 0",
+            s.revision
+        ));
+    }
+    let fake = view.fake;
+    for (service, id) in &s.container_ids {
+        match fake.containers().get(id) {
+            None => bad(format!("names {service}={id}, which does not exist")),
+            Some(c) if c.spec.name != service_container_name(deployment, service) => {
+                bad(format!("names {service}={id}, which is {}", c.spec.name));
+            }
+            Some(c) if !crash_loops && !fake.is_running(id) => {
+                bad(format!("names {service}={id}, which is {}", c.state));
+            }
+            Some(_) => {}
+        }
+    }
+    let events = fake.events();
+    for (service, record) in &s.restarts {
+        let name = service_container_name(deployment, service);
+        let ids: BTreeSet<&str> = events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                RuntimeEvent::Created { id, spec } if spec.name == name => Some(id.as_str()),
+                _ => None,
+            })
+            .collect();
+        let exits: Vec<(usize, i64)> = events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, e))| match e {
+                RuntimeEvent::Exited { id, code } if ids.contains(id.as_str()) => Some((i, *code)),
+                _ => None,
+            })
+            .collect();
+        if record.count > 0 && exits.is_empty() {
+            bad(format!(
+                "reports {} restarts of {service}, whose containers never exited",
+                record.count
+            ));
+        }
+        if let Some(code) = record.last_exit_code {
+            if !exits.iter().any(|(_, c)| *c == code) {
+                bad(format!(
+                    "reports that {service} last exited with code {code}, which none of its containers did"
+                ));
+            }
+        }
+        let since = exits
+            .iter()
+            .filter(|(i, _)| *i >= view.epoch.events)
+            .count() as u64;
+        if u64::from(record.count) > 1 + since + view.epoch.errors {
+            bad(format!(
+                "reports {} restarts of {service}, but since the agent started its containers exited {since} times and {} runtime operations failed",
+                record.count, view.epoch.errors
+            ));
+        }
+    }
+}
+
+/// How long an init container may be at work before it counts as left
+/// behind: the longest init timeout the plans use (30 s), plus slack.
+const INIT_AT_WORK: Duration = Duration::from_secs(40);
+
+/// When the fake created container `id`.
+fn created_at(fake: &FakeRuntime, id: &str) -> Option<Timestamp> {
+    fake.events().iter().rev().find_map(|(at, e)| match e {
+        RuntimeEvent::Created { id: created, .. } if created == id => Some(*at),
+        _ => None,
+    })
+}
+
+/// Whether two specs run the same program: everything but the labels.
+fn same_program(a: &ContainerSpec, b: &ContainerSpec) -> bool {
+    a.name == b.name
+        && a.image == b.image
+        && a.args == b.args
+        && a.env == b.env
+        && a.volumes == b.volumes
+        && a.ports == b.ports
+        && a.stop_signal == b.stop_signal
+}
+
+/// A report in a few words (its message cut short), for violations.
+fn brief(s: &DeploymentState) -> String {
+    let mut message: String = s.message.chars().take(120).collect();
+    if message.len() < s.message.len() {
+        message.push_str("...");
+    }
+    format!(
+        "{:?} rev {} attempt {} ids {:?} restarts {:?} {message:?}",
+        s.phase, s.revision, s.attempt, s.container_ids, s.restarts
+    )
 }
 
 /// No flapping: converged deployments see no runtime mutation at all.

@@ -1,36 +1,31 @@
 //! `cargo test -p sim`: a default batch of seeds, the determinism check, and
 //! proof that the invariant checks catch deliberate bugs.
-//! `SIM_SEEDS=N` runs more seeds; `SIM_SEED=S` runs one and prints its trace.
-
-fn seeds() -> std::ops::Range<u64> {
-    if let Some(one) = std::env::var("SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        return one..one + 1;
-    }
-    let n = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
-    0..n
-}
+//!
+//! The batch reads its environment through [`sim::cli::EnvBatch`], the
+//! same code every replay command of a failure report goes through:
+//! `SIM_SEEDS=N` runs more seeds, `SIM_SEED=S` runs one and prints its
+//! trace, `SIM_TIER=turmoil|events|discrete` picks the tier (discrete when
+//! unset), `SIM_DEVICES=N` the devices,
+//! `SIM_PLAN=FILE` replays a saved plan and `SIM_BUG=NAME` switches on a
+//! deliberate bug.
 
 #[test]
 fn default_batch_keeps_every_invariant() {
-    let trace = std::env::var("SIM_SEED").is_ok();
+    let batch = sim::cli::EnvBatch::from_env(|name| std::env::var(name).ok())
+        .unwrap_or_else(|problem| panic!("{problem}"));
+    let plans = batch.plans().unwrap_or_else(|problem| panic!("{problem}"));
+    let outcomes = sim::cli::run_plans(batch.tier, &plans, batch.switches, 2, |_| {});
     let mut failed = Vec::new();
-    for seed in seeds() {
-        let outcome = sim::run_seed(seed);
-        if trace {
+    for (plan, outcome) in plans.iter().zip(&outcomes) {
+        if batch.switches.keep_trace {
             println!("{}", outcome.trace.join("\n"));
         }
         if !outcome.violations.is_empty() {
-            let tail = &outcome.trace[outcome.trace.len().saturating_sub(40)..];
-            failed.push(format!(
-                "seed {seed}: {:?}\nlast events:\n{}\nreplay: SIM_SEED={seed} cargo test -p sim -- --nocapture",
-                outcome.violations,
-                tail.join("\n")
+            failed.push(sim::failure_report(
+                batch.tier,
+                plan,
+                outcome,
+                batch.switches,
             ));
         }
     }

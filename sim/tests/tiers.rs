@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use sim::plan::{Action, Plan, Step};
 use sim::tiers::Switches;
-use sim::world::{Outcome, PROBES};
+use sim::world::Outcome;
 use sim::Tier;
 
 fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
@@ -56,25 +56,19 @@ fn batch(tier: Tier, default: u64) {
     };
     let devices = env("SIM_DEVICES").unwrap_or(2);
     let mut failures = Vec::new();
-    let mut probes: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut outcomes = Vec::new();
     for (plan, outcome) in run_all(tier, &seeds, devices, switches) {
         if one.is_some() {
             println!("{}", outcome.trace.join("\n"));
         }
-        for (probe, n) in &outcome.probes {
-            *probes.entry(probe).or_default() += n;
-        }
         if !outcome.violations.is_empty() {
-            failures.push(sim::failure_report(tier, &plan, &outcome));
+            failures.push(sim::failure_report(tier, &plan, &outcome, switches));
         }
+        outcomes.push(outcome);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     if one.is_none() {
-        let missed: Vec<&str> = PROBES
-            .iter()
-            .copied()
-            .filter(|p| !probes.contains_key(p))
-            .collect();
+        let missed = sim::missed_probes(tier, &outcomes);
         assert!(
             missed.is_empty(),
             "the {} batch never reached {missed:?}: the simulator stopped exploring them",
@@ -205,6 +199,7 @@ fn a_partitioned_device_keeps_running_its_last_applied_state() {
             ),
         ],
         heal_at_ms: hours * 1000,
+        ..Plan::generate(1, 1)
     };
     let outcome = sim::run(
         Tier::Turmoil,
