@@ -267,6 +267,7 @@ mod tests {
                 }),
                 attempt: 2,
                 restarts: BTreeMap::new(),
+                summarised: false,
             },
         }
     }

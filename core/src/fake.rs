@@ -1208,7 +1208,9 @@ impl Oracle {
             .seen
             .get(deployment.as_str())
             .and_then(|s| s.valid.as_ref())
-            .filter(|v| v.revision == state.revision);
+            .filter(|v| v.revision == state.revision)
+            // A summary leaves the ids out by design.
+            .filter(|_| !state.summarised);
         if let Some(valid) = valid {
             for (service, hash) in &valid.hashes {
                 let id = state.container_ids.get(service);

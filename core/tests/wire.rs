@@ -104,6 +104,7 @@ fn running_state() -> DeploymentState {
                 last_exit_code: Some(137),
             },
         )]),
+        summarised: false,
     }
 }
 
@@ -182,6 +183,7 @@ fn deployment_state_json_is_stable() {
         }),
         attempt: 3,
         restarts: BTreeMap::new(),
+        summarised: false,
     };
     round_trip(&failed);
     insta::assert_json_snapshot!("state_failed", failed);

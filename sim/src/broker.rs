@@ -217,6 +217,8 @@ struct State {
     duplicates: u32,
     /// The largest value or body accepted, in bytes (`None`: the default).
     max_payload: Option<usize>,
+    /// The state bucket's largest value (its `max_value_size`), if any.
+    max_state_value: Option<usize>,
 }
 
 /// NATS's default `max_payload`.
@@ -236,6 +238,14 @@ impl Broker {
     #[must_use]
     pub fn with_max_payload(self, bytes: usize) -> Self {
         self.lock().max_payload = Some(bytes);
+        self
+    }
+
+    /// Sets the state bucket's value limit (a KV bucket's
+    /// `max_value_size`): a state larger than `bytes` is refused as too large.
+    #[must_use]
+    pub fn with_max_state_value(self, bytes: usize) -> Self {
+        self.lock().max_state_value = Some(bytes);
         self
     }
 
@@ -448,7 +458,10 @@ impl Broker {
                 key,
                 value,
             } => {
-                let limit = state.max_payload.unwrap_or(DEFAULT_MAX_PAYLOAD);
+                let mut limit = state.max_payload.unwrap_or(DEFAULT_MAX_PAYLOAD);
+                if bucket == STATE_BUCKET {
+                    limit = limit.min(state.max_state_value.unwrap_or(usize::MAX));
+                }
                 if let Some(size) = value.as_ref().map(Vec::len).filter(|&n| n > limit) {
                     let _ = tx.send(Frame::TooLarge { id, size, limit });
                     return;

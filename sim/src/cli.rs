@@ -15,7 +15,7 @@ use podfleet_core::reconciler::Bugs;
 use crate::plan::Plan;
 use crate::tiers::Switches;
 use crate::world::Outcome;
-use crate::{Tier, BITES};
+use crate::{Tier, BITES, LOOP_BITES};
 
 /// The runner's usage text.
 pub const USAGE: &str = "\
@@ -33,7 +33,7 @@ usage: sim [--tier turmoil|events|discrete] [--devices N] [--seeds A..B | --seed
   --shrink     reduces each failing plan to a minimal one and prints it
   --trace      prints the whole trace of each run
   --jobs       runs this many seeds at once (default: the number of cores)
-  --bug        switches on deliberate bugs (see sim::BITES; watch_everyone), to
+  --bug        switches on deliberate bugs (see sim::BITES, sim::LOOP_BITES; watch_everyone), to
                replay a failure report of a bite test
   --allow-missed-probes
                exits 0 even when a batch of 64 seeds or more never reached a
@@ -261,6 +261,7 @@ pub fn switch_on(switches: &mut Switches, names: &str) -> Result<(), String> {
         }
         let (_, bug, _) = BITES
             .iter()
+            .chain(&LOOP_BITES)
             .find(|(n, _, _)| *n == name)
             .ok_or_else(|| format!("unknown bug {name:?}"))?;
         switches.bugs = union(switches.bugs, *bug);
@@ -272,6 +273,7 @@ pub fn switch_on(switches: &mut Switches, names: &str) -> Result<(), String> {
 pub fn switch_names(switches: Switches) -> Vec<&'static str> {
     let mut names: Vec<&'static str> = BITES
         .iter()
+        .chain(&LOOP_BITES)
         .filter(|(_, bug, _)| union(switches.bugs, *bug) == switches.bugs)
         .map(|(name, _, _)| *name)
         .collect();

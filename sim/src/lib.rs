@@ -469,7 +469,20 @@ pub fn summary_table(
     out
 }
 
-/// Each deliberate bug, and the invariant whose check must report it.
+/// The deliberate bugs of the agent's event loop, which only the network
+/// tiers run (the discrete tier drives the reconciler alone), and the
+/// invariant whose check must report each.
+pub const LOOP_BITES: [(&str, Bugs, &str); 1] = [(
+    "head_of_line_reports",
+    Bugs {
+        head_of_line_reports: true,
+        ..NO_BUGS
+    },
+    "liveness",
+)];
+
+/// Each deliberate bug of the reconciler, and the invariant whose check
+/// must report it.
 pub const BITES: [(&str, Bugs, &str); 7] = [
     (
         "recreate_on_tick",

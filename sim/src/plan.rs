@@ -183,6 +183,7 @@ impl Action {
     pub fn fault_kind(&self) -> Option<&'static str> {
         Some(match self {
             Action::Put { json, .. } if is_malformed(json) => "malformed payload",
+            Action::Put { json, .. } if json.contains("\"wide-service-") => "wide deployment",
             Action::Put { json, .. } if DOOMED_INIT_IMAGES.iter().any(|i| json.contains(i)) => {
                 "failing init container"
             }
@@ -290,6 +291,31 @@ pub struct Plan {
     /// The broker's payload limit, in bytes.
     #[serde(default = "default_max_payload")]
     pub max_payload: u64,
+    /// The state bucket's largest value, in bytes (a KV bucket's
+    /// `max_value_size`), when the plan sets one: plans with a
+    /// [`wide_score`] set [`WIDE_STATE_LIMIT`].
+    #[serde(default)]
+    pub state_max_value: Option<u64>,
+}
+
+/// The state bucket's value limit in plans with a [`wide_score`]: every
+/// ordinary report and every summary fits, a wide deployment's Running
+/// report does not.
+pub const WIDE_STATE_LIMIT: u64 = 1536;
+
+/// A valid score with `services` services of 40-character names: a few KiB,
+/// far under the payload limit, but its Running report (40 names and ids)
+/// is over [`WIDE_STATE_LIMIT`].
+pub fn wide_score(services: u32) -> String {
+    let services: Vec<String> = (0..services)
+        .map(|i| {
+            format!(
+                r#"{{"name":"wide-service-{i:03}-{}","image":"img/app:1"}}"#,
+                "x".repeat(24)
+            )
+        })
+        .collect();
+    format!(r#"{{"services":[{}]}}"#, services.join(","))
 }
 
 fn default_max_payload() -> u64 {
@@ -351,6 +377,7 @@ impl Plan {
             oversize: below(&mut rng, 4),
         };
         let max_payload = DEFAULT_MAX_PAYLOAD;
+        let mut state_max_value = None;
         let devices = devices.max(1);
         let mut steps = Vec::new();
         let mut at_ms = 2_000;
@@ -519,6 +546,17 @@ impl Plan {
                     },
                 );
             }
+            if chance(&mut rng, rates.oversize) {
+                state_max_value = Some(WIDE_STATE_LIMIT);
+                push(
+                    at_ms + 700,
+                    Action::Put {
+                        device,
+                        deployment: pick(&mut rng, &DEPLOYMENTS).to_owned(),
+                        json: wide_score(40),
+                    },
+                );
+            }
             at_ms += (1_000 + below(&mut rng, 40_000)) / spread;
         }
         steps.sort_by_key(|s| s.at_ms);
@@ -529,6 +567,7 @@ impl Plan {
             steps,
             heal_at_ms: at_ms + 5_000,
             max_payload,
+            state_max_value,
         }
     }
 

@@ -70,8 +70,16 @@ fn shared(
     (
         Shared {
             world,
-            broker: Broker::default()
-                .with_max_payload(usize::try_from(plan.max_payload).unwrap_or(usize::MAX)),
+            broker: {
+                let broker = Broker::default()
+                    .with_max_payload(usize::try_from(plan.max_payload).unwrap_or(usize::MAX));
+                match plan.state_max_value {
+                    Some(limit) => {
+                        broker.with_max_state_value(usize::try_from(limit).unwrap_or(usize::MAX))
+                    }
+                    None => broker,
+                }
+            },
             devices,
             operator,
         },

@@ -76,6 +76,7 @@ impl World {
                 cause,
                 attempt: 1,
                 restarts: BTreeMap::new(),
+                summarised: false,
             };
         let states = BTreeMap::from([
             (

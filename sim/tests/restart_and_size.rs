@@ -13,7 +13,7 @@
 //! each, prove the faults do what they say, and keep the invariants.
 #![allow(clippy::unwrap_used)]
 
-use sim::plan::{Action, Plan, RuntimeTrouble, Step};
+use sim::plan::{wide_score, Action, Plan, RuntimeTrouble, Step, WIDE_STATE_LIMIT};
 use sim::tiers::Switches;
 use sim::world::Outcome;
 use sim::Tier;
@@ -161,6 +161,60 @@ fn the_restart_check_bites() {
             .violations
             .iter()
             .any(|v| v.contains("truthful reports") && v.contains("before the agent")),
+        "{:#?}",
+        outcome.violations
+    );
+}
+
+/// Three deployments on a state bucket whose values are limited to
+/// [`WIDE_STATE_LIMIT`]: `cam`, sorting first, is wide, so its Running
+/// report is over the limit; `relay` and `shop` sort after it.
+fn wide() -> Plan {
+    Plan {
+        seed: 1,
+        devices: 1,
+        steps: vec![
+            step(
+                2,
+                Action::Put {
+                    device: 0,
+                    deployment: "cam".into(),
+                    json: wide_score(40),
+                },
+            ),
+            put(3, "relay", 1),
+            put(4, "shop", 1),
+            put(60, "shop", 2),
+        ],
+        heal_at_ms: 120_000,
+        state_max_value: Some(WIDE_STATE_LIMIT),
+        ..Plan::generate(1, 1)
+    }
+}
+
+#[test]
+fn a_report_over_the_buckets_limit_is_summarised_and_holds_up_nobody() {
+    let outcome = run(&wide());
+    assert!(outcome.violations.is_empty(), "{:#?}", outcome.violations);
+    assert!(
+        outcome.probes.get("report summarised") > Some(&0),
+        "{:?}",
+        outcome.probes
+    );
+}
+
+#[test]
+fn the_head_of_line_check_bites() {
+    let switches = Switches {
+        bugs: podfleet_core::reconciler::Bugs {
+            head_of_line_reports: true,
+            ..sim::NO_BUGS
+        },
+        ..Switches::default()
+    };
+    let outcome = sim::run(Tier::Events, &wide(), switches);
+    assert!(
+        outcome.violations.iter().any(|v| v.contains("liveness")),
         "{:#?}",
         outcome.violations
     );

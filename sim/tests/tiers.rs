@@ -129,7 +129,7 @@ fn caught(tier: Tier, switches: Switches, invariant: &str, limit: u64) -> Option
 
 #[test]
 fn every_invariant_bites_through_the_real_agent_loop() {
-    for (name, bugs, invariant) in sim::BITES {
+    for (name, bugs, invariant) in sim::BITES.into_iter().chain(sim::LOOP_BITES) {
         let switches = Switches {
             bugs,
             ..Switches::default()

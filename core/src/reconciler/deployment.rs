@@ -1033,10 +1033,22 @@ impl Deployment {
             return;
         }
         self.refresh_observed(mine);
+        // No job of this deployment waits on an init container now, so any
+        // left here belongs to an attempt that was walked away from (an
+        // agent crash mid-init, then nothing valid to roll out): remove it.
+        let mut steps: Vec<Step> = mine
+            .iter()
+            .filter(|c| c.label(LABEL_INIT).is_some())
+            .map(|c| Step::RemoveIfPresent {
+                container: c.id.clone(),
+            })
+            .collect();
         let Some(target) = self.target.clone() else {
+            if !steps.is_empty() {
+                self.job = Some(Job::new(JobKind::Heal, steps));
+            }
             return;
         };
-        let mut steps = Vec::new();
         for service in &target.score.services {
             let hash = target.hashes.get(&service.name);
             let observed = self.observed.get(&service.name).cloned();
@@ -1088,7 +1100,10 @@ impl Deployment {
                 }
             }
         }
-        if !steps.is_empty() && (self.applied || config.bugs.revert_on_failure) {
+        let cleanup_only = steps
+            .iter()
+            .all(|s| matches!(s, Step::RemoveIfPresent { .. }));
+        if !steps.is_empty() && (self.applied || config.bugs.revert_on_failure || cleanup_only) {
             self.job = Some(Job::new(JobKind::Heal, steps));
         }
     }
@@ -1167,6 +1182,7 @@ impl Deployment {
             cause,
             attempt: self.attempts,
             restarts: restarts.clone(),
+            summarised: false,
         };
         if let Some((revision, error)) = &self.invalid {
             let message = match &self.target {

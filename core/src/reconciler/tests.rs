@@ -1169,3 +1169,30 @@ fn the_same_spec_at_a_newer_revision_reports_running_once_and_says_so() {
         "1 init container completed, 1 service running (spec unchanged since revision 1)"
     );
 }
+
+#[test]
+fn an_init_container_left_by_a_crash_is_removed_even_with_nothing_to_roll_out() {
+    // Found by the simulator's "none is left behind" check: the agent died
+    // while an init container ran, came back without its cache, and the
+    // newest desired value was invalid, so no rollout ever cleaned up.
+    let mut h = harness();
+    h.runtime
+        .set_behaviour("img/m:1", Behaviour::exits(0, Duration::from_secs(20)));
+    h.put(
+        "shop",
+        1,
+        &score(&[web("img/web:1", "a")], &[init("migrate", "img/m:1", 60)]),
+    );
+    h.run_for(Duration::from_secs(2));
+    assert!(h.runtime.by_name("shop_init_migrate").is_some());
+    h.restart_agent(false);
+    h.put("shop", 2, r#"{"services":[{"name":"a.b","image":"x"}]}"#);
+    h.run_for(Duration::from_secs(60));
+    assert!(
+        h.runtime.by_name("shop_init_migrate").is_none(),
+        "{}",
+        h.transcript
+    );
+    assert_eq!(state(&h, "shop").phase, Phase::Failed);
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+}

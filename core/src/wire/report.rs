@@ -51,6 +51,11 @@ pub struct DeploymentState {
     /// Services the agent has had to restart, with how often and why.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub restarts: BTreeMap<String, RestartRecord>,
+    /// This is a [summary](DeploymentState::summarised): the full report was
+    /// over the broker's limit, so `container_ids` and `restarts` are left
+    /// out and the texts are cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub summarised: bool,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -82,6 +87,7 @@ impl DeploymentState {
             cause,
             attempt: self.attempt,
             restarts: BTreeMap::new(),
+            summarised: true,
         }
     }
 }
