@@ -350,7 +350,7 @@ pub fn plan_file(plan: &plan::Plan) -> String {
 /// The commands that replay `plan` on `tier` with `switches`: the runner,
 /// then the test batch. Both go through [`cli`], and each reproduces the
 /// run: the tier, the devices, the seed (or the saved plan, when the seed
-/// does not expand to it), the new faults and the bug switches.
+/// does not expand to it), and the bug switches.
 pub fn replay_commands(tier: Tier, plan: &plan::Plan, switches: tiers::Switches) -> Vec<String> {
     let bugs = cli::switch_names(switches);
     let mut flags = String::new();

@@ -267,10 +267,10 @@ pub struct Rates {
     pub image: u64,
     /// Duplicate, repeated and stale deliveries.
     pub duplicate: u64,
-    /// Agent restarts into a slow or unavailable runtime (new faults only).
+    /// Agent restarts into a slow or unavailable runtime.
     #[serde(default)]
     pub restart_trouble: u64,
-    /// Oversized scores (new faults only).
+    /// Oversized scores and wide deployments.
     #[serde(default)]
     pub oversize: u64,
 }

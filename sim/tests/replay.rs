@@ -105,7 +105,7 @@ fn every_replay_command_reproduces_its_report_on_every_tier() {
         let plan = Plan::generate(1, 2);
         replays(tier, &plan, switches, invariant);
     }
-    // With the new faults, on one device.
+    // On one device.
     replays(Tier::Events, &Plan::generate(3, 1), switches, invariant);
     // A plan that its seed does not expand to (a shrunk one, say) is
     // replayed from the file the report asks for it to be saved in.
