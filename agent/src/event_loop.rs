@@ -17,7 +17,7 @@
 //! # What the loop guarantees
 //!
 //! - The loop never blocks on the network: reports go to the
-//!   [`Outbox`](crate::outbox::Outbox), which keeps only the newest report
+//!   [`Outbox`], which keeps only the newest report
 //!   per key (so it is bounded by the number of deployments), publishes one
 //!   at a time, retries each failed key with its own capped backoff so that
 //!   no report waits behind another, and replaces a state the broker

@@ -13,6 +13,7 @@
 //! each, prove the faults do what they say, and keep the invariants.
 #![allow(clippy::unwrap_used)]
 
+use podfleet_core::reconciler::Bugs;
 use sim::plan::{wide_score, Action, Plan, RuntimeTrouble, Step, WIDE_STATE_LIMIT};
 use sim::tiers::Switches;
 use sim::world::Outcome;
@@ -142,28 +143,32 @@ fn after_a_restart_reports_wait_for_the_runtime() {
     }
 }
 
-#[test]
-fn the_restart_check_bites() {
+/// Runs `plan` on the events tier with `bugs` on and requires a violation
+/// of `invariant` naming `words`.
+fn assert_bites(plan: &Plan, bugs: Bugs, invariant: &str, words: &str) {
     let switches = Switches {
-        bugs: podfleet_core::reconciler::Bugs {
-            report_before_observing: true,
-            ..sim::NO_BUGS
-        },
+        bugs,
         ..Switches::default()
     };
-    let outcome = sim::run(
-        Tier::Events,
-        &restart_into(RuntimeTrouble::Unavailable),
-        switches,
-    );
+    let outcome = sim::run(Tier::Events, plan, switches);
     assert!(
         outcome
             .violations
             .iter()
-            .any(|v| v.contains("truthful reports") && v.contains("before the agent")),
+            .any(|v| v.contains(invariant) && v.contains(words)),
         "{:#?}",
         outcome.violations
     );
+}
+
+#[test]
+fn the_restart_check_bites() {
+    let bugs = Bugs {
+        report_before_observing: true,
+        ..sim::NO_BUGS
+    };
+    let plan = restart_into(RuntimeTrouble::Unavailable);
+    assert_bites(&plan, bugs, "truthful reports", "before the agent");
 }
 
 /// Three deployments on a state bucket whose values are limited to
@@ -205,17 +210,9 @@ fn a_report_over_the_buckets_limit_is_summarised_and_holds_up_nobody() {
 
 #[test]
 fn the_head_of_line_check_bites() {
-    let switches = Switches {
-        bugs: podfleet_core::reconciler::Bugs {
-            head_of_line_reports: true,
-            ..sim::NO_BUGS
-        },
-        ..Switches::default()
+    let bugs = Bugs {
+        head_of_line_reports: true,
+        ..sim::NO_BUGS
     };
-    let outcome = sim::run(Tier::Events, &wide(), switches);
-    assert!(
-        outcome.violations.iter().any(|v| v.contains("liveness")),
-        "{:#?}",
-        outcome.violations
-    );
+    assert_bites(&wide(), bugs, "liveness", "");
 }
