@@ -961,7 +961,15 @@ impl Oracle {
                 .map(|i| i.name.clone())
                 .collect();
             let mut revisions = match &entry.valid {
-                Some(v) if v.bytes == bytes => v.revisions.clone(),
+                // The same spec (the same bytes, or bytes that decode to an
+                // equal score) keeps the init containers that ran for it.
+                Some(v)
+                    if v.bytes == bytes
+                        || crate::wire::PodmanV0Score::from_json(&v.bytes).as_ref()
+                            == Ok(&score) =>
+                {
+                    v.revisions.clone()
+                }
                 _ => BTreeSet::new(),
             };
             revisions.insert(revision);

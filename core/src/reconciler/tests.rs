@@ -1168,6 +1168,30 @@ fn the_same_spec_at_a_newer_revision_reports_running_once_and_says_so() {
         since[0].message,
         "1 init container completed, 1 service running (spec unchanged since revision 1)"
     );
+    // A service recreated now carries revision 2, whose init containers are
+    // the ones that ran at revision 1: no init container runs again, and
+    // the oracle agrees.
+    let id = running_id(&h, "shop_web");
+    let from = h.ops.len();
+    let _ = h.runtime.execute(&RuntimeOp::Remove {
+        container: id,
+        force: true,
+    });
+    h.run_for(Duration::from_secs(60));
+    running_id(&h, "shop_web");
+    assert!(
+        !mutations_since(&h, from)
+            .iter()
+            .any(|op| matches!(op, RuntimeOp::Create { spec } if spec.name == "shop_init_migrate")),
+        "{}",
+        h.transcript
+    );
+    assert!(
+        h.violations.is_empty(),
+        "{:?}\n{}",
+        h.violations,
+        h.transcript
+    );
 }
 
 #[test]
