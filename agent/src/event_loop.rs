@@ -165,14 +165,15 @@ pub enum PublishError {
     /// time, refused): the loop keeps the report and tries again later.
     #[error("publish failed: {0}")]
     Failed(String),
-    /// The encoded report is larger than the broker accepts: trying again
-    /// cannot help. The loop publishes a summary of a state in its place.
-    #[error("a report of {size} bytes is over the broker's payload limit of {limit} bytes")]
+    /// The encoded report is larger than the broker accepts (its
+    /// `max_payload`, or the bucket's largest value): trying again cannot
+    /// help. The loop publishes a summary of a state in its place.
+    #[error("a report of {size} bytes is over the broker's limit{}", limit.map(|l| format!(" of {l} bytes")).unwrap_or_default())]
     TooLarge {
         /// The encoded report's size.
         size: usize,
-        /// The broker's limit (`max_payload`).
-        limit: usize,
+        /// The limit, when the broker said it.
+        limit: Option<usize>,
     },
 }
 

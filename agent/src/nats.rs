@@ -266,6 +266,7 @@ impl NatsPublisher {
         &self,
         subject: String,
         message: PublishMessage,
+        size: usize,
     ) -> Result<(), PublishError> {
         let js = async_nats::jetstream::new(self.client.clone());
         let attempt = async {
@@ -277,6 +278,12 @@ impl NatsPublisher {
         };
         match tokio::time::timeout(self.timeout, attempt).await {
             Ok(Ok(())) => Ok(()),
+            // JetStream's answer when a value is over the bucket's
+            // `max_value_size` (the stream's max_msg_size, error 10054);
+            // async-nats passes it on as text only.
+            Ok(Err(e)) if e.contains("message size exceeds maximum") => {
+                Err(PublishError::TooLarge { size, limit: None })
+            }
             Ok(Err(e)) => Err(PublishError::Failed(format!("{subject}: {e}"))),
             Err(_) => Err(PublishError::Failed(format!(
                 "{subject}: no acknowledgement within {:?}",
@@ -296,6 +303,7 @@ impl NatsPublisher {
 
 impl Publisher for NatsPublisher {
     async fn publish(&self, report: Report) -> Result<(), PublishError> {
+        let mut size = 0;
         let (subject, message) = match report {
             Report::State { deployment, state } => {
                 let body = serde_json::to_vec(&state)
@@ -306,9 +314,10 @@ impl Publisher for NatsPublisher {
                 if limit > 0 && body.len() > limit {
                     return Err(PublishError::TooLarge {
                         size: body.len(),
-                        limit,
+                        limit: Some(limit),
                     });
                 }
+                size = body.len();
                 (
                     self.state_subject(&deployment),
                     PublishMessage::build().payload(body.into()),
@@ -321,13 +330,14 @@ impl Publisher for NatsPublisher {
             Report::Heartbeat(heartbeat) => {
                 let body = serde_json::to_vec(&heartbeat)
                     .map_err(|e| PublishError::Failed(format!("heartbeat not encoded: {e}")))?;
+                size = body.len();
                 (
                     kv_subject(HEARTBEAT_BUCKET, &heartbeat_key(&self.device)),
                     PublishMessage::build().payload(body.into()),
                 )
             }
         };
-        self.kv_publish(subject, message).await
+        self.kv_publish(subject, message, size).await
     }
 
     async fn reply(&self, reply_to: String, body: Vec<u8>) -> Result<(), PublishError> {

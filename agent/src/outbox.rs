@@ -355,7 +355,7 @@ mod tests {
         let r = o.poll_transmit(at(0)).unwrap();
         let too_large = PublishError::TooLarge {
             size: 10_200,
-            limit: 4096,
+            limit: Some(4096),
         };
         o.handle_result(at(0), r, Err(too_large.clone()));
         let Some(Report::State { deployment, state }) = o.poll_transmit(at(0)) else {

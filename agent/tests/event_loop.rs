@@ -50,7 +50,10 @@ impl Publisher for Recorder {
             let size = serde_json::to_vec(state).unwrap().len();
             let limit = self.limit.load(Ordering::SeqCst);
             if limit > 0 && size > limit {
-                return Err(PublishError::TooLarge { size, limit });
+                return Err(PublishError::TooLarge {
+                    size,
+                    limit: Some(limit),
+                });
             }
         }
         self.reports.lock().unwrap().push(report);
@@ -469,7 +472,7 @@ async fn a_report_that_cannot_be_published_never_holds_up_the_others() {
     assert_eq!((big.phase, big.revision), (Phase::Running, 2));
     assert!(big.container_ids.is_empty());
     assert!(
-        big.message.contains("over the broker's payload limit"),
+        big.message.contains("over the broker's size limit"),
         "{}",
         big.message
     );

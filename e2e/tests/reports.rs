@@ -10,6 +10,7 @@ use async_nats::ConnectOptions;
 use e2e::agent::{tokio_runtime, AgentProcess, Broker};
 use e2e::{eventually, unique_prefix, NatsServer, PodmanService, TEST_IMAGE};
 use futures_util::StreamExt;
+use podfleet_agent::buckets::{ensure_bucket, BucketSettings, Ensured};
 use podfleet_core::wire::{DeploymentState, FailureCause, Phase, RuntimeHealth};
 use serde_json::json;
 
@@ -181,5 +182,88 @@ fn a_value_too_large_to_quote_gets_a_bounded_report_and_holds_up_nobody() {
             })
             .await;
         assert!(agent.is_running(), "{}", agent.log());
+    });
+}
+
+#[test]
+fn a_state_over_the_buckets_value_limit_is_summarised_and_holds_up_nobody() {
+    tokio_runtime().block_on(async {
+        let nats = NatsServer::start();
+        // An operator bounded the state bucket's values to 600 bytes.
+        let admin = ConnectOptions::new().connect(nats.url()).await.unwrap();
+        let made = ensure_bucket(
+            &admin,
+            &BucketSettings::new("podfleet-state").max_value_size(600),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(made, Ensured::Created);
+        let broker = Broker::connect(&nats.url(), ConnectOptions::new()).await;
+        let podman = PodmanService::start_isolated();
+        let dir = tempfile::tempdir().unwrap();
+        let dev = unique_prefix("wide");
+        let args = agent_args(
+            &dev,
+            &nats.url(),
+            podman.socket(),
+            &dir.path().join("state"),
+        );
+        let mut agent = AgentProcess::spawn(Path::new(AGENT), &args, &dir.path().join("a.log"));
+
+        // Twelve services with long names: the Running report, with a
+        // 64-character id each, is well over 600 bytes.
+        let services: Vec<serde_json::Value> = (0..12)
+            .map(|i| sleeper(&format!("service-{i:02}-{}", "x".repeat(30))))
+            .collect();
+        let (wide, after) = (format!("{dev}-a-wide"), format!("{dev}-b-fine"));
+        let wide_rev = broker
+            .put(&dev, &wide, json!({ "services": services }).to_string())
+            .await;
+        let fine_rev = broker
+            .put(
+                &dev,
+                &after,
+                json!({"services": [sleeper("web")]}).to_string(),
+            )
+            .await;
+
+        let summary = broker
+            .wait_state(&dev, &wide, SETTLE, |s| {
+                s.phase == Phase::Running && s.revision == wide_rev
+            })
+            .await;
+        assert!(summary.summarised, "{summary:?}");
+        assert!(summary.container_ids.is_empty());
+        assert!(
+            summary.message.contains("over the broker's size limit"),
+            "{}",
+            summary.message
+        );
+        broker
+            .wait_state(&dev, &after, SETTLE, |s| {
+                s.phase == Phase::Running && s.revision == fine_rev
+            })
+            .await;
+        eventually!("the twelve services to run", SETTLE, {
+            let running = podman
+                .podman()
+                .args([
+                    "ps",
+                    "--filter",
+                    &format!("label=io.podfleet.deployment={wide}"),
+                    "-q",
+                ])
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).lines().count());
+            running.filter(|&n| n == 12)
+        });
+        assert!(
+            agent.log().contains("publishing its summary instead"),
+            "{}",
+            agent.log()
+        );
+        assert!(agent.is_running());
     });
 }

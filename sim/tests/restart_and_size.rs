@@ -4,7 +4,7 @@
 //!   publish states (a crash loop for every service it had not seen yet)
 //!   before it had listed the runtime: "truthful reports";
 //! - an invalid score whose error quotes a huge service name: the report
-//!   quoting it in full was over the broker's payload limit, refused
+//!   quoting it in full was over the broker's size limit, refused
 //!   forever, and retried ahead of every other deployment's report:
 //!   "truthful reports" and "liveness". The agent now quotes values cut,
 //!   and a report that cannot be published waits behind no other.

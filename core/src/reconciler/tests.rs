@@ -1088,7 +1088,7 @@ fn the_restart_report_check_bites() {
 #[test]
 fn a_huge_invalid_value_is_quoted_bounded_in_its_report() {
     // Issue 10, bug 2: a 1,000,000-character service name was quoted twice
-    // in the failure report, 2 MB, over the broker's payload limit.
+    // in the failure report, 2 MB, over the broker's size limit.
     let mut h = harness();
     let name = "w".repeat(1_000_000);
     h.put(

@@ -77,7 +77,7 @@ impl DeploymentState {
             cause.bound_texts(SUMMARY_TEXT_MAX_BYTES);
         }
         let note = format!(
-            "[report of {size} bytes was over the broker's payload limit; container ids and restarts left out] "
+            "[report of {size} bytes was over the broker's size limit; container ids and restarts left out] "
         );
         DeploymentState {
             phase: self.phase,
