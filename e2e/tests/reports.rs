@@ -38,6 +38,26 @@ fn agent_args(device: &str, nats: &str, socket: &Path, state: &Path) -> Vec<Stri
     .collect()
 }
 
+/// A device of its own (an isolated podman service) whose agent runs
+/// against `nats`: the podman service, the agent's directory (kept while
+/// the test runs), the device id and the agent.
+fn device_with_agent(
+    tag: &str,
+    nats: &NatsServer,
+) -> (PodmanService, tempfile::TempDir, String, AgentProcess) {
+    let podman = PodmanService::start_isolated();
+    let dir = tempfile::tempdir().unwrap();
+    let dev = unique_prefix(tag);
+    let args = agent_args(
+        &dev,
+        &nats.url(),
+        podman.socket(),
+        &dir.path().join("state"),
+    );
+    let agent = AgentProcess::spawn(Path::new(AGENT), &args, &dir.path().join("a.log"));
+    (podman, dir, dev, agent)
+}
+
 fn sleeper(name: &str) -> serde_json::Value {
     json!({"name": name, "image": TEST_IMAGE, "args": ["sleep", "1000"]})
 }
@@ -138,16 +158,7 @@ fn a_value_too_large_to_quote_gets_a_bounded_report_and_holds_up_nobody() {
     tokio_runtime().block_on(async {
         let nats = NatsServer::start();
         let broker = Broker::connect(&nats.url(), ConnectOptions::new()).await;
-        let podman = PodmanService::start_isolated();
-        let dir = tempfile::tempdir().unwrap();
-        let dev = unique_prefix("huge");
-        let args = agent_args(
-            &dev,
-            &nats.url(),
-            podman.socket(),
-            &dir.path().join("state"),
-        );
-        let mut agent = AgentProcess::spawn(Path::new(AGENT), &args, &dir.path().join("a.log"));
+        let (_podman, _dir, dev, mut agent) = device_with_agent("huge", &nats);
 
         // A 1,000,000-character service name: under NATS's 1 MiB payload
         // limit as a score, but twice over it when quoted twice in a report.
@@ -200,16 +211,7 @@ fn a_state_over_the_buckets_value_limit_is_summarised_and_holds_up_nobody() {
         .unwrap();
         assert_eq!(made, Ensured::Created);
         let broker = Broker::connect(&nats.url(), ConnectOptions::new()).await;
-        let podman = PodmanService::start_isolated();
-        let dir = tempfile::tempdir().unwrap();
-        let dev = unique_prefix("wide");
-        let args = agent_args(
-            &dev,
-            &nats.url(),
-            podman.socket(),
-            &dir.path().join("state"),
-        );
-        let mut agent = AgentProcess::spawn(Path::new(AGENT), &args, &dir.path().join("a.log"));
+        let (podman, _dir, dev, mut agent) = device_with_agent("wide", &nats);
 
         // Twelve services with long names: the Running report, with a
         // 64-character id each, is well over 600 bytes.
