@@ -771,7 +771,6 @@ async fn link<D: Dialer>(
                                 }
                             }
                             Frame::TooLarge { id, size, limit } => {
-                                world.probe("report over the payload limit");
                                 if let Some(done) = acks.remove(&id) {
                                     let limit = Some(limit);
                                     let _ = done.send(Err(PublishError::TooLarge { size, limit }));
