@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use podfleet_core::reconciler::{AgentCache, CachedDeployment, Output};
+use podfleet_core::reconciler::{AgentCache, CachedDeployment, Input, Output};
 use podfleet_core::runtime::{ContainerState, ContainerSummary, RuntimeOp, RuntimeReply};
 use podfleet_core::wire::{DeploymentName, DeviceId};
 use podfleet_core::{Config, Reconciler, Timestamp};
@@ -61,7 +61,13 @@ fn settle(r: &mut Reconciler, now: Timestamp, containers: &mut Vec<ContainerSumm
             }
             other => panic!("unexpected {other:?}"),
         };
-        r.handle_runtime_result(now, id, Ok(reply));
+        r.handle(
+            now,
+            Input::RuntimeResult {
+                id,
+                result: Ok(reply),
+            },
+        );
         inputs += 1;
     }
     inputs
@@ -79,7 +85,14 @@ fn main() {
     // A converged device: 20 running containers, applied from the cache.
     let mut r = Reconciler::new(config(), None, Timestamp::ZERO);
     let mut containers = Vec::new();
-    r.handle_desired_put(Timestamp::ZERO, deployment.clone(), 1, json.as_bytes());
+    r.handle(
+        Timestamp::ZERO,
+        Input::DesiredPut {
+            deployment: deployment.clone(),
+            revision: 1,
+            value: json.as_bytes(),
+        },
+    );
     settle(&mut r, Timestamp::ZERO, &mut containers);
     settle(&mut r, Timestamp::ZERO, &mut containers);
     assert_eq!(containers.len(), 20);
@@ -105,7 +118,7 @@ fn main() {
     let mut inputs = 0;
     for i in 1..=rounds {
         let now = Timestamp::from_millis(i * 30_000);
-        r.handle_timeout(now);
+        r.handle(now, Input::Timeout);
         let mut list = None;
         while let Some(o) = r.poll_output() {
             if let Output::Runtime {
@@ -121,7 +134,13 @@ fn main() {
             containers: containers.clone(),
         });
         let started = Instant::now();
-        r.handle_runtime_result(now, id, black_box(reply));
+        r.handle(
+            now,
+            Input::RuntimeResult {
+                id,
+                result: black_box(reply),
+            },
+        );
         while let Some(o) = r.poll_output() {
             assert!(
                 !matches!(o, Output::Runtime { .. }),
@@ -136,11 +155,13 @@ fn main() {
     // 2. An unchanged desired put.
     let started = Instant::now();
     for _ in 0..rounds {
-        r.handle_desired_put(
+        r.handle(
             Timestamp::from_millis(1),
-            deployment.clone(),
-            1,
-            black_box(json.as_bytes()),
+            Input::DesiredPut {
+                deployment: deployment.clone(),
+                revision: 1,
+                value: black_box(json.as_bytes()),
+            },
         );
         while r.poll_output().is_some() {}
     }
@@ -154,7 +175,14 @@ fn main() {
         let mut containers = Vec::new();
         let text = score(round as u32);
         let started = Instant::now();
-        r.handle_desired_put(Timestamp::ZERO, deployment.clone(), 1, text.as_bytes());
+        r.handle(
+            Timestamp::ZERO,
+            Input::DesiredPut {
+                deployment: deployment.clone(),
+                revision: 1,
+                value: text.as_bytes(),
+            },
+        );
         inputs += 1 + settle(&mut r, Timestamp::ZERO, &mut containers);
         inputs += settle(&mut r, Timestamp::ZERO, &mut containers);
         total += started.elapsed();

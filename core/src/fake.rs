@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::reconciler::{AgentCache, CommandId, Config, Output, Reconciler};
+use crate::reconciler::{AgentCache, CommandId, Config, Input, Output, Reconciler};
 use crate::runtime::{
     ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, RuntimeError,
     RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, StopOutcome, LABEL_MANAGED,
@@ -585,8 +585,14 @@ impl Harness {
         let name = DeploymentName::new(deployment).expect("test deployment names are valid");
         self.log(format_args!("desired put {deployment} rev {revision}"));
         self.oracle.saw_put(deployment, revision, json.as_bytes());
-        self.reconciler
-            .handle_desired_put(self.now, name, revision, json.as_bytes());
+        self.reconciler.handle(
+            self.now,
+            Input::DesiredPut {
+                deployment: name,
+                revision,
+                value: json.as_bytes(),
+            },
+        );
         self.drain();
     }
 
@@ -595,8 +601,13 @@ impl Harness {
         let name = DeploymentName::new(deployment).expect("test deployment names are valid");
         self.log(format_args!("desired delete {deployment} rev {revision}"));
         self.oracle.saw_delete(deployment, revision);
-        self.reconciler
-            .handle_desired_delete(self.now, name, revision);
+        self.reconciler.handle(
+            self.now,
+            Input::DesiredDelete {
+                deployment: name,
+                revision,
+            },
+        );
         self.drain();
     }
 
@@ -604,7 +615,8 @@ impl Harness {
     pub fn resync(&mut self, present: &BTreeSet<DeploymentName>) {
         self.log(format_args!("desired resync {} keys", present.len()));
         self.oracle.saw_resync(present);
-        self.reconciler.handle_desired_resync(self.now, present);
+        self.reconciler
+            .handle(self.now, Input::DesiredResync { present });
         self.drain();
     }
 
@@ -661,9 +673,7 @@ impl Harness {
                 }
             }
             let mut next = until;
-            if let Some(wake) = self.reconciler.poll_timeout() {
-                next = next.min(wake.at);
-            }
+            next = next.min(self.reconciler.poll_timeout().at);
             if let Some(at) = self.runtime.next_event() {
                 next = next.min(at);
             }
@@ -674,17 +684,12 @@ impl Harness {
             self.now = next;
             self.runtime.advance(next);
             self.resolve_pending();
-            if let Some(wake) = self.reconciler.poll_timeout().filter(|w| w.at <= self.now) {
+            if let Some(wake) = Some(self.reconciler.poll_timeout()).filter(|w| w.at <= self.now) {
                 let before = self.ops.len() + self.published.len();
-                self.reconciler.handle_timeout(self.now);
+                self.reconciler.handle(self.now, Input::Timeout);
                 self.drain();
                 let progress = self.ops.len() + self.published.len() != before;
-                if !progress
-                    && self
-                        .reconciler
-                        .poll_timeout()
-                        .is_some_and(|w| w.at <= self.now)
-                {
+                if !progress && self.reconciler.poll_timeout().at <= self.now {
                     idle_wakes += 1;
                     assert!(
                         idle_wakes < 1000,
@@ -734,7 +739,8 @@ impl Harness {
         if matches!(result, Ok(RuntimeReply::Listed { .. })) {
             self.oracle.saw_list();
         }
-        self.reconciler.handle_runtime_result(self.now, id, result);
+        self.reconciler
+            .handle(self.now, Input::RuntimeResult { id, result });
         self.drain();
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{PortMapping, Signal, VolumeMount};
+use crate::wire::{PortMapping, RuntimeOperation, Signal, VolumeMount};
 
 /// Label present (value `"true"`) on every container podfleet manages.
 pub const LABEL_MANAGED: &str = "io.podfleet.managed";
@@ -113,17 +113,22 @@ pub enum RuntimeOp {
 }
 
 impl RuntimeOp {
+    /// Which call this is, as named in failure causes.
+    pub fn kind(&self) -> RuntimeOperation {
+        match self {
+            RuntimeOp::List => RuntimeOperation::List,
+            RuntimeOp::Create { .. } => RuntimeOperation::Create,
+            RuntimeOp::Start { .. } => RuntimeOperation::Start,
+            RuntimeOp::Wait { .. } => RuntimeOperation::Wait,
+            RuntimeOp::Inspect { .. } => RuntimeOperation::Inspect,
+            RuntimeOp::Stop { .. } => RuntimeOperation::Stop,
+            RuntimeOp::Remove { .. } => RuntimeOperation::Remove,
+        }
+    }
+
     /// The operation's name, as shown in failure causes: `"create"`, `"start"`...
     pub fn name(&self) -> &'static str {
-        match self {
-            RuntimeOp::List => "list",
-            RuntimeOp::Create { .. } => "create",
-            RuntimeOp::Start { .. } => "start",
-            RuntimeOp::Wait { .. } => "wait",
-            RuntimeOp::Inspect { .. } => "inspect",
-            RuntimeOp::Stop { .. } => "stop",
-            RuntimeOp::Remove { .. } => "remove",
-        }
+        self.kind().as_str()
     }
 
     /// The container the operation is about (its name for `create`), or

@@ -126,7 +126,7 @@ fn failure_causes() -> Vec<FailureCause> {
         },
         FailureCause::Runtime {
             container: "shop_web".into(),
-            operation: "create".into(),
+            operation: RuntimeOperation::Create,
             error: "image not known".into(),
         },
         FailureCause::CrashLoop {

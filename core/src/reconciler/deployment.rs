@@ -18,8 +18,8 @@ use crate::runtime::{
 use crate::time::Timestamp;
 use crate::wire::text::{bounded, Quoted, TEXT_MAX_BYTES};
 use crate::wire::{
-    DeploymentName, DeploymentState, FailureCause, Phase, PodmanV0Score, RestartRecord, ScoreError,
-    Signal, DEFAULT_INIT_CONTAINER_TIMEOUT,
+    DeploymentName, DeploymentState, FailureCause, Phase, PodmanV0Score, RestartRecord,
+    RuntimeOperation, ScoreError, Signal, DEFAULT_INIT_CONTAINER_TIMEOUT,
 };
 
 /// The newest valid revision seen: what the deployment converges to.
@@ -99,6 +99,36 @@ struct Restart {
 struct Failure {
     cause: FailureCause,
     retry_at: Timestamp,
+}
+
+/// Where a deployment is in its life.
+///
+/// ```text
+///            valid put            rollout done
+///  Converging ──────▶ Converging ─────────────▶ Applied
+///      ▲  ▲                                     │   │
+///      │  └──────── a container changed ────────┘   │
+///      │              behind our back               │ delete
+///      │ put (valid or invalid)                      ▼
+///      └──────────────────────────────────────── Deleting ──▶ Gone
+///                                                teardown done
+/// ```
+///
+/// `Converging` covers "no valid revision yet" (only invalid payloads
+/// seen), "waiting for a retry" and "rolling out": the job and the failure
+/// say which. A put after a delete lifts `Deleting` once the teardown is
+/// done; only a deployment with nothing left to report becomes `Gone`, and
+/// the reconciler then forgets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    /// The target, if there is one, is not (or no longer) fully rolled out.
+    Converging,
+    /// The target is fully rolled out.
+    Applied,
+    /// A delete was seen and not superseded: tearing down.
+    Deleting,
+    /// Torn down with nothing left to report; about to be forgotten.
+    Gone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,10 +237,8 @@ pub(super) struct Deployment {
     target: Option<Target>,
     /// The newest payload seen, when it was invalid.
     invalid: Option<(u64, ScoreError)>,
-    /// A delete was seen and not superseded.
-    deleted: bool,
-    /// The target is fully rolled out.
-    applied: bool,
+    /// Where the deployment is in its life.
+    lifecycle: Lifecycle,
     /// Attempts at the target revision (or at the teardown).
     attempts: u32,
     /// Whether the applied revision ran init containers.
@@ -225,8 +253,9 @@ pub(super) struct Deployment {
     failure: Option<Failure>,
     last_report: Option<DeploymentState>,
     pub(super) last_mutation_seq: u64,
+    /// What the agent's cache holds of it changed since the reconciler
+    /// last looked.
     cache_dirty: bool,
-    gone: bool,
     /// `Bugs::create_before_remove`: new service containers get a second
     /// name, so the old and the new one coexist.
     bug_second_name: bool,
@@ -239,8 +268,7 @@ impl Deployment {
             latest_seen: 0,
             target: None,
             invalid: None,
-            deleted: false,
-            applied: false,
+            lifecycle: Lifecycle::Converging,
             attempts: 0,
             init_completed: 0,
             observed: BTreeMap::new(),
@@ -252,7 +280,6 @@ impl Deployment {
             last_mutation_seq: 0,
             cache_dirty: false,
             bug_second_name: false,
-            gone: false,
         }
     }
 
@@ -261,7 +288,7 @@ impl Deployment {
         let mut d = Self::new(name);
         d.latest_seen = cached.revision;
         let Some(text) = &cached.score else {
-            d.deleted = true;
+            d.lifecycle = Lifecycle::Deleting;
             return Some(d);
         };
         let bytes = text.as_bytes().to_vec();
@@ -272,7 +299,9 @@ impl Deployment {
             0
         };
         d.target = Some(Target::new(cached.revision, bytes, score));
-        d.applied = cached.applied;
+        if cached.applied {
+            d.lifecycle = Lifecycle::Applied;
+        }
         // An applied revision was attempted at least once, even by an agent
         // whose cache predates the attempt count.
         d.attempts = if cached.applied {
@@ -299,14 +328,13 @@ impl Deployment {
         if revision < self.latest_seen {
             return;
         }
-        if revision == self.latest_seen && !self.deleted {
+        if revision == self.latest_seen && self.lifecycle != Lifecycle::Deleting {
             // A redelivery of what we already hold.
             return;
         }
         self.latest_seen = revision;
         match PodmanV0Score::from_json(bytes) {
             Ok(score) => {
-                self.deleted = false;
                 self.invalid = None;
                 // The same spec at a newer revision (the same bytes, or bytes
                 // that decode to an equal score) changes nothing on the runtime.
@@ -328,7 +356,7 @@ impl Deployment {
                 }
                 self.target = Some(Target::new(revision, bytes.to_vec(), score));
                 self.cache_dirty = true;
-                self.applied = false;
+                self.lifecycle = Lifecycle::Converging;
                 self.attempts = 0;
                 self.failure = None;
                 self.restarts.clear();
@@ -345,15 +373,14 @@ impl Deployment {
             }
             self.latest_seen = revision;
         }
-        if self.deleted {
+        if self.lifecycle == Lifecycle::Deleting {
             return;
         }
-        self.deleted = true;
+        self.lifecycle = Lifecycle::Deleting;
         self.cache_dirty = true;
         self.invalid = None;
         // Nothing from before the delete may come back.
         self.target = None;
-        self.applied = false;
         self.attempts = 0;
         self.failure = None;
         self.supersede_job();
@@ -379,7 +406,7 @@ impl Deployment {
 
     /// A delete was seen and the teardown has not finished.
     pub(super) fn is_deleted(&self) -> bool {
-        self.deleted
+        self.lifecycle == Lifecycle::Deleting
     }
 
     /// A valid revision is in force, applied or not.
@@ -387,8 +414,21 @@ impl Deployment {
         self.target.is_some()
     }
 
+    /// The target is fully rolled out.
+    fn is_applied(&self) -> bool {
+        self.lifecycle == Lifecycle::Applied
+    }
+
+    /// Something outside podfleet changed an applied container: only a
+    /// rollout may put it back.
+    fn demote(&mut self) {
+        if self.lifecycle == Lifecycle::Applied {
+            self.lifecycle = Lifecycle::Converging;
+        }
+    }
+
     pub(super) fn is_gone(&self) -> bool {
-        self.gone
+        self.lifecycle == Lifecycle::Gone
     }
 
     pub(super) fn take_cache_dirty(&mut self) -> bool {
@@ -407,12 +447,12 @@ impl Deployment {
         let target = self.target.as_ref();
         Some(CachedDeployment {
             revision: target.map_or(self.latest_seen, |t| t.revision),
-            score: match (self.deleted, target) {
+            score: match (self.lifecycle == Lifecycle::Deleting, target) {
                 (true, _) => None,
                 (false, Some(t)) => Some(String::from_utf8_lossy(&t.bytes).into_owned()),
                 (false, None) => return None,
             },
-            applied: self.applied && !self.deleted,
+            applied: self.lifecycle == Lifecycle::Applied,
             attempt: self.attempts,
             container_ids: self
                 .observed
@@ -463,7 +503,7 @@ impl Deployment {
     }
 
     fn restart_wake(&self) -> Option<Wake> {
-        if !self.applied {
+        if self.lifecycle != Lifecycle::Applied {
             return None;
         }
         let target = self.target.as_ref()?;
@@ -567,9 +607,12 @@ impl Deployment {
                 Step::Fail(cause) => self.fail(now, config, cause),
                 Step::Forget => {
                     self.job = None;
-                    self.deleted = false;
                     // An invalid put after the delete is still reported.
-                    self.gone = self.invalid.is_none() && self.target.is_none();
+                    self.lifecycle = if self.invalid.is_none() && self.target.is_none() {
+                        Lifecycle::Gone
+                    } else {
+                        Lifecycle::Converging
+                    };
                     return;
                 }
                 step => {
@@ -588,16 +631,16 @@ impl Deployment {
 
     /// Starts the job the deployment needs now, if any.
     fn start_job(&mut self, now: Timestamp) -> bool {
-        if self.gone {
+        if self.lifecycle == Lifecycle::Gone {
             return false;
         }
         let retry_due = self.failure.as_ref().is_none_or(|f| now >= f.retry_at);
         if !retry_due {
             return false;
         }
-        let kind = if self.deleted {
+        let kind = if self.lifecycle == Lifecycle::Deleting {
             JobKind::Teardown
-        } else if self.target.is_some() && !self.applied {
+        } else if self.target.is_some() && self.lifecycle == Lifecycle::Converging {
             JobKind::Rollout
         } else {
             return false;
@@ -737,7 +780,7 @@ impl Deployment {
                     }
                     (ContainerState::Exited, None) => Some(FailureCause::Runtime {
                         container: init_container_name(self.name.as_str(), &name),
-                        operation: "inspect".into(),
+                        operation: RuntimeOperation::Inspect,
                         error: "exited without an exit code".into(),
                     }),
                     _ if !retried => {
@@ -835,7 +878,7 @@ impl Deployment {
                 .and_then(|o| o.container())
                 .unwrap_or("")
                 .to_owned(),
-            operation: op.as_ref().map_or("list", |o| o.name()).to_owned(),
+            operation: op.as_ref().map_or(RuntimeOperation::List, RuntimeOp::kind),
             error,
         }
     }
@@ -875,7 +918,7 @@ impl Deployment {
     fn finish(&mut self) {
         let ran_init = self.job.as_ref().is_some_and(|j| j.ran_init);
         self.job = None;
-        self.applied = true;
+        self.lifecycle = Lifecycle::Applied;
         self.failure = None;
         if ran_init {
             self.init_completed = self
@@ -944,7 +987,7 @@ impl Deployment {
         for service in &target.score.services {
             let hash = target.hashes.get(&service.name);
             match self.observed.get(&service.name) {
-                Some(o) if o.spec_hash.as_ref() == hash && !config.bugs.recreate_on_tick => {
+                Some(o) if o.spec_hash.as_ref() == hash && !bug!(config, recreate_on_tick) => {
                     if o.state != ContainerState::Running {
                         services.push(Step::StartService {
                             service: service.name.clone(),
@@ -954,7 +997,7 @@ impl Deployment {
                 }
                 Some(o) => {
                     recreates = true;
-                    if still_up(o.state) && !config.bugs.skip_graceful_stop {
+                    if still_up(o.state) && !bug!(config, skip_graceful_stop) {
                         services.push(Step::Stop {
                             service: service.name.clone(),
                             id: o.id.clone(),
@@ -969,7 +1012,7 @@ impl Deployment {
                     let create = Step::CreateService {
                         service: service.name.clone(),
                     };
-                    if config.bugs.create_before_remove {
+                    if bug!(config, create_before_remove) {
                         self.bug_second_name = true;
                         services.push(create);
                         services.push(remove);
@@ -987,7 +1030,7 @@ impl Deployment {
             }
         }
         let mut steps = cleanup;
-        if recreates && !config.bugs.skip_init_containers {
+        if recreates && !bug!(config, skip_init_containers) {
             for (index, init) in target.score.init_containers.iter().enumerate() {
                 steps.push(Step::RemoveIfPresent {
                     container: init_container_name(self.name.as_str(), &init.name),
@@ -1029,7 +1072,10 @@ impl Deployment {
         mine: &[&ContainerSummary],
         list_seq: u64,
     ) {
-        if self.job.is_some() || self.last_mutation_seq > list_seq || self.deleted {
+        if self.job.is_some()
+            || self.last_mutation_seq > list_seq
+            || self.lifecycle == Lifecycle::Deleting
+        {
             return;
         }
         self.refresh_observed(mine);
@@ -1057,11 +1103,9 @@ impl Deployment {
                 .is_some_and(|o| o.spec_hash.as_ref() == hash);
             match observed {
                 Some(o) if o.state == ContainerState::Running => {
-                    if !matches || config.bugs.recreate_on_tick {
+                    if !matches || bug!(config, recreate_on_tick) {
                         // Someone else changed it; only a rollout may replace it.
-                        if self.applied {
-                            self.applied = false;
-                        }
+                        self.demote();
                         continue;
                     }
                     if let Some(r) = self.restarts.get_mut(&service.name) {
@@ -1071,8 +1115,8 @@ impl Deployment {
                         }
                     }
                 }
-                Some(o) if matches || (config.bugs.revert_on_failure && !self.applied) => {
-                    if !self.applied && !config.bugs.revert_on_failure {
+                Some(o) if matches || (bug!(config, revert_on_failure) && !self.is_applied()) => {
+                    if !self.is_applied() && !bug!(config, revert_on_failure) {
                         continue;
                     }
                     if self.restart_allowed(now, config, &service.name) {
@@ -1086,13 +1130,9 @@ impl Deployment {
                         });
                     }
                 }
-                Some(_) => {
-                    if self.applied {
-                        self.applied = false;
-                    }
-                }
+                Some(_) => self.demote(),
                 None => {
-                    if self.applied && self.restart_allowed(now, config, &service.name) {
+                    if self.is_applied() && self.restart_allowed(now, config, &service.name) {
                         steps.push(Step::CreateService {
                             service: service.name.clone(),
                         });
@@ -1103,7 +1143,9 @@ impl Deployment {
         let cleanup_only = steps
             .iter()
             .all(|s| matches!(s, Step::RemoveIfPresent { .. }));
-        if !steps.is_empty() && (self.applied || config.bugs.revert_on_failure || cleanup_only) {
+        if !steps.is_empty()
+            && (self.is_applied() || bug!(config, revert_on_failure) || cleanup_only)
+        {
             self.job = Some(Job::new(JobKind::Heal, steps));
         }
     }
@@ -1151,7 +1193,7 @@ impl Deployment {
     }
 
     fn report_unbounded(&self, config: &Config) -> Option<DeploymentState> {
-        if self.deleted || self.gone {
+        if matches!(self.lifecycle, Lifecycle::Deleting | Lifecycle::Gone) {
             return None;
         }
         let restarts: BTreeMap<String, RestartRecord> = self
@@ -1199,7 +1241,7 @@ impl Deployment {
         }
         let target = self.target.as_ref()?;
         let revision = target.revision;
-        if self.applied && !self.observed_runtime && !config.bugs.report_before_observing {
+        if self.is_applied() && !self.observed_runtime && !bug!(config, report_before_observing) {
             // Adopted from the cache after a restart: until the runtime has
             // been listed, the last report published stands.
             return None;
@@ -1209,7 +1251,7 @@ impl Deployment {
             .as_ref()
             .is_some_and(|j| j.kind == JobKind::Rollout)
         {
-            if config.bugs.report_running_early {
+            if bug!(config, report_running_early) {
                 return Some(base(Phase::Running, revision, "running".into(), None));
             }
             let message = format!(
@@ -1231,7 +1273,7 @@ impl Deployment {
                 Some(failure.cause.clone()),
             ));
         }
-        if !self.applied {
+        if !self.is_applied() {
             let message = format!("revision {revision} is waiting to be rolled out");
             return Some(base(Phase::Pending, revision, message, None));
         }

@@ -10,17 +10,67 @@
 //!
 //! 1. Create it with [`Reconciler::new`], handing in the on-disk cache if the
 //!    agent has one. It asks for a `list` of managed containers first.
-//! 2. Feed exactly one input: [`handle_desired_put`](Reconciler::handle_desired_put),
-//!    [`handle_desired_delete`](Reconciler::handle_desired_delete),
-//!    [`handle_desired_resync`](Reconciler::handle_desired_resync),
-//!    [`handle_runtime_result`](Reconciler::handle_runtime_result) or
-//!    [`handle_timeout`](Reconciler::handle_timeout), always with the current time.
+//! 2. Feed exactly one [`Input`] to [`handle`](Reconciler::handle), always
+//!    with the current time.
 //! 3. Drain [`poll_output`](Reconciler::poll_output) until it returns `None`:
 //!    start each runtime operation (they may run concurrently; a `wait` may
 //!    block for long) and feed its result back in step 2; publish reports;
 //!    persist the cache.
-//! 4. Sleep until [`poll_timeout`](Reconciler::poll_timeout) or the next input,
-//!    whichever comes first, then go to step 2.
+//! 4. Sleep until [`poll_timeout`](Reconciler::poll_timeout) or the next
+//!    input, whichever comes first, then go to step 2 (with
+//!    [`Input::Timeout`] when the deadline passed).
+//!
+//! Time never goes backwards: a `now` earlier than one already handed in is
+//! taken as that one, so a clock stepped back by the operating system delays
+//! deadlines and never replays them.
+//!
+//! A whole shell, with a runtime that answers everything at once:
+//!
+//! ```
+//! use podfleet_core::reconciler::{Input, Output};
+//! use podfleet_core::runtime::{RuntimeOp, RuntimeReply};
+//! use podfleet_core::wire::{DeploymentName, DeviceId, Phase};
+//! use podfleet_core::{Config, Reconciler, Timestamp};
+//!
+//! let config = Config::new(DeviceId::new("pi-1").unwrap(), "0.1.0");
+//! let mut now = Timestamp::ZERO;
+//! let mut reconciler = Reconciler::new(config, None, now);
+//! let web = DeploymentName::new("web").unwrap();
+//! let mut inputs = vec![Input::DesiredPut {
+//!     deployment: web.clone(),
+//!     revision: 1,
+//!     value: br#"{"services":[{"name":"app","image":"localhost/app:1"}]}"#,
+//! }];
+//! let mut running = false;
+//! for _ in 0..100 {
+//!     // 2. one input, then 3. drain the outputs.
+//!     let input = inputs.pop().unwrap_or(Input::Timeout);
+//!     reconciler.handle(now, input);
+//!     while let Some(output) = reconciler.poll_output() {
+//!         match output {
+//!             Output::Runtime { id, op } => {
+//!                 let reply = match op {
+//!                     RuntimeOp::List => RuntimeReply::Listed { containers: vec![] },
+//!                     RuntimeOp::Create { .. } => RuntimeReply::Created { id: "c1".into() },
+//!                     RuntimeOp::Start { .. } => RuntimeReply::Started,
+//!                     other => panic!("not in this example: {other:?}"),
+//!                 };
+//!                 inputs.push(Input::RuntimeResult { id, result: Ok(reply) });
+//!             }
+//!             Output::PublishState { state, .. } => running = state.phase == Phase::Running,
+//!             _ => {} // heartbeats, cache writes
+//!         }
+//!     }
+//!     if running {
+//!         break;
+//!     }
+//!     // 4. with nothing to feed, sleep until the next deadline.
+//!     if inputs.is_empty() {
+//!         now = reconciler.poll_timeout().at;
+//!     }
+//! }
+//! assert!(running);
+//! ```
 //!
 //! # Guarantees
 //!
@@ -33,6 +83,8 @@
 //!   backoff; it is never rolled back.
 //! - One deployment's failure never stalls another's.
 
+#[macro_use]
+mod bugs;
 mod deployment;
 mod spec;
 
@@ -48,6 +100,8 @@ use crate::runtime::{
 use crate::time::{Backoff, Timestamp};
 use crate::wire::{DeploymentName, DeploymentState, DeviceId, Heartbeat, RuntimeHealth};
 
+#[cfg(feature = "bugs")]
+pub use bugs::Bugs;
 use deployment::Deployment;
 pub use spec::{fnv1a64, init_container_spec, service_container_spec, service_spec_hash};
 
@@ -63,6 +117,7 @@ pub struct Config {
     restart_reset_after: Duration,
     runtime_backoff: Backoff,
     libpod_race_retry: Duration,
+    #[cfg(feature = "bugs")]
     bugs: Bugs,
 }
 
@@ -83,6 +138,7 @@ impl Config {
             restart_reset_after: Duration::from_secs(600),
             runtime_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
             libpod_race_retry: Duration::from_millis(200),
+            #[cfg(feature = "bugs")]
             bugs: Bugs::default(),
         }
     }
@@ -138,45 +194,19 @@ impl Config {
         self.tick_interval
     }
 
-    /// The deliberate bugs switched on (all off outside tests).
-    #[doc(hidden)]
+    /// The deliberate bugs switched on.
+    #[cfg(feature = "bugs")]
     pub fn bugs(&self) -> Bugs {
         self.bugs
     }
 
     /// Switches on deliberate bugs so that tests can prove the invariant
-    /// checks catch them. Never use outside tests.
-    #[doc(hidden)]
+    /// checks catch them.
+    #[cfg(feature = "bugs")]
     pub fn inject_bugs(mut self, bugs: Bugs) -> Self {
         self.bugs = bugs;
         self
     }
-}
-
-/// Deliberate bugs, each breaking one invariant, for tests that prove the
-/// simulator and the property tests notice. All off by default.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Bugs {
-    /// The tick recreates running containers (the 30 s redeploy loop).
-    pub recreate_on_tick: bool,
-    /// A failed rollout restarts the previous revision's containers.
-    pub revert_on_failure: bool,
-    /// Init containers are skipped.
-    pub skip_init_containers: bool,
-    /// Replaced containers are removed without a graceful stop.
-    pub skip_graceful_stop: bool,
-    /// A new container is created before the old one is removed.
-    pub create_before_remove: bool,
-    /// Reports say Running as soon as a rollout starts.
-    pub report_running_early: bool,
-    /// A restarted agent reports its cached deployments before it has
-    /// listed the runtime (they read as crash-looping).
-    pub report_before_observing: bool,
-    /// The agent's outbox publishes strictly in key order and treats a
-    /// report the broker refuses as too large like any other failure: one
-    /// report that cannot be published holds up every report behind it.
-    pub head_of_line_reports: bool,
 }
 
 /// Identifies a runtime operation handed out by [`Reconciler::poll_output`];
@@ -197,11 +227,57 @@ impl fmt::Display for CommandId {
     }
 }
 
+/// Something that happened, for [`Reconciler::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Input<'a> {
+    /// A desired-state value arrived for `deployment` at KV `revision`.
+    ///
+    /// Bytes equal to what is applied or in flight change nothing on the
+    /// runtime; a revision older than one already seen is ignored (watch
+    /// redeliveries). Invalid bytes fail the deployment with the parse or
+    /// validation error and leave its containers as they are.
+    DesiredPut {
+        /// The deployment the key names.
+        deployment: DeploymentName,
+        /// The KV revision of the value.
+        revision: u64,
+        /// The value, as received.
+        value: &'a [u8],
+    },
+    /// The desired-state key of `deployment` was deleted at KV `revision`:
+    /// stop and remove all its containers, then clear its reported state.
+    DesiredDelete {
+        /// The deployment the key names.
+        deployment: DeploymentName,
+        /// The KV revision of the delete.
+        revision: u64,
+    },
+    /// The desired-state bucket holds exactly `present` for this device (the
+    /// end of a watch's initial snapshot, after start-up or a reconnect):
+    /// every other known deployment was deleted while the agent was not
+    /// listening.
+    DesiredResync {
+        /// The deployments whose keys exist.
+        present: &'a BTreeSet<DeploymentName>,
+    },
+    /// The result of the runtime operation `id`.
+    RuntimeResult {
+        /// The id [`Output::Runtime`] handed out.
+        id: CommandId,
+        /// What the runtime answered.
+        result: RuntimeResult,
+    },
+    /// Time has passed: act on every deadline at or before `now`.
+    Timeout,
+}
+
 /// Something the caller must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Output {
-    /// Perform a runtime operation and hand its result to
-    /// [`Reconciler::handle_runtime_result`] with this id.
+    /// Perform a runtime operation and hand its result back as
+    /// [`Input::RuntimeResult`] with this id.
     Runtime {
         /// The id to answer with.
         id: CommandId,
@@ -228,6 +304,7 @@ pub enum Output {
 
 /// Why the reconciler wants to be woken.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum WakeReason {
     /// The periodic liveness tick.
     Tick,
@@ -361,6 +438,8 @@ impl Effects {
 pub struct Reconciler {
     config: Config,
     started_at: Timestamp,
+    /// The latest `now` handed in: time never goes backwards.
+    now: Timestamp,
     effects: Effects,
     deployments: BTreeMap<DeploymentName, Deployment>,
     /// Whether the start-up `list` has answered.
@@ -403,6 +482,7 @@ impl Reconciler {
             next_heartbeat: now,
             config,
             started_at: now,
+            now,
             effects: Effects::default(),
             deployments,
             inventory_ready: false,
@@ -420,13 +500,29 @@ impl Reconciler {
         reconciler
     }
 
-    /// A desired-state value arrived for `deployment` at KV `revision`.
-    ///
-    /// Bytes equal to what is applied or in flight change nothing on the
-    /// runtime; a revision older than one already seen is ignored (watch
-    /// redeliveries). Invalid bytes fail the deployment with the parse or
-    /// validation error and leave its containers as they are.
-    pub fn handle_desired_put(
+    /// Handles one input at `now`; drain [`poll_output`](Self::poll_output)
+    /// afterwards. A `now` earlier than one handed in before is taken as
+    /// that one.
+    pub fn handle(&mut self, now: Timestamp, input: Input<'_>) {
+        let now = now.max(self.now);
+        self.now = now;
+        match input {
+            Input::DesiredPut {
+                deployment,
+                revision,
+                value,
+            } => self.desired_put(now, deployment, revision, value),
+            Input::DesiredDelete {
+                deployment,
+                revision,
+            } => self.desired_delete(now, deployment, revision),
+            Input::DesiredResync { present } => self.desired_resync(now, present),
+            Input::RuntimeResult { id, result } => self.runtime_result(now, id, result),
+            Input::Timeout => self.timeout(now),
+        }
+    }
+
+    fn desired_put(
         &mut self,
         now: Timestamp,
         deployment: DeploymentName,
@@ -452,14 +548,7 @@ impl Reconciler {
         self.drive(now, &deployment);
     }
 
-    /// The desired-state key of `deployment` was deleted at KV `revision`:
-    /// stop and remove all its containers, then clear its reported state.
-    pub fn handle_desired_delete(
-        &mut self,
-        now: Timestamp,
-        deployment: DeploymentName,
-        revision: u64,
-    ) {
+    fn desired_delete(&mut self, now: Timestamp, deployment: DeploymentName, revision: u64) {
         if self
             .tombstones
             .get(&deployment)
@@ -477,11 +566,7 @@ impl Reconciler {
         self.drive(now, &deployment);
     }
 
-    /// The desired-state bucket holds exactly `present` for this device (the
-    /// end of a watch's initial snapshot, after start-up or a reconnect):
-    /// every other known deployment was deleted while the agent was not
-    /// listening.
-    pub fn handle_desired_resync(&mut self, now: Timestamp, present: &BTreeSet<DeploymentName>) {
+    fn desired_resync(&mut self, now: Timestamp, present: &BTreeSet<DeploymentName>) {
         let gone: Vec<DeploymentName> = self
             .deployments
             .keys()
@@ -508,8 +593,7 @@ impl Reconciler {
         self.start_inventory_list();
     }
 
-    /// The result of the runtime operation `id`.
-    pub fn handle_runtime_result(&mut self, now: Timestamp, id: CommandId, result: RuntimeResult) {
+    fn runtime_result(&mut self, now: Timestamp, id: CommandId, result: RuntimeResult) {
         let Some((owner, mutation)) = self.effects.owners.remove(&id) else {
             return;
         };
@@ -543,8 +627,7 @@ impl Reconciler {
         }
     }
 
-    /// Time has passed: act on every deadline at or before `now`.
-    pub fn handle_timeout(&mut self, now: Timestamp) {
+    fn timeout(&mut self, now: Timestamp) {
         if now >= self.next_heartbeat {
             self.emit_heartbeat(now);
         }
@@ -585,9 +668,10 @@ impl Reconciler {
         None
     }
 
-    /// When to call [`handle_timeout`](Self::handle_timeout) next, and why.
+    /// When to hand in [`Input::Timeout`] next, and why. There is always a
+    /// next deadline: at least the next heartbeat.
     #[must_use]
-    pub fn poll_timeout(&self) -> Option<Wake> {
+    pub fn poll_timeout(&self) -> Wake {
         let mut best = Wake {
             at: self.next_heartbeat,
             reason: WakeReason::Heartbeat,
@@ -620,7 +704,7 @@ impl Reconciler {
                 }
             }
         }
-        Some(best)
+        best
     }
 
     /// The device's heartbeat as of `now` (also the body of a `ping` reply).

@@ -3,7 +3,7 @@ use std::time::Duration;
 use super::*;
 use crate::fake::{Behaviour, Harness, OpFault, RuntimeEvent};
 use crate::runtime::{ContainerState, LABEL_SPEC_HASH};
-use crate::wire::{FailureCause, Phase};
+use crate::wire::{FailureCause, Phase, RuntimeOperation};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -416,7 +416,7 @@ fn roll_forward_failure_reports_failed_without_revert() {
     let s = state(&h, "shop");
     assert_eq!(s.phase, Phase::Failed, "{}", h.transcript);
     assert!(
-        matches!(&s.cause, Some(FailureCause::Runtime { operation, .. }) if operation == "create")
+        matches!(&s.cause, Some(FailureCause::Runtime { operation, .. }) if *operation == RuntimeOperation::Create)
     );
     assert!(
         h.runtime.by_name("shop_web").is_none(),
@@ -689,7 +689,12 @@ fn resync_tears_down_deployments_deleted_while_away() {
     let mut h = harness();
     deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
     h.restart_agent(true);
-    h.reconciler.handle_desired_resync(h.now, &BTreeSet::new());
+    h.reconciler.handle(
+        h.now,
+        Input::DesiredResync {
+            present: &BTreeSet::new(),
+        },
+    );
     h.run_for(SECOND);
     // The harness drains on its next step.
     h.run_for(SECOND);
@@ -703,7 +708,8 @@ fn resync_sweeps_orphans_of_unknown_deployments() {
     h.restart_agent(false);
     h.put("keep", 3, &score(&[worker()], &[]));
     let present = BTreeSet::from([DeploymentName::new("keep").unwrap()]);
-    h.reconciler.handle_desired_resync(h.now, &present);
+    h.reconciler
+        .handle(h.now, Input::DesiredResync { present: &present });
     h.run_for(SECOND);
     assert!(h.runtime.by_name("shop_web").is_none(), "{}", h.transcript);
     assert!(h.runtime.by_name("keep_worker").is_some());
@@ -1122,17 +1128,42 @@ fn long_runtime_errors_are_cut_in_reports() {
         }
     };
     let (id, _) = next_op(&mut r);
-    r.handle_runtime_result(now, id, listed());
+    r.handle(
+        now,
+        Input::RuntimeResult {
+            id,
+            result: listed(),
+        },
+    );
     let name = DeploymentName::new("shop").unwrap();
     let json = score(&[web("img/web:1", "a")], &[]);
-    r.handle_desired_put(now, name.clone(), 1, json.as_bytes());
+    r.handle(
+        now,
+        Input::DesiredPut {
+            deployment: name.clone(),
+            revision: 1,
+            value: json.as_bytes(),
+        },
+    );
     let (id, op) = next_op(&mut r);
     assert_eq!(op, RuntimeOp::List);
-    r.handle_runtime_result(now, id, listed());
+    r.handle(
+        now,
+        Input::RuntimeResult {
+            id,
+            result: listed(),
+        },
+    );
     let (id, op) = next_op(&mut r);
     assert!(matches!(op, RuntimeOp::Create { .. }), "{op:?}");
     let error = RuntimeError::new(RuntimeErrorKind::Other, "e".repeat(100_000));
-    r.handle_runtime_result(now, id, Err(error));
+    r.handle(
+        now,
+        Input::RuntimeResult {
+            id,
+            result: Err(error),
+        },
+    );
     let s = r.deployment_state(&name).expect("a state").clone();
     assert_eq!(s.phase, Phase::Failed, "{s:?}");
     assert!(serde_json::to_vec(&s).unwrap().len() < 4 * crate::wire::text::TEXT_MAX_BYTES);

@@ -16,7 +16,9 @@ pub use command::{
     PingReply,
 };
 pub use names::{CommandSubject, DeploymentKey, DeploymentName, DeviceId, NameError, Verb};
-pub use report::{DeploymentState, FailureCause, Heartbeat, Phase, RestartRecord, RuntimeHealth};
+pub use report::{
+    DeploymentState, FailureCause, Heartbeat, Phase, RestartRecord, RuntimeHealth, RuntimeOperation,
+};
 pub use score::{
     InitContainer, LifecyclePolicy, PodmanService, PodmanV0Score, PortMapping, Protocol,
     ScoreError, Signal, VolumeMount, DEFAULT_INIT_CONTAINER_TIMEOUT,

@@ -26,6 +26,53 @@ pub enum Phase {
     Failed,
 }
 
+/// A container runtime call, as named in [`FailureCause::Runtime`].
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeOperation {
+    /// Listing the managed containers.
+    List,
+    /// Creating a container.
+    Create,
+    /// Starting a container.
+    Start,
+    /// Waiting for a container to exit.
+    Wait,
+    /// Inspecting a container.
+    Inspect,
+    /// Stopping a container.
+    Stop,
+    /// Removing a container.
+    Remove,
+    /// A call this version does not know (from a newer agent).
+    #[serde(other)]
+    Other,
+}
+
+impl RuntimeOperation {
+    /// The call's name on the wire: `"create"`, `"start"`...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeOperation::List => "list",
+            RuntimeOperation::Create => "create",
+            RuntimeOperation::Start => "start",
+            RuntimeOperation::Wait => "wait",
+            RuntimeOperation::Inspect => "inspect",
+            RuntimeOperation::Stop => "stop",
+            RuntimeOperation::Remove => "remove",
+            RuntimeOperation::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for RuntimeOperation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The agent's report for one deployment, at key `<device_id>.<deployment>`
 /// of the state bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -136,8 +183,8 @@ pub enum FailureCause {
     Runtime {
         /// The container the call was about.
         container: String,
-        /// The call: create, start, wait, inspect, stop, remove or list.
-        operation: String,
+        /// The call.
+        operation: RuntimeOperation,
         /// The runtime's error text.
         error: String,
     },
@@ -160,12 +207,9 @@ impl FailureCause {
         match self {
             FailureCause::InvalidScore { error } => *error = bounded(error, max),
             FailureCause::Runtime {
-                container,
-                operation,
-                error,
+                container, error, ..
             } => {
                 *container = bounded(container, max);
-                *operation = bounded(operation, max);
                 *error = bounded(error, max);
             }
             FailureCause::InitContainerExited { name, .. }
