@@ -28,7 +28,6 @@
 //!   "container has already been removed".
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::time::Duration;
@@ -52,10 +51,12 @@ use podfleet_core::runtime::{
 use podfleet_core::wire::{PortMapping, Protocol, VolumeMount};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
 use crate::runtime::{ContainerRuntime, ExecOutput, LogsOutput};
+
+mod http;
+
+use http::{get, percent_encode};
 
 /// Where a rootful podman serves its API when `podman.socket` is enabled.
 pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
@@ -580,37 +581,6 @@ async fn get_json<T: DeserializeOwned>(
     })
 }
 
-/// GETs `path_and_query` over a connection of its own: HTTP/1.0, so the
-/// body is simply everything after the headers.
-async fn get(
-    socket: &Path,
-    path_and_query: &str,
-    timeout: Duration,
-) -> Result<HttpResponse, RuntimeError> {
-    let request = format!(
-        "GET {path_and_query} HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n\r\n"
-    );
-    let exchange = async {
-        let mut stream = UnixStream::connect(socket).await?;
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let unavailable = |why: String| {
-        RuntimeError::new(
-            RuntimeErrorKind::Unavailable,
-            format!("GET {path_and_query} on {}: {why}", socket.display()),
-        )
-    };
-    let response = match tokio::time::timeout(timeout, exchange).await {
-        Err(_elapsed) => return Err(unavailable("no answer in time".to_owned())),
-        Ok(Err(e)) => return Err(unavailable(e.to_string())),
-        Ok(Ok(response)) => response,
-    };
-    parse_http_response(&response).map_err(unavailable)
-}
-
 /// The API version to speak with a server that speaks up to `server`
 /// (`"1.41"`): the server's, unless bollard knows only older ones.
 fn client_version(server: &str) -> Option<ClientVersion> {
@@ -742,97 +712,6 @@ fn error_message(body: &[u8]) -> String {
     serde_json::from_slice::<ErrorBody>(body)
         .map(|b| b.message)
         .unwrap_or_else(|_| String::from_utf8_lossy(body).trim().to_owned())
-}
-
-/// A complete HTTP/1.x response.
-#[derive(Debug, PartialEq, Eq)]
-struct HttpResponse {
-    status: u16,
-    /// Names as sent, values trimmed.
-    headers: Vec<(String, String)>,
-    /// Dechunked when it was sent in chunks.
-    body: Vec<u8>,
-}
-
-impl HttpResponse {
-    /// The value of the first header called `name`, whatever its case.
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Splits a complete HTTP/1.x response into its status code, headers and
-/// body, undoing chunked transfer encoding.
-fn parse_http_response(raw: &[u8]) -> Result<HttpResponse, String> {
-    let head_end = find(raw, b"\r\n\r\n").ok_or("the answer has no end of headers")?;
-    let head = raw.get(..head_end).unwrap_or_default();
-    let body = raw.get(head_end + 4..).unwrap_or_default();
-    let head = String::from_utf8_lossy(head);
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| format!("bad status line \"{status_line}\""))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
-        .collect();
-    let mut response = HttpResponse {
-        status,
-        headers,
-        body: Vec::new(),
-    };
-    let chunked = response
-        .header("transfer-encoding")
-        .is_some_and(|value| value.eq_ignore_ascii_case("chunked"));
-    response.body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    Ok(response)
-}
-
-fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
-    let truncated = || "truncated chunked body".to_owned();
-    let mut body = Vec::new();
-    loop {
-        let line_end = find(rest, b"\r\n").ok_or_else(truncated)?;
-        let size_line = String::from_utf8_lossy(rest.get(..line_end).unwrap_or_default());
-        let size_text = size_line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        rest = rest.get(line_end + 2..).ok_or_else(truncated)?;
-        if size == 0 {
-            return Ok(body);
-        }
-        body.extend_from_slice(rest.get(..size).ok_or_else(truncated)?);
-        rest = rest.get(size + 2..).ok_or_else(truncated)?;
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn percent_encode(text: &str) -> String {
-    let mut encoded = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            encoded.push(char::from(byte));
-        } else {
-            let _ = write!(encoded, "%{byte:02X}");
-        }
-    }
-    encoded
 }
 
 /// The Docker API create body for `spec`.
@@ -1003,35 +882,6 @@ mod tests {
     }
 
     #[test]
-    fn plain_and_chunked_responses_parse() {
-        let status_and_body = |raw: &[u8]| {
-            parse_http_response(raw)
-                .map(|r| (r.status, r.body))
-                .unwrap()
-        };
-        let plain = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n[]";
-        assert_eq!(status_and_body(plain), (200, b"[]".to_vec()));
-        let chunked =
-            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n2;x=y\r\n\"}\r\n0\r\n\r\n";
-        assert_eq!(status_and_body(chunked), (404, b"{\"a\"}".to_vec()));
-        assert!(parse_http_response(b"HTTP/1.0 200 OK\r\n").is_err());
-        assert!(parse_http_response(b"garbage\r\n\r\n").is_err());
-        let short = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc";
-        assert!(parse_http_response(short).is_err());
-    }
-
-    #[test]
-    fn the_ping_answer_carries_the_api_version() {
-        // podman 4.3's answer to GET /_ping, abridged.
-        let ping = b"HTTP/1.0 200 OK\r\nApi-Version: 1.41\r\nBuilder-Version: \r\nLibpod-Api-Version: 4.3.1\r\nContent-Length: 2\r\n\r\nOK";
-        let response = parse_http_response(ping).unwrap();
-        assert_eq!(response.header("API-Version"), Some("1.41"));
-        assert_eq!(response.header("builder-version"), Some(""));
-        assert_eq!(response.header("Docker-Experimental"), None);
-        assert_eq!(response.body, b"OK");
-    }
-
-    #[test]
     fn the_api_version_is_the_servers_up_to_bollards() {
         let version = |v| client_version(v).map(|c| c.to_string());
         assert_eq!(version("1.41").as_deref(), Some("1.41"));
@@ -1050,15 +900,6 @@ mod tests {
             "no such container"
         );
         assert_eq!(error_message(b"plain words\n"), "plain words");
-    }
-
-    #[test]
-    fn percent_encoding_keeps_unreserved_only() {
-        assert_eq!(percent_encode("web_a-1.x~"), "web_a-1.x~");
-        assert_eq!(
-            percent_encode(r#"{"label":["a=b"]}"#),
-            "%7B%22label%22%3A%5B%22a%3Db%22%5D%7D"
-        );
     }
 
     #[test]
