@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use podfleet_core::reconciler::{AgentCache, CachedDeployment, Input, Output};
 use podfleet_core::runtime::{ContainerState, ContainerSummary, RuntimeOp, RuntimeReply};
-use podfleet_core::wire::{DeploymentName, DeviceId};
+use podfleet_core::wire::{DeploymentName, DeviceId, Revision};
 use podfleet_core::{Config, Reconciler, Timestamp};
 
 fn score(version: u32) -> String {
@@ -89,7 +89,7 @@ fn main() {
         Timestamp::ZERO,
         Input::DesiredPut {
             deployment: deployment.clone(),
-            revision: 1,
+            revision: Revision::new(1),
             value: json.as_bytes(),
         },
     );
@@ -100,7 +100,7 @@ fn main() {
         deployments: BTreeMap::from([(
             deployment.clone(),
             CachedDeployment {
-                revision: 1,
+                revision: Revision::new(1),
                 score: Some(json.clone()),
                 applied: true,
                 attempt: 1,
@@ -159,7 +159,7 @@ fn main() {
             Timestamp::from_millis(1),
             Input::DesiredPut {
                 deployment: deployment.clone(),
-                revision: 1,
+                revision: Revision::new(1),
                 value: black_box(json.as_bytes()),
             },
         );
@@ -179,7 +179,7 @@ fn main() {
             Timestamp::ZERO,
             Input::DesiredPut {
                 deployment: deployment.clone(),
-                revision: 1,
+                revision: Revision::new(1),
                 value: text.as_bytes(),
             },
         );

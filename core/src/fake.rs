@@ -28,7 +28,7 @@ use crate::runtime::{
     RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, StopOutcome, LABEL_MANAGED,
 };
 use crate::time::Timestamp;
-use crate::wire::{DeploymentName, DeploymentState, Heartbeat, Signal};
+use crate::wire::{DeploymentName, DeploymentState, Heartbeat, Revision, Signal};
 
 /// How the program inside a container behaves, chosen by its argv
 /// ([`FakeRuntime::set_program`]) or else by its image
@@ -589,7 +589,7 @@ impl Harness {
             self.now,
             Input::DesiredPut {
                 deployment: name,
-                revision,
+                revision: Revision::new(revision),
                 value: json.as_bytes(),
             },
         );
@@ -605,7 +605,7 @@ impl Harness {
             self.now,
             Input::DesiredDelete {
                 deployment: name,
-                revision,
+                revision: Revision::new(revision),
             },
         );
         self.drain();
@@ -865,12 +865,15 @@ impl ValidSpec {
         };
         let lifecycle = self.score.lifecycle_or_default();
         self.score.services.iter().any(|s| {
-            crate::reconciler::service_container_spec(deployment, s, &lifecycle, revision) == *spec
-        }) || self
-            .score
-            .init_containers
-            .iter()
-            .any(|i| crate::reconciler::init_container_spec(deployment, i, revision) == *spec)
+            crate::reconciler::service_container_spec(
+                deployment,
+                s,
+                &lifecycle,
+                Revision::new(revision),
+            ) == *spec
+        }) || self.score.init_containers.iter().any(|i| {
+            crate::reconciler::init_container_spec(deployment, i, Revision::new(revision)) == *spec
+        })
     }
 
     /// Whether `spec` runs what this score asks of `service`: everything
@@ -888,7 +891,7 @@ impl ValidSpec {
                     deployment,
                     s,
                     &lifecycle,
-                    self.revision,
+                    Revision::new(self.revision),
                 );
                 baked_in(&wanted) == baked_in(spec)
             })
@@ -956,7 +959,7 @@ impl Oracle {
                 .iter()
                 .map(|s| {
                     (
-                        s.name.clone(),
+                        s.name.to_string(),
                         crate::reconciler::service_spec_hash(s, signal),
                     )
                 })
@@ -964,7 +967,7 @@ impl Oracle {
             let inits = score
                 .init_containers
                 .iter()
-                .map(|i| i.name.clone())
+                .map(|i| i.name.to_string())
                 .collect();
             let mut revisions = match &entry.valid {
                 // The same spec (the same bytes, or bytes that decode to an
@@ -1222,12 +1225,12 @@ impl Oracle {
             .seen
             .get(deployment.as_str())
             .and_then(|s| s.valid.as_ref())
-            .filter(|v| v.revision == state.revision)
+            .filter(|v| v.revision == state.revision.get())
             // A summary leaves the ids out by design.
             .filter(|_| !state.summarised);
         if let Some(valid) = valid {
             for (service, hash) in &valid.hashes {
-                let id = state.container_ids.get(service);
+                let id = state.container_ids.get(service.as_str());
                 let created_with = id
                     .and_then(|id| runtime.containers.get(id))
                     .and_then(|c| c.spec.labels.get(crate::runtime::LABEL_SPEC_HASH));
@@ -1400,7 +1403,7 @@ mod oracle_tests {
             "shop",
             &score.services[0],
             &score.lifecycle_or_default(),
-            revision,
+            Revision::new(revision),
         )
     }
 

@@ -89,7 +89,7 @@ fn deployment() -> DeploymentName {
 fn running_state() -> DeploymentState {
     DeploymentState {
         phase: Phase::Running,
-        revision: 7,
+        revision: Revision::new(7),
         container_ids: BTreeMap::from([
             ("web".into(), "4f1c".into()),
             ("worker".into(), "9a2b".into()),
@@ -174,7 +174,7 @@ fn deployment_state_json_is_stable() {
     insta::assert_json_snapshot!("state_running", running);
     let failed = DeploymentState {
         phase: Phase::Failed,
-        revision: 8,
+        revision: Revision::new(8),
         container_ids: running.container_ids.clone(),
         message: "init container \"migrate\" exited with code 3".into(),
         cause: Some(FailureCause::InitContainerExited {

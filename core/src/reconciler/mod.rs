@@ -29,7 +29,7 @@
 //! ```
 //! use podfleet_core::reconciler::{Input, Output};
 //! use podfleet_core::runtime::{RuntimeOp, RuntimeReply};
-//! use podfleet_core::wire::{DeploymentName, DeviceId, Phase};
+//! use podfleet_core::wire::{DeploymentName, DeviceId, Phase, Revision};
 //! use podfleet_core::{Config, Reconciler, Timestamp};
 //!
 //! let config = Config::new(DeviceId::new("pi-1").unwrap(), "0.1.0");
@@ -38,7 +38,7 @@
 //! let web = DeploymentName::new("web").unwrap();
 //! let mut inputs = vec![Input::DesiredPut {
 //!     deployment: web.clone(),
-//!     revision: 1,
+//!     revision: Revision::new(1),
 //!     value: br#"{"services":[{"name":"app","image":"localhost/app:1"}]}"#,
 //! }];
 //! let mut running = false;
@@ -98,7 +98,10 @@ use crate::runtime::{
     ContainerSummary, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, LABEL_DEPLOYMENT,
 };
 use crate::time::{Backoff, Timestamp};
-use crate::wire::{DeploymentName, DeploymentState, DeviceId, Heartbeat, RuntimeHealth};
+use crate::wire::{
+    DeploymentName, DeploymentState, DeviceId, Heartbeat, InitName, Revision, RuntimeHealth,
+    ServiceName,
+};
 
 #[cfg(feature = "bugs")]
 pub use bugs::Bugs;
@@ -241,7 +244,7 @@ pub enum Input<'a> {
         /// The deployment the key names.
         deployment: DeploymentName,
         /// The KV revision of the value.
-        revision: u64,
+        revision: Revision,
         /// The value, as received.
         value: &'a [u8],
     },
@@ -251,7 +254,7 @@ pub enum Input<'a> {
         /// The deployment the key names.
         deployment: DeploymentName,
         /// The KV revision of the delete.
-        revision: u64,
+        revision: Revision,
     },
     /// The desired-state bucket holds exactly `present` for this device (the
     /// end of a watch's initial snapshot, after start-up or a reconnect):
@@ -317,14 +320,14 @@ pub enum WakeReason {
         /// The deployment.
         deployment: DeploymentName,
         /// The init container.
-        init: String,
+        init: InitName,
     },
     /// The second inspect after the libpod wait/inspect race.
     LibpodRaceRetry {
         /// The deployment.
         deployment: DeploymentName,
         /// The init container.
-        init: String,
+        init: InitName,
     },
     /// The next attempt at a failed revision.
     RetryBackoff {
@@ -336,7 +339,7 @@ pub enum WakeReason {
         /// The deployment.
         deployment: DeploymentName,
         /// The service.
-        service: String,
+        service: ServiceName,
     },
 }
 
@@ -361,7 +364,7 @@ pub struct AgentCache {
     /// Deployment name -> the revision it was deleted at, so that a late
     /// redelivery of an older put cannot bring it back after a restart.
     #[serde(default)]
-    pub tombstones: BTreeMap<DeploymentName, u64>,
+    pub tombstones: BTreeMap<DeploymentName, Revision>,
 }
 
 /// How many tombstones the cache keeps (the oldest revisions go first).
@@ -371,7 +374,7 @@ const MAX_TOMBSTONES: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedDeployment {
     /// The newest valid desired-state revision seen.
-    pub revision: u64,
+    pub revision: Revision,
     /// Its score's raw bytes, as received; `None` when the deployment was
     /// deleted and its teardown had not finished.
     pub score: Option<String>,
@@ -382,7 +385,7 @@ pub struct CachedDeployment {
     #[serde(default)]
     pub attempt: u32,
     /// Service name -> container id.
-    pub container_ids: BTreeMap<String, String>,
+    pub container_ids: BTreeMap<ServiceName, String>,
 }
 
 impl AgentCache {
@@ -460,7 +463,7 @@ pub struct Reconciler {
     orphan_sweep: bool,
     /// The last revision of each deployment torn down, so that a late
     /// redelivery of an older put cannot bring it back.
-    tombstones: BTreeMap<DeploymentName, u64>,
+    tombstones: BTreeMap<DeploymentName, Revision>,
 }
 
 impl Reconciler {
@@ -526,7 +529,7 @@ impl Reconciler {
         &mut self,
         now: Timestamp,
         deployment: DeploymentName,
-        revision: u64,
+        revision: Revision,
         bytes: &[u8],
     ) {
         if let Some(&tombstone) = self.tombstones.get(&deployment) {
@@ -548,7 +551,7 @@ impl Reconciler {
         self.drive(now, &deployment);
     }
 
-    fn desired_delete(&mut self, now: Timestamp, deployment: DeploymentName, revision: u64) {
+    fn desired_delete(&mut self, now: Timestamp, deployment: DeploymentName, revision: Revision) {
         if self
             .tombstones
             .get(&deployment)

@@ -9,7 +9,7 @@ use crate::runtime::{
     init_container_name, service_container_name, ContainerSpec, LABEL_DEPLOYMENT, LABEL_GRACE,
     LABEL_INIT, LABEL_MANAGED, LABEL_REVISION, LABEL_SERVICE, LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
 };
-use crate::wire::{InitContainer, LifecyclePolicy, PodmanService, Signal};
+use crate::wire::{InitContainer, LifecyclePolicy, PodmanService, Revision, Signal};
 
 /// The hash of everything that is baked into a service's container: the
 /// service spec and the stop signal. The grace period is not included: it is
@@ -38,7 +38,7 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     })
 }
 
-fn base_labels(deployment: &str, name: &str, revision: u64) -> BTreeMap<String, String> {
+fn base_labels(deployment: &str, name: &str, revision: Revision) -> BTreeMap<String, String> {
     BTreeMap::from([
         (LABEL_MANAGED.to_owned(), "true".to_owned()),
         (LABEL_DEPLOYMENT.to_owned(), deployment.to_owned()),
@@ -52,7 +52,7 @@ pub fn service_container_spec(
     deployment: &str,
     service: &PodmanService,
     lifecycle: &LifecyclePolicy,
-    revision: u64,
+    revision: Revision,
 ) -> ContainerSpec {
     let mut labels = base_labels(deployment, &service.name, revision);
     labels.insert(
@@ -80,7 +80,11 @@ pub fn service_container_spec(
 }
 
 /// The container spec of an init container of `revision`.
-pub fn init_container_spec(deployment: &str, init: &InitContainer, revision: u64) -> ContainerSpec {
+pub fn init_container_spec(
+    deployment: &str,
+    init: &InitContainer,
+    revision: Revision,
+) -> ContainerSpec {
     let mut labels = base_labels(deployment, &init.name, revision);
     labels.insert(LABEL_INIT.to_owned(), "true".to_owned());
     ContainerSpec {
@@ -127,7 +131,7 @@ mod tests {
             stop_signal: Signal::Int,
             grace_period_secs: 7,
         };
-        let spec = service_container_spec("shop", &web(), &lifecycle, 4);
+        let spec = service_container_spec("shop", &web(), &lifecycle, Revision::new(4));
         assert_eq!(spec.name, "shop_web");
         assert_eq!(spec.stop_signal, Signal::Int);
         assert_eq!(spec.labels[LABEL_MANAGED], "true");

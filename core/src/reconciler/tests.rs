@@ -112,7 +112,7 @@ fn unchanged_score_is_a_noop() {
     deploy(&mut h, 2, &json); // re-put of the same bytes
     assert!(h.ops[from..].is_empty(), "{}", h.transcript);
     let s = state(&h, "shop");
-    assert_eq!((s.phase, s.revision), (Phase::Running, 2));
+    assert_eq!((s.phase, s.revision.get()), (Phase::Running, 2));
 }
 
 #[test]
@@ -154,7 +154,7 @@ fn changed_score_gracefully_replaces_by_id() {
         "unchanged service left running"
     );
     let s = state(&h, "shop");
-    assert_eq!((s.phase, s.revision), (Phase::Running, 2));
+    assert_eq!((s.phase, s.revision.get()), (Phase::Running, 2));
     assert_eq!(s.container_ids["web"], new_web);
 }
 
@@ -458,7 +458,10 @@ fn newer_revision_supersedes_a_failing_one_at_once() {
     assert_eq!(state(&h, "shop").phase, Phase::Failed);
     deploy(&mut h, 2, &score(&[web("img/web:3", "a")], &[]));
     let s = state(&h, "shop");
-    assert_eq!((s.phase, s.revision, s.attempt), (Phase::Running, 2, 1));
+    assert_eq!(
+        (s.phase, s.revision.get(), s.attempt),
+        (Phase::Running, 2, 1)
+    );
 }
 
 #[test]
@@ -498,7 +501,7 @@ fn malformed_payload_keeps_old_containers() {
     let from = h.ops.len();
     deploy(&mut h, 2, "{not json");
     let s = state(&h, "shop");
-    assert_eq!((s.phase, s.revision), (Phase::Failed, 2));
+    assert_eq!((s.phase, s.revision.get()), (Phase::Failed, 2));
     assert!(
         matches!(&s.cause, Some(FailureCause::InvalidScore { error }) if error.starts_with("malformed score"))
     );
@@ -602,7 +605,7 @@ fn crash_loop_is_reported_and_never_blocks_a_newer_revision() {
         &format!(r#"{{"services":[{}]}}"#, web("img/web:1", "a")),
     );
     let s = state(&h, "shop");
-    assert_eq!((s.phase, s.revision), (Phase::Running, 2));
+    assert_eq!((s.phase, s.revision.get()), (Phase::Running, 2));
     assert!(s.restarts.is_empty(), "a new revision starts a new count");
 }
 
@@ -731,7 +734,7 @@ fn crash_mid_rollout_resumes_the_newer_revision_from_cache() {
     h.run_for(Duration::from_secs(10)); // no NATS: the cache alone drives it
     let s = state(&h, "shop");
     assert_eq!(
-        (s.phase, s.revision),
+        (s.phase, s.revision.get()),
         (Phase::Running, 2),
         "{}",
         h.transcript
@@ -963,7 +966,7 @@ fn the_same_score_at_a_newer_revision_keeps_the_init_containers_that_ran() {
     h.run_for(Duration::from_secs(10));
     let s = state(&h, "shop");
     assert_eq!(
-        (s.phase, s.revision),
+        (s.phase, s.revision.get()),
         (Phase::Running, 6),
         "{}",
         h.transcript
@@ -1065,7 +1068,7 @@ fn a_restarted_agent_reports_nothing_until_it_has_listed_the_runtime() {
     h.run_for(Duration::from_secs(60));
     let s = state(&h, "shop");
     assert_eq!(
-        (s.phase, s.revision),
+        (s.phase, s.revision.get()),
         (Phase::Running, 1),
         "{}",
         h.transcript
@@ -1141,7 +1144,7 @@ fn long_runtime_errors_are_cut_in_reports() {
         now,
         Input::DesiredPut {
             deployment: name.clone(),
-            revision: 1,
+            revision: Revision::new(1),
             value: json.as_bytes(),
         },
     );
@@ -1194,7 +1197,10 @@ fn the_same_spec_at_a_newer_revision_reports_running_once_and_says_so() {
         .map(|(_, s)| s)
         .collect();
     assert_eq!(since.len(), 1, "{since:?}");
-    assert_eq!((since[0].phase, since[0].revision), (Phase::Running, 2));
+    assert_eq!(
+        (since[0].phase, since[0].revision.get()),
+        (Phase::Running, 2)
+    );
     assert_eq!(
         since[0].message,
         "1 init container completed, 1 service running (spec unchanged since revision 1)"

@@ -6,6 +6,7 @@
 //! reference is docs/wire-format.md.
 
 pub mod command;
+pub mod ids;
 pub mod names;
 pub mod report;
 pub mod score;
@@ -15,6 +16,7 @@ pub use command::{
     CommandError, CommandReply, ErrorCode, ExecReply, ExecRequest, LogsReply, LogsRequest,
     PingReply,
 };
+pub use ids::{InitName, Revision, ServiceName};
 pub use names::{CommandSubject, DeploymentKey, DeploymentName, DeviceId, NameError, Verb};
 pub use report::{
     DeploymentState, FailureCause, Heartbeat, Phase, RestartRecord, RuntimeHealth, RuntimeOperation,

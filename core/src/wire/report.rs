@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::wire::ids::{InitName, Revision, ServiceName};
 use crate::wire::names::DeviceId;
 use crate::wire::text::bounded;
 
@@ -80,10 +81,10 @@ pub struct DeploymentState {
     /// Where the deployment stands.
     pub phase: Phase,
     /// The desired-state KV revision this report is about.
-    pub revision: u64,
+    pub revision: Revision,
     /// Service name -> id of the container running it.
     #[serde(default)]
-    pub container_ids: BTreeMap<String, String>,
+    pub container_ids: BTreeMap<ServiceName, String>,
     /// A one-line summary for people, e.g. "2 init containers completed, 3 services running".
     #[serde(default)]
     pub message: String,
@@ -97,7 +98,7 @@ pub struct DeploymentState {
     pub attempt: u32,
     /// Services the agent has had to restart, with how often and why.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub restarts: BTreeMap<String, RestartRecord>,
+    pub restarts: BTreeMap<ServiceName, RestartRecord>,
     /// This is a [summary](DeploymentState::summarised): the full report was
     /// over the broker's limit, so `container_ids` and `restarts` are left
     /// out and the texts are cut.
@@ -163,21 +164,21 @@ pub enum FailureCause {
     /// An init container exited non-zero.
     InitContainerExited {
         /// The init container.
-        name: String,
+        name: InitName,
         /// Its exit code.
         exit_code: i64,
     },
     /// An init container ran past its timeout and was force-removed.
     InitContainerTimedOut {
         /// The init container.
-        name: String,
+        name: InitName,
         /// How long it was waited for, in whole seconds.
         waited_secs: u64,
     },
     /// After `wait` returned, inspect still said "running" on the retry.
     StillRunningAfterWait {
         /// The init container.
-        name: String,
+        name: InitName,
     },
     /// A runtime call failed.
     Runtime {
@@ -192,7 +193,7 @@ pub enum FailureCause {
     /// never given up on. Does not block a newer revision.
     CrashLoop {
         /// The service.
-        service: String,
+        service: ServiceName,
         /// Restarts so far.
         restarts: u32,
         /// The last exit code, when known.
@@ -214,8 +215,8 @@ impl FailureCause {
             }
             FailureCause::InitContainerExited { name, .. }
             | FailureCause::InitContainerTimedOut { name, .. }
-            | FailureCause::StillRunningAfterWait { name } => *name = bounded(name, max),
-            FailureCause::CrashLoop { service, .. } => *service = bounded(service, max),
+            | FailureCause::StillRunningAfterWait { name } => *name = bounded(name, max).into(),
+            FailureCause::CrashLoop { service, .. } => *service = bounded(service, max).into(),
         }
     }
 }

@@ -21,7 +21,8 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::names::{validate_label, NameError, NameKind, LABEL_PATTERN, MAX_LABEL_LEN};
+use crate::wire::ids::{InitName, ServiceName};
+use crate::wire::names::{validate_label, NameError, NameKind};
 use crate::wire::text::{bounded, Quoted, TEXT_MAX_BYTES};
 
 /// How long an init container may run when its score does not say.
@@ -68,8 +69,7 @@ pub struct PodmanService {
     /// The service's name, unique among the score's services and init
     /// containers: 1-63 characters of a-z, 0-9 and '-', starting and ending
     /// with a letter or digit.
-    #[schemars(length(min = 1, max = MAX_LABEL_LEN), regex(pattern = LABEL_PATTERN))]
-    pub name: String,
+    pub name: ServiceName,
     /// The image reference, for example `localhost/app:1.2`; not blank.
     #[schemars(regex(pattern = IMAGE_PATTERN))]
     pub image: String,
@@ -95,8 +95,7 @@ pub struct InitContainer {
     /// The init container's name, unique within the score and distinct from
     /// every service name: 1-63 characters of a-z, 0-9 and '-', starting and
     /// ending with a letter or digit.
-    #[schemars(length(min = 1, max = MAX_LABEL_LEN), regex(pattern = LABEL_PATTERN))]
-    pub name: String,
+    pub name: InitName,
     /// The image reference; not blank.
     #[schemars(regex(pattern = IMAGE_PATTERN))]
     pub image: String,
@@ -452,7 +451,7 @@ impl PodmanV0Score {
             validate_label(NameKind::Service, &service.name)?;
             if !services.insert(service.name.as_str()) {
                 return Err(ScoreError::DuplicateService {
-                    name: service.name.clone(),
+                    name: service.name.to_string(),
                 });
             }
             validate_container(
@@ -464,7 +463,7 @@ impl PodmanV0Score {
             for port in &service.ports {
                 if port.host_port == 0 || port.container_port == 0 {
                     return Err(ScoreError::ZeroPort {
-                        service: service.name.clone(),
+                        service: service.name.to_string(),
                     });
                 }
                 if let Some(first) =
@@ -474,7 +473,7 @@ impl PodmanV0Score {
                         port: port.host_port,
                         protocol: port.protocol,
                         first: first.to_owned(),
-                        second: service.name.clone(),
+                        second: service.name.to_string(),
                     });
                 }
             }
@@ -484,18 +483,18 @@ impl PodmanV0Score {
             validate_label(NameKind::InitContainer, &init.name)?;
             if !inits.insert(init.name.as_str()) {
                 return Err(ScoreError::DuplicateInitContainer {
-                    name: init.name.clone(),
+                    name: init.name.to_string(),
                 });
             }
             if services.contains(init.name.as_str()) {
                 return Err(ScoreError::ServiceInitNameClash {
-                    name: init.name.clone(),
+                    name: init.name.to_string(),
                 });
             }
             validate_container(&init.name, &init.image, &init.env, &init.volumes)?;
             if init.timeout.is_zero() {
                 return Err(ScoreError::ZeroTimeout {
-                    name: init.name.clone(),
+                    name: init.name.to_string(),
                 });
             }
         }

@@ -47,26 +47,26 @@ pub(super) enum Call {
         then: Option<FailureCause>,
     },
     Stop {
-        service: String,
+        service: ServiceName,
         id: String,
         signal: Signal,
         grace: Duration,
     },
     RemoveService {
-        service: String,
+        service: ServiceName,
         id: String,
     },
     CreateService {
-        service: String,
+        service: ServiceName,
         spec: ContainerSpec,
     },
     StartService {
-        service: String,
+        service: ServiceName,
         id: String,
     },
     /// Learn a crashed container's exit code before restarting it.
     InspectExited {
-        service: String,
+        service: ServiceName,
         id: String,
     },
 }

@@ -103,8 +103,8 @@ impl Deployment {
     }
 
     /// Counts a restart of `service` if its backoff allows one now.
-    fn restart_allowed(&mut self, now: Timestamp, config: &Config, service: &str) -> bool {
-        let r = self.restarts.entry(service.to_owned()).or_default();
+    fn restart_allowed(&mut self, now: Timestamp, config: &Config, service: &ServiceName) -> bool {
+        let r = self.restarts.entry(service.clone()).or_default();
         if now < r.next_at {
             return false;
         }

@@ -31,25 +31,25 @@ use crate::wire::text::{bounded, Quoted, TEXT_MAX_BYTES};
 use job::{Call, Job, JobKind, Step};
 
 use crate::wire::{
-    DeploymentName, DeploymentState, FailureCause, Phase, PodmanV0Score, RestartRecord,
-    RuntimeOperation, ScoreError, Signal, DEFAULT_INIT_CONTAINER_TIMEOUT,
+    DeploymentName, DeploymentState, FailureCause, InitName, Phase, PodmanV0Score, RestartRecord,
+    Revision, RuntimeOperation, ScoreError, ServiceName, Signal, DEFAULT_INIT_CONTAINER_TIMEOUT,
 };
 
 /// The newest valid revision seen: what the deployment converges to.
 #[derive(Debug, Clone)]
 struct Target {
-    revision: u64,
+    revision: Revision,
     /// The revision at which this spec first arrived: later revisions with
     /// the same spec (a re-put) only move `revision`.
-    since: u64,
+    since: Revision,
     bytes: Vec<u8>,
     score: PodmanV0Score,
     /// Service name -> spec hash, in score order of `score.services`.
-    hashes: BTreeMap<String, String>,
+    hashes: BTreeMap<ServiceName, String>,
 }
 
 impl Target {
-    fn new(revision: u64, bytes: Vec<u8>, score: PodmanV0Score) -> Self {
+    fn new(revision: Revision, bytes: Vec<u8>, score: PodmanV0Score) -> Self {
         let signal = score.lifecycle_or_default().stop_signal;
         let hashes = score
             .services
@@ -146,22 +146,22 @@ enum Lifecycle {
 pub(super) struct Deployment {
     name: DeploymentName,
     /// Highest desired revision seen, put or delete.
-    latest_seen: u64,
+    latest_seen: Revision,
     target: Option<Target>,
     /// The newest payload seen, when it was invalid.
-    invalid: Option<(u64, ScoreError)>,
+    invalid: Option<(Revision, ScoreError)>,
     /// Where the deployment is in its life.
     lifecycle: Lifecycle,
     /// Attempts at the target revision (or at the teardown).
     attempts: u32,
     /// Whether the applied revision ran init containers.
     init_completed: usize,
-    observed: BTreeMap<String, Observed>,
+    observed: BTreeMap<ServiceName, Observed>,
     /// Whether `observed` comes from the runtime since the agent started,
     /// rather than from the cache: until then nothing is known about what
     /// runs, and no report may claim anything about it.
     observed_runtime: bool,
-    restarts: BTreeMap<String, Restart>,
+    restarts: BTreeMap<ServiceName, Restart>,
     job: Option<Job>,
     failure: Option<Failure>,
     last_report: Option<DeploymentState>,
@@ -175,7 +175,7 @@ impl Deployment {
     pub(super) fn new(name: DeploymentName) -> Self {
         Self {
             name,
-            latest_seen: 0,
+            latest_seen: Revision::default(),
             target: None,
             invalid: None,
             lifecycle: Lifecycle::Converging,
@@ -233,7 +233,7 @@ impl Deployment {
         Some(d)
     }
 
-    pub(super) fn desired_put(&mut self, revision: u64, bytes: &[u8]) {
+    pub(super) fn desired_put(&mut self, revision: Revision, bytes: &[u8]) {
         if revision < self.latest_seen {
             return;
         }
@@ -275,7 +275,7 @@ impl Deployment {
         }
     }
 
-    pub(super) fn desired_delete(&mut self, revision: Option<u64>) {
+    pub(super) fn desired_delete(&mut self, revision: Option<Revision>) {
         if let Some(revision) = revision {
             if revision < self.latest_seen {
                 return;
@@ -309,7 +309,7 @@ impl Deployment {
         }
     }
 
-    pub(super) fn latest_seen(&self) -> u64 {
+    pub(super) fn latest_seen(&self) -> Revision {
         self.latest_seen
     }
 
@@ -431,7 +431,7 @@ impl Deployment {
             })
     }
 
-    fn init_name(&self, index: usize) -> String {
+    fn init_name(&self, index: usize) -> InitName {
         self.target
             .as_ref()
             .and_then(|t| t.score.init_containers.get(index))
@@ -490,7 +490,7 @@ impl Deployment {
                 continue;
             };
             if c.name == service_container_name(self.name.as_str(), service) {
-                observed.insert(service.to_owned(), Observed::from_summary(c));
+                observed.insert(ServiceName::from(service), Observed::from_summary(c));
             }
         }
         if observed != self.observed {

@@ -10,7 +10,7 @@ use crate::runtime::{
     init_container_name, service_container_name, ContainerState, ContainerSummary, LABEL_INIT,
     LABEL_SERVICE,
 };
-use crate::wire::DeploymentName;
+use crate::wire::{DeploymentName, ServiceName};
 
 /// The rollout of `target` for deployment `name`, given its containers in
 /// the runtime (`mine`) and its service containers among them (`observed`):
@@ -25,7 +25,7 @@ use crate::wire::DeploymentName;
 pub(super) fn rollout(
     name: &DeploymentName,
     target: &Target,
-    observed: &BTreeMap<String, Observed>,
+    observed: &BTreeMap<ServiceName, Observed>,
     mine: &[&ContainerSummary],
     config: &Config,
 ) -> Vec<Step> {
@@ -141,7 +141,7 @@ fn still_up(state: ContainerState) -> bool {
 /// and grace when it is up (init containers are just removed), then removal.
 fn retire(c: &ContainerSummary, steps: &mut Vec<Step>) {
     let o = Observed::from_summary(c);
-    let service = c.label(LABEL_SERVICE).unwrap_or(&c.name).to_owned();
+    let service = ServiceName::from(c.label(LABEL_SERVICE).unwrap_or(&c.name));
     if still_up(c.state) && c.label(LABEL_INIT).is_none() {
         steps.push(Step::Call(Call::Stop {
             service: service.clone(),
@@ -163,7 +163,7 @@ mod tests {
     use super::*;
     use crate::reconciler::spec::service_spec_hash;
     use crate::runtime::{LABEL_DEPLOYMENT, LABEL_GRACE, LABEL_SPEC_HASH, LABEL_STOP_SIGNAL};
-    use crate::wire::{DeviceId, PodmanV0Score, Signal};
+    use crate::wire::{DeviceId, PodmanV0Score, Revision, Signal};
 
     fn name() -> DeploymentName {
         DeploymentName::new("web").expect("valid")
@@ -171,7 +171,7 @@ mod tests {
 
     fn target(json: &str) -> Target {
         let score = PodmanV0Score::from_json(json.as_bytes()).expect("valid score");
-        Target::new(7, json.as_bytes().to_vec(), score)
+        Target::new(Revision::new(7), json.as_bytes().to_vec(), score)
     }
 
     const ONE: &str = r#"{"services":[{"name":"app","image":"img/a:1"}]}"#;
@@ -250,7 +250,7 @@ mod tests {
             .filter(|c| {
                 c.label(LABEL_INIT).is_none() && c.name == service_container_name("web", "app")
             })
-            .map(|c| ("app".to_owned(), Observed::from_summary(c)))
+            .map(|c| (ServiceName::from("app"), Observed::from_summary(c)))
             .collect();
         words(&rollout(&name(), &t, &observed, &mine, &config()))
     }

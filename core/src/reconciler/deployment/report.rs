@@ -40,7 +40,7 @@ impl Deployment {
         if matches!(self.lifecycle, Lifecycle::Deleting | Lifecycle::Gone) {
             return None;
         }
-        let restarts: BTreeMap<String, RestartRecord> = self
+        let restarts: BTreeMap<ServiceName, RestartRecord> = self
             .restarts
             .iter()
             .filter(|(_, r)| r.count > 0)
@@ -54,7 +54,7 @@ impl Deployment {
                 )
             })
             .collect();
-        let running_ids: BTreeMap<String, String> = self
+        let running_ids: BTreeMap<ServiceName, String> = self
             .observed
             .iter()
             .filter(|(_, o)| o.state == ContainerState::Running)
