@@ -43,7 +43,7 @@ use crate::broker::{Broker, Frame, IDLE_TIMEOUT};
 use crate::plan::{outlook, oversized_score, Action, Outlook, Plan, RuntimeTrouble};
 
 mod link;
-pub use link::device_software;
+pub use link::{device_software, with_session_bugs};
 
 /// How long after healing every deployment must have converged: the retry
 /// backoff cap (5 min) twice over, plus ticks and reconnects.

@@ -1,20 +1,21 @@
 //! A device's software: the production event loop, its publisher and
 //! desired-state source, and the link that carries them to the fake broker.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use podfleet_agent::event_loop::{
-    self, Clock, CommandRequest, DesiredSource, Inbound, LoopOptions, LoopStats, PublishError,
-    Publisher, Report,
+    self, Clock, DesiredSource, Inbound, LoopOptions, LoopStats, PublishError, Publisher, Report,
 };
 use podfleet_core::fake::Oracle;
+use podfleet_core::session::{
+    self, kv_subject, CommandMessage, Input, Operation, Output, Session, SkipReason, WatchedEntry,
+};
 use podfleet_core::wire::names::{
     COMMAND_SUBJECT_PREFIX, DESIRED_BUCKET, HEARTBEAT_BUCKET, STATE_BUCKET,
 };
-use podfleet_core::wire::{
-    CommandSubject, DeploymentKey, DeploymentName, DeploymentState, FailureCause, Phase,
-};
+use podfleet_core::wire::{DeploymentState, FailureCause, Phase};
 use podfleet_core::Config;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
@@ -215,9 +216,14 @@ impl DesiredSource for ChannelSource {
     }
 }
 
-/// The agent side of the broker connection, reconnecting forever: after
-/// every (re)connect it watches its keys again, whose initial snapshot ends
-/// in an [`Inbound::Snapshot`].
+/// The agent side of the broker connection, reconnecting forever. It moves
+/// frames and time between the broker and the production [`Session`], which
+/// decides as it does in the NATS adapter: after every (re)connect a fresh
+/// watch, whose initial snapshot ends in an [`Inbound::Snapshot`] once no
+/// entry is pending; what each entry means; which commands reach the agent.
+/// What stays here is the simulator's own: the isolation invariant (an entry
+/// of another device's key), the delivery probes, and the acknowledgements
+/// of its wire protocol.
 async fn link<D: Dialer>(
     device: Device,
     dialer: D,
@@ -227,6 +233,8 @@ async fn link<D: Dialer>(
 ) {
     let who = device.who();
     let world = device.world.clone();
+    let config = session::Config::new(device.id.clone()).inject_bugs(SESSION_BUGS.get());
+    let mut session = Session::new(config, clock.now());
     let mut connects = 0u32;
     let mut seen: BTreeMap<String, u64> = BTreeMap::new();
     loop {
@@ -236,18 +244,9 @@ async fn link<D: Dialer>(
         };
         connects += 1;
         world.trace(clock.now(), &who, format_args!("connected (#{connects})"));
-        let prefix = if device.watch_everyone {
-            String::new()
-        } else {
-            format!("{}.", device.id)
-        };
         let hello = [
             Frame::Hello {
                 client: format!("device:{who}"),
-            },
-            Frame::Watch {
-                bucket: DESIRED_BUCKET.into(),
-                prefix,
             },
             Frame::Subscribe {
                 prefix: format!("{COMMAND_SUBJECT_PREFIX}.{}.", device.id),
@@ -268,13 +267,92 @@ async fn link<D: Dialer>(
             }
         };
         let mut lines = BufReader::new(reader).lines();
-        let mut snapshot: Option<BTreeSet<DeploymentName>> = Some(BTreeSet::new());
         let mut acks: BTreeMap<u64, oneshot::Sender<Result<(), PublishError>>> = BTreeMap::new();
         let mut next_id = 0u64;
+        let mut watch_id = None;
         let mut ping = tokio::time::interval(PING_INTERVAL);
         let mut silent_since = tokio::time::Instant::now();
+        session.handle(clock.now(), Input::Connected);
         let read_side = async {
             loop {
+                // Carry out what the session decided.
+                while let Some(output) = session.poll_output() {
+                    let inbound = match output {
+                        Output::StartWatch => {
+                            next_id += 1;
+                            watch_id = Some(next_id);
+                            let prefix = if device.watch_everyone {
+                                String::new()
+                            } else {
+                                format!("{}.", device.id)
+                            };
+                            let watch = Frame::Watch {
+                                id: next_id,
+                                bucket: DESIRED_BUCKET.into(),
+                                prefix,
+                            };
+                            let _ = wtx.send(watch.to_line());
+                            continue;
+                        }
+                        Output::Reply { reply_to, body } => {
+                            if let Ok(reply) = reply_to.parse() {
+                                let _ = wtx.send(Frame::Respond { reply, body }.to_line());
+                            }
+                            continue;
+                        }
+                        Output::Skipped {
+                            reason:
+                                SkipReason::OtherDevice { key, .. } | SkipReason::BadKey { key, .. },
+                        } => {
+                            world.violation(format!(
+                                "{who}: isolation: the agent received key {key:?}, not one of its own"
+                            ));
+                            continue;
+                        }
+                        Output::Skipped { reason } => {
+                            world.trace(clock.now(), &who, format_args!("skipped: {reason}"));
+                            continue;
+                        }
+                        other => match Inbound::try_from(other) {
+                            Ok(inbound) => inbound,
+                            Err(_) => continue,
+                        },
+                    };
+                    match &inbound {
+                        Inbound::Put {
+                            deployment,
+                            revision,
+                            ..
+                        }
+                        | Inbound::Delete {
+                            deployment,
+                            revision,
+                        } => {
+                            let key = format!("{}.{deployment}", device.id);
+                            let last = seen.get(&key).copied();
+                            seen.insert(key, last.unwrap_or(0).max(*revision));
+                            match last {
+                                Some(l) if l == *revision => world.probe("duplicate delivery"),
+                                Some(l) if l > *revision => {
+                                    world.probe("older revision delivered late")
+                                }
+                                _ => {}
+                            }
+                        }
+                        Inbound::Snapshot { .. } if connects > 1 => {
+                            world.probe("resync after reconnect")
+                        }
+                        _ => {}
+                    }
+                    let _ = to_agent.send(inbound);
+                }
+                let retry_at = session.poll_timeout();
+                let retry = async {
+                    match retry_at {
+                        Some(at) => clock.sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     biased;
                     () = tokio::time::sleep_until(silent_since + IDLE_TIMEOUT) => return true,
@@ -282,41 +360,24 @@ async fn link<D: Dialer>(
                         let Ok(Some(line)) = line else { return true };
                         silent_since = tokio::time::Instant::now();
                         let Ok(frame) = serde_json::from_str::<Frame>(&line) else { return true };
+                        let now = clock.now();
                         match frame {
-                            Frame::Entry { key, revision, value } => {
-                                let parsed = DeploymentKey::parse(&key);
-                                let Some(parsed) = parsed.ok().filter(|k| k.device == device.id) else {
-                                    world.violation(format!(
-                                        "{who}: isolation: the agent received key {key:?}, not one of its own"
-                                    ));
-                                    continue;
-                                };
-                                let last = seen.get(&key).copied();
-                                seen.insert(key.clone(), last.unwrap_or(0).max(revision));
-                                match last {
-                                    Some(l) if l == revision => world.probe("duplicate delivery"),
-                                    Some(l) if l > revision => world.probe("older revision delivered late"),
-                                    _ => {}
-                                }
-                                let deployment = parsed.deployment;
-                                let inbound = match value {
-                                    Some(value) => {
-                                        if let Some(s) = snapshot.as_mut() {
-                                            s.insert(deployment.clone());
-                                        }
-                                        Inbound::Put { deployment, revision, value }
-                                    }
-                                    None => Inbound::Delete { deployment, revision },
-                                };
-                                let _ = to_agent.send(inbound);
+                            Frame::Watching { id, pending } if Some(id) == watch_id => {
+                                session.handle(now, Input::WatchStarted { pending });
                             }
-                            Frame::Synced => {
-                                if let Some(present) = snapshot.take() {
-                                    if connects > 1 {
-                                        world.probe("resync after reconnect");
-                                    }
-                                    let _ = to_agent.send(Inbound::Snapshot { present });
-                                }
+                            Frame::Denied { id, .. } if Some(id) == watch_id => {
+                                watch_id = None;
+                                session.handle(now, Input::WatchFailed);
+                            }
+                            Frame::Entry { key, revision, pending, value } => {
+                                let entry = WatchedEntry {
+                                    subject: kv_subject(DESIRED_BUCKET, &key),
+                                    operation: if value.is_some() { Operation::Put } else { Operation::Delete },
+                                    revision,
+                                    pending,
+                                    payload: value.unwrap_or_default(),
+                                };
+                                session.handle(now, Input::Entry(entry));
                             }
                             Frame::Ack { id, .. } => {
                                 if let Some(done) = acks.remove(&id) {
@@ -335,12 +396,12 @@ async fn link<D: Dialer>(
                                 }
                             }
                             Frame::Incoming { reply, subject, body } => {
-                                let Ok(parsed) = CommandSubject::parse(&subject) else { continue };
-                                let _ = to_agent.send(Inbound::Command(CommandRequest {
-                                    verb: parsed.verb,
-                                    body,
-                                    reply_to: reply.to_string(),
-                                }));
+                                let command = CommandMessage {
+                                    subject,
+                                    reply_to: Some(reply.to_string()),
+                                    payload: body,
+                                };
+                                session.handle(now, Input::Command(command));
                             }
                             _ => {}
                         }
@@ -363,6 +424,7 @@ async fn link<D: Dialer>(
                     _ = ping.tick() => {
                         let _ = wtx.send(Frame::Ping.to_line());
                     }
+                    () = retry => session.handle_timeout(clock.now()),
                 }
             }
         };
@@ -372,12 +434,28 @@ async fn link<D: Dialer>(
             () = write_side => true,
         };
         world.trace(clock.now(), &who, "disconnected");
+        session.handle(clock.now(), Input::Disconnected);
         drop(acks);
         if !reconnect {
             return;
         }
         tokio::time::sleep(RECONNECT_DELAY).await;
     }
+}
+
+thread_local! {
+    /// The session bugs of the devices whose agents start on this thread.
+    static SESSION_BUGS: Cell<session::Bugs> = Cell::new(session::Bugs::default());
+}
+
+/// Runs `f` with the deliberate session bugs `bugs` switched on for every
+/// agent that starts on this thread meanwhile (every tier runs a plan on
+/// the calling thread), to prove the simulator catches them.
+pub fn with_session_bugs<T>(bugs: session::Bugs, f: impl FnOnce() -> T) -> T {
+    let before = SESSION_BUGS.replace(bugs);
+    let result = f();
+    SESSION_BUGS.set(before);
+    result
 }
 
 /// The software of one device: the production event loop and its link.
