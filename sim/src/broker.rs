@@ -3,7 +3,9 @@
 //! async-nats cannot run over turmoil's sockets, so the simulator has its own
 //! broker: JetStream-style KV buckets (revisions per bucket, put, delete,
 //! watch with an initial snapshot of the last value per key followed by live
-//! updates) and request/reply on subjects. It speaks newline-delimited JSON
+//! updates, counted as a JetStream ordered consumer counts them: the watch's
+//! pending entries at creation, and after each entry how many still follow)
+//! and request/reply on subjects. It speaks newline-delimited JSON
 //! [`Frame`]s over a stream: a turmoil TCP stream in the turmoil tier, an
 //! in-memory pipe in the fleet tier.
 //!
@@ -755,6 +757,37 @@ mod tests {
         );
         assert_eq!(broker.deliver_stale(DESIRED_BUCKET, "dev-0."), 1);
         assert_eq!(revisions(drain(&mut rx)), [(1, b"one".to_vec())]);
+    }
+
+    #[test]
+    fn a_watch_counts_its_snapshot_down_as_jetstream_does() {
+        let broker = Broker::default();
+        put(&broker, "dev-0.a", b"1");
+        put(&broker, "dev-0.b", b"2");
+        put(&broker, "dev-1.c", b"3");
+        let (mut client, mut rx, tx) = connect(&broker, 1, "device:dev-0");
+        let watch = Frame::Watch {
+            id: 7,
+            bucket: DESIRED_BUCKET.into(),
+            prefix: "dev-0.".into(),
+        };
+        broker.handle(1, &mut client, watch, &tx);
+        put(&broker, "dev-0.a", b"4");
+        let counts: Vec<(String, u64)> = drain(&mut rx)
+            .into_iter()
+            .map(|f| match f {
+                Frame::Watching { id, pending } => (format!("watching {id}"), pending),
+                Frame::Entry { key, pending, .. } => (key, pending),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let expected = [
+            ("watching 7", 2),
+            ("dev-0.a", 1),
+            ("dev-0.b", 0),
+            ("dev-0.a", 0),
+        ];
+        assert_eq!(counts, expected.map(|(k, n)| (k.to_owned(), n)).to_vec());
     }
 
     #[test]
