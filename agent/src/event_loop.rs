@@ -41,6 +41,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use podfleet_core::reconciler::{AgentCache, Output, Reconciler, WakeReason};
 use podfleet_core::runtime::RuntimeErrorKind;
+use podfleet_core::session;
 use podfleet_core::time::{Backoff, Timestamp};
 use podfleet_core::wire::text::Quoted;
 use podfleet_core::wire::{
@@ -119,15 +120,35 @@ pub enum Inbound {
     Command(CommandRequest),
 }
 
-/// One request/reply command.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandRequest {
-    /// The verb from the subject.
-    pub verb: Verb,
-    /// The request body (JSON).
-    pub body: Vec<u8>,
-    /// Where the reply goes: an inbox subject, opaque to the loop.
-    pub reply_to: String,
+pub use podfleet_core::session::CommandRequest;
+
+impl TryFrom<session::Output> for Inbound {
+    type Error = session::Output;
+
+    /// The session's outputs that are for the loop; any other comes back.
+    fn try_from(output: session::Output) -> Result<Self, session::Output> {
+        Ok(match output {
+            session::Output::Put {
+                deployment,
+                revision,
+                value,
+            } => Inbound::Put {
+                deployment,
+                revision,
+                value,
+            },
+            session::Output::Delete {
+                deployment,
+                revision,
+            } => Inbound::Delete {
+                deployment,
+                revision,
+            },
+            session::Output::Snapshot { present } => Inbound::Snapshot { present },
+            session::Output::Command(request) => Inbound::Command(request),
+            other => return Err(other),
+        })
+    }
 }
 
 /// The desired-state watch and the command subscription of one device.

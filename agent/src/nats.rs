@@ -8,8 +8,16 @@
 //!
 //! A background task owns the watch and the command subscription and feeds
 //! an mpsc channel, so [`NatsSource::next`] is a channel receive: cancel-safe,
-//! and never blocked by the network. After every (re)connect the task makes
-//! a fresh watch that delivers the newest entry of each of this device's keys
+//! and never blocked by the network. The task only moves bytes and time: every
+//! decision is podfleet-core's sans-IO [`Session`] (the simulator's link
+//! drives the same one). The task feeds it connects and disconnects, the
+//! outcome of each watch it was asked to create (the ordered consumer's
+//! `num_pending`), each watched message (subject, `KV-Operation` header,
+//! stream sequence, `info.pending`, payload), command requests, created
+//! buckets and the retry timer; it creates watches, forwards puts, deletes,
+//! snapshots and commands to the loop, sends the refusals the session wrote
+//! and logs what it skipped. After every (re)connect the session asks for a
+//! fresh watch that delivers the newest entry of each of this device's keys
 //! and then [`Inbound::Snapshot`], which is how deletes made while the agent
 //! was away are noticed.
 //!
@@ -46,19 +54,21 @@ use async_nats::jetstream::consumer::{DeliverPolicy, ReplayPolicy};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{Client, ConnectOptions, Event, Subscriber};
 use futures_util::StreamExt;
+use podfleet_core::session::{
+    self, CommandMessage, Input, KeyFilter, Operation, Output, Session, SkipReason, WatchedEntry,
+};
 use podfleet_core::time::Backoff;
 use podfleet_core::wire::names::{
-    device_command_filter, device_key_filter, heartbeat_key, DESIRED_BUCKET, HEARTBEAT_BUCKET,
-    STATE_BUCKET,
+    device_command_filter, heartbeat_key, DESIRED_BUCKET, HEARTBEAT_BUCKET, STATE_BUCKET,
 };
-use podfleet_core::wire::{
-    CommandError, CommandReply, CommandSubject, DeploymentKey, DeploymentName, DeviceId, ErrorCode,
-};
+use podfleet_core::wire::{DeploymentKey, DeploymentName, DeviceId};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::buckets::{self, BucketError, BucketSettings, Ensured};
-use crate::event_loop::{CommandRequest, DesiredSource, Inbound, PublishError, Publisher, Report};
+use crate::event_loop::{
+    Clock, DesiredSource, Inbound, PublishError, Publisher, Report, TokioClock,
+};
 
 /// The JetStream header that marks a KV delete or purge.
 const KV_OPERATION: &str = "KV-Operation";
@@ -222,11 +232,17 @@ pub async fn connect(settings: NatsSettings) -> Result<(NatsSource, NatsPublishe
         device: settings.device.clone(),
         timeout: settings.request_timeout,
     };
+    let clock = TokioClock::start();
+    let session = Session::new(
+        session::Config::new(settings.device.clone()).watch_backoff(settings.watch_backoff),
+        clock.now(),
+    );
     let watcher = Watcher {
         js: async_nats::jetstream::new(client.clone()),
         client,
         device: settings.device,
-        backoff: settings.watch_backoff,
+        session,
+        clock,
         inbound: inbound_tx,
         buckets: settings.buckets,
         request_timeout: settings.request_timeout,
@@ -352,10 +368,7 @@ impl Publisher for NatsPublisher {
     }
 }
 
-/// `$KV.<bucket>.<key>`: the subject a KV entry is stored under.
-pub fn kv_subject(bucket: &str, key: &str) -> String {
-    format!("$KV.{bucket}.{key}")
-}
+pub use podfleet_core::session::kv_subject;
 
 /// The stream behind a KV bucket.
 pub fn kv_stream(bucket: &str) -> String {
@@ -364,142 +377,17 @@ pub fn kv_stream(bucket: &str) -> String {
 
 /// The subject filter of this device's desired-state keys.
 pub fn desired_filter(device: &DeviceId) -> String {
-    kv_subject(DESIRED_BUCKET, &device_key_filter(device))
+    KeyFilter::desired_of(device.clone()).subject_filter()
 }
 
-/// What one watched KV entry means for the loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Entry {
-    Put {
-        deployment: DeploymentName,
-        revision: u64,
-        value: Vec<u8>,
-    },
-    Delete {
-        deployment: DeploymentName,
-        revision: u64,
-    },
-}
-
-impl Entry {
-    fn deployment(&self) -> &DeploymentName {
-        match self {
-            Entry::Put { deployment, .. } | Entry::Delete { deployment, .. } => deployment,
-        }
-    }
-
-    fn into_inbound(self) -> Inbound {
-        match self {
-            Entry::Put {
-                deployment,
-                revision,
-                value,
-            } => Inbound::Put {
-                deployment,
-                revision,
-                value,
-            },
-            Entry::Delete {
-                deployment,
-                revision,
-            } => Inbound::Delete {
-                deployment,
-                revision,
-            },
-        }
-    }
-}
-
-/// Why a watched message was skipped.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-enum SkipReason {
-    #[error("subject {0:?} is not in the desired-state bucket")]
-    Subject(String),
-    #[error("{0}")]
-    Key(String),
-    #[error("key {key:?} belongs to device {other}")]
-    OtherDevice { key: String, other: DeviceId },
-}
-
-/// Turns a watched message's subject, operation header and revision into
-/// an [`Entry`] for `device`.
-fn classify(
-    device: &DeviceId,
-    subject: &str,
-    operation: Option<&str>,
-    revision: u64,
-    payload: &[u8],
-) -> Result<Entry, SkipReason> {
-    let prefix = kv_subject(DESIRED_BUCKET, "");
-    let key = subject
-        .strip_prefix(&prefix)
-        .ok_or_else(|| SkipReason::Subject(subject.to_owned()))?;
-    let parsed = DeploymentKey::parse(key).map_err(|e| SkipReason::Key(e.to_string()))?;
-    if &parsed.device != device {
-        return Err(SkipReason::OtherDevice {
-            key: key.to_owned(),
-            other: parsed.device,
-        });
-    }
-    Ok(match operation {
-        Some("DEL" | "PURGE") => Entry::Delete {
-            deployment: parsed.deployment,
-            revision,
-        },
-        _ => Entry::Put {
-            deployment: parsed.deployment,
-            revision,
-            value: payload.to_vec(),
-        },
-    })
-}
-
-/// Tracks one watch's initial snapshot: which deployments it holds, and
-/// when the last of them has arrived.
-#[derive(Debug, Default)]
-struct Snapshot {
-    present: BTreeSet<DeploymentName>,
-    complete: bool,
-}
-
-impl Snapshot {
-    /// A watch whose consumer had `pending` entries at creation; an empty
-    /// bucket is complete at once.
-    fn new(pending: u64) -> (Self, Option<Inbound>) {
-        let mut snapshot = Self::default();
-        let done = (pending == 0).then(|| snapshot.finish());
-        (snapshot, done)
-    }
-
-    /// Records `entry`; returns [`Inbound::Snapshot`] when it was the last
-    /// one of the initial snapshot (`pending` entries still follow it).
-    fn record(&mut self, entry: &Entry, pending: u64) -> Option<Inbound> {
-        match entry {
-            Entry::Put { deployment, .. } => self.present.insert(deployment.clone()),
-            Entry::Delete { deployment, .. } => self.present.remove(deployment),
-        };
-        (!self.complete && pending == 0).then(|| self.finish())
-    }
-
-    /// A skipped message can end the snapshot too.
-    fn skip(&mut self, pending: u64) -> Option<Inbound> {
-        (!self.complete && pending == 0).then(|| self.finish())
-    }
-
-    fn finish(&mut self) -> Inbound {
-        self.complete = true;
-        Inbound::Snapshot {
-            present: self.present.clone(),
-        }
-    }
-}
-
-/// The background task: owns the watch and the command subscription.
+/// The background task: moves bytes and time between async-nats and the
+/// [`Session`], which decides.
 struct Watcher {
     client: Client,
     js: async_nats::jetstream::Context,
     device: DeviceId,
-    backoff: Backoff,
+    session: Session,
+    clock: TokioClock,
     inbound: mpsc::Sender<Inbound>,
     buckets: Vec<BucketSettings>,
     request_timeout: Duration,
@@ -508,14 +396,8 @@ struct Watcher {
 /// What became of each bucket the agent made sure of.
 type BucketOutcomes = Vec<(String, Result<Ensured, BucketError>)>;
 
-/// A live watch and its snapshot.
-struct Watch {
-    messages: Ordered,
-    snapshot: Snapshot,
-}
-
 impl Watcher {
-    async fn run(self, mut events: mpsc::UnboundedReceiver<Event>) {
+    async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
         let mut commands = match self
             .client
             .subscribe(device_command_filter(&self.device))
@@ -527,10 +409,7 @@ impl Watcher {
                 None
             }
         };
-        let mut connected = false;
-        let mut watch: Option<Watch> = None;
-        let mut failures: u32 = 0;
-        let mut retry_at = tokio::time::Instant::now();
+        let mut watch: Option<Ordered> = None;
         // Asked again after each connect until an attempt gets answers;
         // a refusal is warned about once.
         let mut buckets_pending = !self.buckets.is_empty();
@@ -539,39 +418,70 @@ impl Watcher {
         // Bucket-check subjects the server said this user may not publish to.
         let mut denied = BTreeSet::new();
         loop {
-            if connected && watch.is_none() && tokio::time::Instant::now() >= retry_at {
-                match self.start_watch().await {
-                    Ok((new, done)) => {
-                        failures = 0;
-                        watch = Some(new);
-                        if let Some(done) = done {
-                            if !self.forward(done).await {
-                                return;
+            while let Some(output) = self.session.poll_output() {
+                match output {
+                    Output::StartWatch => {
+                        watch = None;
+                        let outcome = self.start_watch().await;
+                        let now = self.clock.now();
+                        match outcome {
+                            Ok((messages, pending)) => {
+                                tracing::info!(entries = pending, "watching the desired state");
+                                watch = Some(messages);
+                                self.session.handle(now, Input::WatchStarted { pending });
+                            }
+                            Err(error) => {
+                                self.session.handle(now, Input::WatchFailed);
+                                let retry_in = self
+                                    .session
+                                    .poll_timeout()
+                                    .map(|at| at.saturating_since(now));
+                                if ensuring.is_some() {
+                                    // Likely a bucket the check is about to create.
+                                    tracing::debug!(%error, ?retry_in, "cannot watch the desired state while the buckets are checked");
+                                } else {
+                                    tracing::warn!(%error, ?retry_in, "cannot watch the desired state");
+                                }
                             }
                         }
                     }
-                    Err(error) => {
-                        let delay = self.backoff.delay(failures);
-                        failures = failures.saturating_add(1);
-                        if ensuring.is_some() {
-                            // Likely a bucket the check is about to create.
-                            tracing::debug!(%error, retry_in = ?delay, "cannot watch the desired state while the buckets are checked");
-                        } else {
-                            tracing::warn!(%error, retry_in = ?delay, "cannot watch the desired state");
+                    Output::Reply { reply_to, body } => {
+                        if let Err(error) = self.client.publish(reply_to, body.into()).await {
+                            tracing::debug!(%error, "command refusal not sent");
                         }
-                        retry_at = tokio::time::Instant::now() + delay;
                     }
+                    Output::Skipped { reason } => log_skip(&reason),
+                    other => match Inbound::try_from(other) {
+                        Ok(inbound) => {
+                            if let Inbound::Put {
+                                deployment,
+                                revision,
+                                ..
+                            } = &inbound
+                            {
+                                tracing::debug!(%deployment, revision, "desired entry");
+                            }
+                            if self.inbound.send(inbound).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(other) => tracing::debug!(output = ?other, "session output ignored"),
+                    },
                 }
-                continue;
             }
-            let waiting_to_retry = connected && watch.is_none();
+            let retry_at = self.session.poll_timeout();
+            let retry = async {
+                match retry_at {
+                    Some(at) => self.clock.sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = self.inbound.closed() => return,
                 event = events.recv() => match event {
                     Some(Event::Connected) => {
                         tracing::info!("connected to NATS");
-                        connected = true;
                         if buckets_pending && ensuring.is_none() {
                             ensuring = Some(tokio::spawn(ensure_buckets(
                                 self.client.clone(),
@@ -579,15 +489,13 @@ impl Watcher {
                                 self.request_timeout,
                             )));
                         }
-                        // A fresh watch, so its snapshot reveals what changed meanwhile.
                         watch = None;
-                        failures = 0;
-                        retry_at = tokio::time::Instant::now();
+                        self.session.handle(self.clock.now(), Input::Connected);
                     }
                     Some(Event::Disconnected) => {
                         tracing::warn!("disconnected from NATS; the agent carries on without it");
-                        connected = false;
                         watch = None;
+                        self.session.handle(self.clock.now(), Input::Disconnected);
                     }
                     Some(Event::ServerError(error)) => {
                         let text = error.to_string();
@@ -605,9 +513,12 @@ impl Watcher {
                 },
                 message = next_command(&mut commands) => match message {
                     Some(message) => {
-                        if !self.command(message).await {
-                            return;
-                        }
+                        let command = CommandMessage {
+                            subject: message.subject.to_string(),
+                            reply_to: message.reply.as_ref().map(|r| r.to_string()),
+                            payload: message.payload.to_vec(),
+                        };
+                        self.session.handle(self.clock.now(), Input::Command(command));
                     }
                     None => {
                         tracing::error!("the command subscription ended; commands are off");
@@ -616,21 +527,19 @@ impl Watcher {
                 },
                 message = next_entry(&mut watch) => match message {
                     Some(Ok(message)) => {
-                        if let Some(w) = watch.as_mut() {
-                            for inbound in self.entry(w, &message) {
-                                if !self.forward(inbound).await {
-                                    return;
-                                }
-                            }
+                        if let Some(entry) = watched_entry(&message) {
+                            self.session.handle(self.clock.now(), Input::Entry(entry));
                         }
                     }
                     Some(Err(error)) => {
                         tracing::warn!(%error, "the desired-state watch failed; making a new one");
                         watch = None;
+                        self.session.handle(self.clock.now(), Input::WatchEnded);
                     }
                     None => {
                         tracing::warn!("the desired-state watch ended; making a new one");
                         watch = None;
+                        self.session.handle(self.clock.now(), Input::WatchEnded);
                     }
                 },
                 outcomes = next_outcomes(&mut ensuring) => {
@@ -641,25 +550,20 @@ impl Watcher {
                     });
                     let (created, repeat) = log_buckets(&outcomes, &denied, &mut warned);
                     buckets_pending = repeat;
-                    if created && watch.is_none() {
+                    if created {
                         // The watch may have failed for want of the bucket.
-                        failures = 0;
-                        retry_at = tokio::time::Instant::now();
+                        self.session.handle(self.clock.now(), Input::BucketsCreated);
                     }
                 }
-                () = tokio::time::sleep_until(retry_at), if waiting_to_retry => {}
+                () = retry => self.session.handle_timeout(self.clock.now()),
             }
         }
     }
 
-    /// Sends one message to the loop; false once the loop is gone.
-    async fn forward(&self, inbound: Inbound) -> bool {
-        self.inbound.send(inbound).await.is_ok()
-    }
-
     /// Creates an ordered consumer of the newest entry of each of this
-    /// device's keys (see the module docs for the subjects it uses).
-    async fn start_watch(&self) -> Result<(Watch, Option<Inbound>), String> {
+    /// device's keys (see the module docs for the subjects it uses), and
+    /// says how many entries it will deliver first.
+    async fn start_watch(&self) -> Result<(Ordered, u64), String> {
         let inbox = self.client.new_inbox();
         // The inbox's last token is a fresh NUID: a unique consumer name.
         let unique = inbox.rsplit('.').next().unwrap_or_default();
@@ -667,7 +571,7 @@ impl Watcher {
             deliver_subject: inbox.clone(),
             name: Some(format!("podfleet-{}-{unique}", self.device)),
             description: Some(format!("podfleet-agent watch of {}", self.device)),
-            filter_subject: desired_filter(&self.device),
+            filter_subject: self.session.filter().subject_filter(),
             replay_policy: ReplayPolicy::Instant,
             deliver_policy: DeliverPolicy::LastPerSubject,
             ..OrderedConfig::default()
@@ -679,81 +583,42 @@ impl Watcher {
             .map_err(|e| e.to_string())?;
         let pending = consumer.cached_info().num_pending;
         let messages = consumer.messages().await.map_err(|e| e.to_string())?;
-        tracing::info!(entries = pending, "watching the desired state");
-        let (snapshot, done) = Snapshot::new(pending);
-        Ok((Watch { messages, snapshot }, done))
+        Ok((messages, pending))
     }
+}
 
-    /// What one watched message means: an entry, and maybe the end of the
-    /// snapshot.
-    fn entry(&self, watch: &mut Watch, message: &async_nats::jetstream::Message) -> Vec<Inbound> {
-        let Ok(info) = message.info() else {
-            tracing::warn!(subject = %message.subject, "watched message without JetStream metadata; skipped");
-            return Vec::new();
-        };
-        let (revision, pending) = (info.stream_sequence, info.pending);
-        let operation = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(KV_OPERATION))
-            .map(|v| v.as_str());
-        let mut out = Vec::new();
-        match classify(
-            &self.device,
-            message.subject.as_str(),
-            operation,
-            revision,
-            &message.payload,
-        ) {
-            Ok(entry) => {
-                tracing::debug!(deployment = %entry.deployment(), revision, "desired entry");
-                let done = watch.snapshot.record(&entry, pending);
-                out.push(entry.into_inbound());
-                out.extend(done);
-            }
-            Err(reason) => {
-                tracing::warn!(%reason, revision, "desired-state entry skipped");
-                out.extend(watch.snapshot.skip(pending));
-            }
-        }
-        out
-    }
+/// A watched message as the session takes it; `None` (logged) for one
+/// without JetStream metadata.
+fn watched_entry(message: &async_nats::jetstream::Message) -> Option<WatchedEntry> {
+    let Ok(info) = message.info() else {
+        tracing::warn!(subject = %message.subject, "watched message without JetStream metadata; skipped");
+        return None;
+    };
+    let operation = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(KV_OPERATION))
+        .map(|v| v.as_str());
+    Some(WatchedEntry {
+        subject: message.subject.to_string(),
+        operation: Operation::from_header(operation),
+        revision: info.stream_sequence,
+        pending: info.pending,
+        payload: message.payload.to_vec(),
+    })
+}
 
-    /// Forwards a command request, or answers a malformed one here.
-    async fn command(&self, message: async_nats::Message) -> bool {
-        let Some(reply_to) = message.reply.as_ref().map(|r| r.to_string()) else {
-            tracing::warn!(subject = %message.subject, "command without a reply subject; ignored");
-            return true;
-        };
-        match CommandSubject::parse(message.subject.as_str()) {
-            Ok(subject) if subject.device == self.device => {
-                self.forward(Inbound::Command(CommandRequest {
-                    verb: subject.verb,
-                    body: message.payload.to_vec(),
-                    reply_to,
-                }))
-                .await
-            }
-            Ok(subject) => {
-                tracing::warn!(device = %subject.device, "command for another device; ignored");
-                true
-            }
-            Err(error) => {
-                let reply = CommandReply::<()>::Error(CommandError::new(
-                    ErrorCode::BadRequest,
-                    error.to_string(),
-                ));
-                match serde_json::to_vec(&reply) {
-                    Ok(body) => {
-                        if let Err(error) = self.client.publish(reply_to, body.into()).await {
-                            tracing::debug!(%error, "command refusal not sent");
-                        }
-                    }
-                    Err(error) => tracing::warn!(%error, "command refusal not encoded"),
-                }
-                true
-            }
+/// Logs what the session skipped.
+fn log_skip(reason: &SkipReason) {
+    match reason {
+        SkipReason::NoReplySubject { subject } => {
+            tracing::warn!(%subject, "command without a reply subject; ignored");
         }
+        SkipReason::CommandForOtherDevice { device } => {
+            tracing::warn!(%device, "command for another device; ignored");
+        }
+        SkipReason::NoWatch { .. } => tracing::debug!(%reason, "entry skipped"),
+        other => tracing::warn!(reason = %other, "desired-state entry skipped"),
     }
 }
 
@@ -874,12 +739,12 @@ async fn next_command(commands: &mut Option<Subscriber>) -> Option<async_nats::M
 }
 
 async fn next_entry(
-    watch: &mut Option<Watch>,
+    watch: &mut Option<Ordered>,
 ) -> Option<
     Result<async_nats::jetstream::Message, async_nats::jetstream::consumer::push::OrderedError>,
 > {
     match watch {
-        Some(watch) => watch.messages.next().await,
+        Some(messages) => messages.next().await,
         None => std::future::pending().await,
     }
 }
@@ -892,115 +757,11 @@ mod tests {
         DeviceId::new("rpi-01").unwrap()
     }
 
-    fn name(n: &str) -> DeploymentName {
-        DeploymentName::new(n).unwrap()
-    }
-
     #[test]
     fn subjects_name_the_device() {
         assert_eq!(desired_filter(&device()), "$KV.podfleet-desired.rpi-01.*");
         assert_eq!(kv_stream(STATE_BUCKET), "KV_podfleet-state");
         assert_eq!(default_inbox_prefix(&device()), "_INBOX.rpi-01");
-    }
-
-    #[test]
-    fn entries_are_classified_by_operation() {
-        let put = classify(
-            &device(),
-            "$KV.podfleet-desired.rpi-01.shop",
-            None,
-            7,
-            b"{}",
-        );
-        assert_eq!(
-            put,
-            Ok(Entry::Put {
-                deployment: name("shop"),
-                revision: 7,
-                value: b"{}".to_vec()
-            })
-        );
-        for op in ["DEL", "PURGE"] {
-            let delete = classify(
-                &device(),
-                "$KV.podfleet-desired.rpi-01.shop",
-                Some(op),
-                8,
-                b"",
-            );
-            assert_eq!(
-                delete,
-                Ok(Entry::Delete {
-                    deployment: name("shop"),
-                    revision: 8
-                })
-            );
-        }
-    }
-
-    #[test]
-    fn bad_keys_are_skipped_with_a_reason() {
-        let bad = classify(&device(), "$KV.podfleet-desired.rpi-01.Shop", None, 1, b"");
-        assert!(
-            matches!(&bad, Err(SkipReason::Key(m)) if m.contains("invalid deployment name \"Shop\"")),
-            "{bad:?}"
-        );
-        let other = classify(&device(), "$KV.podfleet-desired.rpi-02.shop", None, 1, b"");
-        assert!(
-            matches!(other, Err(SkipReason::OtherDevice { .. })),
-            "{other:?}"
-        );
-        let elsewhere = classify(&device(), "$KV.podfleet-state.rpi-01.shop", None, 1, b"");
-        assert!(
-            matches!(elsewhere, Err(SkipReason::Subject(_))),
-            "{elsewhere:?}"
-        );
-    }
-
-    #[test]
-    fn an_empty_bucket_completes_the_snapshot_at_once() {
-        let (snapshot, done) = Snapshot::new(0);
-        assert!(snapshot.complete);
-        assert_eq!(
-            done,
-            Some(Inbound::Snapshot {
-                present: BTreeSet::new()
-            })
-        );
-    }
-
-    #[test]
-    fn the_snapshot_ends_with_the_last_pending_entry_and_holds_only_puts() {
-        let (mut snapshot, done) = Snapshot::new(3);
-        assert_eq!(done, None);
-        let put = |d: &str| Entry::Put {
-            deployment: name(d),
-            revision: 1,
-            value: Vec::new(),
-        };
-        let delete = Entry::Delete {
-            deployment: name("old"),
-            revision: 2,
-        };
-        assert_eq!(snapshot.record(&put("a"), 2), None);
-        assert_eq!(snapshot.record(&delete, 1), None);
-        assert_eq!(
-            snapshot.record(&put("b"), 0),
-            Some(Inbound::Snapshot {
-                present: BTreeSet::from([name("a"), name("b")])
-            })
-        );
-        // Later entries are live changes, not a new snapshot.
-        assert_eq!(snapshot.record(&put("c"), 0), None);
-        assert_eq!(snapshot.skip(0), None);
-    }
-
-    #[test]
-    fn a_skipped_last_entry_still_ends_the_snapshot() {
-        let (mut snapshot, _) = Snapshot::new(1);
-        assert!(
-            matches!(snapshot.skip(0), Some(Inbound::Snapshot { present }) if present.is_empty())
-        );
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`runtime`]: the primitive container operations the reconciler asks
 //!   for, their results, and the labels podfleet puts on containers.
 //! - [`reconciler`]: the sans-IO [`Reconciler`] that decides everything.
+//! - [`session`]: the sans-IO NATS [`Session`](session::Session) of one
+//!   device: its desired-state watch, snapshot and command admission.
 //! - `fake` (feature `fake`): a pure model of podman and a virtual-time
 //!   harness, shared by the simulator, the fuzzer and the tests.
 //! - [`time`]: the caller-supplied [`Timestamp`] and capped [`Backoff`].
@@ -19,6 +21,7 @@
 pub mod fake;
 pub mod reconciler;
 pub mod runtime;
+pub mod session;
 pub mod time;
 pub mod wire;
 

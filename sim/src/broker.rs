@@ -3,7 +3,9 @@
 //! async-nats cannot run over turmoil's sockets, so the simulator has its own
 //! broker: JetStream-style KV buckets (revisions per bucket, put, delete,
 //! watch with an initial snapshot of the last value per key followed by live
-//! updates) and request/reply on subjects. It speaks newline-delimited JSON
+//! updates, counted as a JetStream ordered consumer counts them: the watch's
+//! pending entries at creation, and after each entry how many still follow)
+//! and request/reply on subjects. It speaks newline-delimited JSON
 //! [`Frame`]s over a stream: a turmoil TCP stream in the turmoil tier, an
 //! in-memory pipe in the fleet tier.
 //!
@@ -49,8 +51,12 @@ pub enum Frame {
         /// `operator` or `device:<id>`.
         client: String,
     },
-    /// Client -> broker: watch `bucket` keys starting with `prefix`.
+    /// Client -> broker: watch `bucket` keys starting with `prefix`: the
+    /// newest entry of each, then live changes (a JetStream ordered
+    /// consumer with `DeliverPolicy::LastPerSubject`).
     Watch {
+        /// Matches the [`Frame::Watching`] or [`Frame::Denied`].
+        id: u64,
         /// The bucket.
         bucket: String,
         /// The key prefix.
@@ -97,18 +103,27 @@ pub enum Frame {
         /// The limit.
         limit: usize,
     },
+    /// Broker -> watcher: the watch `id` exists and will deliver `pending`
+    /// entries of initial snapshot (a consumer's `num_pending` at creation).
+    Watching {
+        /// The watch.
+        id: u64,
+        /// How many entries its initial snapshot holds.
+        pending: u64,
+    },
     /// Broker -> watcher: a key's value (`None`: deleted).
     Entry {
         /// The key.
         key: String,
         /// The revision.
         revision: u64,
+        /// How many entries the watch still has to deliver after this one
+        /// (a JetStream message's `info.pending`): 0 for live changes.
+        pending: u64,
         /// The value.
         #[serde(with = "opt_text")]
         value: Option<Vec<u8>>,
     },
-    /// Broker -> watcher: the initial snapshot is complete.
-    Synced,
     /// Client -> broker: a request.
     Request {
         /// Matches the [`Frame::Response`].
@@ -184,7 +199,7 @@ struct Watcher {
 }
 
 impl Watcher {
-    fn send(&mut self, key: &str, revision: u64, value: Option<Vec<u8>>) {
+    fn send(&mut self, key: &str, revision: u64, value: Option<Vec<u8>>, pending: u64) {
         let sent = self.sent.entry(key.to_owned()).or_default();
         sent.insert(revision);
         while sent.len() > HISTORY + 1 {
@@ -193,6 +208,7 @@ impl Watcher {
         let _ = self.out.send(Frame::Entry {
             key: key.to_owned(),
             revision,
+            pending,
             value,
         });
     }
@@ -299,6 +315,7 @@ impl Broker {
                 let _ = w.out.send(Frame::Entry {
                     key: key.clone(),
                     revision: stored.revision,
+                    pending: 0,
                     value: stored.value.clone(),
                 });
             }
@@ -345,6 +362,7 @@ impl Broker {
                 let _ = w.out.send(Frame::Entry {
                     key,
                     revision,
+                    pending: 0,
                     value,
                 });
                 sent += 1;
@@ -417,10 +435,10 @@ impl Broker {
             Frame::Ping => {
                 let _ = tx.send(Frame::Pong);
             }
-            Frame::Watch { bucket, prefix } => {
+            Frame::Watch { id, bucket, prefix } => {
                 if let Some(device) = &device {
                     if bucket != DESIRED_BUCKET || prefix != format!("{device}.") {
-                        return refuse(&mut state, 0, format!("watch {bucket} {prefix:?}"));
+                        return refuse(&mut state, id, format!("watch {bucket} {prefix:?}"));
                     }
                 }
                 let mut watcher = Watcher {
@@ -428,12 +446,19 @@ impl Broker {
                     out: tx.clone(),
                     sent: BTreeMap::new(),
                 };
-                for (key, stored) in state.buckets.get(&bucket).into_iter().flatten() {
-                    if key.starts_with(&prefix) && stored.value.is_some() {
-                        watcher.send(key, stored.revision, stored.value.clone());
-                    }
+                let snapshot: Vec<(&String, &Stored)> = state
+                    .buckets
+                    .get(&bucket)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(key, stored)| key.starts_with(&prefix) && stored.value.is_some())
+                    .collect();
+                let mut pending = snapshot.len() as u64;
+                let _ = tx.send(Frame::Watching { id, pending });
+                for (key, stored) in snapshot {
+                    pending -= 1;
+                    watcher.send(key, stored.revision, stored.value.clone(), pending);
                 }
-                let _ = tx.send(Frame::Synced);
                 state
                     .watches
                     .entry((bucket, prefix))
@@ -517,8 +542,8 @@ impl Broker {
             Frame::Ack { .. }
             | Frame::Denied { .. }
             | Frame::TooLarge { .. }
+            | Frame::Watching { .. }
             | Frame::Entry { .. }
-            | Frame::Synced
             | Frame::Incoming { .. }
             | Frame::Response { .. }
             | Frame::Pong => {}
@@ -557,7 +582,7 @@ fn write(state: &mut State, bucket: &str, key: &str, value: Option<Vec<u8>>) -> 
             .get_mut(&(bucket.to_owned(), prefix.to_owned()));
         for w in watchers.into_iter().flatten() {
             for _ in 0..copies {
-                w.send(key, revision, value.clone());
+                w.send(key, revision, value.clone(), 0);
             }
         }
     }
@@ -709,6 +734,7 @@ mod tests {
         put(&broker, "dev-0.shop", b"one");
         let (mut client, mut rx, tx) = connect(&broker, 1, "device:dev-0");
         let watch = Frame::Watch {
+            id: 1,
             bucket: DESIRED_BUCKET.into(),
             prefix: "dev-0.".into(),
         };
@@ -731,6 +757,37 @@ mod tests {
         );
         assert_eq!(broker.deliver_stale(DESIRED_BUCKET, "dev-0."), 1);
         assert_eq!(revisions(drain(&mut rx)), [(1, b"one".to_vec())]);
+    }
+
+    #[test]
+    fn a_watch_counts_its_snapshot_down_as_jetstream_does() {
+        let broker = Broker::default();
+        put(&broker, "dev-0.a", b"1");
+        put(&broker, "dev-0.b", b"2");
+        put(&broker, "dev-1.c", b"3");
+        let (mut client, mut rx, tx) = connect(&broker, 1, "device:dev-0");
+        let watch = Frame::Watch {
+            id: 7,
+            bucket: DESIRED_BUCKET.into(),
+            prefix: "dev-0.".into(),
+        };
+        broker.handle(1, &mut client, watch, &tx);
+        put(&broker, "dev-0.a", b"4");
+        let counts: Vec<(String, u64)> = drain(&mut rx)
+            .into_iter()
+            .map(|f| match f {
+                Frame::Watching { id, pending } => (format!("watching {id}"), pending),
+                Frame::Entry { key, pending, .. } => (key, pending),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let expected = [
+            ("watching 7", 2),
+            ("dev-0.a", 1),
+            ("dev-0.b", 0),
+            ("dev-0.a", 0),
+        ];
+        assert_eq!(counts, expected.map(|(k, n)| (k.to_owned(), n)).to_vec());
     }
 
     #[test]
@@ -767,6 +824,7 @@ mod tests {
         let entry = |value: &[u8]| Frame::Entry {
             key: "k".into(),
             revision: 1,
+            pending: 0,
             value: Some(value.to_vec()),
         };
         let line = entry(br#"{"a":1}"#).to_line();
@@ -779,6 +837,7 @@ mod tests {
         let gone = Frame::Entry {
             key: "k".into(),
             revision: 2,
+            pending: 0,
             value: None,
         };
         assert_eq!(
