@@ -39,14 +39,14 @@ use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use podfleet_core::reconciler::{AgentCache, Output, Reconciler, WakeReason};
+use podfleet_core::reconciler::{AgentCache, Input, Output, Reconciler, WakeReason};
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::session;
 use podfleet_core::time::{Backoff, Timestamp};
 use podfleet_core::wire::text::Quoted;
 use podfleet_core::wire::{
     CommandError, CommandReply, DeploymentName, DeploymentState, ErrorCode, ExecReply, ExecRequest,
-    Heartbeat, LogsReply, LogsRequest, PingReply, Verb,
+    Heartbeat, LogsReply, LogsRequest, PingReply, Revision, Verb,
 };
 use podfleet_core::Config;
 
@@ -99,7 +99,7 @@ pub enum Inbound {
         /// The deployment, parsed from the key.
         deployment: DeploymentName,
         /// The key's revision.
-        revision: u64,
+        revision: Revision,
         /// The raw value; decoding it is the reconciler's job.
         value: Vec<u8>,
     },
@@ -108,7 +108,7 @@ pub enum Inbound {
         /// The deployment.
         deployment: DeploymentName,
         /// The revision of the delete marker.
-        revision: u64,
+        revision: Revision,
     },
     /// The initial snapshot after a (re)connect is complete: these are all
     /// the deployments the bucket holds for this device.
@@ -319,9 +319,13 @@ where
             None
         }
     };
+    #[cfg(feature = "bugs")]
     let head_of_line = config.bugs().head_of_line_reports;
     let mut reconciler = Reconciler::new(config, cache, clock.now());
-    let mut outbox = Outbox::new(options.publish_backoff).with_head_of_line_bug(head_of_line);
+    let outbox = Outbox::new(options.publish_backoff);
+    #[cfg(feature = "bugs")]
+    let outbox = outbox.with_head_of_line_bug(head_of_line);
+    let mut outbox = outbox;
     let mut publishing: Option<BoxFuture<'static, (Report, Result<(), PublishError>)>> = None;
     let mut ops: Pending<(podfleet_core::reconciler::CommandId, _)> = FuturesUnordered::new();
     let mut commands: Pending<(String, Vec<u8>)> = FuturesUnordered::new();
@@ -339,7 +343,7 @@ where
                     ops.push(async move { (id, runtime.execute(op).await) }.boxed());
                 }
                 Output::PublishState { deployment, state } => {
-                    tracing::info!(%deployment, phase = ?state.phase, revision = state.revision, "state");
+                    tracing::info!(%deployment, phase = ?state.phase, revision = state.revision.get(), "state");
                     outbox.push(now, Report::State { deployment, state });
                 }
                 Output::ClearState { deployment } => {
@@ -353,6 +357,7 @@ where
                         tracing::warn!(%error, "agent cache not written");
                     }
                 }
+                other => tracing::error!(?other, "an output this loop does not carry out; dropped"),
             }
         }
         if publishing.is_none() {
@@ -372,7 +377,7 @@ where
         }
 
         let wake = reconciler.poll_timeout();
-        let wake_at = earliest(wake.as_ref().map(|w| w.at), outbox.poll_timeout());
+        let wake_at = earliest(Some(wake.at), outbox.poll_timeout());
         let sleep = async {
             match wake_at {
                 Some(at) => clock.sleep_until(at).await,
@@ -395,23 +400,23 @@ where
                         tracing::warn!(error = %e.message, "container runtime unavailable");
                     }
                 }
-                reconciler.handle_runtime_result(clock.now(), id, result);
+                reconciler.handle(clock.now(), Input::RuntimeResult { id, result });
             }
             inbound = source.next() => {
                 let now = clock.now();
                 match inbound {
                     None => return LoopExit::SourceClosed,
                     Some(Inbound::Put { deployment, revision, value }) => {
-                        tracing::debug!(%deployment, revision, bytes = value.len(), "desired put");
-                        reconciler.handle_desired_put(now, deployment, revision, &value);
+                        tracing::debug!(%deployment, revision = revision.get(), bytes = value.len(), "desired put");
+                        reconciler.handle(now, Input::DesiredPut { deployment, revision, value: &value });
                     }
                     Some(Inbound::Delete { deployment, revision }) => {
-                        tracing::debug!(%deployment, revision, "desired delete");
-                        reconciler.handle_desired_delete(now, deployment, revision);
+                        tracing::debug!(%deployment, revision = revision.get(), "desired delete");
+                        reconciler.handle(now, Input::DesiredDelete { deployment, revision });
                     }
                     Some(Inbound::Snapshot { present }) => {
                         tracing::info!(deployments = present.len(), "desired state in sync");
-                        reconciler.handle_desired_resync(now, &present);
+                        reconciler.handle(now, Input::DesiredResync { present: &present });
                         republish(&reconciler, &mut outbox, now);
                     }
                     Some(Inbound::Command(request)) => {
@@ -440,11 +445,11 @@ where
             }
             () = sleep => {
                 let now = clock.now();
-                if let Some(wake) = wake.filter(|w| w.at <= now) {
+                if wake.at <= now {
                     if !matches!(wake.reason, WakeReason::Heartbeat | WakeReason::Tick) {
                         tracing::debug!(reason = ?wake.reason, "wake");
                     }
-                    reconciler.handle_timeout(now);
+                    reconciler.handle(now, Input::Timeout);
                 }
             }
         }

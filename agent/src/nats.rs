@@ -459,7 +459,7 @@ impl Watcher {
                                 ..
                             } = &inbound
                             {
-                                tracing::debug!(%deployment, revision, "desired entry");
+                                tracing::debug!(%deployment, revision = revision.get(), "desired entry");
                             }
                             if self.inbound.send(inbound).await.is_err() {
                                 return;

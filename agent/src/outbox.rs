@@ -68,6 +68,7 @@ pub struct Outbox {
     pending: BTreeMap<Key, Queued>,
     in_flight: Option<(Key, u32, bool)>,
     backoff: Backoff,
+    #[cfg(feature = "bugs")]
     head_of_line: bool,
 }
 
@@ -78,16 +79,27 @@ impl Outbox {
             pending: BTreeMap::new(),
             in_flight: None,
             backoff,
+            #[cfg(feature = "bugs")]
             head_of_line: false,
         }
     }
 
     /// Switches on the deliberate head-of-line bug (`Bugs::head_of_line_reports`),
     /// for the tests that prove the simulator catches it.
-    #[doc(hidden)]
+    #[cfg(feature = "bugs")]
     pub fn with_head_of_line_bug(mut self, on: bool) -> Self {
         self.head_of_line = on;
         self
+    }
+
+    /// Whether the deliberate head-of-line bug is on: never without the
+    /// `bugs` feature.
+    fn head_of_line(&self) -> bool {
+        #[cfg(feature = "bugs")]
+        let on = self.head_of_line;
+        #[cfg(not(feature = "bugs"))]
+        let on = false;
+        on
     }
 
     /// Queues `report`, replacing an older one for the same key (which keeps
@@ -127,7 +139,7 @@ impl Outbox {
         if self.in_flight.is_some() {
             return None;
         }
-        let key = if self.head_of_line {
+        let key = if self.head_of_line() {
             self.pending
                 .iter()
                 .next()
@@ -160,7 +172,7 @@ impl Outbox {
             Ok(()) => return,
             Err(error) => error,
         };
-        if let (PublishError::TooLarge { size, .. }, false) = (&error, self.head_of_line) {
+        if let (PublishError::TooLarge { size, .. }, false) = (&error, self.head_of_line()) {
             self.too_large(now, key, report, *size, summarised, &error);
             return;
         }
@@ -228,7 +240,7 @@ impl Outbox {
         if self.in_flight.is_some() {
             return None;
         }
-        if self.head_of_line {
+        if self.head_of_line() {
             return self.pending.values().next().map(|q| q.not_before);
         }
         self.pending.values().map(|q| q.not_before).min()
@@ -305,6 +317,7 @@ mod tests {
         assert_eq!(name(&o.poll_transmit(at(500)).unwrap()), "a");
     }
 
+    #[cfg(feature = "bugs")]
     #[test]
     fn the_head_of_line_bug_holds_up_the_others() {
         let mut o = outbox().with_head_of_line_bug(true);

@@ -50,7 +50,7 @@ use crate::time::{Backoff, Timestamp};
 use crate::wire::names::DESIRED_BUCKET;
 use crate::wire::{
     CommandError, CommandReply, CommandSubject, DeploymentKey, DeploymentName, DeviceId, ErrorCode,
-    Verb,
+    Revision, Verb,
 };
 
 /// `$KV.<bucket>.<key>`: the subject a KV entry is stored under.
@@ -169,7 +169,7 @@ impl KeyFilter {
                 });
             }
         }
-        let revision = entry.revision;
+        let revision = Revision::new(entry.revision);
         Ok(match entry.operation {
             Operation::Put => Change::Put {
                 key: parsed,
@@ -231,7 +231,7 @@ pub enum Change {
         /// The key.
         key: DeploymentKey,
         /// Its revision.
-        revision: u64,
+        revision: Revision,
         /// The raw value.
         value: Vec<u8>,
     },
@@ -240,7 +240,7 @@ pub enum Change {
         /// The key.
         key: DeploymentKey,
         /// The delete marker's revision.
-        revision: u64,
+        revision: Revision,
     },
 }
 
@@ -351,7 +351,7 @@ pub enum Output {
         /// The deployment.
         deployment: DeploymentName,
         /// The key's revision.
-        revision: u64,
+        revision: Revision,
         /// The raw value.
         value: Vec<u8>,
     },
@@ -360,7 +360,7 @@ pub enum Output {
         /// The deployment.
         deployment: DeploymentName,
         /// The delete marker's revision.
-        revision: u64,
+        revision: Revision,
     },
     /// The watch's initial snapshot is complete: these are all the
     /// deployments the bucket holds for this device.
