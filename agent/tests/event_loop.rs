@@ -11,12 +11,12 @@ use podfleet_agent::event_loop::{
     self, CacheError, CacheStore, CommandRequest, DesiredSource, Inbound, LoopExit, LoopOptions,
     LoopStats, PublishError, Publisher, Report, TokioClock,
 };
-use podfleet_agent::fake_runtime::SharedFake;
-use podfleet_core::fake::{Behaviour, FakeRuntime};
 use podfleet_core::reconciler::{AgentCache, Bugs};
 use podfleet_core::runtime::ContainerState;
 use podfleet_core::wire::{DeploymentName, DeviceId, Phase, Verb};
 use podfleet_core::Config;
+use podfleet_testkit::SharedFake;
+use podfleet_testkit::{Behaviour, FakeRuntime};
 use tokio::sync::{mpsc, oneshot};
 
 struct Channel(mpsc::UnboundedReceiver<Inbound>);

@@ -11,12 +11,8 @@
 //! - [`runtime`]: the primitive container operations the reconciler asks
 //!   for, their results, and the labels podfleet puts on containers.
 //! - [`reconciler`]: the sans-IO [`Reconciler`] that decides everything.
-//! - `fake` (feature `fake`): a pure model of podman and a virtual-time
-//!   harness, shared by the simulator, the fuzzer and the tests.
 //! - [`time`]: the caller-supplied [`Timestamp`] and capped [`Backoff`].
 
-#[cfg(any(test, feature = "fake"))]
-pub mod fake;
 pub mod reconciler;
 pub mod runtime;
 pub mod time;

@@ -9,11 +9,11 @@
 
 use std::time::Duration;
 
+use podfleet_core::reconciler::{Bugs, Config};
+use podfleet_core::runtime::RuntimeErrorKind;
+use podfleet_core::wire::DeviceId;
+use podfleet_testkit::{Behaviour, Harness, OpFault};
 use proptest::prelude::*;
-
-use super::*;
-use crate::fake::{Behaviour, Harness, OpFault};
-use crate::runtime::RuntimeErrorKind;
 
 const DEPLOYMENTS: [&str; 2] = ["shop", "cam"];
 

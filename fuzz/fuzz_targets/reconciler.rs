@@ -3,7 +3,7 @@
 //! redeliveries of older revisions, resyncs, runtime faults (including the
 //! libpod wait/inspect race and init-container timeouts), container
 //! crashes, missing images, time passing, and agent restarts with the cache
-//! kept or lost, played against the real core on `podfleet_core::fake`'s
+//! kept or lost, played against the real core on `podfleet_testkit`'s
 //! harness.
 //!
 //! Checks, after every step and once more after healing and settling: no

@@ -12,7 +12,7 @@
 //!   names what is wrong (target `names`).
 //! - [`scenario`]: arbitrary sequences of desired-state puts, deletes,
 //!   redeliveries, runtime faults, crashes, time and agent restarts, fed to
-//!   the real reconciler through [`podfleet_core::fake::Harness`], whose
+//!   the real reconciler through [`podfleet_testkit::Harness`], whose
 //!   oracle checks the safety invariants at every operation (target
 //!   `reconciler`).
 //!

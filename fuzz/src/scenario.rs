@@ -1,6 +1,6 @@
 //! Structure-aware fuzzing of the reconciler: an [`arbitrary`] sequence of
 //! [`Step`]s played against the real core through
-//! [`podfleet_core::fake::Harness`].
+//! [`podfleet_testkit::Harness`].
 //!
 //! The steps are what a device lives through: desired-state puts (scores
 //! built from a small vocabulary so that most are valid or nearly so, some
@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use podfleet_core::fake::{Behaviour, Harness, OpFault};
+use podfleet_testkit::{Behaviour, Harness, OpFault};
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::wire::{DeploymentName, DeviceId};
 use podfleet_core::Config;

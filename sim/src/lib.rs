@@ -23,11 +23,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use podfleet_core::fake::{Behaviour, Harness, OpFault};
 use podfleet_core::reconciler::Bugs;
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::wire::{DeploymentName, DeviceId};
 use podfleet_core::Config;
+use podfleet_testkit::{Behaviour, Harness, OpFault};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -207,7 +207,7 @@ pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
     let flaps: Vec<String> = h.ops[quiet_from..]
         .iter()
         .filter(|(_, op)| op.is_mutation())
-        .map(|(t, op)| (t, op, podfleet_core::fake::describe_op(op)))
+        .map(|(t, op)| (t, op, podfleet_testkit::describe_op(op)))
         .filter(|(_, op, text)| {
             let name = op
                 .container()

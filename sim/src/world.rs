@@ -25,9 +25,7 @@ use podfleet_agent::event_loop::{
     self, CacheError, CacheStore, Clock, CommandRequest, DesiredSource, Inbound, LoopOptions,
     LoopStats, PublishError, Publisher, Report,
 };
-use podfleet_agent::fake_runtime::SharedFake;
 use podfleet_agent::runtime::{ContainerRuntime, ExecOutput, LogsOutput};
-use podfleet_core::fake::{Behaviour, FakeContainer, FakeRuntime, Oracle, RuntimeEvent};
 use podfleet_core::reconciler::{fnv1a64, service_container_spec, AgentCache, Bugs};
 use podfleet_core::runtime::{
     service_container_name, ContainerSpec, ContainerState, RuntimeError, RuntimeErrorKind,
@@ -42,6 +40,8 @@ use podfleet_core::wire::{
     FailureCause, Phase, PingReply, PodmanV0Score, Verb,
 };
 use podfleet_core::Config;
+use podfleet_testkit::SharedFake;
+use podfleet_testkit::{Behaviour, FakeContainer, FakeRuntime, Oracle, RuntimeEvent};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
@@ -352,7 +352,7 @@ impl ContainerRuntime for FaultyRuntime {
                 .get_mut(op.name())
                 .and_then(VecDeque::pop_front),
         };
-        self.trace(format_args!("-> {}", podfleet_core::fake::describe_op(&op)));
+        self.trace(format_args!("-> {}", podfleet_testkit::describe_op(&op)));
         let slow = *lock(&d.slow);
         if let Some((_, delay)) = slow.filter(|(until, _)| now < *until) {
             d.world.probe("slow runtime");

@@ -6,11 +6,11 @@
 
 use std::collections::BTreeMap;
 
-use podfleet_core::fake::{FakeRuntime, Oracle};
 use podfleet_core::reconciler::{init_container_spec, service_container_spec};
 use podfleet_core::runtime::{ContainerSpec, RuntimeOp, LABEL_SERVICE};
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::{DeploymentState, FailureCause, Phase, PodmanV0Score, RestartRecord};
+use podfleet_testkit::{FakeRuntime, Oracle};
 use sim::world::{check_device, Delivery, DeviceView, Epoch, Handed};
 
 const SHOP: &str = r#"{"services":[{"name":"web","image":"img/app:1"},{"name":"db","image":"img/app:2"}],"init_containers":[{"name":"migrate","image":"img/init-ok:1"}]}"#;

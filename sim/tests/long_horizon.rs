@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use podfleet_core::fake::RuntimeEvent;
 use podfleet_core::runtime::{init_container_name, service_container_name};
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::Phase;
+use podfleet_testkit::RuntimeEvent;
 use sim::plan::{Action, Plan, Step};
 use sim::tiers::{run_events_with, Switches};
 

@@ -1,0 +1,28 @@
+//! podfleet's test kit: everything the tests, the simulator and the fuzzer
+//! share, and nothing a release binary carries.
+//!
+//! - [`runtime`]: [`FakeRuntime`], a pure model of podman, and the
+//!   [`Behaviour`] of the programs it pretends to run.
+//! - [`harness`]: [`Harness`], which drives a reconciler against the fake in
+//!   virtual time and records a transcript.
+//! - [`oracle`]: [`Oracle`], the safety invariants checked against the
+//!   fake's ground truth.
+//! - [`shared`]: [`SharedFake`], the fake behind the agent's async
+//!   `ContainerRuntime` trait, for its event loop.
+//! - [`conformance`]: podman's behaviour as a suite that runs against real
+//!   podman (e2e/) and against the fake.
+//!
+//! It depends on podfleet-core with its `bugs` feature (the deliberate bugs
+//! the invariant checks must catch) and on podfleet-agent without its
+//! adapters; the production crates depend on it only for their tests.
+
+pub mod conformance;
+pub mod harness;
+pub mod oracle;
+pub mod runtime;
+pub mod shared;
+
+pub use harness::{describe_op, Harness, OpFault};
+pub use oracle::Oracle;
+pub use runtime::{Behaviour, Completion, FakeContainer, FakeRuntime, RuntimeEvent};
+pub use shared::SharedFake;
