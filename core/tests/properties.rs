@@ -12,7 +12,7 @@ use std::time::Duration;
 use podfleet_core::reconciler::{Bugs, Config};
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::wire::DeviceId;
-use podfleet_testkit::{Behaviour, Harness, OpFault};
+use podfleet_testkit::{images, Harness, OpFault};
 use proptest::prelude::*;
 
 const DEPLOYMENTS: [&str; 2] = ["shop", "cam"];
@@ -69,7 +69,7 @@ const KINDS: [RuntimeErrorKind; 4] = [
     RuntimeErrorKind::Other,
 ];
 const SERVICES: [&str; 3] = ["web", "worker", "db"];
-const IMAGES: [&str; 4] = ["img/a:1", "img/a:2", "img/crash:1", "img/slow-stop:1"];
+const IMAGES: [&str; 4] = [images::A_1, images::A_2, images::CRASH, images::SLOW_STOP];
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
@@ -102,7 +102,8 @@ fn score_of(variant: u16) -> String {
     }
     let inits = match variant >> 12 & 3 {
         0 => "",
-        1 => r#"{"name":"migrate","image":"img/init-ok:1","timeout":20}"#,
+        // Through the libpod race, as img/init-ok:1 did here before the catalogue.
+        1 => r#"{"name":"migrate","image":"img/init-race:1","timeout":20}"#,
         2 => {
             r#"{"name":"migrate","image":"img/init-ok:1","timeout":20},{"name":"seed","image":"img/init-fail:1","timeout":20}"#
         }
@@ -119,27 +120,7 @@ fn world() -> Harness {
     let config = Config::new(DeviceId::new("prop").expect("valid"), "prop")
         .tick_interval(Duration::from_secs(30));
     let mut h = Harness::new(config);
-    let rt = &mut h.runtime;
-    rt.set_behaviour("img/crash:1", Behaviour::exits(1, Duration::from_secs(7)));
-    rt.set_behaviour(
-        "img/slow-stop:1",
-        Behaviour {
-            stop_delay: Duration::from_secs(2),
-            ..Behaviour::default()
-        },
-    );
-    rt.set_behaviour(
-        "img/init-ok:1",
-        Behaviour {
-            inspect_lag: Duration::from_millis(100),
-            ..Behaviour::exits(0, Duration::from_secs(1))
-        },
-    );
-    rt.set_behaviour(
-        "img/init-fail:1",
-        Behaviour::exits(5, Duration::from_secs(1)),
-    );
-    rt.set_behaviour("img/init-hang:1", Behaviour::default());
+    images::install(&mut h.runtime);
     h
 }
 
@@ -264,10 +245,7 @@ fn property_checks_catch_injected_bugs() {
         revert_on_failure: true,
         ..Bugs::default()
     }));
-    h.runtime.set_behaviour(
-        "img/init-fail:1",
-        Behaviour::exits(5, Duration::from_secs(1)),
-    );
+    images::install(&mut h.runtime);
     h.put(
         "shop",
         1,

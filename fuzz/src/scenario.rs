@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use podfleet_testkit::{Behaviour, Harness, OpFault};
+use podfleet_testkit::{images, Harness, OpFault};
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::wire::{DeploymentName, DeviceId};
 use podfleet_core::Config;
@@ -310,7 +310,7 @@ pub const IMAGES: [&str; 11] = [
     "img/missing:1",
 ];
 /// The image that is missing when the world starts.
-const MISSING_IMAGE: &str = "img/missing:1";
+const MISSING_IMAGE: &str = images::MISSING;
 const SERVICE_IMAGES: [&str; 8] = [
     "img/a:1",
     "img/a:2",
@@ -500,50 +500,12 @@ impl ScoreSketch {
     }
 }
 
-/// The fake runtime's images and behaviours, and a harness with default
+/// The fake runtime with the test kit's image catalogue, and a harness with default
 /// timings (30 s tick, 15 s heartbeat, 200 ms libpod-race retry).
 pub fn world() -> Harness {
     let config = Config::new(DeviceId::new("fuzz").expect("a valid device id"), "fuzz");
     let mut h = Harness::new(config);
-    let rt = &mut h.runtime;
-    rt.set_behaviour("img/crash:1", Behaviour::exits(1, Duration::from_secs(7)));
-    rt.set_behaviour(
-        "img/slow-stop:1",
-        Behaviour {
-            stop_delay: Duration::from_secs(2),
-            ..Behaviour::default()
-        },
-    );
-    rt.set_behaviour(
-        "img/ignore-stop:1",
-        Behaviour {
-            ignores_stop_signal: true,
-            ..Behaviour::default()
-        },
-    );
-    rt.set_behaviour("img/init-ok:1", Behaviour::exits(0, Duration::from_secs(1)));
-    rt.set_behaviour(
-        "img/init-fail:1",
-        Behaviour::exits(5, Duration::from_secs(1)),
-    );
-    rt.set_behaviour("img/init-hang:1", Behaviour::default());
-    // The libpod race: inspect still says "running" just after the exit,
-    // for less than the 200 ms retry, and for longer.
-    rt.set_behaviour(
-        "img/init-race:1",
-        Behaviour {
-            inspect_lag: Duration::from_millis(120),
-            ..Behaviour::exits(0, Duration::from_secs(1))
-        },
-    );
-    rt.set_behaviour(
-        "img/init-race-long:1",
-        Behaviour {
-            inspect_lag: Duration::from_secs(2),
-            ..Behaviour::exits(0, Duration::from_secs(1))
-        },
-    );
-    rt.remove_image(MISSING_IMAGE);
+    images::install(&mut h.runtime);
     h
 }
 

@@ -27,25 +27,18 @@ use podfleet_core::reconciler::Bugs;
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::wire::{DeploymentName, DeviceId};
 use podfleet_core::Config;
-use podfleet_testkit::{Behaviour, Harness, OpFault};
+use podfleet_testkit::images::{INIT_FAIL, INIT_HANG};
+use podfleet_testkit::{Harness, OpFault};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use plan::{below, chance, DEPLOYMENTS, FAULTY_OPS as OPS, SERVICES};
 
-fn world(seed: u64, bugs: Bugs) -> Harness {
+fn world(bugs: Bugs) -> Harness {
     let config = Config::new(DeviceId::new("sim-device").expect("valid"), "sim").inject_bugs(bugs);
     let mut h = Harness::new(config);
-    // The network tiers' images, except that only every other seed hits the
-    // libpod race here.
+    // The network tiers' images.
     h.runtime = world::fake_runtime();
-    h.runtime.set_behaviour(
-        "img/init-ok:1",
-        Behaviour {
-            inspect_lag: Duration::from_millis(if seed % 2 == 0 { 120 } else { 0 }),
-            ..Behaviour::exits(0, Duration::from_secs(2))
-        },
-    );
     h
 }
 
@@ -58,7 +51,7 @@ pub fn run_seed(seed: u64) -> world::Outcome {
 /// prove the invariant checks notice them.
 pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut h = world(seed, bugs);
+    let mut h = world(bugs);
     let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
     // Swarm testing: each seed enables its own subset of faults.
     let crash_rate = below(&mut rng, 30);
@@ -105,9 +98,9 @@ pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
             40..=44 => {
                 revision += 1;
                 let init = if chance(&mut rng, 50) {
-                    "img/init-fail:1"
+                    INIT_FAIL
                 } else {
-                    "img/init-hang:1"
+                    INIT_HANG
                 };
                 let json = format!(
                     r#"{{"services":[{{"name":"web","image":"img/app:1"}}],"init_containers":[{{"name":"bad","image":"{init}","timeout":5}}]}}"#

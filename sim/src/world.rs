@@ -41,7 +41,7 @@ use podfleet_core::wire::{
 };
 use podfleet_core::Config;
 use podfleet_testkit::SharedFake;
-use podfleet_testkit::{Behaviour, FakeContainer, FakeRuntime, Oracle, RuntimeEvent};
+use podfleet_testkit::{FakeContainer, FakeRuntime, Oracle, RuntimeEvent};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
@@ -229,40 +229,9 @@ pub fn device_id(index: u32) -> DeviceId {
     DeviceId::new(format!("dev-{index}")).expect("dev-N is a valid device id")
 }
 
-/// A runtime with the images the plans use.
+/// A runtime with the images the plans use: the test kit's catalogue.
 pub fn fake_runtime() -> FakeRuntime {
-    let mut rt = FakeRuntime::new();
-    rt.set_behaviour(
-        "img/slow-stop:1",
-        Behaviour {
-            stop_delay: Duration::from_secs(2),
-            ..Behaviour::default()
-        },
-    );
-    rt.set_behaviour(
-        "img/app:2",
-        Behaviour {
-            ignores_stop_signal: true,
-            ..Behaviour::default()
-        },
-    );
-    rt.set_behaviour(
-        "img/init-ok:1",
-        Behaviour {
-            inspect_lag: Duration::from_millis(150),
-            ..Behaviour::exits(0, Duration::from_secs(2))
-        },
-    );
-    rt.set_behaviour(
-        "img/init-fail:1",
-        Behaviour::exits(3, Duration::from_secs(1)),
-    );
-    rt.set_behaviour("img/init-hang:1", Behaviour::default());
-    rt.set_behaviour(
-        "img/crashloop:1",
-        Behaviour::exits(1, Duration::from_secs(20)),
-    );
-    rt
+    podfleet_testkit::images::runtime()
 }
 
 impl Device {

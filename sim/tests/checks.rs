@@ -95,10 +95,10 @@ impl World {
                     Phase::Failed,
                     4,
                     &[("web", &cam)],
-                    "attempt 1 at revision 4 failed: init container \"bad\" exited with code 3; retrying",
+                    "attempt 1 at revision 4 failed: init container \"bad\" exited with code 5; retrying",
                     Some(FailureCause::InitContainerExited {
                         name: "bad".into(),
-                        exit_code: 3,
+                        exit_code: 5,
                     }),
                 ),
             ),
@@ -326,7 +326,7 @@ fn the_broker_must_hold_what_the_agent_last_handed_its_publisher() {
     let mut newer = cam.clone();
     newer.attempt = 2;
     newer.message =
-        "attempt 2 at revision 4 failed: init container \"bad\" exited with code 3; retrying"
+        "attempt 2 at revision 4 failed: init container \"bad\" exited with code 5; retrying"
             .into();
     let mut published = BTreeMap::from([
         ("shop".to_owned(), handed(&shop, Delivery::Stored)),

@@ -47,7 +47,7 @@ fn a_crash_loop_and_a_failing_revision_are_retried_at_the_cap_for_days() {
                 "cam",
                 r#"{"services":[{"name":"web","image":"img/crashloop:1"}]}"#,
             ),
-            // Its init container exits with code 3 at every attempt.
+            // Its init container exits with code 5 at every attempt.
             put(
                 3_000,
                 "shop",

@@ -9,6 +9,8 @@
 //!   fake's ground truth.
 //! - [`shared`]: [`SharedFake`], the fake behind the agent's async
 //!   `ContainerRuntime` trait, for its event loop.
+//! - [`images`]: the image catalogue, one behaviour per image name, and
+//!   the groups the generators pick from.
 //! - [`conformance`]: podman's behaviour as a suite that runs against real
 //!   podman (e2e/) and against the fake.
 //!
@@ -18,6 +20,7 @@
 
 pub mod conformance;
 pub mod harness;
+pub mod images;
 pub mod oracle;
 pub mod runtime;
 pub mod shared;
