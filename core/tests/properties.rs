@@ -12,7 +12,7 @@ use std::time::Duration;
 use podfleet_core::reconciler::{Bugs, Config};
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::wire::DeviceId;
-use podfleet_testkit::{images, Harness, OpFault};
+use podfleet_testkit::{images, Harness, Invariant, OpFault};
 use proptest::prelude::*;
 
 const DEPLOYMENTS: [&str; 2] = ["shop", "cam"];
@@ -234,7 +234,7 @@ fn property_checks_catch_injected_bugs() {
     assert!(
         h.violations
             .iter()
-            .any(|v| v.contains("healthy container recreated")),
+            .any(|v| v.invariant == Invariant::HealthyContainerRecreated),
         "{:?}\n{}",
         h.violations,
         h.transcript
@@ -267,7 +267,9 @@ fn property_checks_catch_injected_bugs() {
     h.runtime.crash(now, &id, 1);
     h.run_for(Duration::from_secs(120));
     assert!(
-        h.violations.iter().any(|v| v.contains("no revert")),
+        h.violations
+            .iter()
+            .any(|v| v.invariant == Invariant::NoRevert),
         "{:?}\n{}",
         h.violations,
         h.transcript

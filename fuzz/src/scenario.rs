@@ -752,7 +752,12 @@ impl Player {
         let tail = transcript[transcript.len().saturating_sub(80)..].join("\n");
         panic!(
             "invariant violated {when}:\n  {}\n\nsteps: {steps:#?}\n\nwhat was sent:\n{}\ntranscript (last 80 lines):\n{tail}",
-            self.h.violations.join("\n  "),
+            self.h
+                .violations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n  "),
             self.script
         );
     }

@@ -28,7 +28,7 @@ use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::wire::{DeploymentName, DeviceId};
 use podfleet_core::Config;
 use podfleet_testkit::images::{INIT_FAIL, INIT_HANG};
-use podfleet_testkit::{Harness, OpFault};
+use podfleet_testkit::{Harness, Invariant, OpFault, Violation};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -214,8 +214,10 @@ pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
         .map(|(t, _, text)| format!("{t}: {text}"))
         .collect();
     if !flaps.is_empty() {
-        h.violations
-            .push(format!("no quiet after convergence: {flaps:?}"));
+        h.violations.push(Violation::new(
+            Invariant::Liveness,
+            format!("no quiet after convergence: {flaps:?}"),
+        ));
     }
     let trace: Vec<String> = h.transcript.lines().map(str::to_owned).collect();
     world::Outcome {
@@ -465,25 +467,25 @@ pub fn summary_table(
 /// The deliberate bugs of the agent's event loop, which only the network
 /// tiers run (the discrete tier drives the reconciler alone), and the
 /// invariant whose check must report each.
-pub const LOOP_BITES: [(&str, Bugs, &str); 1] = [(
+pub const LOOP_BITES: [(&str, Bugs, Invariant); 1] = [(
     "head_of_line_reports",
     Bugs {
         head_of_line_reports: true,
         ..NO_BUGS
     },
-    "liveness",
+    Invariant::Liveness,
 )];
 
 /// Each deliberate bug of the reconciler, and the invariant whose check
 /// must report it.
-pub const BITES: [(&str, Bugs, &str); 7] = [
+pub const BITES: [(&str, Bugs, Invariant); 7] = [
     (
         "recreate_on_tick",
         Bugs {
             recreate_on_tick: true,
             ..NO_BUGS
         },
-        "healthy container recreated",
+        Invariant::HealthyContainerRecreated,
     ),
     (
         "revert_on_failure",
@@ -491,7 +493,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             revert_on_failure: true,
             ..NO_BUGS
         },
-        "no revert",
+        Invariant::NoRevert,
     ),
     (
         "skip_init_containers",
@@ -499,7 +501,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             skip_init_containers: true,
             ..NO_BUGS
         },
-        "init containers first",
+        Invariant::InitContainersFirst,
     ),
     (
         "skip_graceful_stop",
@@ -507,7 +509,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             skip_graceful_stop: true,
             ..NO_BUGS
         },
-        "graceful replace",
+        Invariant::GracefulReplace,
     ),
     (
         "create_before_remove",
@@ -515,7 +517,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             create_before_remove: true,
             ..NO_BUGS
         },
-        "containers for service",
+        Invariant::OneContainerPerService,
     ),
     (
         "report_running_early",
@@ -523,7 +525,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             report_running_early: true,
             ..NO_BUGS
         },
-        "truthful reports",
+        Invariant::TruthfulReports,
     ),
     (
         "report_before_observing",
@@ -531,7 +533,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             report_before_observing: true,
             ..NO_BUGS
         },
-        "truthful reports",
+        Invariant::TruthfulReports,
     ),
 ];
 

@@ -41,7 +41,7 @@ use podfleet_core::wire::{
 };
 use podfleet_core::Config;
 use podfleet_testkit::SharedFake;
-use podfleet_testkit::{FakeContainer, FakeRuntime, Oracle, RuntimeEvent};
+use podfleet_testkit::{FakeContainer, FakeRuntime, Invariant, Oracle, RuntimeEvent, Violation};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
@@ -117,7 +117,7 @@ struct WorldState {
     events: u64,
     keep_all: bool,
     lines: VecDeque<String>,
-    violations: Vec<String>,
+    violations: Vec<Violation>,
     probes: BTreeMap<&'static str, u64>,
 }
 
@@ -148,8 +148,8 @@ impl World {
     }
 
     /// Records an invariant violation.
-    pub fn violation(&self, text: String) {
-        lock(&self.0).violations.push(text);
+    pub fn violation(&self, violation: Violation) {
+        lock(&self.0).violations.push(violation);
     }
 
     /// Counts a probe.
@@ -267,13 +267,13 @@ impl Device {
         self.id.to_string()
     }
 
-    fn check(&self, f: impl FnOnce(&Oracle, &FakeRuntime, &mut Vec<String>)) {
+    fn check(&self, f: impl FnOnce(&Oracle, &FakeRuntime, &mut Vec<Violation>)) {
         let mut found = Vec::new();
         let oracle = lock(&self.oracle);
         self.fake.with(|fake| f(&oracle, fake, &mut found));
         drop(oracle);
         for v in found {
-            self.world.violation(format!("{}: {v}", self.id));
+            self.world.violation(v.on(&self.id));
         }
     }
 }
@@ -697,9 +697,10 @@ async fn link<D: Dialer>(
                             Frame::Entry { key, revision, value } => {
                                 let parsed = DeploymentKey::parse(&key);
                                 let Some(parsed) = parsed.ok().filter(|k| k.device == device.id) else {
-                                    world.violation(format!(
-                                        "{who}: isolation: the agent received key {key:?}, not one of its own"
-                                    ));
+                                    world.violation(Violation::new(
+                                        Invariant::Isolation,
+                                        format!("the agent received key {key:?}, not one of its own"),
+                                    ).on(&who));
                                     continue;
                                 };
                                 let last = seen.get(&key).copied();
@@ -944,8 +945,10 @@ fn check_ping(world: &World, now: Timestamp, device: &DeviceId, body: &[u8]) {
                 format_args!("ping {device}: up {} s", reply.uptime_s),
             );
         }
-        other => world.violation(format!(
-            "{now}: isolation: a ping to {device} was answered with {other:?}"
+        other => world.violation(Violation::at(
+            now,
+            Invariant::Isolation,
+            format!("a ping to {device} was answered with {other:?}"),
         )),
     }
 }
@@ -1004,8 +1007,8 @@ pub struct Outcome {
     pub faults: BTreeMap<&'static str, u32>,
     /// Probes reached, with counts.
     pub probes: BTreeMap<&'static str, u64>,
-    /// Invariant violations, in words.
-    pub violations: Vec<String>,
+    /// Invariant violations.
+    pub violations: Vec<Violation>,
     /// Events folded into the trace.
     pub events: u64,
     /// The running hash of every trace line.
@@ -1278,11 +1281,12 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
         check_quiet(shared, &before, &running);
     }
     if let Some(e) = failure {
-        world.violation(format!("a host failed: {e}"));
+        world.violation(Violation::new(Invariant::HostFailed, e));
     }
     for refusal in shared.broker.refusals() {
-        world.violation(format!(
-            "isolation: the broker refused {refusal}, which is not the device's own"
+        world.violation(Violation::new(
+            Invariant::Isolation,
+            format!("the broker refused {refusal}, which is not the device's own"),
         ));
     }
     let w = lock(&world.0);
@@ -1335,7 +1339,7 @@ fn check_converged(shared: &Shared) -> Vec<(usize, String)> {
         });
         running.extend(converged.into_iter().map(|c| (i, c)));
         for p in problems {
-            shared.world.violation(format!("{}: {p}", d.id));
+            shared.world.violation(p.on(&d.id));
         }
     }
     running
@@ -1376,7 +1380,7 @@ pub struct DeviceView<'a> {
 ///   the true ids (or, for a spec that cannot succeed, Failed with a cause
 ///   or a retry under way; for a crash loop, Running or a CrashLoop).
 /// - Truthful reports, every field ([`check_report_fields`]).
-pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
+pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
     let mut problems = Vec::new();
     let mut running = Vec::new();
     let mut states = BTreeMap::new();
@@ -1385,8 +1389,9 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
             Ok(s) => {
                 states.insert(deployment.clone(), s);
             }
-            Err(e) => problems.push(format!(
-                "truthful reports: the stored state of {deployment} does not decode: {e}"
+            Err(e) => problems.push(Violation::new(
+                Invariant::TruthfulReports,
+                format!("the stored state of {deployment} does not decode: {e}"),
             )),
         }
     }
@@ -1402,9 +1407,12 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
     for (deployment, containers) in &by_deployment {
         if !view.desired.contains_key(*deployment) {
             for c in containers {
-                problems.push(format!(
-                    "liveness: not converged: {} of deleted {deployment:?} still exists ({})",
-                    c.spec.name, c.state
+                problems.push(Violation::new(
+                    Invariant::Liveness,
+                    format!(
+                        "not converged: {} of deleted {deployment:?} still exists ({})",
+                        c.spec.name, c.state
+                    ),
                 ));
             }
         }
@@ -1494,8 +1502,10 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
             // over the bucket's limit): its phase and revision are checked.
             (Some(s), true) if outlook == Outlook::Succeeds && !s.summarised => {
                 if let Ok(name) = DeploymentName::new(deployment.as_str()) {
+                    let mut untrue = Vec::new();
                     view.oracle
-                        .check_report(Timestamp::ZERO, &name, s, view.fake, &mut found);
+                        .check_report(Timestamp::ZERO, &name, s, view.fake, &mut untrue);
+                    found.extend(untrue.iter().map(Violation::to_string));
                 }
             }
             (_, true) => {}
@@ -1510,13 +1520,14 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
         problems.extend(
             found
                 .into_iter()
-                .map(|p| format!("liveness: not converged: {p}")),
+                .map(|p| Violation::new(Invariant::Liveness, format!("not converged: {p}"))),
         );
     }
     for key in states.keys() {
         if !view.desired.contains_key(key) {
-            problems.push(format!(
-                "liveness: not converged: {key} is deleted but still has a reported state"
+            problems.push(Violation::new(
+                Invariant::Liveness,
+                format!("not converged: {key} is deleted but still has a reported state"),
             ));
         }
     }
@@ -1548,13 +1559,16 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
                 Some(Delivery::Failed(reason)) => format!(", whose write failed: {reason}"),
                 Some(Delivery::Stored) | None => String::new(),
             };
-            problems.push(format!(
-                "truthful reports: {key}: the broker holds {} but the agent last handed its publisher {}{fate}",
-                stored.map_or("nothing".to_owned(), brief),
-                handed.map_or("nothing".to_owned(), |h| h
-                    .state
-                    .as_ref()
-                    .map_or("a clear".to_owned(), brief)),
+            problems.push(Violation::new(
+                Invariant::TruthfulReports,
+                format!(
+                    "{key}: the broker holds {} but the agent last handed its publisher {}{fate}",
+                    stored.map_or("nothing".to_owned(), brief),
+                    handed.map_or("nothing".to_owned(), |h| h
+                        .state
+                        .as_ref()
+                        .map_or("a clear".to_owned(), brief)),
+                ),
             ));
         }
     }
@@ -1574,9 +1588,14 @@ pub fn check_report_fields(
     deployment: &str,
     s: &DeploymentState,
     crash_loops: bool,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Violation>,
 ) {
-    let mut bad = |p: String| problems.push(format!("truthful reports: {deployment}: {p}"));
+    let mut bad = |p: String| {
+        problems.push(Violation::new(
+            Invariant::TruthfulReports,
+            format!("{deployment}: {p}"),
+        ));
+    };
     if s.message.trim().is_empty() {
         bad(format!("{:?} report with an empty message", s.phase));
     }
@@ -1720,32 +1739,15 @@ fn check_quiet(shared: &Shared, before: &[usize], running: &[(usize, String)]) {
             out
         });
         if !flaps.is_empty() {
-            shared.world.violation(format!(
-                "{}: liveness: no quiet after convergence:{flaps}",
-                d.id
-            ));
+            shared.world.violation(
+                Violation::new(
+                    Invariant::Liveness,
+                    format!("no quiet after convergence:{flaps}"),
+                )
+                .on(&d.id),
+            );
         }
     }
-}
-
-/// The invariant a violation names (the words before the first colon after
-/// the timestamp), for shrinking towards the same failure.
-pub fn invariant_of(violation: &str) -> &str {
-    for name in [
-        "no revert",
-        "healthy container recreated",
-        "init containers first",
-        "graceful replace",
-        "truthful reports",
-        "isolation",
-        "liveness",
-        "a host failed",
-    ] {
-        if violation.contains(name) {
-            return name;
-        }
-    }
-    "other"
 }
 
 /// How long a lasting fault lasts, in ms, to shorten while shrinking.
@@ -1765,10 +1767,10 @@ fn fault_duration(action: &mut Action) -> Option<&mut u64> {
 /// faults' durations, then heals as early as it can. `run` runs a plan. At most `budget` runs.
 pub fn shrink(plan: &Plan, mut run: impl FnMut(&Plan) -> Outcome, budget: u32) -> (Plan, Outcome) {
     let first = run(plan);
-    let Some(target) = first.violations.first().map(|v| invariant_of(v).to_owned()) else {
+    let Some(target) = first.violations.first().map(|v| v.invariant) else {
         return (plan.clone(), first);
     };
-    let fails = |o: &Outcome| o.violations.iter().any(|v| invariant_of(v) == target);
+    let fails = |o: &Outcome| o.violations.iter().any(|v| v.invariant == target);
     let mut best = (plan.clone(), first);
     let mut runs = 1;
     let mut chunk = best.0.steps.len().div_ceil(2).max(1);

@@ -132,6 +132,9 @@ impl World {
             now: NOW,
         })
         .0
+        .iter()
+        .map(ToString::to_string)
+        .collect()
     }
 
     /// Creates `spec` at the fake's time (an hour before the check, unless

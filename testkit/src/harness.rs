@@ -19,6 +19,7 @@ use podfleet_core::wire::{DeploymentName, DeploymentState, Heartbeat};
 
 use crate::oracle::Oracle;
 use crate::runtime::{Completion, FakeRuntime};
+use crate::violation::Violation;
 
 /// A fault the [`Harness`] applies to the next runtime operation of a kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,8 +70,8 @@ pub struct Harness {
     pub log_heartbeats: bool,
     /// The invariant checks, told everything the reconciler is told.
     pub oracle: Oracle,
-    /// Invariant violations found so far, in words.
-    pub violations: Vec<String>,
+    /// Invariant violations found so far.
+    pub violations: Vec<Violation>,
     /// Runtime operations that failed so far (injected or not).
     pub errors: u64,
 }

@@ -7,6 +7,7 @@
 //!   virtual time and records a transcript.
 //! - [`oracle`]: [`Oracle`], the safety invariants checked against the
 //!   fake's ground truth.
+//! - [`violation`]: [`Violation`] and [`Invariant`], what the checks return.
 //! - [`shared`]: [`SharedFake`], the fake behind the agent's async
 //!   `ContainerRuntime` trait, for its event loop.
 //! - [`images`]: the image catalogue, one behaviour per image name, and
@@ -24,8 +25,10 @@ pub mod images;
 pub mod oracle;
 pub mod runtime;
 pub mod shared;
+pub mod violation;
 
 pub use harness::{describe_op, Harness, OpFault};
 pub use oracle::Oracle;
 pub use runtime::{Behaviour, Completion, FakeContainer, FakeRuntime, RuntimeEvent};
 pub use shared::SharedFake;
+pub use violation::{Invariant, Violation};

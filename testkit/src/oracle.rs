@@ -9,6 +9,7 @@ use podfleet_core::time::Timestamp;
 use podfleet_core::wire::{DeploymentName, DeploymentState};
 
 use crate::runtime::{FakeRuntime, RuntimeEvent};
+use crate::violation::{Invariant, Violation};
 
 /// What the reconciler has been told about one deployment.
 #[derive(Debug, Clone)]
@@ -97,8 +98,8 @@ fn baked_in(spec: &ContainerSpec) -> ContainerSpec {
 /// [`saw_delete`](Self::saw_delete), [`saw_resync`](Self::saw_resync));
 /// then [`check_op`](Self::check_op) each runtime operation as it is issued,
 /// [`check_state`](Self::check_state) after each one takes effect and
-/// [`check_report`](Self::check_report) each state published. Violations are
-/// appended in words, prefixed with the time and the invariant's name. The
+/// [`check_report`](Self::check_report) each state published. Each
+/// [`Violation`] found is appended, with its [`Invariant`] and the time. The
 /// [`Harness`], the simulator's network tiers and the fuzzer all use it.
 ///
 /// What it holds a container to is the spec the fake recorded at its create
@@ -237,7 +238,7 @@ impl Oracle {
         now: Timestamp,
         op: &RuntimeOp,
         runtime: &FakeRuntime,
-        violations: &mut Vec<String>,
+        violations: &mut Vec<Violation>,
     ) {
         use podfleet_core::runtime::{
             LABEL_DEPLOYMENT, LABEL_GRACE, LABEL_INIT, LABEL_REVISION, LABEL_SERVICE,
@@ -264,7 +265,8 @@ impl Oracle {
         let service = label(LABEL_SERVICE);
         let init = labels.contains_key(LABEL_INIT);
         let valid = self.seen.get(&deployment).and_then(|s| s.valid.as_ref());
-        let mut violation = |what: String| violations.push(format!("{now}: {what}"));
+        let mut violation =
+            |invariant, detail: String| violations.push(Violation::at(now, invariant, detail));
         match op {
             RuntimeOp::Create { .. } | RuntimeOp::Start { .. } => {
                 let ok = match (valid, op) {
@@ -277,8 +279,8 @@ impl Oracle {
                     let newest = valid.map_or("none since its delete".to_owned(), |v| {
                         format!("revision {}", v.revision)
                     });
-                    violation(format!(
-                        "no revert: {} of {deployment}/{service} (revision {}) which is not the newest valid spec seen ({newest}) as its score asks for it",
+                    violation(Invariant::NoRevert, format!(
+                        "{} of {deployment}/{service} (revision {}) which is not the newest valid spec seen ({newest}) as its score asks for it",
                         op.name(),
                         label(LABEL_REVISION)
                     ));
@@ -286,10 +288,13 @@ impl Oracle {
                 if let (RuntimeOp::Start { .. }, Some(v), false) = (op, valid, init) {
                     if v.is_revision(&label(LABEL_REVISION)) {
                         if let Err(why) = inits_completed(runtime, &deployment, v) {
-                            violation(format!(
-                                "init containers first: start of {deployment}/{service} (revision {}) but {why}",
-                                v.revision
-                            ));
+                            violation(
+                                Invariant::InitContainersFirst,
+                                format!(
+                                    "start of {deployment}/{service} (revision {}) but {why}",
+                                    v.revision
+                                ),
+                            );
                         }
                     }
                 }
@@ -300,8 +305,8 @@ impl Oracle {
                 grace,
             } if !init => {
                 if !runtime.containers().contains_key(container.as_str()) {
-                    violation(format!(
-                        "graceful replace: stop of {deployment}/{service} by name {container:?}, not by its recorded id"
+                    violation(Invariant::GracefulReplace, format!(
+                        "stop of {deployment}/{service} by name {container:?}, not by its recorded id"
                     ));
                 }
                 // The signal is what the container was created with; the
@@ -315,8 +320,8 @@ impl Oracle {
                         .map(Duration::from_secs),
                 };
                 if *signal != spec.stop_signal || Some(*grace) != recorded_grace {
-                    violation(format!(
-                        "graceful replace: stop of {deployment}/{service} with {} grace {}s, but it was created with {} grace {}",
+                    violation(Invariant::GracefulReplace, format!(
+                        "stop of {deployment}/{service} with {} grace {}s, but it was created with {} grace {}",
                         signal,
                         grace.as_secs(),
                         spec.stop_signal,
@@ -325,25 +330,36 @@ impl Oracle {
                 }
             }
             RuntimeOp::Remove { container, .. } if running && !init => {
-                violation(format!(
-                    "graceful replace: remove of running {deployment}/{service} ({container}) without a stop first"
-                ));
+                violation(
+                    Invariant::GracefulReplace,
+                    format!(
+                    "remove of running {deployment}/{service} ({container}) without a stop first"
+                ),
+                );
             }
             _ => {}
         }
         if running && !init && !matches!(op, RuntimeOp::Start { .. }) {
             let healthy_target = valid.is_some_and(|v| v.runs_service(&deployment, &service, spec));
             if healthy_target {
-                violation(format!(
-                    "healthy container recreated: {} of running {deployment}/{service} whose spec did not change",
-                    op.name()
-                ));
+                violation(
+                    Invariant::HealthyContainerRecreated,
+                    format!(
+                        "{} of running {deployment}/{service} whose spec did not change",
+                        op.name()
+                    ),
+                );
             }
         }
     }
 
     /// Checks the runtime's state: never two containers for one service (4).
-    pub fn check_state(&self, now: Timestamp, runtime: &FakeRuntime, violations: &mut Vec<String>) {
+    pub fn check_state(
+        &self,
+        now: Timestamp,
+        runtime: &FakeRuntime,
+        violations: &mut Vec<Violation>,
+    ) {
         use podfleet_core::runtime::{LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE};
         let mut per_service: BTreeMap<(&str, &str), usize> = BTreeMap::new();
         for c in runtime.containers().values() {
@@ -357,8 +373,10 @@ impl Oracle {
         }
         for ((deployment, service), n) in per_service {
             if n > 1 {
-                violations.push(format!(
-                    "{now}: graceful replace: {n} containers for service {deployment}/{service}"
+                violations.push(Violation::at(
+                    now,
+                    Invariant::OneContainerPerService,
+                    format!("{n} containers for service {deployment}/{service}"),
                 ));
             }
         }
@@ -374,7 +392,7 @@ impl Oracle {
         deployment: &DeploymentName,
         state: &DeploymentState,
         runtime: &FakeRuntime,
-        violations: &mut Vec<String>,
+        violations: &mut Vec<Violation>,
     ) {
         let about_containers = state.phase == podfleet_core::wire::Phase::Running
             || matches!(
@@ -382,10 +400,10 @@ impl Oracle {
                 Some(podfleet_core::wire::FailureCause::CrashLoop { .. })
             );
         if about_containers && !self.listed {
-            violations.push(format!(
-                "{now}: truthful reports: {deployment} reported {:?} at revision {} before the agent, since it started, listed the runtime",
+            violations.push(Violation::at(now, Invariant::TruthfulReports, format!(
+                "{deployment} reported {:?} at revision {} before the agent, since it started, listed the runtime",
                 state.phase, state.revision
-            ));
+            )));
         }
         self.check_report(now, deployment, state, runtime, violations);
     }
@@ -400,7 +418,7 @@ impl Oracle {
         deployment: &DeploymentName,
         state: &DeploymentState,
         runtime: &FakeRuntime,
-        violations: &mut Vec<String>,
+        violations: &mut Vec<Violation>,
     ) {
         if state.phase != podfleet_core::wire::Phase::Running {
             return;
@@ -419,27 +437,31 @@ impl Oracle {
                     .and_then(|id| runtime.containers().get(id))
                     .and_then(|c| c.spec.labels.get(podfleet_core::runtime::LABEL_SPEC_HASH));
                 if created_with != Some(hash) {
-                    violations.push(format!(
-                        "{now}: truthful reports: {deployment} reported Running at revision {} but service {service} {}",
+                    violations.push(Violation::at(now, Invariant::TruthfulReports, format!(
+                        "{deployment} reported Running at revision {} but service {service} {}",
                         state.revision,
                         match id {
                             None => "is not in the report".to_owned(),
                             Some(id) => format!("is reported as {id}, which is not its container for that revision"),
                         }
-                    ));
+                    )));
                 }
             }
         }
         for (service, id) in &state.container_ids {
             let started = runtime.containers().get(id).is_some_and(|c| c.starts > 0);
             if !started {
-                violations.push(format!(
-                    "{now}: truthful reports: {deployment} reported Running with {service}={id}, which {}",
-                    if runtime.containers().contains_key(id) {
-                        "was never started"
-                    } else {
-                        "does not exist"
-                    }
+                violations.push(Violation::at(
+                    now,
+                    Invariant::TruthfulReports,
+                    format!(
+                        "{deployment} reported Running with {service}={id}, which {}",
+                        if runtime.containers().contains_key(id) {
+                            "was never started"
+                        } else {
+                            "does not exist"
+                        }
+                    ),
                 ));
             }
         }
@@ -518,10 +540,11 @@ mod tests {
         )
     }
 
+    /// The violations `op` would cause, in words.
     fn check(oracle: &Oracle, rt: &FakeRuntime, op: &RuntimeOp) -> Vec<String> {
         let mut found = Vec::new();
         oracle.check_op(Timestamp::ZERO, op, rt, &mut found);
-        found
+        found.iter().map(Violation::to_string).collect()
     }
 
     /// Creates `spec` as the reconciler would, checked, and starts it.
