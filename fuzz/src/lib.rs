@@ -10,7 +10,7 @@
 //! - [`names`]: every key, subject and identifier either parses into a value
 //!   that rebuilds the very same string, or fails with the typed error that
 //!   names what is wrong (target `names`).
-//! - [`scenario`]: arbitrary sequences of desired-state puts, deletes,
+//! - [`scenario`]: any sequence of desired-state puts, deletes,
 //!   redeliveries, runtime faults, crashes, time and agent restarts, fed to
 //!   the real reconciler through [`podfleet_testkit::Harness`], whose
 //!   oracle checks the safety invariants at every operation (target

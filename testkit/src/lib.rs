@@ -12,6 +12,9 @@
 //!   `ContainerRuntime` trait, for its event loop.
 //! - [`images`]: the image catalogue, one behaviour per image name, and
 //!   the groups the generators pick from.
+//! - [`ops`]: [`Op`], what a device lives through, with its own byte
+//!   codec (for the fuzzer), a proptest strategy, and the [`ops::Player`]
+//!   that plays ops on a harness.
 //! - [`conformance`]: podman's behaviour as a suite that runs against real
 //!   podman (e2e/) and against the fake.
 //!
@@ -22,12 +25,14 @@
 pub mod conformance;
 pub mod harness;
 pub mod images;
+pub mod ops;
 pub mod oracle;
 pub mod runtime;
 pub mod shared;
 pub mod violation;
 
 pub use harness::{describe_op, Harness, OpFault};
+pub use ops::Op;
 pub use oracle::Oracle;
 pub use runtime::{Behaviour, Completion, FakeContainer, FakeRuntime, RuntimeEvent};
 pub use shared::SharedFake;

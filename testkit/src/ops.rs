@@ -1,42 +1,49 @@
-//! Structure-aware fuzzing of the reconciler: an [`arbitrary`] sequence of
-//! [`Step`]s played against the real core through
-//! [`podfleet_testkit::Harness`].
+//! The operation vocabulary every driver of the reconciler shares: what a
+//! device lives through, as [`Op`]s, and how they are played against the
+//! real core through the [`Harness`] ([`Player`], [`run`]).
 //!
-//! The steps are what a device lives through: desired-state puts (scores
-//! built from a small vocabulary so that most are valid or nearly so, some
-//! of them damaged byte-wise, and some raw bytes), deletes, redeliveries of
-//! the current and of older revisions, watch reconnects (the bucket's
-//! values, then a resync), runtime API faults (no answer or an error, with
-//! or without the effect), container crashes, missing images, time passing
-//! (through init-container deadlines, the libpod wait/inspect race and stop
-//! graces) and agent restarts with the cache kept or lost.
+//! The ops are desired-state puts (scores built from a small vocabulary so
+//! that most are valid or nearly so, some of them damaged byte-wise, and
+//! some raw bytes), deletes, redeliveries of the current and of older
+//! revisions, watch reconnects (the bucket's values, then a resync), runtime
+//! API faults (no answer or an error, with or without the effect), container
+//! crashes, images removed or restored, time passing (through
+//! init-container deadlines, the libpod wait/inspect race and stop graces)
+//! and agent restarts with the cache kept or lost.
 //!
-//! This module only builds the world and plays the inputs; the checks are
-//! the harness's own, the ones the simulator uses: its oracle at every
-//! runtime operation and report (no two containers for one service, no
-//! healthy container recreated, nothing older started once a newer revision
-//! was seen, init containers first, graceful replace by recorded id,
-//! truthful Running reports) and its no-busy-loop assertion at every wake.
-//! A violation panics with the invariant, the steps, what was sent and the
-//! end of the transcript; any other panic is a crash of the core.
+//! Three ways in:
+//! - bytes: [`Op::decode_all`] reads any byte string as ops (one tag byte,
+//!   then a few argument bytes each; a short input reads as zeros), so
+//!   libFuzzer never wastes an input, and [`Op::encode`] is its inverse, for
+//!   seed files;
+//! - proptest: [`ops`] is a `Strategy` for op lists;
+//! - code: build the values directly.
+//!
+//! This module only builds the world and plays the ops; the checks are the
+//! harness's own: its oracle at every runtime operation and report and its
+//! no-busy-loop assertion at every wake. A violation panics with the
+//! invariant, the ops, what was sent and the end of the transcript; any
+//! other panic is a crash of the core.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use arbitrary::Arbitrary;
-use podfleet_testkit::{images, Harness, OpFault};
+use proptest::prelude::*;
+
+use crate::harness::{Harness, OpFault};
+use crate::images;
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::wire::{DeploymentName, DeviceId};
 use podfleet_core::Config;
 use serde_json::{json, Map, Value};
 
-/// At most this many steps of an input are played, to keep every run short.
-pub const MAX_STEPS: usize = 64;
+/// At most this many ops of an input are played, to keep every run short.
+pub const MAX_OPS: usize = 64;
 
 /// One thing that happens to the device.
-#[derive(Debug, Clone, PartialEq, Eq, Arbitrary)]
-pub enum Step {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
     /// The operator puts a score built from the vocabulary, as a new revision.
     Put {
         /// Which deployment.
@@ -122,14 +129,6 @@ pub enum Step {
 #[derive(Clone, PartialEq, Eq)]
 pub struct RawBytes(pub Vec<u8>);
 
-impl<'a> Arbitrary<'a> for RawBytes {
-    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
-        let len = usize::from(u16::arbitrary(u)?);
-        let bytes = u.bytes(len.min(u.len()))?;
-        Ok(Self(bytes.to_vec()))
-    }
-}
-
 impl std::fmt::Debug for RawBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "RawBytes({:?})", String::from_utf8_lossy(&self.0))
@@ -137,7 +136,7 @@ impl std::fmt::Debug for RawBytes {
 }
 
 /// The device's deployments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Arbitrary)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Deployment {
     /// `shop`.
     Shop,
@@ -159,7 +158,7 @@ impl Deployment {
 }
 
 /// How much time passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
     /// Tens of milliseconds: around the 200 ms libpod-race retry.
     CentiSeconds(u8),
@@ -181,7 +180,7 @@ impl Wait {
 }
 
 /// A runtime operation the harness can fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpName {
     /// `list`.
     List,
@@ -219,7 +218,7 @@ impl OpName {
 /// injected: the fake runtime gives them itself whenever they are true, and
 /// injected where they are false they would model a runtime that lies about
 /// its containers, which no reconciler can be held to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// The runtime does not answer (or the call timed out client-side).
     Unavailable,
@@ -237,7 +236,7 @@ impl ErrorKind {
 }
 
 /// Byte-wise damage to a payload; positions wrap around its length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mutation {
     /// Cut the payload at `at`.
     Truncate {
@@ -292,7 +291,7 @@ impl Mutation {
     }
 }
 
-/// Service names: the first three valid and crashable by [`Step::Crash`],
+/// Service names: the first three valid and crashable by [`Op::Crash`],
 /// then names that clash with an init container or break the rule.
 pub const SERVICE_NAMES: [&str; 8] = ["web", "worker", "db", "migrate", "Web", "a.b", "", "-x"];
 /// Images the world knows; their behaviours are set in [`world`].
@@ -365,7 +364,7 @@ fn pick<T: Copy>(vocabulary: &[T], good: usize, index: u8) -> T {
 }
 
 /// A score described by vocabulary indices; [`ScoreSketch::to_json`] renders it.
-#[derive(Debug, Clone, PartialEq, Eq, Arbitrary)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScoreSketch {
     /// The first service: a score without one is refused, so every sketch
     /// has it.
@@ -381,7 +380,7 @@ pub struct ScoreSketch {
 }
 
 /// One service of a [`ScoreSketch`].
-#[derive(Debug, Clone, PartialEq, Eq, Arbitrary)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSketch {
     /// Index into the service names.
     pub name: u8,
@@ -398,7 +397,7 @@ pub struct ServiceSketch {
 }
 
 /// One init container of a [`ScoreSketch`].
-#[derive(Debug, Clone, PartialEq, Eq, Arbitrary)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitSketch {
     /// Index into the init names.
     pub name: u8,
@@ -411,7 +410,7 @@ pub struct InitSketch {
 }
 
 /// The stop policy of a [`ScoreSketch`].
-#[derive(Debug, Clone, PartialEq, Eq, Arbitrary)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LifecycleSketch {
     /// Index into the signals; `None` leaves the default.
     pub signal: Option<u8>,
@@ -516,26 +515,30 @@ enum Entry {
     Deleted,
 }
 
-/// Plays `steps` (at most [`MAX_STEPS`]) and then lets the device settle
+/// Plays `ops` (at most [`MAX_OPS`]) and then lets the device settle
 /// with every fault healed.
 ///
 /// # Panics
-/// With the violated invariant, the steps and the transcript's tail when
+/// With the violated invariant, the ops and the transcript's tail when
 /// the harness finds a violation; any other panic is the core's own.
-pub fn run(steps: &[Step]) {
-    let steps = &steps[..steps.len().min(MAX_STEPS)];
-    let mut player = Player::new();
-    for (index, step) in steps.iter().enumerate() {
+pub fn run(ops: &[Op]) {
+    let ops = &ops[..ops.len().min(MAX_OPS)];
+    let mut player = Player::default();
+    for (index, step) in ops.iter().enumerate() {
         player.play(step);
-        player.check(steps, Some(index));
+        player.check(ops, Some(index));
     }
     player.h.faults.clear();
     player.h.run_for(Duration::from_secs(600));
-    player.check(steps, None);
+    player.check(ops, None);
 }
 
-struct Player {
-    h: Harness,
+/// Plays ops against a [`Harness`], keeping the desired-state bucket's
+/// history so that redeliveries and reconnects say what a real watch would.
+#[derive(Debug)]
+pub struct Player {
+    /// The harness the ops are played on.
+    pub h: Harness,
     revision: u64,
     /// Per deployment, every revision the bucket held, oldest first.
     history: BTreeMap<Deployment, Vec<(u64, Entry)>>,
@@ -548,13 +551,20 @@ struct Player {
     /// Images the runtime does not have.
     missing_images: BTreeSet<&'static str>,
     /// What was sent, in words, for the failure message.
-    script: String,
+    pub script: String,
+}
+
+impl Default for Player {
+    fn default() -> Self {
+        Self::new(world())
+    }
 }
 
 impl Player {
-    fn new() -> Self {
+    /// A player on `h`, whose runtime has the image catalogue installed.
+    pub fn new(h: Harness) -> Self {
         Self {
-            h: world(),
+            h,
             revision: 0,
             history: BTreeMap::new(),
             knows_current: BTreeSet::new(),
@@ -603,7 +613,7 @@ impl Player {
 
     /// The watch's initial snapshot: the current values, then the resync.
     /// The reconciler relies on that order (a resync sweeps containers of
-    /// deployments it does not know), so steps never resync on their own.
+    /// deployments it does not know), so ops never resync on their own.
     fn reconnect(&mut self) {
         for (deployment, revision, text) in self.current() {
             self.deliver(deployment, revision, &Entry::Put(text));
@@ -618,10 +628,11 @@ impl Player {
         self.h.resync(&present);
     }
 
-    fn play(&mut self, step: &Step) {
+    /// Plays one op.
+    pub fn play(&mut self, step: &Op) {
         match step {
-            Step::Put { deployment, score } => self.put(*deployment, score.to_json()),
-            Step::PutMutated {
+            Op::Put { deployment, score } => self.put(*deployment, score.to_json()),
+            Op::PutMutated {
                 deployment,
                 score,
                 mutation,
@@ -629,10 +640,10 @@ impl Player {
                 let bytes = mutation.apply(score.to_json().into_bytes());
                 self.put(*deployment, String::from_utf8_lossy(&bytes).into_owned());
             }
-            Step::PutRaw { deployment, bytes } => {
+            Op::PutRaw { deployment, bytes } => {
                 self.put(*deployment, String::from_utf8_lossy(&bytes.0).into_owned());
             }
-            Step::Delete { deployment } => {
+            Op::Delete { deployment } => {
                 self.revision += 1;
                 let _ = writeln!(
                     self.script,
@@ -647,7 +658,7 @@ impl Player {
                     .push((self.revision, Entry::Deleted));
                 self.knows_current.insert(*deployment);
             }
-            Step::Redeliver { deployment, back } => {
+            Op::Redeliver { deployment, back } => {
                 let Some(revisions) = self.history.get(deployment) else {
                     return;
                 };
@@ -665,13 +676,13 @@ impl Player {
                     self.knows_current.insert(*deployment);
                 }
             }
-            Step::Reconnect => self.reconnect(),
-            Step::Advance(wait) => {
+            Op::Reconnect => self.reconnect(),
+            Op::Advance(wait) => {
                 let d = wait.duration();
                 let _ = writeln!(self.script, "advance {d:?}");
                 self.h.run_for(d);
             }
-            Step::Crash {
+            Op::Crash {
                 deployment,
                 service,
                 code,
@@ -682,7 +693,7 @@ impl Player {
                     let _ = writeln!(self.script, "crash {name} exit {code}");
                 }
             }
-            Step::Fault {
+            Op::Fault {
                 op,
                 kind,
                 after_effect,
@@ -695,7 +706,7 @@ impl Player {
                 let _ = writeln!(self.script, "next {} fails: {fault:?}", op.name());
                 self.h.faults.entry(op.name()).or_default().push_back(fault);
             }
-            Step::RestartAgent {
+            Op::RestartAgent {
                 keep_cache,
                 watch_snapshot,
             } => {
@@ -726,7 +737,7 @@ impl Player {
                     self.reconnect();
                 }
             }
-            Step::ToggleImage { image } => {
+            Op::ToggleImage { image } => {
                 let image = IMAGES[usize::from(*image) % IMAGES.len()];
                 if self.missing_images.remove(image) {
                     let _ = writeln!(self.script, "image {image} is back");
@@ -740,18 +751,20 @@ impl Player {
         }
     }
 
-    fn check(&self, steps: &[Step], index: Option<usize>) {
+    /// Panics with the violations found, if any, `index` naming the op
+    /// after which they were (`None`: after settling).
+    pub fn check(&self, ops: &[Op], index: Option<usize>) {
         if self.h.violations.is_empty() {
             return;
         }
         let when = match index {
-            Some(i) => format!("after step {i} ({:?})", steps[i]),
+            Some(i) => format!("after step {i} ({:?})", ops[i]),
             None => "after healing every fault and settling for 10 min".to_owned(),
         };
         let transcript: Vec<&str> = self.h.transcript.lines().collect();
         let tail = transcript[transcript.len().saturating_sub(80)..].join("\n");
         panic!(
-            "invariant violated {when}:\n  {}\n\nsteps: {steps:#?}\n\nwhat was sent:\n{}\ntranscript (last 80 lines):\n{tail}",
+            "invariant violated {when}:\n  {}\n\nops: {ops:#?}\n\nwhat was sent:\n{}\ntranscript (last 80 lines):\n{tail}",
             self.h
                 .violations
                 .iter()
@@ -761,6 +774,455 @@ impl Player {
             self.script
         );
     }
+}
+
+/// The byte format of [`Op::decode_all`] and [`Op::encode`]: every value
+/// reads from any bytes (past the end, as zeros) and writes the bytes that
+/// read back as itself.
+trait Codec: Sized {
+    fn decode(r: &mut Reader<'_>) -> Self;
+    fn encode(&self, out: &mut Vec<u8>);
+}
+
+/// Bytes being decoded; past the end it reads zeros.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl Reader<'_> {
+    fn byte(&mut self) -> u8 {
+        match self.bytes.split_first() {
+            Some((&b, rest)) => {
+                self.bytes = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    fn take(&mut self, n: usize) -> &[u8] {
+        let (taken, rest) = self.bytes.split_at(n.min(self.bytes.len()));
+        self.bytes = rest;
+        taken
+    }
+
+    /// An index below `count`, from one byte.
+    fn index(&mut self, count: u8) -> u8 {
+        self.byte() % count
+    }
+}
+
+impl Codec for u8 {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        r.byte()
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(*self);
+    }
+}
+
+impl Codec for i8 {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        i8::from_le_bytes([r.byte()])
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+}
+
+impl Codec for u16 {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        u16::from_le_bytes([r.byte(), r.byte()])
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+}
+
+impl Codec for bool {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        r.byte() & 1 == 1
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(*self));
+    }
+}
+
+impl<T: Codec> Codec for Option<T> {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        bool::decode(r).then(|| T::decode(r))
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.is_some().encode(out);
+        if let Some(value) = self {
+            value.encode(out);
+        }
+    }
+}
+
+impl<A: Codec, B: Codec> Codec for (A, B) {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        let a = A::decode(r);
+        (a, B::decode(r))
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.0.encode(out);
+        self.1.encode(out);
+    }
+}
+
+impl<A: Codec, B: Codec, C: Codec> Codec for (A, B, C) {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        let a = A::decode(r);
+        let b = B::decode(r);
+        (a, b, C::decode(r))
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.0.encode(out);
+        self.1.encode(out);
+        self.2.encode(out);
+    }
+}
+
+/// A list of at most three (the sketches use no more): a count byte, then
+/// the items.
+impl<T: Codec> Codec for Vec<T> {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        let n = r.index(4);
+        (0..n).map(|_| T::decode(r)).collect()
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        let n = u8::try_from(self.len()).ok().filter(|&n| n < 4);
+        let n = n.expect("a sketch list holds at most three items");
+        out.push(n);
+        for item in self {
+            item.encode(out);
+        }
+    }
+}
+
+/// A little-endian `u16` length, then that many bytes (fewer when the input
+/// runs out), so that libFuzzer's dictionary and comparison tokens land in
+/// them intact.
+impl Codec for RawBytes {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        let len = u16::decode(r);
+        Self(r.take(usize::from(len)).to_vec())
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        let len = u16::try_from(self.0.len()).expect("a payload under 64 KiB");
+        len.encode(out);
+        out.extend(&self.0);
+    }
+}
+
+/// A fieldless enum: one byte, its index modulo the variants.
+macro_rules! indexed {
+    ($ty:ty, [$($variant:expr),+ $(,)?]) => {
+        impl Codec for $ty {
+            fn decode(r: &mut Reader<'_>) -> Self {
+                const ALL: &[$ty] = &[$($variant),+];
+                #[allow(clippy::cast_possible_truncation)]
+                let count = ALL.len() as u8;
+                ALL[usize::from(r.index(count))]
+            }
+            fn encode(&self, out: &mut Vec<u8>) {
+                const ALL: &[$ty] = &[$($variant),+];
+                let i = ALL.iter().position(|v| v == self).unwrap_or(0);
+                out.push(u8::try_from(i).unwrap_or(0));
+            }
+        }
+    };
+}
+
+indexed!(
+    Deployment,
+    [Deployment::Shop, Deployment::Cam, Deployment::Relay]
+);
+indexed!(
+    OpName,
+    [
+        OpName::List,
+        OpName::Create,
+        OpName::Start,
+        OpName::Wait,
+        OpName::Inspect,
+        OpName::Stop,
+        OpName::Remove,
+    ]
+);
+indexed!(ErrorKind, [ErrorKind::Unavailable, ErrorKind::Other]);
+
+impl Codec for Wait {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        match r.index(3) {
+            0 => Wait::CentiSeconds(r.byte()),
+            1 => Wait::Seconds(r.byte()),
+            _ => Wait::Minutes(r.byte()),
+        }
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        let (tag, n) = match self {
+            Wait::CentiSeconds(n) => (0u8, n),
+            Wait::Seconds(n) => (1, n),
+            Wait::Minutes(n) => (2, n),
+        };
+        (tag, *n).encode(out);
+    }
+}
+
+impl Codec for Mutation {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        match r.index(4) {
+            0 => Mutation::Truncate { at: u16::decode(r) },
+            1 => {
+                let (at, byte) = Codec::decode(r);
+                Mutation::Overwrite { at, byte }
+            }
+            2 => {
+                let (at, byte) = Codec::decode(r);
+                Mutation::Insert { at, byte }
+            }
+            _ => Mutation::Remove { at: u16::decode(r) },
+        }
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        match *self {
+            Mutation::Truncate { at } => (0u8, at).encode(out),
+            Mutation::Overwrite { at, byte } => (1u8, at, byte).encode(out),
+            Mutation::Insert { at, byte } => (2u8, at, byte).encode(out),
+            Mutation::Remove { at } => (3u8, at).encode(out),
+        }
+    }
+}
+
+impl Codec for ServiceSketch {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        let (name, image, args) = Codec::decode(r);
+        let (env, volume, port) = Codec::decode(r);
+        Self {
+            name,
+            image,
+            args,
+            env,
+            volume,
+            port,
+        }
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        (self.name, self.image, self.args).encode(out);
+        (self.env, self.volume, self.port).encode(out);
+    }
+}
+
+impl Codec for InitSketch {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        let (name, image) = Codec::decode(r);
+        let (timeout, env) = Codec::decode(r);
+        Self {
+            name,
+            image,
+            timeout,
+            env,
+        }
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        (self.name, self.image).encode(out);
+        (self.timeout, self.env).encode(out);
+    }
+}
+
+impl Codec for LifecycleSketch {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        let (signal, grace) = Codec::decode(r);
+        Self { signal, grace }
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        (self.signal, self.grace).encode(out);
+    }
+}
+
+impl Codec for ScoreSketch {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        let service = ServiceSketch::decode(r);
+        let (more_services, init_containers) = Codec::decode(r);
+        let (lifecycle, unknown_field) = Codec::decode(r);
+        Self {
+            service,
+            more_services,
+            init_containers,
+            lifecycle,
+            unknown_field,
+        }
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.service.encode(out);
+        self.more_services.encode(out);
+        self.init_containers.encode(out);
+        (self.lifecycle.clone(), self.unknown_field).encode(out);
+    }
+}
+
+/// How many kinds of [`Op`] there are: the tag byte is read modulo this.
+const OP_KINDS: u8 = 11;
+
+impl Codec for Op {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        match r.index(OP_KINDS) {
+            0 => {
+                let (deployment, score) = Codec::decode(r);
+                Op::Put { deployment, score }
+            }
+            1 => {
+                let (deployment, score, mutation) = Codec::decode(r);
+                Op::PutMutated {
+                    deployment,
+                    score,
+                    mutation,
+                }
+            }
+            2 => {
+                let (deployment, bytes) = Codec::decode(r);
+                Op::PutRaw { deployment, bytes }
+            }
+            3 => Op::Delete {
+                deployment: Codec::decode(r),
+            },
+            4 => {
+                let (deployment, back) = Codec::decode(r);
+                Op::Redeliver { deployment, back }
+            }
+            5 => Op::Reconnect,
+            6 => Op::Advance(Wait::decode(r)),
+            7 => {
+                let (deployment, service, code) = Codec::decode(r);
+                Op::Crash {
+                    deployment,
+                    service,
+                    code,
+                }
+            }
+            8 => {
+                let (op, kind, after_effect) = Codec::decode(r);
+                Op::Fault {
+                    op,
+                    kind,
+                    after_effect,
+                }
+            }
+            9 => {
+                let (keep_cache, watch_snapshot) = Codec::decode(r);
+                Op::RestartAgent {
+                    keep_cache,
+                    watch_snapshot,
+                }
+            }
+            _ => Op::ToggleImage {
+                image: Codec::decode(r),
+            },
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Op::Put { deployment, score } => {
+                out.push(0);
+                deployment.encode(out);
+                score.encode(out);
+            }
+            Op::PutMutated {
+                deployment,
+                score,
+                mutation,
+            } => {
+                out.push(1);
+                deployment.encode(out);
+                score.encode(out);
+                mutation.encode(out);
+            }
+            Op::PutRaw { deployment, bytes } => {
+                out.push(2);
+                deployment.encode(out);
+                bytes.encode(out);
+            }
+            Op::Delete { deployment } => (3u8, *deployment).encode(out),
+            Op::Redeliver { deployment, back } => (4u8, *deployment, *back).encode(out),
+            Op::Reconnect => out.push(5),
+            Op::Advance(wait) => {
+                out.push(6);
+                wait.encode(out);
+            }
+            Op::Crash {
+                deployment,
+                service,
+                code,
+            } => {
+                out.push(7);
+                (*deployment, *service, *code).encode(out);
+            }
+            Op::Fault {
+                op,
+                kind,
+                after_effect,
+            } => {
+                out.push(8);
+                (*op, *kind, *after_effect).encode(out);
+            }
+            Op::RestartAgent {
+                keep_cache,
+                watch_snapshot,
+            } => (9u8, *keep_cache, *watch_snapshot).encode(out),
+            Op::ToggleImage { image } => (10u8, *image).encode(out),
+        }
+    }
+}
+
+impl Op {
+    /// Reads `bytes` as ops, one after another until the bytes run out:
+    /// every byte string reads as some list of valid ops.
+    pub fn decode_all(bytes: &[u8]) -> Vec<Op> {
+        let mut r = Reader { bytes };
+        let mut ops = Vec::new();
+        while !r.bytes.is_empty() {
+            ops.push(<Op as Codec>::decode(&mut r));
+        }
+        ops
+    }
+
+    /// Appends the bytes [`Op::decode_all`] reads back as this op.
+    ///
+    /// # Panics
+    /// When a sketch lists more than three services or init containers, or
+    /// a raw payload is 64 KiB or more: the format has no room for them.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        Codec::encode(self, out);
+    }
+
+    /// The bytes [`Op::decode_all`] reads back as `ops`.
+    ///
+    /// # Panics
+    /// As [`Op::encode`].
+    pub fn encode_all(ops: &[Op]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for op in ops {
+            op.encode(&mut out);
+        }
+        out
+    }
+}
+
+/// A `Strategy` for one op: some bytes, read as an op. Shrinking shrinks the
+/// bytes, towards the simplest ops.
+pub fn op() -> impl Strategy<Value = Op> {
+    proptest::collection::vec(any::<u8>(), 1..48).prop_map(|bytes| {
+        let mut r = Reader { bytes: &bytes };
+        <Op as Codec>::decode(&mut r)
+    })
+}
+
+/// A `Strategy` for lists of `len` ops.
+pub fn ops(len: std::ops::Range<usize>) -> impl Strategy<Value = Vec<Op>> {
+    proptest::collection::vec(op(), len)
 }
 
 #[cfg(test)]
@@ -784,9 +1246,22 @@ mod tests {
         }
     }
 
-    fn played(steps: &[Step]) -> Player {
-        let mut player = Player::new();
-        for step in steps {
+    proptest! {
+        #[test]
+        fn any_bytes_decode_and_encode_back(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let ops = Op::decode_all(&bytes);
+            prop_assert_eq!(Op::decode_all(&Op::encode_all(&ops)), ops);
+        }
+
+        #[test]
+        fn generated_ops_round_trip(ops in ops(0..20)) {
+            prop_assert_eq!(Op::decode_all(&Op::encode_all(&ops)), ops);
+        }
+    }
+
+    fn played(ops: &[Op]) -> Player {
+        let mut player = Player::default();
+        for step in ops {
             player.play(step);
         }
         player
@@ -798,19 +1273,19 @@ mod tests {
         // fresh watch never sends one: the fuzzer delivers the current one.
         let shop = Deployment::Shop;
         let player = played(&[
-            Step::Put {
+            Op::Put {
                 deployment: shop,
                 score: web_on(0),
             },
-            Step::Put {
+            Op::Put {
                 deployment: shop,
                 score: web_on(1),
             },
-            Step::RestartAgent {
+            Op::RestartAgent {
                 keep_cache: false,
                 watch_snapshot: false,
             },
-            Step::Redeliver {
+            Op::Redeliver {
                 deployment: shop,
                 back: 1,
             },
@@ -822,23 +1297,23 @@ mod tests {
         );
         // With its cache, the late revision does arrive, and is ignored.
         let player = played(&[
-            Step::Put {
+            Op::Put {
                 deployment: shop,
                 score: web_on(0),
             },
-            Step::Put {
+            Op::Put {
                 deployment: shop,
                 score: web_on(1),
             },
-            Step::RestartAgent {
+            Op::RestartAgent {
                 keep_cache: true,
                 watch_snapshot: false,
             },
-            Step::Redeliver {
+            Op::Redeliver {
                 deployment: shop,
                 back: 1,
             },
-            Step::Advance(Wait::Minutes(1)),
+            Op::Advance(Wait::Minutes(1)),
         ]);
         assert!(
             player.script.contains("redeliver shop rev 1\n"),
@@ -848,23 +1323,23 @@ mod tests {
         assert!(player.h.violations.is_empty(), "{:?}", player.h.violations);
         // A cache keeps no deployment it has only seen invalid revisions of.
         let player = played(&[
-            Step::Put {
+            Op::Put {
                 deployment: shop,
                 score: web_on(0),
             },
-            Step::RestartAgent {
+            Op::RestartAgent {
                 keep_cache: false,
                 watch_snapshot: false,
             },
-            Step::PutRaw {
+            Op::PutRaw {
                 deployment: shop,
                 bytes: RawBytes(b"{".to_vec()),
             },
-            Step::RestartAgent {
+            Op::RestartAgent {
                 keep_cache: true,
                 watch_snapshot: false,
             },
-            Step::Redeliver {
+            Op::Redeliver {
                 deployment: shop,
                 back: 1,
             },
@@ -882,20 +1357,20 @@ mod tests {
         // not know, so it must follow the snapshot's values, as it does in
         // a real watch.
         let shop = Deployment::Shop;
-        let steps = [
-            Step::Put {
+        let ops = [
+            Op::Put {
                 deployment: shop,
                 score: web_on(0),
             },
-            Step::Advance(Wait::Seconds(5)),
-            Step::RestartAgent {
+            Op::Advance(Wait::Seconds(5)),
+            Op::RestartAgent {
                 keep_cache: false,
                 watch_snapshot: false,
             },
-            Step::Reconnect,
-            Step::Advance(Wait::Minutes(1)),
+            Op::Reconnect,
+            Op::Advance(Wait::Minutes(1)),
         ];
-        let player = played(&steps);
+        let player = played(&ops);
         assert!(
             player
                 .script
@@ -903,7 +1378,7 @@ mod tests {
             "{}",
             player.script
         );
-        run(&steps);
+        run(&ops);
     }
 
     /// Plays one input and prints what was sent and the whole transcript:
@@ -916,12 +1391,11 @@ mod tests {
         let path =
             std::env::var("PODFLEET_FUZZ_INPUT").expect("PODFLEET_FUZZ_INPUT names an input file");
         let data = std::fs::read(&path).expect("the input file reads");
-        let steps = Vec::<Step>::arbitrary_take_rest(arbitrary::Unstructured::new(&data))
-            .expect("the input decodes into steps");
-        let steps = &steps[..steps.len().min(MAX_STEPS)];
-        println!("{steps:#?}");
-        let mut player = Player::new();
-        for step in steps {
+        let ops = Op::decode_all(&data);
+        let ops = &ops[..ops.len().min(MAX_OPS)];
+        println!("{ops:#?}");
+        let mut player = Player::default();
+        for step in ops {
             player.play(step);
         }
         player.h.faults.clear();
