@@ -100,10 +100,10 @@ fn baked_in(spec: &ContainerSpec) -> ContainerSpec {
 /// [`check_state`](Self::check_state) after each one takes effect and
 /// [`check_report`](Self::check_report) each state published. Each
 /// [`Violation`] found is appended, with its [`Invariant`] and the time. The
-/// [`Harness`], the simulator's network tiers and the fuzzer all use it.
+/// [`Harness`](crate::Harness), the simulator's network tiers and the fuzzer all use it.
 ///
 /// What it holds a container to is the spec the fake recorded at its create
-/// ([`FakeContainer::spec`]), compared with the spec the reconciler's own
+/// ([`FakeContainer::spec`](crate::FakeContainer::spec)), compared with the spec the reconciler's own
 /// builders make from the score: labels are checked, never trusted.
 #[derive(Debug, Clone, Default)]
 pub struct Oracle {
