@@ -106,7 +106,7 @@ mod tests {
         cache.deployments.insert(
             DeploymentName::new("shop").unwrap(),
             CachedDeployment {
-                revision,
+                revision: revision.into(),
                 score: Some("{}".into()),
                 applied: true,
                 attempt: 1,

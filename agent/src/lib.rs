@@ -12,10 +12,7 @@ pub mod buckets;
 pub mod cache_store;
 #[cfg(feature = "cli")]
 pub mod cli;
-pub mod conformance;
 pub mod event_loop;
-#[cfg(feature = "fake")]
-pub mod fake_runtime;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod outbox;

@@ -271,7 +271,7 @@ mod tests {
             deployment: DeploymentName::new(deployment).unwrap(),
             state: DeploymentState {
                 phase: Phase::Failed,
-                revision: 7,
+                revision: 7.into(),
                 container_ids: BTreeMap::from([("web".into(), "c".repeat(64))]),
                 message: message.into(),
                 cause: Some(FailureCause::InvalidScore {
@@ -376,7 +376,7 @@ mod tests {
         };
         assert_eq!(deployment.as_str(), "a");
         assert_eq!(
-            (state.phase, state.revision, state.attempt),
+            (state.phase, state.revision.get(), state.attempt),
             (Phase::Failed, 7, 2)
         );
         assert!(state.container_ids.is_empty());

@@ -11,12 +11,12 @@ use podfleet_agent::event_loop::{
     self, CacheError, CacheStore, CommandRequest, DesiredSource, Inbound, LoopExit, LoopOptions,
     LoopStats, PublishError, Publisher, Report, TokioClock,
 };
-use podfleet_agent::fake_runtime::SharedFake;
-use podfleet_core::fake::{Behaviour, FakeRuntime};
 use podfleet_core::reconciler::{AgentCache, Bugs};
 use podfleet_core::runtime::ContainerState;
 use podfleet_core::wire::{DeploymentName, DeviceId, Phase, Verb};
 use podfleet_core::Config;
+use podfleet_testkit::SharedFake;
+use podfleet_testkit::{Behaviour, FakeRuntime};
 use tokio::sync::{mpsc, oneshot};
 
 struct Channel(mpsc::UnboundedReceiver<Inbound>);
@@ -80,7 +80,7 @@ impl Recorder {
                     state,
                 } if d.as_str() == deployment => Some((
                     state.phase,
-                    state.revision,
+                    state.revision.get(),
                     state.container_ids.values().cloned().collect(),
                 )),
                 _ => None,
@@ -168,7 +168,7 @@ impl Agent {
     fn put(&self, deployment: &str, revision: u64, json: &str) {
         self.send(Inbound::Put {
             deployment: DeploymentName::new(deployment).unwrap(),
-            revision,
+            revision: revision.into(),
             value: json.as_bytes().to_vec(),
         });
     }
@@ -469,7 +469,7 @@ async fn a_report_that_cannot_be_published_never_holds_up_the_others() {
             _ => None,
         })
         .expect("big's summary was published");
-    assert_eq!((big.phase, big.revision), (Phase::Running, 2));
+    assert_eq!((big.phase, big.revision.get()), (Phase::Running, 2));
     assert!(big.container_ids.is_empty());
     assert!(
         big.message.contains("over the broker's size limit"),

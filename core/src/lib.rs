@@ -13,12 +13,8 @@
 //! - [`reconciler`]: the sans-IO [`Reconciler`] that decides everything.
 //! - [`session`]: the sans-IO NATS [`Session`](session::Session) of one
 //!   device: its desired-state watch, snapshot and command admission.
-//! - `fake` (feature `fake`): a pure model of podman and a virtual-time
-//!   harness, shared by the simulator, the fuzzer and the tests.
 //! - [`time`]: the caller-supplied [`Timestamp`] and capped [`Backoff`].
 
-#[cfg(any(test, feature = "fake"))]
-pub mod fake;
 pub mod reconciler;
 pub mod runtime;
 pub mod session;

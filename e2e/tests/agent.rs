@@ -44,7 +44,7 @@ fn reported(state: &podfleet_core::wire::DeploymentState) -> BTreeSet<(String, S
     state
         .container_ids
         .iter()
-        .map(|(s, id)| (s.clone(), id.clone()))
+        .map(|(s, id)| (s.to_string(), id.clone()))
         .collect()
 }
 

@@ -145,7 +145,12 @@ fn a_restarted_agent_never_reports_healthy_deployments_as_failed() {
         );
         let last = broker.state(&dev, &dep).await.unwrap();
         assert_eq!(
-            (last.phase, last.revision, &last.container_ids, last.attempt),
+            (
+                last.phase,
+                last.revision.get(),
+                &last.container_ids,
+                last.attempt
+            ),
             (Phase::Running, revision, &first.container_ids, 1),
             "adopted, not recreated, and the attempt kept"
         );

@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use e2e::{test_image, unique_prefix, PodmanService};
-use podfleet_agent::conformance::{run_check, Fixture, CHECKS};
 use podfleet_agent::podman::PodmanRuntime;
+use podfleet_testkit::conformance::{run_check, Fixture, CHECKS};
 
 fn tokio_pause(duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(tokio::time::sleep(duration))

@@ -1,9 +1,10 @@
-//! The reconciler driven by an `arbitrary` sequence of steps: desired puts
+//! The reconciler driven by the input read as test-kit ops
+//! (`podfleet_testkit::Op::decode_all`): desired puts
 //! (vocabulary scores, mutated scores, raw bytes), deletes, late
 //! redeliveries of older revisions, resyncs, runtime faults (including the
 //! libpod wait/inspect race and init-container timeouts), container
 //! crashes, missing images, time passing, and agent restarts with the cache
-//! kept or lost, played against the real core on `podfleet_core::fake`'s
+//! kept or lost, played against the real core on `podfleet_testkit`'s
 //! harness.
 //!
 //! Checks, after every step and once more after healing and settling: no
@@ -16,6 +17,6 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use podfleet_fuzz::scenario::{run, Step};
+use podfleet_fuzz::scenario::run_bytes;
 
-fuzz_target!(|steps: Vec<Step>| run(&steps));
+fuzz_target!(|data: &[u8]| run_bytes(data));

@@ -10,9 +10,9 @@
 //! - [`names`]: every key, subject and identifier either parses into a value
 //!   that rebuilds the very same string, or fails with the typed error that
 //!   names what is wrong (target `names`).
-//! - [`scenario`]: arbitrary sequences of desired-state puts, deletes,
+//! - [`scenario`]: any sequence of desired-state puts, deletes,
 //!   redeliveries, runtime faults, crashes, time and agent restarts, fed to
-//!   the real reconciler through [`podfleet_core::fake::Harness`], whose
+//!   the real reconciler through [`podfleet_testkit::Harness`], whose
 //!   oracle checks the safety invariants at every operation (target
 //!   `reconciler`).
 //!

@@ -1,5 +1,5 @@
 //! The seed corpora under fuzz/corpus/, generated from the wire tests'
-//! fixtures: the insta snapshots (core/tests/snapshots/*.snap) and the JSON
+//! fixtures: the insta snapshots (core/tests/snapshots/wire__*.snap) and the JSON
 //! literals of core/tests/wire.rs, which include the legacy payloads.
 //!
 //! It also writes the libFuzzer dictionaries under fuzz/dict/: JSON syntax
@@ -11,10 +11,9 @@
 //! removes `seed-*` files no fixture produces any more). `cargo xtask fuzz
 //! seeds` runs it that way. Corpus files not named `seed-*` are left alone.
 //!
-//! The reconciler target reads its input through `arbitrary`, so its seeds
-//! are step sequences encoded the way `arbitrary` 1.x decodes them; the test
-//! decodes every encoded seed and compares, so a change in that format
-//! fails loudly instead of producing useless seeds.
+//! The reconciler target reads its input as test-kit ops
+//! (`podfleet_testkit::Op::decode_all`), so its seeds are op lists written
+//! with `Op::encode`; every encoded seed is decoded back and compared.
 
 #![allow(clippy::unwrap_used)] // a panic is how a test fails
 
@@ -22,258 +21,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use arbitrary::{Arbitrary, Unstructured};
 use podfleet_core::reconciler::fnv1a64;
 use serde_json::Value;
 
-use crate::scenario::{
-    Deployment, ErrorKind, InitSketch, LifecycleSketch, Mutation, OpName, RawBytes, ScoreSketch,
-    ServiceSketch, Step, Wait,
+use podfleet_testkit::ops::{
+    Deployment, ErrorKind, InitSketch, LifecycleSketch, Mutation, Op, OpName, RawBytes,
+    ScoreSketch, ServiceSketch, Wait,
 };
 
-/// The bytes `arbitrary` decodes back into `self`.
-trait Encode {
-    fn encode(&self, out: &mut Vec<u8>);
-}
-
-impl Encode for u8 {
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.push(*self);
-    }
-}
-
-impl Encode for i8 {
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend(self.to_le_bytes());
-    }
-}
-
-impl Encode for u16 {
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend(self.to_le_bytes());
-    }
-}
-
-impl Encode for bool {
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.push(u8::from(*self));
-    }
-}
-
-impl<T: Encode> Encode for Option<T> {
-    fn encode(&self, out: &mut Vec<u8>) {
-        self.is_some().encode(out);
-        if let Some(value) = self {
-            value.encode(out);
-        }
-    }
-}
-
-impl<A: Encode, B: Encode> Encode for (A, B) {
-    fn encode(&self, out: &mut Vec<u8>) {
-        self.0.encode(out);
-        self.1.encode(out);
-    }
-}
-
-impl<A: Encode, B: Encode, C: Encode> Encode for (A, B, C) {
-    fn encode(&self, out: &mut Vec<u8>) {
-        self.0.encode(out);
-        self.1.encode(out);
-        self.2.encode(out);
-    }
-}
-
-/// A collection: each element preceded by a "keep going" byte, then a stop.
-impl<T: Encode> Encode for Vec<T> {
-    fn encode(&self, out: &mut Vec<u8>) {
-        for item in self {
-            true.encode(out);
-            item.encode(out);
-        }
-        false.encode(out);
-    }
-}
-
-/// A derived enum's variant: a little-endian u32 scaled onto the variants.
-fn variant(index: u64, count: u64, out: &mut Vec<u8>) {
-    let tag = (index << 32).div_ceil(count);
-    let tag = u32::try_from(tag).expect("a variant index below the count");
-    out.extend(tag.to_le_bytes());
-}
-
-impl Encode for Deployment {
-    fn encode(&self, out: &mut Vec<u8>) {
-        variant(*self as u64, 3, out);
-    }
-}
-
-impl Encode for Wait {
-    fn encode(&self, out: &mut Vec<u8>) {
-        let (index, n) = match self {
-            Wait::CentiSeconds(n) => (0, n),
-            Wait::Seconds(n) => (1, n),
-            Wait::Minutes(n) => (2, n),
-        };
-        variant(index, 3, out);
-        n.encode(out);
-    }
-}
-
-impl Encode for OpName {
-    fn encode(&self, out: &mut Vec<u8>) {
-        variant(*self as u64, 7, out);
-    }
-}
-
-impl Encode for ErrorKind {
-    fn encode(&self, out: &mut Vec<u8>) {
-        variant(*self as u64, 2, out);
-    }
-}
-
-impl Encode for Mutation {
-    fn encode(&self, out: &mut Vec<u8>) {
-        match self {
-            Mutation::Truncate { at } => {
-                variant(0, 4, out);
-                at.encode(out);
-            }
-            Mutation::Overwrite { at, byte } => {
-                variant(1, 4, out);
-                (at, byte).encode(out);
-            }
-            Mutation::Insert { at, byte } => {
-                variant(2, 4, out);
-                (at, byte).encode(out);
-            }
-            Mutation::Remove { at } => {
-                variant(3, 4, out);
-                at.encode(out);
-            }
-        }
-    }
-}
-
-impl Encode for RawBytes {
-    fn encode(&self, out: &mut Vec<u8>) {
-        let len = u16::try_from(self.0.len()).expect("a seed payload under 64 KiB");
-        len.encode(out);
-        out.extend(&self.0);
-    }
-}
-
-impl<T: Encode> Encode for &T {
-    fn encode(&self, out: &mut Vec<u8>) {
-        (*self).encode(out);
-    }
-}
-
-impl Encode for ServiceSketch {
-    fn encode(&self, out: &mut Vec<u8>) {
-        (self.name, self.image, self.args).encode(out);
-        (self.env, self.volume, self.port).encode(out);
-    }
-}
-
-impl Encode for InitSketch {
-    fn encode(&self, out: &mut Vec<u8>) {
-        (self.name, self.image).encode(out);
-        (self.timeout, self.env).encode(out);
-    }
-}
-
-impl Encode for LifecycleSketch {
-    fn encode(&self, out: &mut Vec<u8>) {
-        (self.signal, self.grace).encode(out);
-    }
-}
-
-impl Encode for ScoreSketch {
-    fn encode(&self, out: &mut Vec<u8>) {
-        (&self.service, &self.more_services, &self.init_containers).encode(out);
-        (&self.lifecycle, self.unknown_field).encode(out);
-    }
-}
-
-impl Encode for Step {
-    fn encode(&self, out: &mut Vec<u8>) {
-        const STEPS: u64 = 11;
-        match self {
-            Step::Put { deployment, score } => {
-                variant(0, STEPS, out);
-                (deployment, score).encode(out);
-            }
-            Step::PutMutated {
-                deployment,
-                score,
-                mutation,
-            } => {
-                variant(1, STEPS, out);
-                (deployment, score, mutation).encode(out);
-            }
-            Step::PutRaw { deployment, bytes } => {
-                variant(2, STEPS, out);
-                (deployment, bytes).encode(out);
-            }
-            Step::Delete { deployment } => {
-                variant(3, STEPS, out);
-                deployment.encode(out);
-            }
-            Step::Redeliver { deployment, back } => {
-                variant(4, STEPS, out);
-                (deployment, back).encode(out);
-            }
-            Step::Reconnect => variant(5, STEPS, out),
-            Step::Advance(wait) => {
-                variant(6, STEPS, out);
-                wait.encode(out);
-            }
-            Step::Crash {
-                deployment,
-                service,
-                code,
-            } => {
-                variant(7, STEPS, out);
-                (deployment, service, code).encode(out);
-            }
-            Step::Fault {
-                op,
-                kind,
-                after_effect,
-            } => {
-                variant(8, STEPS, out);
-                (op, kind, after_effect).encode(out);
-            }
-            Step::RestartAgent {
-                keep_cache,
-                watch_snapshot,
-            } => {
-                variant(9, STEPS, out);
-                (keep_cache, watch_snapshot).encode(out);
-            }
-            Step::ToggleImage { image } => {
-                variant(10, STEPS, out);
-                image.encode(out);
-            }
-        }
-    }
-}
-
-/// A reconciler seed: the steps as the fuzz target's top-level `Vec<Step>`
-/// (taken from the rest of the input: no stop byte), checked to decode back.
-fn encode_steps(steps: &[Step]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for step in steps {
-        true.encode(&mut out);
-        step.encode(&mut out);
-    }
-    let decoded =
-        Vec::<Step>::arbitrary_take_rest(Unstructured::new(&out)).expect("an encoded seed decodes");
-    assert_eq!(
-        decoded, steps,
-        "arbitrary decodes the seed differently: its format changed, update the Encode impls in fuzz/src/seeds.rs"
-    );
+/// A reconciler seed: the ops in the test kit's byte format, checked to
+/// decode back.
+fn encode_ops(ops: &[Op]) -> Vec<u8> {
+    let out = Op::encode_all(ops);
+    assert_eq!(Op::decode_all(&out), ops, "an encoded seed decodes back");
     out
 }
 
@@ -288,13 +48,18 @@ struct Payload {
     value: Value,
 }
 
-/// Every payload of every snapshot; an array snapshot gives one per element.
+/// Every payload of every wire snapshot (`wire__*.snap`; the reconciler's
+/// transcripts beside them are text); an array snapshot gives one per element.
 fn snapshot_payloads() -> Vec<Payload> {
     let dir = core_tests().join("snapshots");
     let mut files: Vec<PathBuf> = fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|e| e == "snap"))
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("wire__"))
+        })
         .collect();
     files.sort();
     let mut payloads = Vec::new();
@@ -482,144 +247,144 @@ fn reconciler_seeds(payloads: &[Payload]) -> Vec<(String, Vec<u8>)> {
             continue;
         }
         let steps = [
-            Step::PutRaw {
+            Op::PutRaw {
                 deployment: Shop,
                 bytes: RawBytes(payload.text.clone().into_bytes()),
             },
-            Step::Advance(Wait::Seconds(5)),
-            Step::Crash {
+            Op::Advance(Wait::Seconds(5)),
+            Op::Crash {
                 deployment: Shop,
                 service: 0,
                 code: 1,
             },
-            Step::Advance(Wait::Minutes(1)),
-            Step::Redeliver {
+            Op::Advance(Wait::Minutes(1)),
+            Op::Redeliver {
                 deployment: Shop,
                 back: 0,
             },
-            Step::RestartAgent {
+            Op::RestartAgent {
                 keep_cache: false,
                 watch_snapshot: true,
             },
-            Step::Advance(Wait::Minutes(1)),
-            Step::Delete { deployment: Shop },
-            Step::Advance(Wait::Seconds(30)),
-            Step::Redeliver {
+            Op::Advance(Wait::Minutes(1)),
+            Op::Delete { deployment: Shop },
+            Op::Advance(Wait::Seconds(30)),
+            Op::Redeliver {
                 deployment: Shop,
                 back: 1,
             },
         ];
-        seeds.push((payload.name.clone(), encode_steps(&steps)));
+        seeds.push((payload.name.clone(), encode_ops(&steps)));
     }
-    let tours: [(&str, Vec<Step>); 4] = [
+    let tours: [(&str, Vec<Op>); 4] = [
         (
             "tour-init-race-then-update",
             vec![
-                Step::Put {
+                Op::Put {
                     deployment: Shop,
                     score: score(vec![service(0, 0), service(1, 3)], vec![init(0, 1, None)]),
                 },
-                Step::Advance(Wait::Seconds(3)),
-                Step::Put {
+                Op::Advance(Wait::Seconds(3)),
+                Op::Put {
                     deployment: Shop,
                     score: score(
                         vec![service(0, 1), service(1, 3)],
                         vec![init(1, 0, Some(0))],
                     ),
                 },
-                Step::Advance(Wait::Seconds(10)),
-                Step::Crash {
+                Op::Advance(Wait::Seconds(10)),
+                Op::Crash {
                     deployment: Shop,
                     service: 1,
                     code: 2,
                 },
-                Step::Advance(Wait::Minutes(2)),
+                Op::Advance(Wait::Minutes(2)),
             ],
         ),
         (
             "tour-init-timeout-superseded",
             vec![
-                Step::Put {
+                Op::Put {
                     deployment: Cam,
                     score: score(vec![service(0, 0)], vec![init(0, 4, Some(1))]),
                 },
-                Step::Advance(Wait::CentiSeconds(150)),
-                Step::Put {
+                Op::Advance(Wait::CentiSeconds(150)),
+                Op::Put {
                     deployment: Cam,
                     score: score(vec![service(0, 4)], vec![init(0, 230, Some(2))]),
                 },
-                Step::Advance(Wait::Seconds(5)),
-                Step::PutMutated {
+                Op::Advance(Wait::Seconds(5)),
+                Op::PutMutated {
                     deployment: Cam,
                     score: score(vec![service(0, 0)], vec![]),
                     mutation: Mutation::Truncate { at: 20 },
                 },
-                Step::Advance(Wait::Seconds(40)),
+                Op::Advance(Wait::Seconds(40)),
             ],
         ),
         (
             "tour-faults-and-restarts",
             vec![
-                Step::Fault {
+                Op::Fault {
                     op: OpName::Create,
                     kind: ErrorKind::Other,
                     after_effect: true,
                 },
-                Step::Put {
+                Op::Put {
                     deployment: Shop,
                     score: score(vec![service(0, 0), service(2, 2)], vec![]),
                 },
-                Step::Advance(Wait::Seconds(20)),
-                Step::Fault {
+                Op::Advance(Wait::Seconds(20)),
+                Op::Fault {
                     op: OpName::List,
                     kind: ErrorKind::Unavailable,
                     after_effect: false,
                 },
-                Step::RestartAgent {
+                Op::RestartAgent {
                     keep_cache: true,
                     watch_snapshot: false,
                 },
-                Step::Advance(Wait::Minutes(1)),
-                Step::ToggleImage { image: 0 },
-                Step::Crash {
+                Op::Advance(Wait::Minutes(1)),
+                Op::ToggleImage { image: 0 },
+                Op::Crash {
                     deployment: Shop,
                     service: 0,
                     code: 9,
                 },
-                Step::Advance(Wait::Minutes(1)),
-                Step::ToggleImage { image: 0 },
-                Step::Advance(Wait::Minutes(5)),
+                Op::Advance(Wait::Minutes(1)),
+                Op::ToggleImage { image: 0 },
+                Op::Advance(Wait::Minutes(5)),
             ],
         ),
         (
             "tour-delete-and-late-redelivery",
             vec![
-                Step::Put {
+                Op::Put {
                     deployment: Shop,
                     score: score(vec![service(0, 0)], vec![]),
                 },
-                Step::Put {
+                Op::Put {
                     deployment: Cam,
                     score: score(vec![service(1, 1)], vec![init(2, 3, None)]),
                 },
-                Step::Advance(Wait::Seconds(10)),
-                Step::Delete { deployment: Shop },
-                Step::Advance(Wait::Seconds(40)),
-                Step::RestartAgent {
+                Op::Advance(Wait::Seconds(10)),
+                Op::Delete { deployment: Shop },
+                Op::Advance(Wait::Seconds(40)),
+                Op::RestartAgent {
                     keep_cache: true,
                     watch_snapshot: true,
                 },
-                Step::Redeliver {
+                Op::Redeliver {
                     deployment: Shop,
                     back: 1,
                 },
-                Step::Reconnect,
-                Step::Advance(Wait::Minutes(2)),
+                Op::Reconnect,
+                Op::Advance(Wait::Minutes(2)),
             ],
         ),
     ];
     for (name, steps) in tours {
-        seeds.push((name.to_owned(), encode_steps(&steps)));
+        seeds.push((name.to_owned(), encode_ops(&steps)));
     }
     seeds
 }
@@ -850,11 +615,7 @@ fn committed_corpus_replays_clean() {
         ("report", crate::wire::report),
         ("command", crate::wire::command),
         ("names", crate::names::names),
-        ("reconciler", |data| {
-            if let Ok(steps) = Vec::<Step>::arbitrary_take_rest(Unstructured::new(data)) {
-                crate::scenario::run(&steps);
-            }
-        }),
+        ("reconciler", crate::scenario::run_bytes),
     ];
     for (target, check) in checks {
         for file in fs::read_dir(root.join(target))

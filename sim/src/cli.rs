@@ -33,7 +33,8 @@ usage: sim [--tier turmoil|events|discrete] [--devices N] [--seeds A..B | --seed
   --shrink     reduces each failing plan to a minimal one and prints it
   --trace      prints the whole trace of each run
   --jobs       runs this many seeds at once (default: the number of cores)
-  --bug        switches on deliberate bugs (see sim::BITES, sim::LOOP_BITES; watch_everyone), to
+  --bug        switches on deliberate bugs (see sim::BITES, sim::LOOP_BITES; watch_everyone,
+               snapshot_one_early), to
                replay a failure report of a bite test
   --allow-missed-probes
                exits 0 even when a batch of 64 seeds or more never reached a
@@ -248,8 +249,8 @@ pub fn load_plan(path: &str) -> Result<Plan, String> {
 }
 
 /// Switches on the bugs named in `names` (comma-separated): the names of
-/// [`BITES`], and `watch_everyone` for the adapter that watches every
-/// device's keys.
+/// [`BITES`], `watch_everyone` for the adapter that watches every
+/// device's keys, and `snapshot_one_early` for the NATS session's bug.
 ///
 /// # Errors
 /// An unknown name.
@@ -257,6 +258,10 @@ pub fn switch_on(switches: &mut Switches, names: &str) -> Result<(), String> {
     for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         if name == "watch_everyone" {
             switches.watch_everyone = true;
+            continue;
+        }
+        if name == "snapshot_one_early" {
+            switches.session_bugs.snapshot_one_early = true;
             continue;
         }
         let (_, bug, _) = BITES
@@ -279,6 +284,9 @@ pub fn switch_names(switches: Switches) -> Vec<&'static str> {
         .collect();
     if switches.watch_everyone {
         names.push("watch_everyone");
+    }
+    if switches.session_bugs.snapshot_one_early {
+        names.push("snapshot_one_early");
     }
     names
 }

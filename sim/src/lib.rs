@@ -23,29 +23,22 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use podfleet_core::fake::{Behaviour, Harness, OpFault};
 use podfleet_core::reconciler::Bugs;
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::wire::{DeploymentName, DeviceId};
 use podfleet_core::Config;
+use podfleet_testkit::images::{INIT_FAIL, INIT_HANG};
+use podfleet_testkit::{Harness, Invariant, OpFault, Violation};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use plan::{below, chance, DEPLOYMENTS, FAULTY_OPS as OPS, SERVICES};
 
-fn world(seed: u64, bugs: Bugs) -> Harness {
+fn world(bugs: Bugs) -> Harness {
     let config = Config::new(DeviceId::new("sim-device").expect("valid"), "sim").inject_bugs(bugs);
     let mut h = Harness::new(config);
-    // The network tiers' images, except that only every other seed hits the
-    // libpod race here.
+    // The network tiers' images.
     h.runtime = world::fake_runtime();
-    h.runtime.set_behaviour(
-        "img/init-ok:1",
-        Behaviour {
-            inspect_lag: Duration::from_millis(if seed % 2 == 0 { 120 } else { 0 }),
-            ..Behaviour::exits(0, Duration::from_secs(2))
-        },
-    );
     h
 }
 
@@ -58,7 +51,7 @@ pub fn run_seed(seed: u64) -> world::Outcome {
 /// prove the invariant checks notice them.
 pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut h = world(seed, bugs);
+    let mut h = world(bugs);
     let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
     // Swarm testing: each seed enables its own subset of faults.
     let crash_rate = below(&mut rng, 30);
@@ -105,9 +98,9 @@ pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
             40..=44 => {
                 revision += 1;
                 let init = if chance(&mut rng, 50) {
-                    "img/init-fail:1"
+                    INIT_FAIL
                 } else {
-                    "img/init-hang:1"
+                    INIT_HANG
                 };
                 let json = format!(
                     r#"{{"services":[{{"name":"web","image":"img/app:1"}}],"init_containers":[{{"name":"bad","image":"{init}","timeout":5}}]}}"#
@@ -207,7 +200,7 @@ pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
     let flaps: Vec<String> = h.ops[quiet_from..]
         .iter()
         .filter(|(_, op)| op.is_mutation())
-        .map(|(t, op)| (t, op, podfleet_core::fake::describe_op(op)))
+        .map(|(t, op)| (t, op, podfleet_testkit::describe_op(op)))
         .filter(|(_, op, text)| {
             let name = op
                 .container()
@@ -221,8 +214,10 @@ pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
         .map(|(t, _, text)| format!("{t}: {text}"))
         .collect();
     if !flaps.is_empty() {
-        h.violations
-            .push(format!("no quiet after convergence: {flaps:?}"));
+        h.violations.push(Violation::new(
+            Invariant::Liveness,
+            format!("no quiet after convergence: {flaps:?}"),
+        ));
     }
     let trace: Vec<String> = h.transcript.lines().map(str::to_owned).collect();
     world::Outcome {
@@ -472,25 +467,25 @@ pub fn summary_table(
 /// The deliberate bugs of the agent's event loop, which only the network
 /// tiers run (the discrete tier drives the reconciler alone), and the
 /// invariant whose check must report each.
-pub const LOOP_BITES: [(&str, Bugs, &str); 1] = [(
+pub const LOOP_BITES: [(&str, Bugs, Invariant); 1] = [(
     "head_of_line_reports",
     Bugs {
         head_of_line_reports: true,
         ..NO_BUGS
     },
-    "liveness",
+    Invariant::Liveness,
 )];
 
 /// Each deliberate bug of the reconciler, and the invariant whose check
 /// must report it.
-pub const BITES: [(&str, Bugs, &str); 7] = [
+pub const BITES: [(&str, Bugs, Invariant); 7] = [
     (
         "recreate_on_tick",
         Bugs {
             recreate_on_tick: true,
             ..NO_BUGS
         },
-        "healthy container recreated",
+        Invariant::HealthyContainerRecreated,
     ),
     (
         "revert_on_failure",
@@ -498,7 +493,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             revert_on_failure: true,
             ..NO_BUGS
         },
-        "no revert",
+        Invariant::NoRevert,
     ),
     (
         "skip_init_containers",
@@ -506,7 +501,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             skip_init_containers: true,
             ..NO_BUGS
         },
-        "init containers first",
+        Invariant::InitContainersFirst,
     ),
     (
         "skip_graceful_stop",
@@ -514,7 +509,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             skip_graceful_stop: true,
             ..NO_BUGS
         },
-        "graceful replace",
+        Invariant::GracefulReplace,
     ),
     (
         "create_before_remove",
@@ -522,7 +517,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             create_before_remove: true,
             ..NO_BUGS
         },
-        "containers for service",
+        Invariant::OneContainerPerService,
     ),
     (
         "report_running_early",
@@ -530,7 +525,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             report_running_early: true,
             ..NO_BUGS
         },
-        "truthful reports",
+        Invariant::TruthfulReports,
     ),
     (
         "report_before_observing",
@@ -538,7 +533,7 @@ pub const BITES: [(&str, Bugs, &str); 7] = [
             report_before_observing: true,
             ..NO_BUGS
         },
-        "truthful reports",
+        Invariant::TruthfulReports,
     ),
 ];
 

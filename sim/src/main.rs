@@ -53,12 +53,12 @@ fn main() -> ExitCode {
             let (small, outcome) =
                 sim::world::shrink(plan, |p| sim::run(args.tier, p, args.switches), 200);
             println!(
-                "shrunk seed {} from {} to {} steps:\n{}\nviolations: {:?}\nlast events:\n{}\nreplay: save the plan above as {}, then\n  {}",
+                "shrunk seed {} from {} to {} steps:\n{}\nviolations: {:#?}\nlast events:\n{}\nreplay: save the plan above as {}, then\n  {}",
                 plan.seed,
                 plan.steps.len(),
                 small.steps.len(),
                 small.to_json(),
-                outcome.violations,
+                outcome.violations.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 outcome.trace.join("\n"),
                 sim::plan_file(&small),
                 sim::replay_commands(args.tier, &small, args.switches).join("\n  ")

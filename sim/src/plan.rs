@@ -17,13 +17,13 @@ use rand_chacha::ChaCha8Rng;
 pub const DEPLOYMENTS: [&str; 3] = ["shop", "cam", "relay"];
 /// Services a score picks from.
 pub const SERVICES: [&str; 3] = ["web", "worker", "db"];
-/// Images that run and stop cleanly (one slowly).
-pub const GOOD_IMAGES: [&str; 3] = ["img/app:1", "img/app:2", "img/slow-stop:1"];
 /// Init images that can never succeed.
-pub const DOOMED_INIT_IMAGES: [&str; 2] = ["img/init-fail:1", "img/init-hang:1"];
+pub use podfleet_testkit::images::DOOMED_INITS as DOOMED_INIT_IMAGES;
+/// Images that run until stopped (see [`podfleet_testkit::images`]).
+pub use podfleet_testkit::images::STEADY_SERVICES as GOOD_IMAGES;
 /// Images whose program exits with code 1 some seconds after every start:
 /// a crash loop that never ends (used by the long-horizon tests).
-pub const CRASHING_IMAGES: [&str; 1] = ["img/crashloop:1"];
+pub const CRASHING_IMAGES: [&str; 1] = [podfleet_testkit::images::CRASHLOOP];
 /// NATS's default `max_payload`, the fake broker's default limit.
 pub const DEFAULT_MAX_PAYLOAD: u64 = 1024 * 1024;
 /// Runtime operations a fault can hit.
@@ -350,7 +350,8 @@ pub fn valid_score(rng: &mut ChaCha8Rng) -> String {
         }
     }
     let inits = if chance(rng, 40) {
-        r#"{"name":"migrate","image":"img/init-ok:1","timeout":30},{"name":"seed","image":"img/init-ok:1","timeout":30}"#
+        // The second goes through the libpod race.
+        r#"{"name":"migrate","image":"img/init-ok:1","timeout":30},{"name":"seed","image":"img/init-race:1","timeout":30}"#
     } else {
         ""
     };

@@ -46,6 +46,8 @@ pub struct Switches {
     pub bugs: Bugs,
     /// A deliberately wrong adapter that watches every device's keys.
     pub watch_everyone: bool,
+    /// Deliberate bugs in the NATS session of every device's link.
+    pub session_bugs: podfleet_core::session::Bugs,
     /// Keep every trace line (for `SIM_SEED`).
     pub keep_trace: bool,
 }
@@ -63,6 +65,7 @@ fn shared(
         .map(|i| {
             let mut d = Device::new(i, clock.clone(), world.clone(), switches.bugs);
             d.watch_everyone = switches.watch_everyone;
+            d.session_bugs = switches.session_bugs;
             d
         })
         .collect();

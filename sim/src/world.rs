@@ -22,9 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use podfleet_agent::event_loop::{CacheError, CacheStore, Clock};
-use podfleet_agent::fake_runtime::SharedFake;
 use podfleet_agent::runtime::{ContainerRuntime, ExecOutput, LogsOutput};
-use podfleet_core::fake::{Behaviour, FakeContainer, FakeRuntime, Oracle, RuntimeEvent};
 use podfleet_core::reconciler::{fnv1a64, service_container_spec, AgentCache, Bugs};
 use podfleet_core::runtime::{
     service_container_name, ContainerSpec, ContainerState, RuntimeError, RuntimeErrorKind,
@@ -34,8 +32,10 @@ use podfleet_core::time::Timestamp;
 use podfleet_core::wire::names::{DESIRED_BUCKET, STATE_BUCKET};
 use podfleet_core::wire::{
     CommandReply, CommandSubject, DeploymentName, DeploymentState, DeviceId, FailureCause, Phase,
-    PingReply, PodmanV0Score, Verb,
+    PingReply, PodmanV0Score, Revision, Verb,
 };
+use podfleet_testkit::SharedFake;
+use podfleet_testkit::{FakeContainer, FakeRuntime, Invariant, Oracle, RuntimeEvent, Violation};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
@@ -43,7 +43,7 @@ use crate::broker::{Broker, Frame, IDLE_TIMEOUT};
 use crate::plan::{outlook, oversized_score, Action, Outlook, Plan, RuntimeTrouble};
 
 mod link;
-pub use link::{device_software, with_session_bugs};
+pub use link::device_software;
 
 /// How long after healing every deployment must have converged: the retry
 /// backoff cap (5 min) twice over, plus ticks and reconnects.
@@ -114,7 +114,7 @@ struct WorldState {
     events: u64,
     keep_all: bool,
     lines: VecDeque<String>,
-    violations: Vec<String>,
+    violations: Vec<Violation>,
     probes: BTreeMap<&'static str, u64>,
 }
 
@@ -145,8 +145,8 @@ impl World {
     }
 
     /// Records an invariant violation.
-    pub fn violation(&self, text: String) {
-        lock(&self.0).violations.push(text);
+    pub fn violation(&self, violation: Violation) {
+        lock(&self.0).violations.push(violation);
     }
 
     /// Counts a probe.
@@ -213,6 +213,8 @@ pub struct Device {
     bugs: Bugs,
     /// A deliberately wrong adapter: it watches every device's keys.
     pub watch_everyone: bool,
+    /// Deliberate bugs in the NATS session its link drives.
+    pub session_bugs: podfleet_core::session::Bugs,
     /// Until when, and by how much, every runtime operation is slowed.
     slow: Arc<Mutex<Option<(Timestamp, Duration)>>>,
     /// Until when, and how, the runtime misbehaves after an agent restart.
@@ -226,40 +228,9 @@ pub fn device_id(index: u32) -> DeviceId {
     DeviceId::new(format!("dev-{index}")).expect("dev-N is a valid device id")
 }
 
-/// A runtime with the images the plans use.
+/// A runtime with the images the plans use: the test kit's catalogue.
 pub fn fake_runtime() -> FakeRuntime {
-    let mut rt = FakeRuntime::new();
-    rt.set_behaviour(
-        "img/slow-stop:1",
-        Behaviour {
-            stop_delay: Duration::from_secs(2),
-            ..Behaviour::default()
-        },
-    );
-    rt.set_behaviour(
-        "img/app:2",
-        Behaviour {
-            ignores_stop_signal: true,
-            ..Behaviour::default()
-        },
-    );
-    rt.set_behaviour(
-        "img/init-ok:1",
-        Behaviour {
-            inspect_lag: Duration::from_millis(150),
-            ..Behaviour::exits(0, Duration::from_secs(2))
-        },
-    );
-    rt.set_behaviour(
-        "img/init-fail:1",
-        Behaviour::exits(3, Duration::from_secs(1)),
-    );
-    rt.set_behaviour("img/init-hang:1", Behaviour::default());
-    rt.set_behaviour(
-        "img/crashloop:1",
-        Behaviour::exits(1, Duration::from_secs(20)),
-    );
-    rt
+    podfleet_testkit::images::runtime()
 }
 
 impl Device {
@@ -276,6 +247,7 @@ impl Device {
             world,
             bugs,
             watch_everyone: false,
+            session_bugs: podfleet_core::session::Bugs::default(),
             slow: Arc::default(),
             trouble: Arc::default(),
             epoch: Arc::default(),
@@ -295,13 +267,13 @@ impl Device {
         self.id.to_string()
     }
 
-    fn check(&self, f: impl FnOnce(&Oracle, &FakeRuntime, &mut Vec<String>)) {
+    fn check(&self, f: impl FnOnce(&Oracle, &FakeRuntime, &mut Vec<Violation>)) {
         let mut found = Vec::new();
         let oracle = lock(&self.oracle);
         self.fake.with(|fake| f(&oracle, fake, &mut found));
         drop(oracle);
         for v in found {
-            self.world.violation(format!("{}: {v}", self.id));
+            self.world.violation(v.on(&self.id));
         }
     }
 }
@@ -349,7 +321,7 @@ impl ContainerRuntime for FaultyRuntime {
                 .get_mut(op.name())
                 .and_then(VecDeque::pop_front),
         };
-        self.trace(format_args!("-> {}", podfleet_core::fake::describe_op(&op)));
+        self.trace(format_args!("-> {}", podfleet_testkit::describe_op(&op)));
         let slow = *lock(&d.slow);
         if let Some((_, delay)) = slow.filter(|(until, _)| now < *until) {
             d.world.probe("slow runtime");
@@ -575,8 +547,10 @@ fn check_ping(world: &World, now: Timestamp, device: &DeviceId, body: &[u8]) {
                 format_args!("ping {device}: up {} s", reply.uptime_s),
             );
         }
-        other => world.violation(format!(
-            "{now}: isolation: a ping to {device} was answered with {other:?}"
+        other => world.violation(Violation::at(
+            now,
+            Invariant::Isolation,
+            format!("a ping to {device} was answered with {other:?}"),
         )),
     }
 }
@@ -635,8 +609,8 @@ pub struct Outcome {
     pub faults: BTreeMap<&'static str, u32>,
     /// Probes reached, with counts.
     pub probes: BTreeMap<&'static str, u64>,
-    /// Invariant violations, in words.
-    pub violations: Vec<String>,
+    /// Invariant violations.
+    pub violations: Vec<Violation>,
     /// Events folded into the trace.
     pub events: u64,
     /// The running hash of every trace line.
@@ -909,11 +883,12 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
         check_quiet(shared, &before, &running);
     }
     if let Some(e) = failure {
-        world.violation(format!("a host failed: {e}"));
+        world.violation(Violation::new(Invariant::HostFailed, e));
     }
     for refusal in shared.broker.refusals() {
-        world.violation(format!(
-            "isolation: the broker refused {refusal}, which is not the device's own"
+        world.violation(Violation::new(
+            Invariant::Isolation,
+            format!("the broker refused {refusal}, which is not the device's own"),
         ));
     }
     let w = lock(&world.0);
@@ -966,7 +941,7 @@ fn check_converged(shared: &Shared) -> Vec<(usize, String)> {
         });
         running.extend(converged.into_iter().map(|c| (i, c)));
         for p in problems {
-            shared.world.violation(format!("{}: {p}", d.id));
+            shared.world.violation(p.on(&d.id));
         }
     }
     running
@@ -1007,7 +982,7 @@ pub struct DeviceView<'a> {
 ///   the true ids (or, for a spec that cannot succeed, Failed with a cause
 ///   or a retry under way; for a crash loop, Running or a CrashLoop).
 /// - Truthful reports, every field ([`check_report_fields`]).
-pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
+pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
     let mut problems = Vec::new();
     let mut running = Vec::new();
     let mut states = BTreeMap::new();
@@ -1016,8 +991,9 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
             Ok(s) => {
                 states.insert(deployment.clone(), s);
             }
-            Err(e) => problems.push(format!(
-                "truthful reports: the stored state of {deployment} does not decode: {e}"
+            Err(e) => problems.push(Violation::new(
+                Invariant::TruthfulReports,
+                format!("the stored state of {deployment} does not decode: {e}"),
             )),
         }
     }
@@ -1033,9 +1009,12 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
     for (deployment, containers) in &by_deployment {
         if !view.desired.contains_key(*deployment) {
             for c in containers {
-                problems.push(format!(
-                    "liveness: not converged: {} of deleted {deployment:?} still exists ({})",
-                    c.spec.name, c.state
+                problems.push(Violation::new(
+                    Invariant::Liveness,
+                    format!(
+                        "not converged: {} of deleted {deployment:?} still exists ({})",
+                        c.spec.name, c.state
+                    ),
                 ));
             }
         }
@@ -1083,7 +1062,8 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
         {
             let lifecycle = score.lifecycle_or_default();
             for s in &score.services {
-                let wanted = service_container_spec(deployment, s, &lifecycle, *revision);
+                let wanted =
+                    service_container_spec(deployment, s, &lifecycle, Revision::new(*revision));
                 match services.get(s.name.as_str()).and_then(|cs| cs.first()) {
                     None => found.push(format!("service {deployment}/{} has no container", s.name)),
                     Some(c) if !same_program(&c.spec, &wanted) => found.push(format!(
@@ -1125,8 +1105,10 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
             // over the bucket's limit): its phase and revision are checked.
             (Some(s), true) if outlook == Outlook::Succeeds && !s.summarised => {
                 if let Ok(name) = DeploymentName::new(deployment.as_str()) {
+                    let mut untrue = Vec::new();
                     view.oracle
-                        .check_report(Timestamp::ZERO, &name, s, view.fake, &mut found);
+                        .check_report(Timestamp::ZERO, &name, s, view.fake, &mut untrue);
+                    found.extend(untrue.iter().map(Violation::to_string));
                 }
             }
             (_, true) => {}
@@ -1141,13 +1123,14 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
         problems.extend(
             found
                 .into_iter()
-                .map(|p| format!("liveness: not converged: {p}")),
+                .map(|p| Violation::new(Invariant::Liveness, format!("not converged: {p}"))),
         );
     }
     for key in states.keys() {
         if !view.desired.contains_key(key) {
-            problems.push(format!(
-                "liveness: not converged: {key} is deleted but still has a reported state"
+            problems.push(Violation::new(
+                Invariant::Liveness,
+                format!("not converged: {key} is deleted but still has a reported state"),
             ));
         }
     }
@@ -1179,13 +1162,16 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<String>, Vec<String>) {
                 Some(Delivery::Failed(reason)) => format!(", whose write failed: {reason}"),
                 Some(Delivery::Stored) | None => String::new(),
             };
-            problems.push(format!(
-                "truthful reports: {key}: the broker holds {} but the agent last handed its publisher {}{fate}",
-                stored.map_or("nothing".to_owned(), brief),
-                handed.map_or("nothing".to_owned(), |h| h
-                    .state
-                    .as_ref()
-                    .map_or("a clear".to_owned(), brief)),
+            problems.push(Violation::new(
+                Invariant::TruthfulReports,
+                format!(
+                    "{key}: the broker holds {} but the agent last handed its publisher {}{fate}",
+                    stored.map_or("nothing".to_owned(), brief),
+                    handed.map_or("nothing".to_owned(), |h| h
+                        .state
+                        .as_ref()
+                        .map_or("a clear".to_owned(), brief)),
+                ),
             ));
         }
     }
@@ -1205,9 +1191,14 @@ pub fn check_report_fields(
     deployment: &str,
     s: &DeploymentState,
     crash_loops: bool,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Violation>,
 ) {
-    let mut bad = |p: String| problems.push(format!("truthful reports: {deployment}: {p}"));
+    let mut bad = |p: String| {
+        problems.push(Violation::new(
+            Invariant::TruthfulReports,
+            format!("{deployment}: {p}"),
+        ));
+    };
     if s.message.trim().is_empty() {
         bad(format!("{:?} report with an empty message", s.phase));
     }
@@ -1351,32 +1342,15 @@ fn check_quiet(shared: &Shared, before: &[usize], running: &[(usize, String)]) {
             out
         });
         if !flaps.is_empty() {
-            shared.world.violation(format!(
-                "{}: liveness: no quiet after convergence:{flaps}",
-                d.id
-            ));
+            shared.world.violation(
+                Violation::new(
+                    Invariant::Liveness,
+                    format!("no quiet after convergence:{flaps}"),
+                )
+                .on(&d.id),
+            );
         }
     }
-}
-
-/// The invariant a violation names (the words before the first colon after
-/// the timestamp), for shrinking towards the same failure.
-pub fn invariant_of(violation: &str) -> &str {
-    for name in [
-        "no revert",
-        "healthy container recreated",
-        "init containers first",
-        "graceful replace",
-        "truthful reports",
-        "isolation",
-        "liveness",
-        "a host failed",
-    ] {
-        if violation.contains(name) {
-            return name;
-        }
-    }
-    "other"
 }
 
 /// How long a lasting fault lasts, in ms, to shorten while shrinking.
@@ -1396,10 +1370,10 @@ fn fault_duration(action: &mut Action) -> Option<&mut u64> {
 /// faults' durations, then heals as early as it can. `run` runs a plan. At most `budget` runs.
 pub fn shrink(plan: &Plan, mut run: impl FnMut(&Plan) -> Outcome, budget: u32) -> (Plan, Outcome) {
     let first = run(plan);
-    let Some(target) = first.violations.first().map(|v| invariant_of(v).to_owned()) else {
+    let Some(target) = first.violations.first().map(|v| v.invariant) else {
         return (plan.clone(), first);
     };
-    let fails = |o: &Outcome| o.violations.iter().any(|v| invariant_of(v) == target);
+    let fails = |o: &Outcome| o.violations.iter().any(|v| v.invariant == target);
     let mut best = (plan.clone(), first);
     let mut runs = 1;
     let mut chunk = best.0.steps.len().div_ceil(2).max(1);

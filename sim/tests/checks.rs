@@ -6,11 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use podfleet_core::fake::{FakeRuntime, Oracle};
 use podfleet_core::reconciler::{init_container_spec, service_container_spec};
 use podfleet_core::runtime::{ContainerSpec, RuntimeOp, LABEL_SERVICE};
 use podfleet_core::time::Timestamp;
-use podfleet_core::wire::{DeploymentState, FailureCause, Phase, PodmanV0Score, RestartRecord};
+use podfleet_core::wire::{
+    DeploymentState, FailureCause, Phase, PodmanV0Score, RestartRecord, Revision, ServiceName,
+};
+use podfleet_testkit::{FakeRuntime, Oracle};
 use sim::world::{check_device, Delivery, DeviceView, Epoch, Handed};
 
 const SHOP: &str = r#"{"services":[{"name":"web","image":"img/app:1"},{"name":"db","image":"img/app:2"}],"init_containers":[{"name":"migrate","image":"img/init-ok:1"}]}"#;
@@ -32,7 +34,7 @@ fn service(deployment: &str, json: &str, index: usize, revision: u64) -> Contain
         deployment,
         &s.services[index],
         &s.lifecycle_or_default(),
-        revision,
+        Revision::new(revision),
     )
 }
 
@@ -70,7 +72,7 @@ impl World {
                 revision,
                 container_ids: ids
                     .iter()
-                    .map(|(s, id)| ((*s).to_owned(), (*id).clone()))
+                    .map(|(s, id)| (ServiceName::from(*s), (*id).clone()))
                     .collect(),
                 message: message.into(),
                 cause,
@@ -83,7 +85,7 @@ impl World {
                 "shop".to_owned(),
                 running(
                     Phase::Running,
-                    3,
+                    Revision::new(3),
                     &[("web", &web), ("db", &db)],
                     "1 init container completed, 2 services running",
                     None,
@@ -93,12 +95,12 @@ impl World {
                 "cam".to_owned(),
                 running(
                     Phase::Failed,
-                    4,
+                    Revision::new(4),
                     &[("web", &cam)],
-                    "attempt 1 at revision 4 failed: init container \"bad\" exited with code 3; retrying",
+                    "attempt 1 at revision 4 failed: init container \"bad\" exited with code 5; retrying",
                     Some(FailureCause::InitContainerExited {
                         name: "bad".into(),
-                        exit_code: 3,
+                        exit_code: 5,
                     }),
                 ),
             ),
@@ -132,6 +134,9 @@ impl World {
             now: NOW,
         })
         .0
+        .iter()
+        .map(ToString::to_string)
+        .collect()
     }
 
     /// Creates `spec` at the fake's time (an hour before the check, unless
@@ -180,7 +185,7 @@ fn nothing_is_left_behind_after_any_failure_timeout_or_teardown() {
     // One that succeeds: no init container...
     let mut w = World::converged();
     let init = score(SHOP).init_containers[0].clone();
-    w.plant(init_container_spec("shop", &init, 3));
+    w.plant(init_container_spec("shop", &init, Revision::new(3)));
     bites(&w, "init container shop_init_migrate of shop left behind");
 
     // ...no container of a service the score dropped...
@@ -223,12 +228,12 @@ fn nothing_is_left_behind_after_any_failure_timeout_or_teardown() {
     // once its attempt is over...
     let mut w = World::converged();
     let bad = score(CAM_BAD).init_containers[0].clone();
-    w.plant(init_container_spec("cam", &bad, 4));
+    w.plant(init_container_spec("cam", &bad, Revision::new(4)));
     bites(&w, "init container cam_init_bad of cam left behind");
     // ...(while an attempt under way may have one at work)...
     let mut w = World::converged();
     w.fake.advance(before_now(10));
-    w.plant(init_container_spec("cam", &bad, 4));
+    w.plant(init_container_spec("cam", &bad, Revision::new(4)));
     assert_eq!(w.problems(), Vec::<String>::new());
     // ...and nothing beyond one container per service.
     let mut w = World::converged();
@@ -275,7 +280,7 @@ fn every_field_of_a_stored_report_must_match_the_truth() {
     // and the agent cannot have counted more than exits and errors allow.
     let restarts = |count, last_exit_code| {
         BTreeMap::from([(
-            "web".to_owned(),
+            ServiceName::from("web"),
             RestartRecord {
                 count,
                 last_exit_code,
@@ -326,7 +331,7 @@ fn the_broker_must_hold_what_the_agent_last_handed_its_publisher() {
     let mut newer = cam.clone();
     newer.attempt = 2;
     newer.message =
-        "attempt 2 at revision 4 failed: init container \"bad\" exited with code 3; retrying"
+        "attempt 2 at revision 4 failed: init container \"bad\" exited with code 5; retrying"
             .into();
     let mut published = BTreeMap::from([
         ("shop".to_owned(), handed(&shop, Delivery::Stored)),

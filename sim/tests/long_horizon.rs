@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use podfleet_core::fake::RuntimeEvent;
 use podfleet_core::runtime::{init_container_name, service_container_name};
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::Phase;
+use podfleet_testkit::RuntimeEvent;
 use sim::plan::{Action, Plan, Step};
 use sim::tiers::{run_events_with, Switches};
 
@@ -47,7 +47,7 @@ fn a_crash_loop_and_a_failing_revision_are_retried_at_the_cap_for_days() {
                 "cam",
                 r#"{"services":[{"name":"web","image":"img/crashloop:1"}]}"#,
             ),
-            // Its init container exits with code 3 at every attempt.
+            // Its init container exits with code 5 at every attempt.
             put(
                 3_000,
                 "shop",

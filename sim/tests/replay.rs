@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use podfleet_testkit::Invariant;
 use sim::cli::{run_plans, Args, EnvBatch};
 use sim::plan::Plan;
 use sim::tiers::Switches;
@@ -54,10 +55,10 @@ fn rerun(command: &str) -> (Tier, Vec<Plan>, Vec<Outcome>) {
 
 /// Reports `plan`'s failure on `tier`, replays every command of the
 /// report, and checks each fails the same way.
-fn replays(tier: Tier, plan: &Plan, switches: Switches, invariant: &str) {
+fn replays(tier: Tier, plan: &Plan, switches: Switches, invariant: Invariant) {
     let outcome = sim::run(tier, plan, switches);
     assert!(
-        outcome.violations.iter().any(|v| v.contains(invariant)),
+        outcome.violations.iter().any(|v| v.invariant == invariant),
         "{} seed {} does not fail with {invariant:?}: {:?}",
         tier.name(),
         plan.seed,

@@ -14,6 +14,7 @@
 #![allow(clippy::unwrap_used)]
 
 use podfleet_core::reconciler::Bugs;
+use podfleet_testkit::Invariant;
 use sim::plan::{wide_score, Action, Plan, RuntimeTrouble, Step, WIDE_STATE_LIMIT};
 use sim::tiers::Switches;
 use sim::world::Outcome;
@@ -99,7 +100,10 @@ fn the_faults_do_what_they_say() {
         outcome.probes
     );
     assert!(
-        !outcome.violations.iter().any(|v| v.contains("isolation")),
+        !outcome
+            .violations
+            .iter()
+            .any(|v| v.invariant == Invariant::Isolation),
         "a refusal over the payload limit is no isolation violation: {:?}",
         outcome.violations
     );
@@ -145,7 +149,7 @@ fn after_a_restart_reports_wait_for_the_runtime() {
 
 /// Runs `plan` on the events tier with `bugs` on and requires a violation
 /// of `invariant` naming `words`.
-fn assert_bites(plan: &Plan, bugs: Bugs, invariant: &str, words: &str) {
+fn assert_bites(plan: &Plan, bugs: Bugs, invariant: Invariant, words: &str) {
     let switches = Switches {
         bugs,
         ..Switches::default()
@@ -155,7 +159,7 @@ fn assert_bites(plan: &Plan, bugs: Bugs, invariant: &str, words: &str) {
         outcome
             .violations
             .iter()
-            .any(|v| v.contains(invariant) && v.contains(words)),
+            .any(|v| v.invariant == invariant && v.detail.contains(words)),
         "{:#?}",
         outcome.violations
     );
@@ -168,7 +172,7 @@ fn the_restart_check_bites() {
         ..sim::NO_BUGS
     };
     let plan = restart_into(RuntimeTrouble::Unavailable);
-    assert_bites(&plan, bugs, "truthful reports", "before the agent");
+    assert_bites(&plan, bugs, Invariant::TruthfulReports, "before the agent");
 }
 
 /// Three deployments on a state bucket whose values are limited to
@@ -214,5 +218,5 @@ fn the_head_of_line_check_bites() {
         head_of_line_reports: true,
         ..sim::NO_BUGS
     };
-    assert_bites(&wide(), bugs, "liveness", "");
+    assert_bites(&wide(), bugs, Invariant::Liveness, "");
 }

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use podfleet_testkit::Invariant;
 use sim::plan::{Action, Plan, Step};
 use sim::tiers::Switches;
 use sim::world::Outcome;
@@ -118,12 +119,12 @@ fn same_plan_same_trace() {
 }
 
 /// The first seed below `limit` whose run reports `invariant`.
-fn caught(tier: Tier, switches: Switches, invariant: &str, limit: u64) -> Option<u64> {
+fn caught(tier: Tier, switches: Switches, invariant: Invariant, limit: u64) -> Option<u64> {
     (0..limit).find(|&seed| {
         sim::run(tier, &Plan::generate(seed, 2), switches)
             .violations
             .iter()
-            .any(|v| v.contains(invariant))
+            .any(|v| v.invariant == invariant)
     })
 }
 
@@ -144,7 +145,7 @@ fn every_invariant_bites_through_the_real_agent_loop() {
         ..Switches::default()
     };
     assert!(
-        caught(Tier::Turmoil, wrong_adapter, "isolation", 2).is_some(),
+        caught(Tier::Turmoil, wrong_adapter, Invariant::Isolation, 2).is_some(),
         "an agent watching every device's keys went unnoticed"
     );
 }
@@ -245,7 +246,7 @@ fn shrinking_keeps_the_failure_and_drops_the_rest() {
         outcome
             .violations
             .iter()
-            .any(|v| v.contains(sim::BITES[0].2)),
+            .any(|v| v.invariant == sim::BITES[0].2),
         "{:?}",
         outcome.violations
     );

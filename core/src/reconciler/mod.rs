@@ -887,8 +887,3 @@ impl Reconciler {
         self.effects.outputs.push_back(Output::Heartbeat(heartbeat));
     }
 }
-
-#[cfg(test)]
-mod properties;
-#[cfg(test)]
-mod tests;

@@ -77,7 +77,7 @@ fn entries_are_classified_by_operation() {
         filter.classify(&entry(subject, Operation::Put, 7, 0)),
         Ok(Change::Put {
             key: key.clone(),
-            revision: 7,
+            revision: Revision::new(7),
             value: b"{}".to_vec()
         })
     );
@@ -87,7 +87,7 @@ fn entries_are_classified_by_operation() {
             filter.classify(&delete),
             Ok(Change::Delete {
                 key: key.clone(),
-                revision: 8
+                revision: Revision::new(8)
             })
         );
     }
@@ -102,12 +102,12 @@ fn entries_are_classified_by_operation() {
         [
             Output::Put {
                 deployment: name("shop"),
-                revision: 7,
+                revision: Revision::new(7),
                 value: b"{}".to_vec()
             },
             Output::Delete {
                 deployment: name("shop"),
-                revision: 8
+                revision: Revision::new(8)
             },
             snapshot(&[]),
         ]

@@ -1,14 +1,12 @@
 //! A device's software: the production event loop, its publisher and
 //! desired-state source, and the link that carries them to the fake broker.
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use podfleet_agent::event_loop::{
     self, Clock, DesiredSource, Inbound, LoopOptions, LoopStats, PublishError, Publisher, Report,
 };
-use podfleet_core::fake::Oracle;
 use podfleet_core::session::{
     self, kv_subject, CommandMessage, Input, Operation, Output, Session, SkipReason, WatchedEntry,
 };
@@ -17,6 +15,7 @@ use podfleet_core::wire::names::{
 };
 use podfleet_core::wire::{DeploymentState, FailureCause, Phase};
 use podfleet_core::Config;
+use podfleet_testkit::{Invariant, Oracle, Violation};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
@@ -204,11 +203,11 @@ impl DesiredSource for ChannelSource {
                 deployment,
                 revision,
                 value,
-            } => oracle.saw_put(deployment.as_str(), *revision, value),
+            } => oracle.saw_put(deployment.as_str(), revision.get(), value),
             Inbound::Delete {
                 deployment,
                 revision,
-            } => oracle.saw_delete(deployment.as_str(), *revision),
+            } => oracle.saw_delete(deployment.as_str(), revision.get()),
             Inbound::Snapshot { present } => oracle.saw_resync(present),
             Inbound::Command(_) => {}
         }
@@ -233,7 +232,7 @@ async fn link<D: Dialer>(
 ) {
     let who = device.who();
     let world = device.world.clone();
-    let config = session::Config::new(device.id.clone()).inject_bugs(SESSION_BUGS.get());
+    let config = session::Config::new(device.id.clone()).inject_bugs(device.session_bugs);
     let mut session = Session::new(config, clock.now());
     let mut connects = 0u32;
     let mut seen: BTreeMap<String, u64> = BTreeMap::new();
@@ -304,9 +303,13 @@ async fn link<D: Dialer>(
                             reason:
                                 SkipReason::OtherDevice { key, .. } | SkipReason::BadKey { key, .. },
                         } => {
-                            world.violation(format!(
-                                "{who}: isolation: the agent received key {key:?}, not one of its own"
-                            ));
+                            world.violation(
+                                Violation::new(
+                                    Invariant::Isolation,
+                                    format!("the agent received key {key:?}, not one of its own"),
+                                )
+                                .on(&who),
+                            );
                             continue;
                         }
                         Output::Skipped { reason } => {
@@ -329,11 +332,12 @@ async fn link<D: Dialer>(
                             revision,
                         } => {
                             let key = format!("{}.{deployment}", device.id);
+                            let revision = revision.get();
                             let last = seen.get(&key).copied();
-                            seen.insert(key, last.unwrap_or(0).max(*revision));
+                            seen.insert(key, last.unwrap_or(0).max(revision));
                             match last {
-                                Some(l) if l == *revision => world.probe("duplicate delivery"),
-                                Some(l) if l > *revision => {
+                                Some(l) if l == revision => world.probe("duplicate delivery"),
+                                Some(l) if l > revision => {
                                     world.probe("older revision delivered late")
                                 }
                                 _ => {}
@@ -441,21 +445,6 @@ async fn link<D: Dialer>(
         }
         tokio::time::sleep(RECONNECT_DELAY).await;
     }
-}
-
-thread_local! {
-    /// The session bugs of the devices whose agents start on this thread.
-    static SESSION_BUGS: Cell<session::Bugs> = Cell::new(session::Bugs::default());
-}
-
-/// Runs `f` with the deliberate session bugs `bugs` switched on for every
-/// agent that starts on this thread meanwhile (every tier runs a plan on
-/// the calling thread), to prove the simulator catches them.
-pub fn with_session_bugs<T>(bugs: session::Bugs, f: impl FnOnce() -> T) -> T {
-    let before = SESSION_BUGS.replace(bugs);
-    let result = f();
-    SESSION_BUGS.set(before);
-    result
 }
 
 /// The software of one device: the production event loop and its link.

@@ -2,11 +2,11 @@
 //! reconciler relies on it, written once against [`ContainerRuntime`].
 //!
 //! It runs against real podman in e2e/ (through the podman adapter) and
-//! against the fake runtime in agent/tests/conformance_fake.rs, so the fake
+//! against the fake runtime in testkit/tests/conformance_fake.rs, so the fake
 //! cannot drift from the real thing: every check states what podman 4.3
 //! really does, including the surprises. The programs the checks run are
-//! public ([`programs`]) so a fake can recognise them by their argv; with the
-//! `fake` feature, `programs::fake_behaviours` says how each one behaves.
+//! public ([`programs`]) so a fake can recognise them by their argv;
+//! `programs::fake_behaviours` says how each one behaves.
 //!
 //! A runtime must pass every check in [`CHECKS`]; only a runtime that runs
 //! no programs (the fake) may declare the [`EXEC_CHECKS`] unsupported.
@@ -46,7 +46,7 @@ use podfleet_core::runtime::{
 };
 use podfleet_core::wire::Signal;
 
-use crate::runtime::{ContainerRuntime, ExecOutput};
+use podfleet_agent::runtime::{ContainerRuntime, ExecOutput};
 
 /// Waits for a while: the caller's clock (tokio's for real podman, virtual
 /// time in the simulator).
@@ -97,9 +97,8 @@ pub mod programs {
 
     /// How each program above behaves under podman, for a fake runtime to
     /// be configured with (by argv) instead of restating it.
-    #[cfg(feature = "fake")]
-    pub fn fake_behaviours() -> Vec<(&'static [&'static str], podfleet_core::fake::Behaviour)> {
-        use podfleet_core::fake::Behaviour;
+    pub fn fake_behaviours() -> Vec<(&'static [&'static str], crate::runtime::Behaviour)> {
+        use crate::runtime::Behaviour;
         use std::time::Duration;
 
         let lines = |lines: &[&str]| lines.iter().map(|&l| l.to_owned()).collect();

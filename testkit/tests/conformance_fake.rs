@@ -7,10 +7,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use podfleet_agent::conformance::{programs, run_check, Fixture, CHECKS, EXEC_CHECKS};
 use podfleet_agent::event_loop::TokioClock;
-use podfleet_agent::fake_runtime::SharedFake;
-use podfleet_core::fake::FakeRuntime;
+use podfleet_testkit::conformance::{programs, run_check, Fixture, CHECKS, EXEC_CHECKS};
+use podfleet_testkit::FakeRuntime;
+use podfleet_testkit::SharedFake;
 
 /// The checks the fake declares unsupported: it runs no programs, so it has
 /// nothing to exec in. Each must still fail against it, so that this list

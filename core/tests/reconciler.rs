@@ -1,9 +1,19 @@
+//! Scenario tests of the reconciler against the fake runtime, in virtual
+//! time: one per behaviour the reconciler promises, and transcripts of a
+//! few whole stories (insta snapshots under tests/snapshots/).
+
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use super::*;
-use crate::fake::{Behaviour, Harness, OpFault, RuntimeEvent};
-use crate::runtime::{ContainerState, LABEL_SPEC_HASH};
-use crate::wire::{FailureCause, Phase, RuntimeOperation};
+use podfleet_core::reconciler::{Bugs, Config, Input, Output, Reconciler};
+use podfleet_core::runtime::{ContainerState, RuntimeOp, LABEL_SPEC_HASH};
+use podfleet_core::time::Timestamp;
+use podfleet_core::wire::{
+    DeploymentName, DeploymentState, DeviceId, FailureCause, Phase, Revision, RuntimeOperation,
+};
+use podfleet_testkit::{Behaviour, Harness, OpFault, RuntimeEvent};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -129,7 +139,7 @@ fn changed_score_gracefully_replaces_by_id() {
         [
             RuntimeOp::Stop {
                 container: old_web.clone(),
-                signal: crate::wire::Signal::Int,
+                signal: podfleet_core::wire::Signal::Int,
                 grace: Duration::from_secs(5)
             },
             RuntimeOp::Remove {
@@ -201,7 +211,7 @@ fn dropped_service_is_stopped_and_removed() {
         [
             RuntimeOp::Stop {
                 container: worker_id.clone(),
-                signal: crate::wire::Signal::Int,
+                signal: podfleet_core::wire::Signal::Int,
                 grace: Duration::from_secs(5)
             },
             RuntimeOp::Remove {
@@ -269,7 +279,7 @@ fn init_containers_run_in_order_before_services() {
         _ => None,
     });
     assert_eq!(
-        init_spec.unwrap().labels[crate::runtime::LABEL_INIT],
+        init_spec.unwrap().labels[podfleet_core::runtime::LABEL_INIT],
         "true"
     );
 }
@@ -753,7 +763,7 @@ fn create_failed_but_exists_is_adopted_on_retry() {
         .entry("create")
         .or_default()
         .push_back(OpFault::FailAfterEffect(
-            crate::runtime::RuntimeErrorKind::Other,
+            podfleet_core::runtime::RuntimeErrorKind::Other,
         ));
     deploy(&mut h, 1, &score(&[web("img/web:1", "a")], &[]));
     assert_eq!(state(&h, "shop").phase, Phase::Failed);
@@ -772,10 +782,9 @@ fn unreachable_runtime_is_retried_with_backoff_and_reported() {
     let mut h = Harness::new(config());
     // The start-up list was already issued; fail the next few.
     for _ in 0..4 {
-        h.faults
-            .entry("list")
-            .or_default()
-            .push_back(OpFault::Fail(crate::runtime::RuntimeErrorKind::Unavailable));
+        h.faults.entry("list").or_default().push_back(OpFault::Fail(
+            podfleet_core::runtime::RuntimeErrorKind::Unavailable,
+        ));
     }
     h.restart_agent(false);
     h.run_for(Duration::from_secs(20));
@@ -786,13 +795,13 @@ fn unreachable_runtime_is_retried_with_backoff_and_reported() {
         .map(|(t, _)| t.as_millis() / 1000)
         .collect();
     assert_eq!(lists[1..6], [0, 1, 3, 7, 15], "{lists:?}");
-    assert!(h
-        .heartbeats
-        .iter()
-        .any(|hb| matches!(hb.runtime, crate::wire::RuntimeHealth::Unreachable { .. })));
+    assert!(h.heartbeats.iter().any(|hb| matches!(
+        hb.runtime,
+        podfleet_core::wire::RuntimeHealth::Unreachable { .. }
+    )));
     assert_eq!(
         h.heartbeats.last().unwrap().runtime,
-        crate::wire::RuntimeHealth::Ok
+        podfleet_core::wire::RuntimeHealth::Ok
     );
 }
 
@@ -922,7 +931,7 @@ fn a_restart_mid_stop_stops_again_instead_of_killing() {
         first_mutation,
         Some(RuntimeOp::Stop {
             container: old,
-            signal: crate::wire::Signal::Int,
+            signal: podfleet_core::wire::Signal::Int,
             grace: Duration::from_secs(5)
         })
     );
@@ -1041,10 +1050,9 @@ fn restart_with_runtime_down(bugs: Bugs) -> (Harness, Vec<DeploymentState>, Stri
     deploy(&mut h, 1, &json);
     let id = running_id(&h, "shop_web");
     for _ in 0..5 {
-        h.faults
-            .entry("list")
-            .or_default()
-            .push_back(OpFault::Fail(crate::runtime::RuntimeErrorKind::Unavailable));
+        h.faults.entry("list").or_default().push_back(OpFault::Fail(
+            podfleet_core::runtime::RuntimeErrorKind::Unavailable,
+        ));
     }
     h.restart_agent(true);
     let from = h.published.len();
@@ -1063,7 +1071,7 @@ fn a_restarted_agent_reports_nothing_until_it_has_listed_the_runtime() {
     assert!(early.is_empty(), "{early:?}\n{}", h.transcript);
     assert!(matches!(
         h.heartbeats.last().map(|hb| &hb.runtime),
-        Some(crate::wire::RuntimeHealth::Unreachable { .. })
+        Some(podfleet_core::wire::RuntimeHealth::Unreachable { .. })
     ));
     h.run_for(Duration::from_secs(60));
     let s = state(&h, "shop");
@@ -1116,7 +1124,7 @@ fn a_huge_invalid_value_is_quoted_bounded_in_its_report() {
 
 #[test]
 fn long_runtime_errors_are_cut_in_reports() {
-    use crate::runtime::{RuntimeError, RuntimeErrorKind, RuntimeReply};
+    use podfleet_core::runtime::{RuntimeError, RuntimeErrorKind, RuntimeReply};
     let now = Timestamp::ZERO;
     let mut r = Reconciler::new(config(), None, now);
     let listed = || {
@@ -1169,7 +1177,7 @@ fn long_runtime_errors_are_cut_in_reports() {
     );
     let s = r.deployment_state(&name).expect("a state").clone();
     assert_eq!(s.phase, Phase::Failed, "{s:?}");
-    assert!(serde_json::to_vec(&s).unwrap().len() < 4 * crate::wire::text::TEXT_MAX_BYTES);
+    assert!(serde_json::to_vec(&s).unwrap().len() < 4 * podfleet_core::wire::text::TEXT_MAX_BYTES);
     let Some(FailureCause::Runtime { error, .. }) = &s.cause else {
         panic!("{s:?}");
     };

@@ -1,4 +1,4 @@
-//! [`SharedFake`]: podfleet-core's pure [`FakeRuntime`] behind the async
+//! [`SharedFake`]: the pure [`FakeRuntime`] behind the agent's async
 //! [`ContainerRuntime`] trait, so the agent's event loop can drive it.
 //!
 //! Time comes from the loop's [`Clock`]: before every operation the fake is
@@ -6,19 +6,18 @@
 //! sleeps on that clock until the container's exit is due, or until another
 //! operation changes something. Under turmoil that clock is simulated, so
 //! an hour-long container costs nothing.
-//!
-//! Compiled with the `fake` feature only.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use podfleet_core::fake::{Completion, FakeRuntime};
 use podfleet_core::runtime::{RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeResult};
 use podfleet_core::time::Timestamp;
 use tokio::sync::Notify;
 
-use crate::event_loop::Clock;
-use crate::runtime::{ContainerRuntime, ExecOutput, LogsOutput};
+use podfleet_agent::event_loop::Clock;
+use podfleet_agent::runtime::{ContainerRuntime, ExecOutput, LogsOutput};
+
+use crate::runtime::{Completion, FakeRuntime};
 
 /// A [`FakeRuntime`] shared between the agent's loop and whoever plays the
 /// world around it (a test, the simulator's fault injector).

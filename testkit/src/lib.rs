@@ -1,0 +1,39 @@
+//! podfleet's test kit: everything the tests, the simulator and the fuzzer
+//! share, and nothing a release binary carries.
+//!
+//! - [`runtime`]: [`FakeRuntime`], a pure model of podman, and the
+//!   [`Behaviour`] of the programs it pretends to run.
+//! - [`harness`]: [`Harness`], which drives a reconciler against the fake in
+//!   virtual time and records a transcript.
+//! - [`oracle`]: [`Oracle`], the safety invariants checked against the
+//!   fake's ground truth.
+//! - [`violation`]: [`Violation`] and [`Invariant`], what the checks return.
+//! - [`shared`]: [`SharedFake`], the fake behind the agent's async
+//!   `ContainerRuntime` trait, for its event loop.
+//! - [`images`]: the image catalogue, one behaviour per image name, and
+//!   the groups the generators pick from.
+//! - [`ops`]: [`Op`], what a device lives through, with its own byte
+//!   codec (for the fuzzer), a proptest strategy, and the [`ops::Player`]
+//!   that plays ops on a harness.
+//! - [`conformance`]: podman's behaviour as a suite that runs against real
+//!   podman (e2e/) and against the fake.
+//!
+//! It depends on podfleet-core with its `bugs` feature (the deliberate bugs
+//! the invariant checks must catch) and on podfleet-agent without its
+//! adapters; the production crates depend on it only for their tests.
+
+pub mod conformance;
+pub mod harness;
+pub mod images;
+pub mod ops;
+pub mod oracle;
+pub mod runtime;
+pub mod shared;
+pub mod violation;
+
+pub use harness::{describe_op, Harness, OpFault};
+pub use ops::Op;
+pub use oracle::Oracle;
+pub use runtime::{Behaviour, Completion, FakeContainer, FakeRuntime, RuntimeEvent};
+pub use shared::SharedFake;
+pub use violation::{Invariant, Violation};

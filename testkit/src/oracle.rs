@@ -1,0 +1,649 @@
+//! [`Oracle`]: the safety invariants, checked against the fake runtime's
+//! ground truth.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use podfleet_core::runtime::{ContainerSpec, RuntimeOp};
+use podfleet_core::time::Timestamp;
+use podfleet_core::wire::{DeploymentName, DeploymentState, Revision};
+
+use crate::runtime::{FakeRuntime, RuntimeEvent};
+use crate::violation::{Invariant, Violation};
+
+/// What the reconciler has been told about one deployment.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// The newest revision seen, valid or not.
+    latest: u64,
+    /// The newest valid spec seen; `None` once deleted.
+    valid: Option<ValidSpec>,
+}
+
+#[derive(Debug, Clone)]
+struct ValidSpec {
+    revision: u64,
+    /// This revision and the earlier ones that put the same bytes with no
+    /// other valid score in between: the reconciler runs no init container
+    /// again for identical bytes, so what ran for any of them counts for all.
+    revisions: BTreeSet<u64>,
+    bytes: Vec<u8>,
+    score: podfleet_core::wire::PodmanV0Score,
+    /// Service name -> spec hash.
+    hashes: BTreeMap<String, String>,
+    /// Init container names, in order.
+    inits: Vec<String>,
+}
+
+impl ValidSpec {
+    /// Whether a container's revision label names this spec.
+    fn is_revision(&self, label: &str) -> bool {
+        label.parse().is_ok_and(|r| self.revisions.contains(&r))
+    }
+
+    /// Whether `spec` is, field for field and label for label, a container
+    /// this score asks for at one of its revisions.
+    fn produced(&self, deployment: &str, spec: &ContainerSpec) -> bool {
+        let Some(revision) = spec
+            .labels
+            .get(podfleet_core::runtime::LABEL_REVISION)
+            .and_then(|r| r.parse::<u64>().ok())
+            .filter(|r| self.revisions.contains(r))
+        else {
+            return false;
+        };
+        let lifecycle = self.score.lifecycle_or_default();
+        self.score.services.iter().any(|s| {
+            podfleet_core::reconciler::service_container_spec(
+                deployment,
+                s,
+                &lifecycle,
+                Revision::new(revision),
+            ) == *spec
+        }) || self.score.init_containers.iter().any(|i| {
+            podfleet_core::reconciler::init_container_spec(deployment, i, Revision::new(revision))
+                == *spec
+        })
+    }
+
+    /// Whether `spec` runs what this score asks of `service`: everything
+    /// baked into the container (image, args, env, mounts, ports, stop
+    /// signal, name and labels), whatever revision created it and whatever
+    /// grace it recorded, since neither is baked in.
+    fn runs_service(&self, deployment: &str, service: &str, spec: &ContainerSpec) -> bool {
+        let lifecycle = self.score.lifecycle_or_default();
+        self.score
+            .services
+            .iter()
+            .filter(|s| s.name == service)
+            .any(|s| {
+                let wanted = podfleet_core::reconciler::service_container_spec(
+                    deployment,
+                    s,
+                    &lifecycle,
+                    Revision::new(self.revision),
+                );
+                baked_in(&wanted) == baked_in(spec)
+            })
+    }
+}
+
+/// A spec without the labels that are not baked into what runs.
+fn baked_in(spec: &ContainerSpec) -> ContainerSpec {
+    let mut spec = spec.clone();
+    spec.labels.remove(podfleet_core::runtime::LABEL_REVISION);
+    spec.labels.remove(podfleet_core::runtime::LABEL_GRACE);
+    spec
+}
+
+/// The safety invariants, checked against the fake runtime's ground truth.
+///
+/// Tell it every desired-state input the reconciler is given, in the order
+/// the reconciler is given them ([`saw_put`](Self::saw_put),
+/// [`saw_delete`](Self::saw_delete), [`saw_resync`](Self::saw_resync));
+/// then [`check_op`](Self::check_op) each runtime operation as it is issued,
+/// [`check_state`](Self::check_state) after each one takes effect and
+/// [`check_report`](Self::check_report) each state published. Each
+/// [`Violation`] found is appended, with its [`Invariant`] and the time. The
+/// [`Harness`](crate::Harness), the simulator's network tiers and the fuzzer all use it.
+///
+/// What it holds a container to is the spec the fake recorded at its create
+/// ([`FakeContainer::spec`](crate::FakeContainer::spec)), compared with the spec the reconciler's own
+/// builders make from the score: labels are checked, never trusted.
+#[derive(Debug, Clone, Default)]
+pub struct Oracle {
+    seen: BTreeMap<String, Seen>,
+    /// Every valid score ever seen, per deployment, oldest first: a stop is
+    /// held to the score that created the container, however old.
+    history: BTreeMap<String, Vec<ValidSpec>>,
+    /// Whether a `list` has answered since the agent (re)started: before
+    /// that, it knows nothing of what runs.
+    listed: bool,
+}
+
+impl Oracle {
+    /// The agent (re)started: it has not looked at the runtime yet.
+    pub fn saw_agent_start(&mut self) {
+        self.listed = false;
+    }
+
+    /// A `list` answered: the agent has looked at the runtime.
+    pub fn saw_list(&mut self) {
+        self.listed = true;
+    }
+
+    /// The reconciler was handed a put of `bytes` at `revision`.
+    pub fn saw_put(&mut self, deployment: &str, revision: u64, bytes: &[u8]) {
+        let entry = self.seen.entry(deployment.to_owned()).or_insert(Seen {
+            latest: 0,
+            valid: None,
+        });
+        if revision < entry.latest {
+            return;
+        }
+        entry.latest = revision;
+        if let Ok(score) = podfleet_core::wire::PodmanV0Score::from_json(bytes) {
+            let signal = score.lifecycle_or_default().stop_signal;
+            let hashes = score
+                .services
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.to_string(),
+                        podfleet_core::reconciler::service_spec_hash(s, signal),
+                    )
+                })
+                .collect();
+            let inits = score
+                .init_containers
+                .iter()
+                .map(|i| i.name.to_string())
+                .collect();
+            let mut revisions = match &entry.valid {
+                // The same spec (the same bytes, or bytes that decode to an
+                // equal score) keeps the init containers that ran for it.
+                Some(v)
+                    if v.bytes == bytes
+                        || podfleet_core::wire::PodmanV0Score::from_json(&v.bytes).as_ref()
+                            == Ok(&score) =>
+                {
+                    v.revisions.clone()
+                }
+                _ => BTreeSet::new(),
+            };
+            revisions.insert(revision);
+            let valid = ValidSpec {
+                revision,
+                revisions,
+                bytes: bytes.to_vec(),
+                score,
+                hashes,
+                inits,
+            };
+            let history = self.history.entry(deployment.to_owned()).or_default();
+            match history.last_mut() {
+                Some(last) if last.bytes == bytes => *last = valid.clone(),
+                _ => history.push(valid.clone()),
+            }
+            entry.valid = Some(valid);
+        }
+    }
+
+    /// The reconciler was handed a delete at `revision`.
+    pub fn saw_delete(&mut self, deployment: &str, revision: u64) {
+        let entry = self.seen.entry(deployment.to_owned()).or_insert(Seen {
+            latest: 0,
+            valid: None,
+        });
+        if revision >= entry.latest {
+            *entry = Seen {
+                latest: revision,
+                valid: None,
+            };
+        }
+    }
+
+    /// The reconciler was told the bucket holds exactly `present`: every
+    /// other deployment is as good as deleted.
+    pub fn saw_resync(&mut self, present: &BTreeSet<DeploymentName>) {
+        for (name, seen) in &mut self.seen {
+            let kept = DeploymentName::new(name.as_str()).is_ok_and(|n| present.contains(&n));
+            if !kept {
+                seen.valid = None;
+            }
+        }
+    }
+
+    /// The newest valid score the reconciler was handed for `deployment`
+    /// since it was last deleted, with its revision.
+    pub fn newest_valid(&self, deployment: &str) -> Option<(u64, &[u8])> {
+        let v = self.seen.get(deployment)?.valid.as_ref()?;
+        Some((v.revision, &v.bytes))
+    }
+
+    /// The score that created a container with `spec`, with its deployment:
+    /// the one whose builders make exactly this spec. `None` for a
+    /// container no score the reconciler was handed asks for.
+    fn created_by(&self, spec: &ContainerSpec) -> Option<&ValidSpec> {
+        self.history
+            .iter()
+            .flat_map(|(d, specs)| specs.iter().rev().map(move |v| (d, v)))
+            .find(|(d, v)| v.produced(d, spec))
+            .map(|(_, v)| v)
+    }
+
+    /// Checks, as `op` is issued, what the reconciler may ask for: no
+    /// revert (2: what is created is exactly what the newest valid score
+    /// asks for; what is started runs it), no healthy container touched
+    /// (1), init containers first (3), graceful replace by recorded id with
+    /// the stop signal the container was created with and the grace of the
+    /// score that created it (4).
+    pub fn check_op(
+        &self,
+        now: Timestamp,
+        op: &RuntimeOp,
+        runtime: &FakeRuntime,
+        violations: &mut Vec<Violation>,
+    ) {
+        use podfleet_core::runtime::{
+            LABEL_DEPLOYMENT, LABEL_GRACE, LABEL_INIT, LABEL_REVISION, LABEL_SERVICE,
+        };
+        let (spec, running) = match op {
+            RuntimeOp::Create { spec } => (spec, false),
+            RuntimeOp::Start { container }
+            | RuntimeOp::Stop { container, .. }
+            | RuntimeOp::Remove { container, .. } => {
+                let found = runtime
+                    .containers()
+                    .get(container.as_str())
+                    .or_else(|| runtime.by_name(container));
+                match found {
+                    Some(c) => (&c.spec, runtime.is_running(&c.id)),
+                    None => return,
+                }
+            }
+            _ => return,
+        };
+        let labels = &spec.labels;
+        let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        let deployment = label(LABEL_DEPLOYMENT);
+        let service = label(LABEL_SERVICE);
+        let init = labels.contains_key(LABEL_INIT);
+        let valid = self.seen.get(&deployment).and_then(|s| s.valid.as_ref());
+        let mut violation =
+            |invariant, detail: String| violations.push(Violation::at(now, invariant, detail));
+        match op {
+            RuntimeOp::Create { .. } | RuntimeOp::Start { .. } => {
+                let ok = match (valid, op) {
+                    (None, _) => false,
+                    (Some(v), RuntimeOp::Create { .. }) => v.produced(&deployment, spec),
+                    (Some(v), _) if init => v.produced(&deployment, spec),
+                    (Some(v), _) => v.runs_service(&deployment, &service, spec),
+                };
+                if !ok {
+                    let newest = valid.map_or("none since its delete".to_owned(), |v| {
+                        format!("revision {}", v.revision)
+                    });
+                    violation(Invariant::NoRevert, format!(
+                        "{} of {deployment}/{service} (revision {}) which is not the newest valid spec seen ({newest}) as its score asks for it",
+                        op.name(),
+                        label(LABEL_REVISION)
+                    ));
+                }
+                if let (RuntimeOp::Start { .. }, Some(v), false) = (op, valid, init) {
+                    if v.is_revision(&label(LABEL_REVISION)) {
+                        if let Err(why) = inits_completed(runtime, &deployment, v) {
+                            violation(
+                                Invariant::InitContainersFirst,
+                                format!(
+                                    "start of {deployment}/{service} (revision {}) but {why}",
+                                    v.revision
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            RuntimeOp::Stop {
+                container,
+                signal,
+                grace,
+            } if !init => {
+                if !runtime.containers().contains_key(container.as_str()) {
+                    violation(Invariant::GracefulReplace, format!(
+                        "stop of {deployment}/{service} by name {container:?}, not by its recorded id"
+                    ));
+                }
+                // The signal is what the container was created with; the
+                // grace is the one of the score that created it, or, for a
+                // container no score asked for, its label.
+                let recorded_grace = match self.created_by(spec) {
+                    Some(v) => Some(v.score.lifecycle_or_default().grace_period()),
+                    None => labels
+                        .get(LABEL_GRACE)
+                        .and_then(|g| g.parse().ok())
+                        .map(Duration::from_secs),
+                };
+                if *signal != spec.stop_signal || Some(*grace) != recorded_grace {
+                    violation(Invariant::GracefulReplace, format!(
+                        "stop of {deployment}/{service} with {} grace {}s, but it was created with {} grace {}",
+                        signal,
+                        grace.as_secs(),
+                        spec.stop_signal,
+                        recorded_grace.map_or("unknown".to_owned(), |g| format!("{}s", g.as_secs()))
+                    ));
+                }
+            }
+            RuntimeOp::Remove { container, .. } if running && !init => {
+                violation(
+                    Invariant::GracefulReplace,
+                    format!(
+                    "remove of running {deployment}/{service} ({container}) without a stop first"
+                ),
+                );
+            }
+            _ => {}
+        }
+        if running && !init && !matches!(op, RuntimeOp::Start { .. }) {
+            let healthy_target = valid.is_some_and(|v| v.runs_service(&deployment, &service, spec));
+            if healthy_target {
+                violation(
+                    Invariant::HealthyContainerRecreated,
+                    format!(
+                        "{} of running {deployment}/{service} whose spec did not change",
+                        op.name()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Checks the runtime's state: never two containers for one service (4).
+    pub fn check_state(
+        &self,
+        now: Timestamp,
+        runtime: &FakeRuntime,
+        violations: &mut Vec<Violation>,
+    ) {
+        use podfleet_core::runtime::{LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE};
+        let mut per_service: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        for c in runtime.containers().values() {
+            if c.spec.labels.contains_key(LABEL_INIT) {
+                continue;
+            }
+            let label = |k: &str| c.spec.labels.get(k).map_or("", String::as_str);
+            *per_service
+                .entry((label(LABEL_DEPLOYMENT), label(LABEL_SERVICE)))
+                .or_default() += 1;
+        }
+        for ((deployment, service), n) in per_service {
+            if n > 1 {
+                violations.push(Violation::at(
+                    now,
+                    Invariant::OneContainerPerService,
+                    format!("{n} containers for service {deployment}/{service}"),
+                ));
+            }
+        }
+    }
+
+    /// Checks a state at the moment the agent publishes it: a report about
+    /// containers (Running, or a crash loop) follows a `list` since the
+    /// agent started, so it says what the agent saw rather than what its
+    /// cache remembers (6), and then everything [`check_report`](Self::check_report) checks.
+    pub fn check_published(
+        &self,
+        now: Timestamp,
+        deployment: &DeploymentName,
+        state: &DeploymentState,
+        runtime: &FakeRuntime,
+        violations: &mut Vec<Violation>,
+    ) {
+        let about_containers = state.phase == podfleet_core::wire::Phase::Running
+            || matches!(
+                state.cause,
+                Some(podfleet_core::wire::FailureCause::CrashLoop { .. })
+            );
+        if about_containers && !self.listed {
+            violations.push(Violation::at(now, Invariant::TruthfulReports, format!(
+                "{deployment} reported {:?} at revision {} before the agent, since it started, listed the runtime",
+                state.phase, state.revision
+            )));
+        }
+        self.check_report(now, deployment, state, runtime, violations);
+    }
+
+    /// Checks a state as it is published or stored: a Running report names only
+    /// containers that were created, started and not removed (6). A
+    /// container may have exited since (a crash races the report); it may
+    /// not be unknown, never started or gone.
+    pub fn check_report(
+        &self,
+        now: Timestamp,
+        deployment: &DeploymentName,
+        state: &DeploymentState,
+        runtime: &FakeRuntime,
+        violations: &mut Vec<Violation>,
+    ) {
+        if state.phase != podfleet_core::wire::Phase::Running {
+            return;
+        }
+        let valid = self
+            .seen
+            .get(deployment.as_str())
+            .and_then(|s| s.valid.as_ref())
+            .filter(|v| v.revision == state.revision.get())
+            // A summary leaves the ids out by design.
+            .filter(|_| !state.summarised);
+        if let Some(valid) = valid {
+            for (service, hash) in &valid.hashes {
+                let id = state.container_ids.get(service.as_str());
+                let created_with = id
+                    .and_then(|id| runtime.containers().get(id))
+                    .and_then(|c| c.spec.labels.get(podfleet_core::runtime::LABEL_SPEC_HASH));
+                if created_with != Some(hash) {
+                    violations.push(Violation::at(now, Invariant::TruthfulReports, format!(
+                        "{deployment} reported Running at revision {} but service {service} {}",
+                        state.revision,
+                        match id {
+                            None => "is not in the report".to_owned(),
+                            Some(id) => format!("is reported as {id}, which is not its container for that revision"),
+                        }
+                    )));
+                }
+            }
+        }
+        for (service, id) in &state.container_ids {
+            let started = runtime.containers().get(id).is_some_and(|c| c.starts > 0);
+            if !started {
+                violations.push(Violation::at(
+                    now,
+                    Invariant::TruthfulReports,
+                    format!(
+                        "{deployment} reported Running with {service}={id}, which {}",
+                        if runtime.containers().contains_key(id) {
+                            "was never started"
+                        } else {
+                            "does not exist"
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Whether every init container of `valid` exited 0, in order.
+fn inits_completed(
+    runtime: &FakeRuntime,
+    deployment: &str,
+    valid: &ValidSpec,
+) -> Result<(), String> {
+    use podfleet_core::runtime::LABEL_REVISION;
+    let mut previous_exit = Timestamp::ZERO;
+    for init in &valid.inits {
+        let name = podfleet_core::runtime::init_container_name(deployment, init);
+        let ids: BTreeSet<&str> = runtime
+            .events()
+            .iter()
+            .filter_map(|(_, e)| match e {
+                RuntimeEvent::Created { id, spec }
+                    if spec.name == name
+                        && spec
+                            .labels
+                            .get(LABEL_REVISION)
+                            .is_some_and(|r| valid.is_revision(r)) =>
+                {
+                    Some(id.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        let exit = runtime
+            .events()
+            .iter()
+            .rev()
+            .filter_map(|(at, e)| match e {
+                RuntimeEvent::Exited { id, code: 0 } if ids.contains(id.as_str()) => Some(*at),
+                _ => None,
+            })
+            .next();
+        match exit {
+            Some(at) if at >= previous_exit => previous_exit = at,
+            Some(_) => {
+                return Err(format!(
+                    "init container {init:?} finished before the one before it"
+                ))
+            }
+            None => return Err(format!("init container {init:?} never exited 0")),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Completion;
+    use podfleet_core::reconciler::service_container_spec;
+    use podfleet_core::runtime::{RuntimeReply, LABEL_GRACE, LABEL_STOP_SIGNAL};
+    use podfleet_core::wire::PodmanV0Score;
+    use podfleet_core::wire::Signal;
+
+    const V1: &str = r#"{"services":[{"name":"web","image":"img/a:1"}],"lifecycle":{"stop_signal":"SIGINT","grace_period_secs":2}}"#;
+    /// The same service, a longer grace: nothing is recreated.
+    const V2: &str = r#"{"services":[{"name":"web","image":"img/a:1"}],"lifecycle":{"stop_signal":"SIGINT","grace_period_secs":9}}"#;
+    const OTHER: &str = r#"{"services":[{"name":"web","image":"img/b:1"}]}"#;
+
+    fn web_spec(json: &str, revision: u64) -> ContainerSpec {
+        let score = PodmanV0Score::from_json(json.as_bytes()).unwrap();
+        service_container_spec(
+            "shop",
+            &score.services[0],
+            &score.lifecycle_or_default(),
+            Revision::new(revision),
+        )
+    }
+
+    /// The violations `op` would cause, in words.
+    fn check(oracle: &Oracle, rt: &FakeRuntime, op: &RuntimeOp) -> Vec<String> {
+        let mut found = Vec::new();
+        oracle.check_op(Timestamp::ZERO, op, rt, &mut found);
+        found.iter().map(Violation::to_string).collect()
+    }
+
+    /// Creates `spec` as the reconciler would, checked, and starts it.
+    fn create_and_start(oracle: &Oracle, rt: &mut FakeRuntime, spec: ContainerSpec) -> String {
+        let create = RuntimeOp::Create { spec };
+        assert_eq!(check(oracle, rt, &create), Vec::<String>::new());
+        let Completion::Ready(Ok(RuntimeReply::Created { id })) = rt.execute(&create) else {
+            panic!("created");
+        };
+        rt.execute(&RuntimeOp::Start {
+            container: id.clone(),
+        });
+        id
+    }
+
+    fn stop(id: &str, signal: Signal, grace_secs: u64) -> RuntimeOp {
+        RuntimeOp::Stop {
+            container: id.to_owned(),
+            signal,
+            grace: Duration::from_secs(grace_secs),
+        }
+    }
+
+    #[test]
+    fn a_stop_is_held_to_what_the_container_was_created_with() {
+        let mut oracle = Oracle::default();
+        let mut rt = FakeRuntime::new();
+        oracle.saw_put("shop", 5, V1.as_bytes());
+        let id = create_and_start(&oracle, &mut rt, web_spec(V1, 5));
+        oracle.saw_put("shop", 6, V2.as_bytes());
+        oracle.saw_put("shop", 7, OTHER.as_bytes());
+        assert_eq!(
+            check(&oracle, &rt, &stop(&id, Signal::Int, 2)),
+            Vec::<String>::new()
+        );
+        // The newer score's grace is not the one it was created with.
+        let found = check(&oracle, &rt, &stop(&id, Signal::Int, 9));
+        assert!(found[0].contains("graceful replace"), "{found:?}");
+        let found = check(&oracle, &rt, &stop(&id, Signal::Term, 2));
+        assert!(
+            found[0].contains("created with SIGINT grace 2s"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn labels_that_lie_are_caught_at_create_and_at_stop() {
+        let mut oracle = Oracle::default();
+        let mut rt = FakeRuntime::new();
+        oracle.saw_put("shop", 5, V1.as_bytes());
+        let mut lying = web_spec(V1, 5);
+        lying.labels.insert(LABEL_GRACE.into(), "30".into());
+        lying
+            .labels
+            .insert(LABEL_STOP_SIGNAL.into(), "SIGKILL".into());
+        let create = RuntimeOp::Create {
+            spec: lying.clone(),
+        };
+        let found = check(&oracle, &rt, &create);
+        assert!(
+            found[0].contains("no revert: create of shop/web"),
+            "{found:?}"
+        );
+        let id = rt.create_quietly(lying);
+        rt.execute(&RuntimeOp::Start {
+            container: id.clone(),
+        });
+        // Stopped as its labels say: the signal it was created with is SIGINT.
+        let found = check(&oracle, &rt, &stop(&id, Signal::Kill, 30));
+        assert!(
+            found.iter().any(|v| v.contains("graceful replace")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn an_older_revision_delivered_late_is_never_the_one_to_run() {
+        let mut oracle = Oracle::default();
+        let rt = FakeRuntime::new();
+        oracle.saw_put("shop", 7, OTHER.as_bytes());
+        // A watch delivers revision 5 after 7, and the reconciler acts on it.
+        oracle.saw_put("shop", 5, V1.as_bytes());
+        let found = check(
+            &oracle,
+            &rt,
+            &RuntimeOp::Create {
+                spec: web_spec(V1, 5),
+            },
+        );
+        assert!(found[0].contains("no revert"), "{found:?}");
+        let newest = RuntimeOp::Create {
+            spec: web_spec(OTHER, 7),
+        };
+        assert_eq!(check(&oracle, &rt, &newest), Vec::<String>::new());
+        assert_eq!(oracle.newest_valid("shop").map(|(r, _)| r), Some(7));
+    }
+}
