@@ -13,7 +13,8 @@ use podfleet_core::reconciler::{init_container_spec, service_container_spec, ser
 use podfleet_core::runtime::{init_container_name, service_container_name};
 use podfleet_core::wire::{
     CommandError, CommandReply, DeploymentState, ExecReply, ExecRequest, FailureCause, Heartbeat,
-    LogsReply, LogsRequest, PingReply, PodmanV0Score, RestartRecord, RuntimeHealth, ScoreError,
+    LogsReply, LogsRequest, PingReply, PodmanV0Score, RestartRecord, Revision, RuntimeHealth,
+    ScoreError,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -118,7 +119,7 @@ fn derived_from_valid(score: &PodmanV0Score, data: &[u8]) {
     let mut names = BTreeSet::new();
     for service in &score.services {
         let hash = service_spec_hash(service, lifecycle.stop_signal);
-        let spec = service_container_spec("fuzz", service, &lifecycle, 1);
+        let spec = service_container_spec("fuzz", service, &lifecycle, Revision::new(1));
         assert_eq!(spec.name, service_container_name("fuzz", &service.name));
         assert_eq!(
             spec.labels.get(podfleet_core::runtime::LABEL_SPEC_HASH),
@@ -133,7 +134,7 @@ fn derived_from_valid(score: &PodmanV0Score, data: &[u8]) {
         );
     }
     for init in &score.init_containers {
-        let spec = init_container_spec("fuzz", init, 1);
+        let spec = init_container_spec("fuzz", init, Revision::new(1));
         assert_eq!(spec.name, init_container_name("fuzz", &init.name));
         assert!(
             names.insert(spec.name.clone()),
