@@ -32,7 +32,6 @@
 //!   simulation replays exactly.
 //! - Shutdown returns at once and leaves every container running.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -41,12 +40,11 @@ use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use podfleet_core::reconciler::{AgentCache, Input, Output, Reconciler, WakeReason};
 use podfleet_core::runtime::RuntimeErrorKind;
-use podfleet_core::session;
 use podfleet_core::time::{Backoff, Timestamp};
 use podfleet_core::wire::text::Quoted;
 use podfleet_core::wire::{
     CommandError, CommandReply, DeploymentName, DeploymentState, ErrorCode, ExecReply, ExecRequest,
-    Heartbeat, LogsReply, LogsRequest, PingReply, Revision, Verb,
+    Heartbeat, LogsReply, LogsRequest, PingReply, Verb,
 };
 use podfleet_core::Config;
 
@@ -91,65 +89,7 @@ impl Clock for TokioClock {
     }
 }
 
-/// Something that arrived for this device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Inbound {
-    /// A desired-state value at KV `revision`.
-    Put {
-        /// The deployment, parsed from the key.
-        deployment: DeploymentName,
-        /// The key's revision.
-        revision: Revision,
-        /// The raw value; decoding it is the reconciler's job.
-        value: Vec<u8>,
-    },
-    /// The desired-state key was deleted (or purged) at `revision`.
-    Delete {
-        /// The deployment.
-        deployment: DeploymentName,
-        /// The revision of the delete marker.
-        revision: Revision,
-    },
-    /// The initial snapshot after a (re)connect is complete: these are all
-    /// the deployments the bucket holds for this device.
-    Snapshot {
-        /// Every deployment present.
-        present: BTreeSet<DeploymentName>,
-    },
-    /// A request on this device's command subject.
-    Command(CommandRequest),
-}
-
-pub use podfleet_core::session::CommandRequest;
-
-impl TryFrom<session::Output> for Inbound {
-    type Error = session::Output;
-
-    /// The session's outputs that are for the loop; any other comes back.
-    fn try_from(output: session::Output) -> Result<Self, session::Output> {
-        Ok(match output {
-            session::Output::Put {
-                deployment,
-                revision,
-                value,
-            } => Inbound::Put {
-                deployment,
-                revision,
-                value,
-            },
-            session::Output::Delete {
-                deployment,
-                revision,
-            } => Inbound::Delete {
-                deployment,
-                revision,
-            },
-            session::Output::Snapshot { present } => Inbound::Snapshot { present },
-            session::Output::Command(request) => Inbound::Command(request),
-            other => return Err(other),
-        })
-    }
-}
+pub use podfleet_core::session::{CommandRequest, Inbound};
 
 /// The desired-state watch and the command subscription of one device.
 pub trait DesiredSource: Send {

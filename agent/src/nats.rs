@@ -451,22 +451,22 @@ impl Watcher {
                         }
                     }
                     Output::Skipped { reason } => log_skip(&reason),
-                    other => match Inbound::try_from(other) {
-                        Ok(inbound) => {
-                            if let Inbound::Put {
-                                deployment,
-                                revision,
-                                ..
-                            } = &inbound
-                            {
-                                tracing::debug!(%deployment, revision = revision.get(), "desired entry");
-                            }
-                            if self.inbound.send(inbound).await.is_err() {
-                                return;
-                            }
+                    Output::Deliver(inbound) => {
+                        if let Inbound::Put {
+                            deployment,
+                            revision,
+                            ..
+                        } = &inbound
+                        {
+                            tracing::debug!(%deployment, revision = revision.get(), "desired entry");
                         }
-                        Err(other) => tracing::debug!(output = ?other, "session output ignored"),
-                    },
+                        if self.inbound.send(inbound).await.is_err() {
+                            return;
+                        }
+                    }
+                    other => {
+                        tracing::error!(output = ?other, "a session output this task does not carry out; dropped")
+                    }
                 }
             }
             let retry_at = self.session.poll_timeout();

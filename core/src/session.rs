@@ -339,6 +339,36 @@ pub enum Input {
     BucketsCreated,
 }
 
+/// What the session hands the agent loop: desired state and commands for
+/// this device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A desired-state value at KV `revision`.
+    Put {
+        /// The deployment, parsed from the key.
+        deployment: DeploymentName,
+        /// The key's revision.
+        revision: Revision,
+        /// The raw value; decoding it is the reconciler's job.
+        value: Vec<u8>,
+    },
+    /// The desired-state key was deleted (or purged) at `revision`.
+    Delete {
+        /// The deployment.
+        deployment: DeploymentName,
+        /// The revision of the delete marker.
+        revision: Revision,
+    },
+    /// The initial snapshot after a (re)connect is complete: these are all
+    /// the deployments the bucket holds for this device.
+    Snapshot {
+        /// Every deployment present.
+        present: BTreeSet<DeploymentName>,
+    },
+    /// A request on this device's command subject.
+    Command(CommandRequest),
+}
+
 /// Something the caller must do or pass on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -346,30 +376,8 @@ pub enum Output {
     /// Create a new watch of [`Session::filter`]'s keys (the newest entry
     /// of each, then live changes) and report how it went.
     StartWatch,
-    /// Hand the agent loop a desired-state value.
-    Put {
-        /// The deployment.
-        deployment: DeploymentName,
-        /// The key's revision.
-        revision: Revision,
-        /// The raw value.
-        value: Vec<u8>,
-    },
-    /// Hand the agent loop a desired-state delete.
-    Delete {
-        /// The deployment.
-        deployment: DeploymentName,
-        /// The delete marker's revision.
-        revision: Revision,
-    },
-    /// The watch's initial snapshot is complete: these are all the
-    /// deployments the bucket holds for this device.
-    Snapshot {
-        /// Every deployment present.
-        present: BTreeSet<DeploymentName>,
-    },
-    /// Hand the agent loop a command request.
-    Command(CommandRequest),
+    /// Hand this to the agent loop.
+    Deliver(Inbound),
     /// Send `body` to `reply_to` (a refusal the session answered itself).
     Reply {
         /// The reply subject.
@@ -530,7 +538,8 @@ impl Session {
         if let WatchState::Syncing { present } =
             std::mem::replace(&mut self.watch, WatchState::Live)
         {
-            self.outputs.push_back(Output::Snapshot { present });
+            self.outputs
+                .push_back(Output::Deliver(Inbound::Snapshot { present }));
         }
     }
 
@@ -555,7 +564,7 @@ impl Session {
                         if let WatchState::Syncing { present } = &mut self.watch {
                             present.insert(key.deployment.clone());
                         }
-                        Output::Put {
+                        Inbound::Put {
                             deployment: key.deployment,
                             revision,
                             value,
@@ -565,13 +574,13 @@ impl Session {
                         if let WatchState::Syncing { present } = &mut self.watch {
                             present.remove(&key.deployment);
                         }
-                        Output::Delete {
+                        Inbound::Delete {
                             deployment: key.deployment,
                             revision,
                         }
                     }
                 };
-                self.outputs.push_back(output);
+                self.outputs.push_back(Output::Deliver(output));
             }
             Err(reason) => self.outputs.push_back(Output::Skipped { reason }),
         }
@@ -591,11 +600,11 @@ impl Session {
         };
         let output = match CommandSubject::parse(&message.subject) {
             Ok(subject) if subject.device == self.config.device => {
-                Output::Command(CommandRequest {
+                Output::Deliver(Inbound::Command(CommandRequest {
                     verb: subject.verb,
                     body: message.payload,
                     reply_to,
-                })
+                }))
             }
             Ok(subject) => Output::Skipped {
                 reason: SkipReason::CommandForOtherDevice {

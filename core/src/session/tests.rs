@@ -53,9 +53,9 @@ fn watching(pending: u64) -> (Session, Vec<Output>) {
 }
 
 fn snapshot(names: &[&str]) -> Output {
-    Output::Snapshot {
+    Output::Deliver(Inbound::Snapshot {
         present: names.iter().map(|n| name(n)).collect(),
-    }
+    })
 }
 
 #[test]
@@ -100,15 +100,15 @@ fn entries_are_classified_by_operation() {
     assert_eq!(
         drain(&mut session),
         [
-            Output::Put {
+            Output::Deliver(Inbound::Put {
                 deployment: name("shop"),
                 revision: Revision::new(7),
                 value: b"{}".to_vec()
-            },
-            Output::Delete {
+            }),
+            Output::Deliver(Inbound::Delete {
                 deployment: name("shop"),
                 revision: Revision::new(8)
-            },
+            }),
             snapshot(&[]),
         ]
     );
@@ -194,7 +194,10 @@ fn the_snapshot_ends_with_the_last_pending_entry_and_holds_only_puts() {
     assert_eq!(out[3], snapshot(&["a", "b"]));
     // Later entries are live changes, not a new snapshot.
     session.handle(at(2), put("c", 4, 0));
-    assert!(matches!(&drain(&mut session)[..], [Output::Put { .. }]));
+    assert!(matches!(
+        &drain(&mut session)[..],
+        [Output::Deliver(Inbound::Put { .. })]
+    ));
 }
 
 #[test]
@@ -211,7 +214,7 @@ fn a_skipped_last_entry_still_ends_the_snapshot() {
     );
     let out = drain(&mut session);
     assert!(
-        matches!(&out[..], [Output::Skipped { .. }, Output::Snapshot { present }] if present.is_empty()),
+        matches!(&out[..], [Output::Skipped { .. }, Output::Deliver(Inbound::Snapshot { present })] if present.is_empty()),
         "{out:?}"
     );
 }
@@ -295,11 +298,11 @@ fn commands_are_admitted_for_this_device_with_a_reply_subject() {
     );
     assert_eq!(
         drain(&mut session),
-        [Output::Command(CommandRequest {
+        [Output::Deliver(Inbound::Command(CommandRequest {
             verb: Verb::Ping,
             body: b"{}".to_vec(),
             reply_to: "_INBOX.rpi-01.1".into()
-        })]
+        }))]
     );
     session.handle(at(0), command("device-commands.rpi-01.ping", None));
     session.handle(at(0), command("device-commands.rpi-02.ping", Some("r")));

@@ -316,10 +316,14 @@ async fn link<D: Dialer>(
                             world.trace(clock.now(), &who, format_args!("skipped: {reason}"));
                             continue;
                         }
-                        other => match Inbound::try_from(other) {
-                            Ok(inbound) => inbound,
-                            Err(_) => continue,
-                        },
+                        Output::Deliver(inbound) => inbound,
+                        other => {
+                            world.violation(Violation::new(
+                                Invariant::Other,
+                                format!("{who}: the link does not carry out the session output {other:?}"),
+                            ));
+                            continue;
+                        }
                     };
                     match &inbound {
                         Inbound::Put {
