@@ -51,7 +51,7 @@ pub(super) fn rollout(
     let mut recreates = false;
     for service in &target.score.services {
         let hash = target.hashes.get(&service.name);
-        let mut spec = service_container_spec(name.as_str(), service, &lifecycle, target.revision);
+        let spec = || service_container_spec(name.as_str(), service, &lifecycle, target.revision);
         match observed.get(&service.name) {
             Some(o) if o.spec_hash.as_ref() == hash && !bug!(config, recreate_on_tick) => {
                 if o.state != ContainerState::Running {
@@ -78,6 +78,7 @@ pub(super) fn rollout(
                 if bug!(config, create_before_remove) {
                     // The new container gets a second name, so the old and
                     // the new one coexist.
+                    let mut spec = spec();
                     spec.name.push_str("-next");
                     services.push(Step::Call(Call::CreateService {
                         service: service.name.clone(),
@@ -88,7 +89,7 @@ pub(super) fn rollout(
                     services.push(remove);
                     services.push(Step::Call(Call::CreateService {
                         service: service.name.clone(),
-                        spec,
+                        spec: spec(),
                     }));
                 }
             }
@@ -96,7 +97,7 @@ pub(super) fn rollout(
                 recreates = true;
                 services.push(Step::Call(Call::CreateService {
                     service: service.name.clone(),
-                    spec,
+                    spec: spec(),
                 }));
             }
         }
