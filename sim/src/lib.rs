@@ -9,9 +9,11 @@
 //! deployment whose spec can succeed to report Running with the true ids,
 //! and then no further runtime mutation for several ticks.
 //!
-//! This is the discrete-event tier: it jumps straight to the next deadline,
-//! so an hour of device time costs milliseconds. The same seed always
-//! replays the same run, bit for bit; [`world::Outcome::trace_hash`] proves it.
+//! The discrete tier ([`run_seed`]) expands the seed into the test kit's
+//! ops ([`discrete_ops`]) and plays them with its [`Player`] on the
+//! reconciler alone: it jumps straight to the next deadline, so an hour of
+//! device time costs milliseconds. The same seed always replays the same run, bit for bit;
+//! [`world::Outcome::trace_hash`] proves it.
 
 pub mod broker;
 pub mod cli;
@@ -24,15 +26,17 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use podfleet_core::reconciler::Bugs;
-use podfleet_core::runtime::RuntimeErrorKind;
-use podfleet_core::wire::{DeploymentName, DeviceId};
+use podfleet_core::wire::DeviceId;
 use podfleet_core::Config;
-use podfleet_testkit::images::{INIT_FAIL, INIT_HANG};
-use podfleet_testkit::{Harness, Invariant, OpFault, Violation};
+use podfleet_testkit::ops::{
+    Deployment, ErrorKind, InitSketch, LifecycleSketch, Op, OpName, Played, Player, RawBytes,
+    ScoreSketch, ServiceSketch, Wait,
+};
+use podfleet_testkit::{Harness, Invariant, Violation};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use plan::{below, chance, DEPLOYMENTS, FAULTY_OPS as OPS, SERVICES};
+use plan::{below, chance};
 
 fn world(bugs: Bugs) -> Harness {
     let config = Config::new(DeviceId::new("sim-device").expect("valid"), "sim").inject_bugs(bugs);
@@ -47,152 +51,243 @@ pub fn run_seed(seed: u64) -> world::Outcome {
     run_seed_with_bugs(seed, Bugs::default())
 }
 
-/// Runs one seed against a reconciler with deliberate bugs switched on, to
-/// prove the invariant checks notice them.
-pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
+/// The deployments, as [`plan::DEPLOYMENTS`] names them.
+const DEPLOYMENTS: [Deployment; 3] = [Deployment::Shop, Deployment::Cam, Deployment::Relay];
+/// The runtime operations a fault hits: [`plan::FAULTY_OPS`].
+const FAULTY_OPS: [OpName; 6] = [
+    OpName::List,
+    OpName::Create,
+    OpName::Start,
+    OpName::Inspect,
+    OpName::Stop,
+    OpName::Remove,
+];
+/// Payloads the agent must refuse: not JSON, no service, a bad name.
+const INVALID_PAYLOADS: [&str; 3] = [
+    "{",
+    r#"{"services":[]}"#,
+    r#"{"services":[{"name":"a.b","image":"x"}]}"#,
+];
+
+/// A score like [`plan::valid_score`]'s, in the test kit's vocabulary
+/// ([`ScoreSketch`]): web, and worker and db by chance, each on a steady
+/// image ([`podfleet_testkit::images::STEADY_SERVICES`]' three ways of
+/// stopping: at once, after 2 s, only when killed) with one of three
+/// environments; by chance the two init containers, plain and through the
+/// libpod race; a grace of 1 or 2 s.
+fn valid_score(rng: &mut ChaCha8Rng) -> ScoreSketch {
+    // The sketch's services take the valid names in turn from the first
+    // one's (web, worker, db, web...), so "web and db" starts at db.
+    let (first, count) = match (chance(rng, 50), chance(rng, 50)) {
+        (false, false) => (0, 1),
+        (true, false) => (0, 2),
+        (false, true) => (2, 2),
+        (true, true) => (0, 3),
+    };
+    // Service image indices: img/a:1, img/slow-stop:1, img/ignore-stop:1.
+    const STEADY: [u8; 3] = [0, 3, 4];
+    let mut services = (0..count).map(|i| ServiceSketch {
+        name: if i == 0 { first } else { 0 },
+        image: STEADY[below(rng, 3) as usize],
+        args: 0,
+        env: Some((0, below(rng, 3) as u8)),
+        volume: None,
+        port: None,
+    });
+    let service = services.next().expect("a score has a first service");
+    let more_services = services.collect();
+    let init_containers = if chance(rng, 40) {
+        // migrate on img/init-ok:1, seed on img/init-race:1, 20 s each.
+        (0..2)
+            .map(|i| InitSketch {
+                name: i,
+                image: i,
+                timeout: Some(0),
+                env: None,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    ScoreSketch {
+        service,
+        more_services,
+        init_containers,
+        lifecycle: Some(LifecycleSketch {
+            signal: None,
+            grace: Some(below(rng, 2) as u8),
+        }),
+        unknown_field: false,
+    }
+}
+
+/// The sketch's init image indices of
+/// [`INIT_FAIL`](podfleet_testkit::images::INIT_FAIL) and
+/// [`INIT_HANG`](podfleet_testkit::images::INIT_HANG).
+const DOOMED_INIT_IMAGES: [u8; 2] = [3, 4];
+
+/// web, after an init container that fails or never exits within its 5 s
+/// ([`DOOMED_INIT_IMAGES`]).
+fn doomed_init_score(hangs: bool) -> ScoreSketch {
+    ScoreSketch {
+        service: ServiceSketch {
+            name: 0,
+            image: 0,
+            args: 0,
+            env: None,
+            volume: None,
+            port: None,
+        },
+        more_services: Vec::new(),
+        init_containers: vec![InitSketch {
+            // "warm": no valid score has an init container of that name.
+            name: 2,
+            image: DOOMED_INIT_IMAGES[usize::from(hangs)],
+            timeout: Some(4),
+            env: None,
+        }],
+        lifecycle: None,
+        unknown_field: false,
+    }
+}
+
+/// Expands `seed` into the discrete tier's ops: desired-state puts, invalid
+/// payloads, doomed init containers, redeliveries, deletes, container
+/// crashes, runtime API faults and agent restarts, with time passing.
+pub fn discrete_ops(seed: u64) -> Vec<Op> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut h = world(bugs);
-    let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
     // Swarm testing: each seed enables its own subset of faults.
     let crash_rate = below(&mut rng, 30);
     let api_fault_rate = below(&mut rng, 25);
     let restart_rate = below(&mut rng, 8);
-    let mut revision = 0u64;
-    // What the desired-state bucket holds now, to redeliver after a restart.
-    let mut kv: BTreeMap<&'static str, (u64, String)> = BTreeMap::new();
-    // What the agent process was handed, per deployment, newest last (a
-    // delete as `None`), to deliver an older revision late.
-    let mut handed: BTreeMap<&'static str, Vec<(u64, Option<String>)>> = BTreeMap::new();
-    let mut epoch = world::Epoch::default();
-    let mut errors_at_start = 0;
     let steps = 20 + below(&mut rng, 40);
+    let mut ops = Vec::new();
     for _ in 0..steps {
         let deployment = DEPLOYMENTS[below(&mut rng, 3) as usize];
         match below(&mut rng, 100) {
-            0..=34 => {
-                revision += 1;
-                let json = plan::valid_score(&mut rng);
-                h.put(deployment, revision, &json);
-                handed
-                    .entry(deployment)
-                    .or_default()
-                    .push((revision, Some(json.clone())));
-                kv.insert(deployment, (revision, json));
-            }
+            0..=34 => ops.push(Op::Put {
+                deployment,
+                score: valid_score(&mut rng),
+            }),
             35..=39 => {
-                revision += 1;
-                let bad = [
-                    "{",
-                    r#"{"services":[]}"#,
-                    r#"{"services":[{"name":"a.b","image":"x"}]}"#,
-                ];
-                let json = bad[below(&mut rng, 3) as usize];
-                h.put(deployment, revision, json);
-                handed
-                    .entry(deployment)
-                    .or_default()
-                    .push((revision, Some(json.to_owned())));
-                kv.insert(deployment, (revision, json.to_owned()));
-                *faults.entry("invalid payload").or_default() += 1;
+                let payload = INVALID_PAYLOADS[below(&mut rng, 3) as usize];
+                ops.push(Op::PutRaw {
+                    deployment,
+                    bytes: RawBytes(payload.as_bytes().to_vec()),
+                });
             }
-            40..=44 => {
-                revision += 1;
-                let init = if chance(&mut rng, 50) {
-                    INIT_FAIL
-                } else {
-                    INIT_HANG
-                };
-                let json = format!(
-                    r#"{{"services":[{{"name":"web","image":"img/app:1"}}],"init_containers":[{{"name":"bad","image":"{init}","timeout":5}}]}}"#
-                );
-                h.put(deployment, revision, &json);
-                handed
-                    .entry(deployment)
-                    .or_default()
-                    .push((revision, Some(json.clone())));
-                kv.insert(deployment, (revision, json));
-                *faults.entry("failing init container").or_default() += 1;
-            }
-            45..=47 => {
-                // JetStream redelivers what the bucket holds, after a reconnect.
-                if let Some((r, json)) = kv.get(deployment).cloned() {
-                    h.put(deployment, r, &json);
-                    *faults.entry("duplicate delivery").or_default() += 1;
-                }
-            }
-            48..=49 => {
-                // A watch delivers an older revision after a newer one.
-                let older = handed.get(deployment).and_then(|h| h.iter().rev().nth(1));
-                match older.cloned() {
-                    Some((r, Some(json))) => h.put(deployment, r, &json),
-                    Some((r, None)) => h.delete(deployment, r),
-                    None => {}
-                }
-                if older.is_some() {
-                    *faults.entry("older revision redelivered").or_default() += 1;
-                }
-            }
-            50..=54 => {
-                revision += 1;
-                h.delete(deployment, revision);
-                handed.entry(deployment).or_default().push((revision, None));
-                kv.remove(deployment);
-            }
+            40..=44 => ops.push(Op::Put {
+                deployment,
+                score: doomed_init_score(chance(&mut rng, 50)),
+            }),
+            // JetStream redelivers what the bucket holds, after a reconnect.
+            45..=47 => ops.push(Op::Redeliver {
+                deployment,
+                back: 0,
+            }),
+            // A watch delivers an older revision after a newer one.
+            48..=49 => ops.push(Op::Redeliver {
+                deployment,
+                back: 1,
+            }),
+            50..=54 => ops.push(Op::Delete { deployment }),
             _ => {}
         }
         if chance(&mut rng, crash_rate) {
-            let service = SERVICES[below(&mut rng, 3) as usize];
-            let name = format!("{deployment}_{service}");
-            if h.crash(&name, 1 + below(&mut rng, 3) as i64) {
-                *faults.entry("container crash").or_default() += 1;
-            }
+            ops.push(Op::Crash {
+                deployment,
+                service: below(&mut rng, 3) as u8,
+                code: 1 + below(&mut rng, 3) as i8,
+            });
         }
         if chance(&mut rng, api_fault_rate) {
-            let op = OPS[below(&mut rng, OPS.len() as u64) as usize];
-            let kind = [RuntimeErrorKind::Unavailable, RuntimeErrorKind::Other]
-                [below(&mut rng, 2) as usize];
-            let fault = if op == "create" && chance(&mut rng, 50) {
-                *faults.entry("create failed but exists").or_default() += 1;
-                OpFault::FailAfterEffect(kind)
-            } else {
-                *faults.entry("runtime api failure").or_default() += 1;
-                OpFault::Fail(kind)
-            };
-            h.faults.entry(op).or_default().push_back(fault);
+            let op = FAULTY_OPS[below(&mut rng, FAULTY_OPS.len() as u64) as usize];
+            let kind = [ErrorKind::Unavailable, ErrorKind::Other][below(&mut rng, 2) as usize];
+            let after_effect = op == OpName::Create && chance(&mut rng, 50);
+            ops.push(Op::Fault {
+                op,
+                kind,
+                after_effect,
+            });
         }
         if chance(&mut rng, restart_rate) {
-            let keep = chance(&mut rng, 50);
-            h.restart_agent(keep);
-            handed.clear();
-            epoch.events = h.runtime.events().len();
-            errors_at_start = h.errors;
-            *faults
-                .entry(if keep {
-                    "agent restart, cache kept"
-                } else {
-                    "agent restart, cache lost"
-                })
-                .or_default() += 1;
-            // The watch delivers the bucket's current values, then the end
-            // of its initial snapshot.
-            for (d, (r, json)) in &kv {
-                h.put(d, *r, json);
-                handed.entry(d).or_default().push((*r, Some(json.clone())));
-            }
-            let present = kv
-                .keys()
-                .filter_map(|d| DeploymentName::new(*d).ok())
-                .collect();
-            h.resync(&present);
+            // The watch then delivers the bucket's current values, and the
+            // end of its initial snapshot.
+            ops.push(Op::RestartAgent {
+                keep_cache: chance(&mut rng, 50),
+                watch_snapshot: true,
+            });
         }
-        h.run_for(Duration::from_millis(below(&mut rng, 60_000)));
+        // 0 to 60 s, to the 10 ms.
+        let millis = below(&mut rng, 60_000);
+        ops.push(Op::Advance(Wait::Seconds((millis / 1000) as u8)));
+        if millis % 1000 >= 10 {
+            ops.push(Op::Advance(Wait::CentiSeconds((millis % 1000 / 10) as u8)));
+        }
+    }
+    ops
+}
+
+/// The fault an op was, as the summary table counts it, given what playing
+/// it did.
+fn fault_kind(op: &Op, played: Played) -> Option<&'static str> {
+    if played == Played::Nothing {
+        return None;
+    }
+    Some(match (op, played) {
+        (Op::PutRaw { .. }, _) => "invalid payload",
+        (Op::Put { score, .. }, _) => {
+            let doomed = |i: &InitSketch| DOOMED_INIT_IMAGES.contains(&i.image);
+            if !score.init_containers.iter().any(doomed) {
+                return None;
+            }
+            "failing init container"
+        }
+        (_, Played::Redelivered { back: 0 }) => "duplicate delivery",
+        (_, Played::Redelivered { .. }) => "older revision redelivered",
+        (Op::Crash { .. }, _) => "container crash",
+        (
+            Op::Fault {
+                after_effect: true, ..
+            },
+            _,
+        ) => "create failed but exists",
+        (Op::Fault { .. }, _) => "runtime api failure",
+        (
+            Op::RestartAgent {
+                keep_cache: true, ..
+            },
+            _,
+        ) => "agent restart, cache kept",
+        (Op::RestartAgent { .. }, _) => "agent restart, cache lost",
+        _ => return None,
+    })
+}
+
+/// Runs one seed against a reconciler with deliberate bugs switched on, to
+/// prove the invariant checks notice them: plays [`discrete_ops`] with the
+/// test kit's [`Player`], then heals every fault and checks liveness.
+pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
+    let mut player = Player::new(world(bugs));
+    let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
+    for op in discrete_ops(seed) {
+        let played = player.play(&op);
+        if let Some(kind) = fault_kind(&op, played) {
+            *faults.entry(kind).or_default() += 1;
+        }
     }
     // Liveness: heal every fault, keep desired state stable, give it the
     // retry cap plus a few ticks, then require convergence and quiet.
-    h.faults.clear();
-    h.run_for(Duration::from_secs(15 * 60));
-    epoch.errors = h.errors - errors_at_start;
-    let running = check_converged(&mut h, &kv, epoch);
+    player.h.faults.clear();
+    player.h.run_for(Duration::from_secs(15 * 60));
+    let start = player.agent_start();
+    let epoch = world::Epoch {
+        events: start.runtime_events,
+        errors: player.h.errors - start.errors,
+    };
+    let desired = player.desired();
+    let h = &mut player.h;
+    let running = check_converged(h, &desired, epoch);
     // Deployments that run must now stay still; failing ones keep retrying.
     let running: Vec<String> = running.iter().map(|d| format!("{d}_")).collect();
     let quiet_from = h.ops.len();
@@ -238,12 +333,12 @@ pub fn run_seed_with_bugs(seed: u64, bugs: Bugs) -> world::Outcome {
 /// Returns the deployments that converged to Running.
 fn check_converged(
     h: &mut Harness,
-    kv: &BTreeMap<&'static str, (u64, String)>,
+    desired: &BTreeMap<String, (u64, String)>,
     epoch: world::Epoch,
 ) -> Vec<String> {
-    let desired = kv
+    let desired = desired
         .iter()
-        .map(|(d, (r, json))| ((*d).to_owned(), (*r, json.clone().into_bytes())))
+        .map(|(d, (r, json))| (d.clone(), (*r, json.clone().into_bytes())))
         .collect();
     let stored = h
         .states
@@ -548,3 +643,45 @@ pub const NO_BUGS: Bugs = Bugs {
     report_before_observing: false,
     head_of_line_reports: false,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podfleet_core::wire::PodmanV0Score;
+    use podfleet_testkit::images::{A_1, IGNORE_STOP, INIT_FAIL, INIT_HANG, SLOW_STOP};
+
+    #[test]
+    fn the_discrete_tier_names_what_the_network_tiers_name() {
+        let names: Vec<&str> = DEPLOYMENTS.iter().map(|d| d.name()).collect();
+        assert_eq!(names, plan::DEPLOYMENTS);
+        let ops: Vec<&str> = FAULTY_OPS.iter().map(|op| op.name()).collect();
+        assert_eq!(ops, plan::FAULTY_OPS);
+    }
+
+    #[test]
+    fn its_scores_are_the_sim_scores() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let json = valid_score(&mut rng).to_json();
+            let score = PodmanV0Score::from_json(json.as_bytes())
+                .unwrap_or_else(|e| panic!("{json}: {e:?}"));
+            let services: Vec<String> = score.services.iter().map(|s| s.name.to_string()).collect();
+            assert!(services.iter().any(|s| s == "web"), "{json}");
+            seen.insert(services.len());
+            for service in &score.services {
+                let image = service.image.as_str();
+                assert!([A_1, SLOW_STOP, IGNORE_STOP].contains(&image), "{json}");
+            }
+        }
+        assert_eq!(seen.len(), 3, "one to three services");
+        for (hangs, image) in [(false, INIT_FAIL), (true, INIT_HANG)] {
+            let json = doomed_init_score(hangs).to_json();
+            assert!(
+                json.contains(&format!(r#""image":"{image}""#)) && json.contains(r#""timeout":5"#),
+                "{json}"
+            );
+            assert!(PodmanV0Score::from_json(json.as_bytes()).is_ok(), "{json}");
+        }
+    }
+}

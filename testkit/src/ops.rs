@@ -214,23 +214,51 @@ impl OpName {
 }
 
 /// How a faulted operation fails: the runtime does not answer, or answers
-/// with an error. `NotFound`, `NameConflict` and `ImageMissing` are not
-/// injected: the fake runtime gives them itself whenever they are true, and
-/// injected where they are false they would model a runtime that lies about
-/// its containers, which no reconciler can be held to.
+/// with an error.
+///
+/// One vocabulary, two distributions. The fuzzer's decoder
+/// ([`Op::decode_all`]) draws only [`ErrorKind::Unavailable`] and
+/// [`ErrorKind::Other`]: the fake runtime gives `NotFound`, `NameConflict`
+/// and `ImageMissing` itself whenever they are true, and a fuzzer let loose
+/// on injected ones finds a runtime that lies about its containers, which no
+/// reconciler can be held to (docs/fuzzing.md, "Three rules keep the inputs
+/// honest"). The property test's strategy ([`ops`]) also draws
+/// [`ErrorKind::NotFound`] and [`ErrorKind::NameConflict`], each kind as
+/// often, as the core's property test always did, with its one rule: a
+/// `NotFound` on a `stop` is played as [`ErrorKind::Other`], since podman
+/// answers a stop with 404 only when the container is gone, and a lying 404
+/// would make any agent remove a live container without its grace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// The runtime does not answer (or the call timed out client-side).
     Unavailable,
     /// Anything else.
     Other,
+    /// The runtime says the container does not exist (played as
+    /// [`ErrorKind::Other`] on a `stop`).
+    NotFound,
+    /// The runtime says the name is taken.
+    NameConflict,
 }
 
 impl ErrorKind {
-    fn runtime(self) -> RuntimeErrorKind {
+    /// Every kind: the fuzzer's decoder draws the first two, the property
+    /// test's strategy all four.
+    const ALL: [ErrorKind; 4] = [
+        ErrorKind::Unavailable,
+        ErrorKind::Other,
+        ErrorKind::NotFound,
+        ErrorKind::NameConflict,
+    ];
+
+    /// The runtime error a fault of this kind on `op` injects.
+    fn runtime_for(self, op: OpName) -> RuntimeErrorKind {
         match self {
             ErrorKind::Unavailable => RuntimeErrorKind::Unavailable,
             ErrorKind::Other => RuntimeErrorKind::Other,
+            ErrorKind::NotFound if op == OpName::Stop => RuntimeErrorKind::Other,
+            ErrorKind::NotFound => RuntimeErrorKind::NotFound,
+            ErrorKind::NameConflict => RuntimeErrorKind::NameConflict,
         }
     }
 }
@@ -334,7 +362,9 @@ const INIT_IMAGES: [&str; 9] = [
     "img/missing:1",
     "",
 ];
-const INIT_TIMEOUTS: [u64; 6] = [20, 3, 1, 300, 0, u64::MAX];
+/// Init timeouts: the first five valid (5 s is the simulator's for the
+/// doomed init containers).
+const INIT_TIMEOUTS: [u64; 7] = [20, 3, 1, 300, 5, 0, u64::MAX];
 const ENV_KEYS: [&str; 5] = ["A", "MODE", "", "A=B", "NUL\0"];
 const ENV_VALUES: [&str; 3] = ["1", "x", ""];
 const VOLUMES: [(&str, &str); 6] = [
@@ -476,7 +506,7 @@ impl ScoreSketch {
                     "env": env_of(i.env),
                 });
                 if let Some(timeout) = i.timeout {
-                    init["timeout"] = json!(pick(&INIT_TIMEOUTS, 4, timeout));
+                    init["timeout"] = json!(pick(&INIT_TIMEOUTS, 5, timeout));
                 }
                 init
             })
@@ -550,8 +580,37 @@ pub struct Player {
     knows_current: BTreeSet<Deployment>,
     /// Images the runtime does not have.
     missing_images: BTreeSet<&'static str>,
+    /// The counters when the running agent started.
+    agent_start: AgentStart,
     /// What was sent, in words, for the failure message.
     pub script: String,
+}
+
+/// What [`Player::play`] did with an op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Played {
+    /// It reached the device.
+    Done,
+    /// There was nothing to do it to: a redelivery of a deployment never
+    /// written, a crash of a service with no running container.
+    Nothing,
+    /// The watch delivered the revision `back` revisions before the
+    /// bucket's current one (0: the current one) of the deployment again.
+    Redelivered {
+        /// How many revisions back.
+        back: usize,
+    },
+}
+
+/// Where the running agent's lifetime began: the harness's counters when it
+/// last restarted (zeros for the first agent), so that a check can tell
+/// what happened since.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentStart {
+    /// How many events the fake runtime had recorded.
+    pub runtime_events: usize,
+    /// How many runtime operations had failed ([`Harness::errors`]).
+    pub errors: u64,
 }
 
 impl Default for Player {
@@ -569,8 +628,23 @@ impl Player {
             history: BTreeMap::new(),
             knows_current: BTreeSet::new(),
             missing_images: BTreeSet::from([MISSING_IMAGE]),
+            agent_start: AgentStart::default(),
             script: String::new(),
         }
+    }
+
+    /// What the desired-state bucket holds now: per deployment put and not
+    /// deleted since, its revision and payload.
+    pub fn desired(&self) -> BTreeMap<String, (u64, String)> {
+        self.current()
+            .into_iter()
+            .map(|(d, revision, text)| (d.name().to_owned(), (revision, text)))
+            .collect()
+    }
+
+    /// The harness's counters when the running agent started.
+    pub fn agent_start(&self) -> AgentStart {
+        self.agent_start
     }
 
     fn put(&mut self, deployment: Deployment, text: String) {
@@ -628,8 +702,8 @@ impl Player {
         self.h.resync(&present);
     }
 
-    /// Plays one op.
-    pub fn play(&mut self, step: &Op) {
+    /// Plays one op, and says what it did.
+    pub fn play(&mut self, step: &Op) -> Played {
         match step {
             Op::Put { deployment, score } => self.put(*deployment, score.to_json()),
             Op::PutMutated {
@@ -660,7 +734,7 @@ impl Player {
             }
             Op::Redeliver { deployment, back } => {
                 let Some(revisions) = self.history.get(deployment) else {
-                    return;
+                    return Played::Nothing;
                 };
                 let back = if self.knows_current.contains(deployment) {
                     usize::from(*back) % revisions.len()
@@ -669,12 +743,13 @@ impl Player {
                 };
                 let Some((revision, entry)) = revisions.get(revisions.len() - 1 - back).cloned()
                 else {
-                    return;
+                    return Played::Nothing;
                 };
                 self.deliver(*deployment, revision, &entry);
                 if back == 0 {
                     self.knows_current.insert(*deployment);
                 }
+                return Played::Redelivered { back };
             }
             Op::Reconnect => self.reconnect(),
             Op::Advance(wait) => {
@@ -689,19 +764,21 @@ impl Player {
             } => {
                 let service = SERVICE_NAMES[usize::from(*service) % 3];
                 let name = format!("{}_{service}", deployment.name());
-                if self.h.crash(&name, i64::from(*code)) {
-                    let _ = writeln!(self.script, "crash {name} exit {code}");
+                if !self.h.crash(&name, i64::from(*code)) {
+                    return Played::Nothing;
                 }
+                let _ = writeln!(self.script, "crash {name} exit {code}");
             }
             Op::Fault {
                 op,
                 kind,
                 after_effect,
             } => {
+                let kind = kind.runtime_for(*op);
                 let fault = if *after_effect {
-                    OpFault::FailAfterEffect(kind.runtime())
+                    OpFault::FailAfterEffect(kind)
                 } else {
-                    OpFault::Fail(kind.runtime())
+                    OpFault::Fail(kind)
                 };
                 let _ = writeln!(self.script, "next {} fails: {fault:?}", op.name());
                 self.h.faults.entry(op.name()).or_default().push_back(fault);
@@ -733,6 +810,10 @@ impl Player {
                     })
                 });
                 self.h.restart_agent(*keep_cache);
+                self.agent_start = AgentStart {
+                    runtime_events: self.h.runtime.events().len(),
+                    errors: self.h.errors,
+                };
                 if *watch_snapshot {
                     self.reconnect();
                 }
@@ -749,6 +830,7 @@ impl Player {
                 }
             }
         }
+        Played::Done
     }
 
     /// Panics with the violations found, if any, `index` naming the op
@@ -787,6 +869,17 @@ trait Codec: Sized {
 /// Bytes being decoded; past the end it reads zeros.
 struct Reader<'a> {
     bytes: &'a [u8],
+    draw: Draw,
+}
+
+/// Which distribution a [`Reader`] decodes: the two differ only in the
+/// [`ErrorKind`]s drawn (see there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Draw {
+    /// [`Op::decode_all`]'s: no `NotFound` or `NameConflict`.
+    Fuzzer,
+    /// [`ops`]'s: every kind.
+    Property,
 }
 
 impl Reader<'_> {
@@ -951,7 +1044,21 @@ indexed!(
         OpName::Remove,
     ]
 );
-indexed!(ErrorKind, [ErrorKind::Unavailable, ErrorKind::Other]);
+/// One byte: an index into [`ErrorKind::ALL`], read modulo the kinds the
+/// reader draws.
+impl Codec for ErrorKind {
+    fn decode(r: &mut Reader<'_>) -> Self {
+        let count = match r.draw {
+            Draw::Fuzzer => 2,
+            Draw::Property => 4,
+        };
+        ErrorKind::ALL[usize::from(r.index(count))]
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        let i = ErrorKind::ALL.iter().position(|k| k == self).unwrap_or(0);
+        out.push(u8::try_from(i).unwrap_or(0));
+    }
+}
 
 impl Codec for Wait {
     fn decode(r: &mut Reader<'_>) -> Self {
@@ -1180,13 +1287,10 @@ impl Codec for Op {
 impl Op {
     /// Reads `bytes` as ops, one after another until the bytes run out:
     /// every byte string reads as some list of valid ops.
+    /// Injected runtime faults are only [`ErrorKind::Unavailable`] and
+    /// [`ErrorKind::Other`] (see [`ErrorKind`]).
     pub fn decode_all(bytes: &[u8]) -> Vec<Op> {
-        let mut r = Reader { bytes };
-        let mut ops = Vec::new();
-        while !r.bytes.is_empty() {
-            ops.push(<Op as Codec>::decode(&mut r));
-        }
-        ops
+        decode_all_drawing(bytes, Draw::Fuzzer)
     }
 
     /// Appends the bytes [`Op::decode_all`] reads back as this op.
@@ -1198,7 +1302,8 @@ impl Op {
         Codec::encode(self, out);
     }
 
-    /// The bytes [`Op::decode_all`] reads back as `ops`.
+    /// The bytes [`Op::decode_all`] reads back as `ops` (when their faults
+    /// are of the kinds it draws).
     ///
     /// # Panics
     /// As [`Op::encode`].
@@ -1211,11 +1316,24 @@ impl Op {
     }
 }
 
-/// A `Strategy` for one op: some bytes, read as an op. Shrinking shrinks the
-/// bytes, towards the simplest ops.
+fn decode_all_drawing(bytes: &[u8], draw: Draw) -> Vec<Op> {
+    let mut r = Reader { bytes, draw };
+    let mut ops = Vec::new();
+    while !r.bytes.is_empty() {
+        ops.push(<Op as Codec>::decode(&mut r));
+    }
+    ops
+}
+
+/// A `Strategy` for one op: some bytes, read as an op, drawing every
+/// [`ErrorKind`] (unlike [`Op::decode_all`]). Shrinking shrinks the bytes,
+/// towards the simplest ops.
 pub fn op() -> impl Strategy<Value = Op> {
     proptest::collection::vec(any::<u8>(), 1..48).prop_map(|bytes| {
-        let mut r = Reader { bytes: &bytes };
+        let mut r = Reader {
+            bytes: &bytes,
+            draw: Draw::Property,
+        };
         <Op as Codec>::decode(&mut r)
     })
 }
@@ -1255,8 +1373,50 @@ mod tests {
 
         #[test]
         fn generated_ops_round_trip(ops in ops(0..20)) {
-            prop_assert_eq!(Op::decode_all(&Op::encode_all(&ops)), ops);
+            prop_assert_eq!(decode_all_drawing(&Op::encode_all(&ops), Draw::Property), ops);
         }
+
+        #[test]
+        fn the_fuzzer_injects_no_lies(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            for op in Op::decode_all(&bytes) {
+                if let Op::Fault { kind, .. } = op {
+                    prop_assert!(matches!(kind, ErrorKind::Unavailable | ErrorKind::Other), "{kind:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_property_test_draws_every_error_kind_and_never_a_not_found_stop() {
+        let fault = |kind: u8| [8, 5, kind, 0];
+        let kinds: Vec<Op> = (0..4)
+            .flat_map(|k| decode_all_drawing(&fault(k), Draw::Property))
+            .collect();
+        let kind_of = |op: &Op| match op {
+            Op::Fault { kind, .. } => *kind,
+            other => panic!("not a fault: {other:?}"),
+        };
+        assert_eq!(
+            kinds.iter().map(kind_of).collect::<Vec<_>>(),
+            ErrorKind::ALL
+        );
+        assert_eq!(
+            Op::decode_all(&fault(2))
+                .iter()
+                .map(kind_of)
+                .collect::<Vec<_>>(),
+            [ErrorKind::Unavailable]
+        );
+        let stop = |kind: ErrorKind| kind.runtime_for(OpName::Stop);
+        assert_eq!(stop(ErrorKind::NotFound), RuntimeErrorKind::Other);
+        assert_eq!(
+            ErrorKind::NotFound.runtime_for(OpName::Remove),
+            RuntimeErrorKind::NotFound
+        );
+        assert_eq!(
+            stop(ErrorKind::NameConflict),
+            RuntimeErrorKind::NameConflict
+        );
     }
 
     fn played(ops: &[Op]) -> Player {
