@@ -1040,6 +1040,39 @@ fn an_invalid_put_after_a_delete_keeps_the_tombstone_across_a_restart() {
     );
 }
 
+#[test]
+fn a_container_found_again_after_a_teardown_keeps_the_tombstone() {
+    // Found by the property test: a remove during the teardown said "not
+    // found" while the container stayed, so the deployment was forgotten;
+    // the resync's orphan sweep found the container and tore it down again,
+    // and forgetting that orphan (which had seen no revision) lowered the
+    // tombstone to 0, so a late redelivery of the deleted revision brought
+    // the deployment back.
+    let mut h = harness();
+    let json = score(&[web("img/web:1", "a")], &[]);
+    deploy(&mut h, 1, &json);
+    h.faults
+        .entry("remove")
+        .or_default()
+        .push_back(OpFault::Fail(
+            podfleet_core::runtime::RuntimeErrorKind::NotFound,
+        ));
+    h.delete("shop", 2);
+    h.run_for(SECOND);
+    h.resync(&BTreeSet::new());
+    h.run_for(Duration::from_secs(10));
+    assert!(h.runtime.by_name("shop_web").is_none(), "{}", h.transcript);
+    h.put("shop", 1, &json);
+    h.run_for(Duration::from_secs(10));
+    assert!(h.runtime.by_name("shop_web").is_none(), "{}", h.transcript);
+    assert!(
+        h.violations.is_empty(),
+        "{:?}\n{}",
+        h.violations,
+        h.transcript
+    );
+}
+
 /// Deploys, restarts the agent with the runtime unreachable for its first
 /// `unreachable_lists` lists, redelivers the same put, and returns what was
 /// published between the restart and the first successful list.

@@ -654,7 +654,7 @@ mod tests {
     fn the_discrete_tier_names_what_the_network_tiers_name() {
         let names: Vec<&str> = DEPLOYMENTS.iter().map(|d| d.name()).collect();
         assert_eq!(names, plan::DEPLOYMENTS);
-        let ops: Vec<&str> = FAULTY_OPS.iter().map(|op| op.name()).collect();
+        let ops: Vec<&str> = FAULTY_OPS.iter().map(|op| op.as_str()).collect();
         assert_eq!(ops, plan::FAULTY_OPS);
     }
 

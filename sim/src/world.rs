@@ -44,7 +44,9 @@ use podfleet_core::wire::{
     PingReply, PodmanV0Score, Revision, Verb,
 };
 use podfleet_testkit::SharedFake;
-use podfleet_testkit::{FakeContainer, FakeRuntime, Invariant, Oracle, RuntimeEvent, Violation};
+use podfleet_testkit::{
+    describe_result, FakeContainer, FakeRuntime, Invariant, Oracle, RuntimeEvent, Violation,
+};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
@@ -424,19 +426,6 @@ impl ContainerRuntime for FaultyRuntime {
             .fake
             .exec(container, argv, timeout, max_bytes)
             .await
-    }
-}
-
-fn describe_result(result: &RuntimeResult) -> String {
-    match result {
-        Ok(RuntimeReply::Listed { containers }) => format!("listed {}", containers.len()),
-        Ok(RuntimeReply::Created { id }) => format!("created {id}"),
-        Ok(RuntimeReply::Inspected { status }) => {
-            format!("inspected {} exit {:?}", status.state, status.exit_code)
-        }
-        Ok(RuntimeReply::Stopped { outcome }) => format!("stopped {outcome:?}"),
-        Ok(other) => format!("{other:?}").to_lowercase(),
-        Err(e) => format!("error {e}"),
     }
 }
 

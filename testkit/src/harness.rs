@@ -250,17 +250,7 @@ impl Harness {
     }
 
     fn deliver(&mut self, id: CommandId, result: RuntimeResult) {
-        let text = match &result {
-            Ok(RuntimeReply::Listed { containers }) => format!("listed {}", containers.len()),
-            Ok(RuntimeReply::Created { id }) => format!("created {id}"),
-            Ok(RuntimeReply::Inspected { status }) => {
-                format!("inspected {} exit {:?}", status.state, status.exit_code)
-            }
-            Ok(RuntimeReply::Stopped { outcome }) => format!("stopped {outcome:?}"),
-            Ok(other) => format!("{other:?}").to_lowercase(),
-            Err(e) => format!("error {e}"),
-        };
-        self.log(format_args!("  <- {id} {text}"));
+        self.log(format_args!("  <- {id} {}", describe_result(&result)));
         if result.is_err() {
             self.errors += 1;
         }
@@ -372,5 +362,19 @@ pub fn describe_op(op: &RuntimeOp) -> String {
             format!("remove {container}{}", if *force { " force" } else { "" })
         }
         other => format!("{} {}", other.name(), other.container().unwrap_or("")),
+    }
+}
+
+/// A runtime operation's result in a few words, for transcripts and traces.
+pub fn describe_result(result: &RuntimeResult) -> String {
+    match result {
+        Ok(RuntimeReply::Listed { containers }) => format!("listed {}", containers.len()),
+        Ok(RuntimeReply::Created { id }) => format!("created {id}"),
+        Ok(RuntimeReply::Inspected { status }) => {
+            format!("inspected {} exit {:?}", status.state, status.exit_code)
+        }
+        Ok(RuntimeReply::Stopped { outcome }) => format!("stopped {outcome:?}"),
+        Ok(other) => format!("{other:?}").to_lowercase(),
+        Err(e) => format!("error {e}"),
     }
 }

@@ -31,7 +31,7 @@ pub mod runtime;
 pub mod shared;
 pub mod violation;
 
-pub use harness::{describe_op, Harness, OpFault};
+pub use harness::{describe_op, describe_result, Harness, OpFault};
 pub use ops::Op;
 pub use oracle::Oracle;
 pub use runtime::{Behaviour, Completion, FakeContainer, FakeRuntime, RuntimeEvent};

@@ -179,39 +179,9 @@ impl Wait {
     }
 }
 
-/// A runtime operation the harness can fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpName {
-    /// `list`.
-    List,
-    /// `create`.
-    Create,
-    /// `start`.
-    Start,
-    /// `wait`.
-    Wait,
-    /// `inspect`.
-    Inspect,
-    /// `stop`.
-    Stop,
-    /// `remove`.
-    Remove,
-}
-
-impl OpName {
-    /// The name the harness's fault map uses.
-    pub fn name(self) -> &'static str {
-        match self {
-            OpName::List => "list",
-            OpName::Create => "create",
-            OpName::Start => "start",
-            OpName::Wait => "wait",
-            OpName::Inspect => "inspect",
-            OpName::Stop => "stop",
-            OpName::Remove => "remove",
-        }
-    }
-}
+/// A runtime operation the harness can fault: the wire's own name for it
+/// (the decoder draws only the seven real ones, never `Other`).
+pub use podfleet_core::wire::RuntimeOperation as OpName;
 
 /// How a faulted operation fails: the runtime does not answer, or answers
 /// with an error.
@@ -780,8 +750,12 @@ impl Player {
                 } else {
                     OpFault::Fail(kind)
                 };
-                let _ = writeln!(self.script, "next {} fails: {fault:?}", op.name());
-                self.h.faults.entry(op.name()).or_default().push_back(fault);
+                let _ = writeln!(self.script, "next {} fails: {fault:?}", op.as_str());
+                self.h
+                    .faults
+                    .entry(op.as_str())
+                    .or_default()
+                    .push_back(fault);
             }
             Op::RestartAgent {
                 keep_cache,

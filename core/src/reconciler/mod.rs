@@ -770,7 +770,10 @@ impl Reconciler {
             self.cache_dirty = true;
         }
         if entry.is_gone() {
-            self.tombstones.insert(name.clone(), entry.latest_seen());
+            // Never lower a tombstone: a deployment the orphan sweep found
+            // again has seen no revision of its own.
+            let tombstone = self.tombstones.entry(name.clone()).or_default();
+            *tombstone = (*tombstone).max(entry.latest_seen());
             if self.tombstones.len() > MAX_TOMBSTONES {
                 let oldest = self
                     .tombstones
