@@ -555,7 +555,7 @@ impl Watcher {
                         self.session.handle(self.clock.now(), Input::BucketsCreated);
                     }
                 }
-                () = retry => self.session.handle_timeout(self.clock.now()),
+                () = retry => self.session.handle(self.clock.now(), Input::Timeout),
             }
         }
     }

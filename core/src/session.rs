@@ -18,9 +18,8 @@
 //! 1. Create it with [`Session::new`].
 //! 2. Feed exactly one input with [`handle`](Session::handle) (the
 //!    connection came or went, a watch was created or failed, a watched
-//!    entry or a command request arrived, buckets were created) or
-//!    [`handle_timeout`](Session::handle_timeout), always with the current
-//!    time.
+//!    entry or a command request arrived, buckets were created, or
+//!    [`Input::Timeout`]: the deadline passed), always with the current time.
 //! 3. Drain [`poll_output`](Session::poll_output) until it returns `None`:
 //!    create a watch on [`Output::StartWatch`] and feed back its outcome
 //!    ([`Input::WatchStarted`] with the consumer's pending count, or
@@ -337,6 +336,8 @@ pub enum Input {
     /// A KV bucket was just created: a watch that failed for want of it is
     /// worth retrying at once.
     BucketsCreated,
+    /// Time has passed: act on the deadline [`Session::poll_timeout`] gave.
+    Timeout,
 }
 
 /// What the session hands the agent loop: desired state and commands for
@@ -471,6 +472,7 @@ impl Session {
                     self.retry_later(now);
                 }
             }
+            Input::Timeout => self.timeout(now),
             Input::Entry(entry) => self.on_entry(entry),
             Input::Command(message) => self.on_command(message),
             Input::BucketsCreated => {
@@ -483,7 +485,7 @@ impl Session {
     }
 
     /// Time has passed: retry the watch if its backoff is over.
-    pub fn handle_timeout(&mut self, now: Timestamp) {
+    fn timeout(&mut self, now: Timestamp) {
         if let WatchState::Waiting { retry_at } = self.watch {
             if now >= retry_at {
                 self.start_watch();
@@ -497,7 +499,7 @@ impl Session {
         self.outputs.pop_front()
     }
 
-    /// When to call [`handle_timeout`](Self::handle_timeout): the next watch
+    /// When to hand in [`Input::Timeout`]: the next watch
     /// attempt, if one is waiting.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Timestamp> {

@@ -232,10 +232,10 @@ fn a_failed_watch_is_retried_after_a_capped_backoff_that_resets_on_success() {
         let retry_at = session.poll_timeout().unwrap();
         assert_eq!(retry_at, at(now + expected_s * 1000));
         // Nothing happens before the deadline.
-        session.handle_timeout(at(retry_at.as_millis() - 1));
+        session.handle(at(retry_at.as_millis() - 1), Input::Timeout);
         assert_eq!(drain(&mut session), []);
         now = retry_at.as_millis();
-        session.handle_timeout(at(now));
+        session.handle(at(now), Input::Timeout);
         assert_eq!(drain(&mut session), [Output::StartWatch]);
         assert_eq!(session.poll_timeout(), None);
     }

@@ -432,7 +432,7 @@ async fn link<D: Dialer>(
                     _ = ping.tick() => {
                         let _ = wtx.send(Frame::Ping.to_line());
                     }
-                    () = retry => session.handle_timeout(clock.now()),
+                    () = retry => session.handle(clock.now(), Input::Timeout),
                 }
             }
         };
