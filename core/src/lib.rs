@@ -1,4 +1,5 @@
-//! podfleet-core: the wire contract and the sans-IO reconciler.
+//! podfleet-core: the wire contract and the two sans-IO state machines, the
+//! reconciler and the NATS session.
 //!
 //! This crate makes every decision a podfleet agent makes and performs none
 //! of its IO: no sockets, no files, no tokio, no wall clock. Callers pass
@@ -10,7 +11,8 @@
 //!   buckets, keys and subjects.
 //! - [`runtime`]: the primitive container operations the reconciler asks
 //!   for, their results, and the labels podfleet puts on containers.
-//! - [`reconciler`]: the sans-IO [`Reconciler`] that decides everything.
+//! - [`reconciler`]: the sans-IO [`Reconciler`] that decides everything
+//!   about containers.
 //! - [`session`]: the sans-IO NATS [`Session`](session::Session) of one
 //!   device: its desired-state watch, snapshot and command admission.
 //! - [`time`]: the caller-supplied [`Timestamp`] and capped [`Backoff`].
@@ -21,5 +23,5 @@ pub mod session;
 pub mod time;
 pub mod wire;
 
-pub use reconciler::{Config, Output, Reconciler, Wake, WakeReason};
+pub use reconciler::{Config, Input, Output, Reconciler, Wake, WakeReason};
 pub use time::{Backoff, Timestamp};
