@@ -15,8 +15,11 @@
 //!   about containers.
 //! - [`session`]: the sans-IO NATS [`Session`](session::Session) of one
 //!   device: its desired-state watch, snapshot and command admission.
+//! - [`fleet`]: the fleet model, starting with Kubernetes-style label
+//!   [`Selector`](fleet::Selector)s.
 //! - [`time`]: the caller-supplied [`Timestamp`] and capped [`Backoff`].
 
+pub mod fleet;
 pub mod reconciler;
 pub mod runtime;
 pub mod session;
