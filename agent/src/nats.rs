@@ -55,7 +55,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::{Client, ConnectOptions, Event, Subscriber};
 use futures_util::StreamExt;
 use podfleet_core::session::{
-    self, CommandMessage, Input, KeyFilter, Operation, Output, Session, SkipReason, WatchedEntry,
+    self, CommandMessage, Input, Operation, Output, Session, SkipReason, WatchedEntry,
 };
 use podfleet_core::time::Backoff;
 use podfleet_core::wire::names::{
@@ -368,16 +368,11 @@ impl Publisher for NatsPublisher {
     }
 }
 
-pub use podfleet_core::session::kv_subject;
+pub use podfleet_core::wire::names::kv_subject;
 
 /// The stream behind a KV bucket.
 pub fn kv_stream(bucket: &str) -> String {
     format!("KV_{bucket}")
-}
-
-/// The subject filter of this device's desired-state keys.
-pub fn desired_filter(device: &DeviceId) -> String {
-    KeyFilter::desired_of(device.clone()).subject_filter()
 }
 
 /// The background task: moves bytes and time between async-nats and the
@@ -752,6 +747,7 @@ async fn next_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podfleet_core::session::KeyFilter;
 
     fn device() -> DeviceId {
         DeviceId::new("rpi-01").unwrap()
@@ -759,7 +755,10 @@ mod tests {
 
     #[test]
     fn subjects_name_the_device() {
-        assert_eq!(desired_filter(&device()), "$KV.podfleet-desired.rpi-01.*");
+        assert_eq!(
+            KeyFilter::desired_of(device()).subject_filter(),
+            "$KV.podfleet-desired.rpi-01.*"
+        );
         assert_eq!(kv_stream(STATE_BUCKET), "KV_podfleet-state");
         assert_eq!(default_inbox_prefix(&device()), "_INBOX.rpi-01");
     }

@@ -46,16 +46,11 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use crate::time::{Backoff, Timestamp};
-use crate::wire::names::DESIRED_BUCKET;
+use crate::wire::names::{device_key_filter, kv_subject, DESIRED_BUCKET};
 use crate::wire::{
     CommandError, CommandReply, CommandSubject, DeploymentKey, DeploymentName, DeviceId, ErrorCode,
     Revision, Verb,
 };
-
-/// `$KV.<bucket>.<key>`: the subject a KV entry is stored under.
-pub fn kv_subject(bucket: &str, key: &str) -> String {
-    format!("$KV.{bucket}.{key}")
-}
 
 /// The session's tunables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,31 +108,35 @@ pub struct Bugs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyFilter {
     bucket: String,
+    /// `$KV.<bucket>.`, which every entry's subject starts with.
+    prefix: String,
     device: Option<DeviceId>,
 }
 
 impl KeyFilter {
     /// The desired-state keys of `device`.
     pub fn desired_of(device: DeviceId) -> Self {
-        Self {
-            bucket: DESIRED_BUCKET.to_owned(),
-            device: Some(device),
-        }
+        Self::new(DESIRED_BUCKET.to_owned(), Some(device))
     }
 
     /// Every `<device>.<deployment>` key of `bucket`, for a fleet-wide
     /// watcher.
     pub fn every_device(bucket: impl Into<String>) -> Self {
+        Self::new(bucket.into(), None)
+    }
+
+    fn new(bucket: String, device: Option<DeviceId>) -> Self {
         Self {
-            bucket: bucket.into(),
-            device: None,
+            prefix: kv_subject(&bucket, ""),
+            bucket,
+            device,
         }
     }
 
     /// The subject filter a consumer of these keys uses.
     pub fn subject_filter(&self) -> String {
         match &self.device {
-            Some(device) => kv_subject(&self.bucket, &format!("{device}.*")),
+            Some(device) => kv_subject(&self.bucket, &device_key_filter(device)),
             None => kv_subject(&self.bucket, "*.*"),
         }
     }
@@ -148,14 +147,12 @@ impl KeyFilter {
     /// # Errors
     /// The [`SkipReason`]: a subject outside the bucket, a key that does not
     /// parse, or another device's key.
-    pub fn classify(&self, entry: &WatchedEntry) -> Result<Change, SkipReason> {
-        let prefix = kv_subject(&self.bucket, "");
-        let key = entry
-            .subject
-            .strip_prefix(&prefix)
-            .ok_or_else(|| SkipReason::NotInBucket {
-                subject: entry.subject.clone(),
-            })?;
+    pub fn classify(&self, entry: WatchedEntry) -> Result<Change, SkipReason> {
+        let Some(key) = entry.subject.strip_prefix(&self.prefix) else {
+            return Err(SkipReason::NotInBucket {
+                subject: entry.subject,
+            });
+        };
         let parsed = DeploymentKey::parse(key).map_err(|e| SkipReason::BadKey {
             key: key.to_owned(),
             error: e.to_string(),
@@ -173,7 +170,7 @@ impl KeyFilter {
             Operation::Put => Change::Put {
                 key: parsed,
                 revision,
-                value: entry.payload.clone(),
+                value: entry.payload,
             },
             Operation::Delete | Operation::Purge => Change::Delete {
                 key: parsed,
@@ -555,7 +552,7 @@ impl Session {
             return;
         }
         let pending = entry.pending;
-        match self.filter.classify(&entry) {
+        match self.filter.classify(entry) {
             Ok(change) => {
                 let output = match change {
                     Change::Put {

@@ -74,7 +74,7 @@ fn entries_are_classified_by_operation() {
     let subject = "$KV.podfleet-desired.rpi-01.shop";
     let key = DeploymentKey::parse("rpi-01.shop").unwrap();
     assert_eq!(
-        filter.classify(&entry(subject, Operation::Put, 7, 0)),
+        filter.classify(entry(subject, Operation::Put, 7, 0)),
         Ok(Change::Put {
             key: key.clone(),
             revision: Revision::new(7),
@@ -84,7 +84,7 @@ fn entries_are_classified_by_operation() {
     for op in ["DEL", "PURGE"] {
         let delete = entry(subject, Operation::from_header(Some(op)), 8, 0);
         assert_eq!(
-            filter.classify(&delete),
+            filter.classify(delete),
             Ok(Change::Delete {
                 key: key.clone(),
                 revision: Revision::new(8)
@@ -117,7 +117,7 @@ fn entries_are_classified_by_operation() {
 #[test]
 fn bad_keys_are_skipped_with_a_reason() {
     let filter = KeyFilter::desired_of(device());
-    let classify = |subject: &str| filter.classify(&entry(subject, Operation::Put, 1, 0));
+    let classify = |subject: &str| filter.classify(entry(subject, Operation::Put, 1, 0));
     let bad = classify("$KV.podfleet-desired.rpi-01.Shop");
     assert!(
         matches!(&bad, Err(SkipReason::BadKey { error, .. }) if error.contains("invalid deployment name \"Shop\"")),
@@ -136,7 +136,7 @@ fn bad_keys_are_skipped_with_a_reason() {
     // A fleet-wide filter takes every device's keys.
     let fleet = KeyFilter::every_device(DESIRED_BUCKET);
     assert!(fleet
-        .classify(&entry(
+        .classify(entry(
             "$KV.podfleet-desired.rpi-02.shop",
             Operation::Put,
             1,

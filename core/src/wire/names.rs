@@ -250,6 +250,11 @@ impl DeploymentKey {
     }
 }
 
+/// `$KV.<bucket>.<key>`: the subject a KV entry is stored under.
+pub fn kv_subject(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
 /// The KV key filter that watches every deployment of `device` and nothing else.
 pub fn device_key_filter(device: &DeviceId) -> String {
     format!("{device}.*")

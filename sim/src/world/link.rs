@@ -8,10 +8,10 @@ use podfleet_agent::event_loop::{
     self, Clock, DesiredSource, Inbound, LoopOptions, LoopStats, PublishError, Publisher, Report,
 };
 use podfleet_core::session::{
-    self, kv_subject, CommandMessage, Input, Operation, Output, Session, SkipReason, WatchedEntry,
+    self, CommandMessage, Input, Operation, Output, Session, SkipReason, WatchedEntry,
 };
 use podfleet_core::wire::names::{
-    COMMAND_SUBJECT_PREFIX, DESIRED_BUCKET, HEARTBEAT_BUCKET, STATE_BUCKET,
+    kv_subject, COMMAND_SUBJECT_PREFIX, DESIRED_BUCKET, HEARTBEAT_BUCKET, STATE_BUCKET,
 };
 use podfleet_core::wire::{DeploymentState, FailureCause, Phase};
 use podfleet_core::Config;
