@@ -25,6 +25,16 @@ pub const DESIRED_BUCKET: &str = "podfleet-desired";
 pub const STATE_BUCKET: &str = "podfleet-state";
 /// The JetStream KV bucket agents write heartbeats into, one key per device.
 pub const HEARTBEAT_BUCKET: &str = "podfleet-heartbeats";
+/// The JetStream KV bucket fleet deployments are kept in, one key per
+/// deployment name. Written by administrators (the `podfleet` CLI), read by
+/// the fleet controller; devices cannot read it.
+pub const DEPLOYMENTS_BUCKET: &str = "podfleet-deployments";
+/// The JetStream KV bucket device records (administrator-set labels) are kept
+/// in, one key per device id. Devices cannot read it.
+pub const DEVICES_BUCKET: &str = "podfleet-devices";
+/// The JetStream KV bucket the fleet controller writes each fleet
+/// deployment's aggregated status into, one key per deployment name.
+pub const STATUS_BUCKET: &str = "podfleet-status";
 /// The first token of every command subject.
 pub const COMMAND_SUBJECT_PREFIX: &str = "device-commands";
 
