@@ -1,9 +1,23 @@
-//! The fleet model; more comes with the fleet controller.
+//! The fleet: what runs where across many devices.
 //!
-//! This module owns the vocabulary the fleet controller uses to pick devices,
-//! starting with Kubernetes-style label [`Selector`]s. Like the rest of the
-//! core it never performs IO: it only parses, prints and evaluates.
+//! - [`selector`]: Kubernetes-style label [`Selector`]s and the label rules.
+//! - [`model`]: what an administrator declares ([`FleetDeployment`],
+//!   [`DeviceRecord`]) and what the controller reports
+//!   ([`FleetDeploymentStatus`]).
+//! - [`controller`]: the sans-IO fleet [`Controller`] that turns them into
+//!   per-device desired keys and statuses.
+//!
+//! Like the rest of the core it never performs IO: it only parses, decides
+//! and prints.
 
+pub mod controller;
+pub mod model;
 pub mod selector;
 
-pub use selector::{Labels, Requirement, Selector, SelectorError};
+pub use controller::Controller;
+pub use model::{
+    describe_cause, DeviceRecord, DeviceRecordError, FailureGroup, FleetDeployment,
+    FleetDeploymentSpec, FleetDeploymentStatus, ManifestError, Metadata, PhaseCounts, Strategy,
+    Target, API_VERSION, FLEET_DEPLOYMENT_KIND,
+};
+pub use selector::{validate_label, LabelError, Labels, Requirement, Selector, SelectorError};

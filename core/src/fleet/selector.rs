@@ -596,6 +596,57 @@ impl<'a> Parser<'a> {
     }
 }
 
+/// Why a device's label was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LabelError {
+    /// A label key broke [`KEY_RULE`].
+    #[error("invalid label key {}: {problem}; the rule is {KEY_RULE}", Quoted(.key))]
+    InvalidKey {
+        /// The offending key, verbatim.
+        key: String,
+        /// The part of the rule it broke.
+        problem: &'static str,
+    },
+    /// A label value broke [`VALUE_RULE`].
+    #[error("invalid value {} for label {}: {problem}; the rule is {VALUE_RULE}", Quoted(.value), Quoted(.key))]
+    InvalidValue {
+        /// The key the value is for.
+        key: String,
+        /// The offending value, verbatim.
+        value: String,
+        /// The part of the rule it broke.
+        problem: &'static str,
+    },
+}
+
+/// Checks one label against [`KEY_RULE`] and [`VALUE_RULE`], the rules a
+/// selector's keys and values follow, so every label can be selected.
+///
+/// # Errors
+/// The first rule broken, naming the key or value.
+pub fn validate_label(key: &str, value: &str) -> Result<(), LabelError> {
+    check_key(key).map_err(|problem| LabelError::InvalidKey {
+        key: key.to_owned(),
+        problem,
+    })?;
+    check_value(value).map_err(|problem| LabelError::InvalidValue {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        problem,
+    })
+}
+
+/// Checks every label of a set (see [`validate_label`]).
+///
+/// # Errors
+/// The first label, in key order, that breaks a rule.
+pub fn validate_labels(labels: &Labels) -> Result<(), LabelError> {
+    labels
+        .iter()
+        .try_for_each(|(key, value)| validate_label(key, value))
+}
+
 /// Checks a key against [`KEY_RULE`]; the broken part of the rule otherwise.
 fn check_key(key: &str) -> Result<(), &'static str> {
     let (prefix, name) = match key.split_once('/') {

@@ -409,6 +409,60 @@ pub enum ScoreError {
     },
 }
 
+impl ScoreError {
+    /// Where in `score` the broken rule is, as a field path relative to the
+    /// score (`services[1].image`, `init_containers[0].timeout`), so a
+    /// person editing a file can find it. A [`ScoreError::Malformed`] score
+    /// was never decoded: its path is the empty string (the decoder's
+    /// message says where).
+    pub fn field_path(&self, score: &PodmanV0Score) -> String {
+        let service = |name: &str| score.services.iter().rposition(|s| s.name.as_str() == name);
+        let init = |name: &str| {
+            score
+                .init_containers
+                .iter()
+                .rposition(|i| i.name.as_str() == name)
+        };
+        let container = |name: &str, field: &str| match (service(name), init(name)) {
+            (Some(i), _) => format!("services[{i}].{field}"),
+            (None, Some(i)) => format!("init_containers[{i}].{field}"),
+            (None, None) => String::new(),
+        };
+        match self {
+            ScoreError::Malformed { .. } => String::new(),
+            ScoreError::NoServices => "services".to_owned(),
+            ScoreError::InvalidName(NameError::InvalidLabel { kind, value, .. }) => {
+                match (kind, service(value), init(value)) {
+                    (NameKind::Service, Some(i), _) => format!("services[{i}].name"),
+                    (_, _, Some(i)) => format!("init_containers[{i}].name"),
+                    _ => String::new(),
+                }
+            }
+            ScoreError::InvalidName(_) => String::new(),
+            ScoreError::DuplicateService { name } => service(name)
+                .map(|i| format!("services[{i}].name"))
+                .unwrap_or_default(),
+            ScoreError::DuplicateInitContainer { name }
+            | ScoreError::ServiceInitNameClash { name } => init(name)
+                .map(|i| format!("init_containers[{i}].name"))
+                .unwrap_or_default(),
+            ScoreError::EmptyImage { container: name } => container(name, "image"),
+            ScoreError::ZeroTimeout { name } => init(name)
+                .map(|i| format!("init_containers[{i}].timeout"))
+                .unwrap_or_default(),
+            ScoreError::InvalidEnvName {
+                container: name,
+                key,
+            } => container(name, &format!("env.{key}")),
+            ScoreError::InvalidVolume {
+                container: name, ..
+            } => container(name, "volumes"),
+            ScoreError::ZeroPort { service: name } => container(name, "ports"),
+            ScoreError::PortConflict { second, .. } => container(second, "ports"),
+        }
+    }
+}
+
 impl PodmanV0Score {
     /// Parses and validates a desired-state payload.
     ///
