@@ -1,0 +1,3 @@
+//! The `podfleet` verbs.
+//!
+//! SKELETON: being written.

@@ -1,0 +1,3 @@
+//! The `podfleet controller` process.
+//!
+//! SKELETON: being written.
