@@ -61,6 +61,12 @@ pub enum Frame {
         bucket: String,
         /// The key prefix.
         prefix: String,
+        /// Whether the snapshot includes delete markers (the newest entry of
+        /// a deleted key), as a real KV watch does. The agent's watch never
+        /// needed them; the fleet controller learns deleted deployments
+        /// from them.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        deletes: bool,
     },
     /// Client -> broker: answer requests on subjects starting with `prefix`.
     Subscribe {
@@ -113,6 +119,9 @@ pub enum Frame {
     },
     /// Broker -> watcher: a key's value (`None`: deleted).
     Entry {
+        /// The watch it belongs to, for a client with several.
+        #[serde(default)]
+        watch: u64,
         /// The key.
         key: String,
         /// The revision.
@@ -192,6 +201,7 @@ type Outbox = mpsc::UnboundedSender<Frame>;
 /// One live watch.
 #[derive(Debug)]
 struct Watcher {
+    id: u64,
     connection: u64,
     out: Outbox,
     /// Per key, the revisions this watch has delivered (the last few).
@@ -206,6 +216,7 @@ impl Watcher {
             sent.pop_first();
         }
         let _ = self.out.send(Frame::Entry {
+            watch: self.id,
             key: key.to_owned(),
             revision,
             pending,
@@ -313,6 +324,7 @@ impl Broker {
                     break;
                 }
                 let _ = w.out.send(Frame::Entry {
+                    watch: w.id,
                     key: key.clone(),
                     revision: stored.revision,
                     pending: 0,
@@ -360,6 +372,7 @@ impl Broker {
             }
             for (key, revision, value) in stale {
                 let _ = w.out.send(Frame::Entry {
+                    watch: w.id,
                     key,
                     revision,
                     pending: 0,
@@ -435,13 +448,19 @@ impl Broker {
             Frame::Ping => {
                 let _ = tx.send(Frame::Pong);
             }
-            Frame::Watch { id, bucket, prefix } => {
+            Frame::Watch {
+                id,
+                bucket,
+                prefix,
+                deletes,
+            } => {
                 if let Some(device) = &device {
                     if bucket != DESIRED_BUCKET || prefix != format!("{device}.") {
                         return refuse(&mut state, id, format!("watch {bucket} {prefix:?}"));
                     }
                 }
                 let mut watcher = Watcher {
+                    id,
                     connection,
                     out: tx.clone(),
                     sent: BTreeMap::new(),
@@ -451,7 +470,9 @@ impl Broker {
                     .get(&bucket)
                     .into_iter()
                     .flatten()
-                    .filter(|(key, stored)| key.starts_with(&prefix) && stored.value.is_some())
+                    .filter(|(key, stored)| {
+                        key.starts_with(&prefix) && (deletes || stored.value.is_some())
+                    })
                     .collect();
                 let mut pending = snapshot.len() as u64;
                 let _ = tx.send(Frame::Watching { id, pending });
@@ -737,6 +758,7 @@ mod tests {
             id: 1,
             bucket: DESIRED_BUCKET.into(),
             prefix: "dev-0.".into(),
+            deletes: false,
         };
         broker.handle(1, &mut client, watch, &tx);
         put(&broker, "dev-0.shop", b"two");
@@ -770,6 +792,7 @@ mod tests {
             id: 7,
             bucket: DESIRED_BUCKET.into(),
             prefix: "dev-0.".into(),
+            deletes: false,
         };
         broker.handle(1, &mut client, watch, &tx);
         put(&broker, "dev-0.a", b"4");
@@ -822,6 +845,7 @@ mod tests {
     #[test]
     fn values_travel_as_text_when_they_can() {
         let entry = |value: &[u8]| Frame::Entry {
+            watch: 1,
             key: "k".into(),
             revision: 1,
             pending: 0,
@@ -835,6 +859,7 @@ mod tests {
             assert_eq!(back, entry(value));
         }
         let gone = Frame::Entry {
+            watch: 1,
             key: "k".into(),
             revision: 2,
             pending: 0,

@@ -34,7 +34,7 @@ usage: sim [--tier turmoil|events|discrete] [--devices N] [--seeds A..B | --seed
   --trace      prints the whole trace of each run
   --jobs       runs this many seeds at once (default: the number of cores)
   --bug        switches on deliberate bugs (see sim::BITES, sim::LOOP_BITES; watch_everyone,
-               snapshot_one_early), to
+               snapshot_one_early, keep_untargeted), to
                replay a failure report of a bite test
   --allow-missed-probes
                exits 0 even when a batch of 64 seeds or more never reached a
@@ -250,7 +250,8 @@ pub fn load_plan(path: &str) -> Result<Plan, String> {
 
 /// Switches on the bugs named in `names` (comma-separated): the names of
 /// [`BITES`], `watch_everyone` for the adapter that watches every
-/// device's keys, and `snapshot_one_early` for the NATS session's bug.
+/// device's keys, `snapshot_one_early` for the NATS session's bug and
+/// `keep_untargeted` for the fleet controller's.
 ///
 /// # Errors
 /// An unknown name.
@@ -262,6 +263,10 @@ pub fn switch_on(switches: &mut Switches, names: &str) -> Result<(), String> {
         }
         if name == "snapshot_one_early" {
             switches.session_bugs.snapshot_one_early = true;
+            continue;
+        }
+        if name == "keep_untargeted" {
+            switches.fleet_bugs.keep_untargeted = true;
             continue;
         }
         let (_, bug, _) = BITES
@@ -287,6 +292,9 @@ pub fn switch_names(switches: Switches) -> Vec<&'static str> {
     }
     if switches.session_bugs.snapshot_one_early {
         names.push("snapshot_one_early");
+    }
+    if switches.fleet_bugs.keep_untargeted {
+        names.push("keep_untargeted");
     }
     names
 }

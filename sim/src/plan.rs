@@ -8,6 +8,8 @@
 //! loads back ([`Plan::from_json`]) and shrinks ([`crate::world::shrink`])
 //! by dropping steps.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use rand_chacha::rand_core::{Rng, SeedableRng};
@@ -145,6 +147,34 @@ pub enum Action {
         /// What the trouble is.
         trouble: RuntimeTrouble,
     },
+    /// An administrator applies a fleet deployment: the score `json` on every
+    /// device the label `selector` picks. The fleet controller writes the
+    /// per-device keys.
+    Apply {
+        /// The fleet deployment's name.
+        deployment: String,
+        /// The target's label selector.
+        selector: String,
+        /// The score (maybe invalid).
+        json: String,
+    },
+    /// An administrator deletes a fleet deployment.
+    Unapply {
+        /// The fleet deployment's name.
+        deployment: String,
+    },
+    /// An administrator replaces a device's labels.
+    Label {
+        /// Device index.
+        device: u32,
+        /// The labels.
+        labels: BTreeMap<String, String>,
+    },
+    /// The fleet controller process dies and comes back after `down_ms`.
+    ControllerRestart {
+        /// How long it stays down, in ms.
+        down_ms: u64,
+    },
     /// The operator puts a score with a service name `name_bytes` long: an
     /// invalid score that fits the broker's payload limit, but whose failure
     /// report, quoting the name in full, would not: the agent quotes it cut.
@@ -187,7 +217,14 @@ impl Action {
             Action::Put { json, .. } if DOOMED_INIT_IMAGES.iter().any(|i| json.contains(i)) => {
                 "failing init container"
             }
-            Action::Put { .. } | Action::Delete { .. } | Action::Ping { .. } => return None,
+            Action::Apply { json, .. } if is_malformed(json) => "invalid fleet deployment",
+            Action::Put { .. }
+            | Action::Delete { .. }
+            | Action::Ping { .. }
+            | Action::Apply { .. }
+            | Action::Unapply { .. }
+            | Action::Label { .. } => return None,
+            Action::ControllerRestart { .. } => "controller restart",
             Action::Crash { .. } => "container crash",
             Action::ApiFault {
                 after_effect: true, ..
@@ -360,6 +397,79 @@ pub fn valid_score(rng: &mut ChaCha8Rng) -> String {
         r#"{{"services":[{}],"init_containers":[{inits}],"lifecycle":{{"grace_period_secs":{grace}}}}}"#,
         services.join(",")
     )
+}
+
+/// The fleet deployments' names: never a [`DEPLOYMENTS`] name, so the
+/// controller's keys and the hand-written ones never meet.
+pub const FLEET_DEPLOYMENTS: [&str; 2] = ["fleet-a", "fleet-b"];
+
+/// The manifest an [`Action::Apply`] writes: `json` as the score (as a
+/// string when it is not JSON, which the controller refuses) on the devices
+/// `selector` picks.
+pub fn fleet_manifest(deployment: &str, selector: &str, json: &str) -> Vec<u8> {
+    let score = serde_json::from_str::<serde_json::Value>(json)
+        .unwrap_or_else(|_| serde_json::Value::String(json.to_owned()));
+    serde_json::json!({
+        "apiVersion": podfleet_core::fleet::API_VERSION,
+        "kind": podfleet_core::fleet::FLEET_DEPLOYMENT_KIND,
+        "metadata": {"name": deployment},
+        "spec": {"target": {"selector": selector}, "score": score},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The selectors fleet deployments target.
+pub const SELECTORS: [&str; 5] = ["site=a", "site=b", "site in (a,b),!canary", "!canary", ""];
+
+/// The fleet's workload, drawn from its own stream so that the rest of a
+/// seed's plan is what it was before fleets existed: labels for every
+/// device, then applies, relabels, deletes and controller restarts until
+/// `until_ms`.
+fn fleet_steps(seed: u64, devices: u32, until_ms: u64, steps: &mut Vec<Step>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xf1ee_7000_0000_0000);
+    let labels = |rng: &mut ChaCha8Rng| {
+        let mut labels = BTreeMap::new();
+        labels.insert("site".to_owned(), pick(rng, &["a", "b", "c"]).to_owned());
+        if chance(rng, 25) {
+            labels.insert("canary".to_owned(), String::new());
+        }
+        labels
+    };
+    for device in 0..devices {
+        let labels = labels(&mut rng);
+        steps.push(Step {
+            at_ms: 1_000,
+            action: Action::Label { device, labels },
+        });
+    }
+    let span = until_ms.saturating_sub(2_000).max(1);
+    let count = 2 + below(&mut rng, 6) + u64::from(devices / 4);
+    for _ in 0..count {
+        let at_ms = 2_000 + below(&mut rng, span);
+        let deployment = pick(&mut rng, &FLEET_DEPLOYMENTS).to_owned();
+        let action = match below(&mut rng, 100) {
+            0..=49 => Action::Apply {
+                deployment,
+                selector: pick(&mut rng, &SELECTORS).to_owned(),
+                json: valid_score(&mut rng),
+            },
+            50..=54 => Action::Apply {
+                deployment,
+                selector: pick(&mut rng, &SELECTORS).to_owned(),
+                json: r#"{"services":[]}"#.to_owned(),
+            },
+            55..=79 => Action::Label {
+                device: below(&mut rng, u64::from(devices)) as u32,
+                labels: labels(&mut rng),
+            },
+            80..=91 => Action::Unapply { deployment },
+            _ => Action::ControllerRestart {
+                down_ms: below(&mut rng, 30_000),
+            },
+        };
+        steps.push(Step { at_ms, action });
+    }
 }
 
 impl Plan {
@@ -560,6 +670,7 @@ impl Plan {
             }
             at_ms += (1_000 + below(&mut rng, 40_000)) / spread;
         }
+        fleet_steps(seed, devices, at_ms, &mut steps);
         steps.sort_by_key(|s| s.at_ms);
         Plan {
             seed,

@@ -1,7 +1,7 @@
 //! The two network tiers a [`Plan`] runs on.
 //!
-//! - [`run_turmoil`]: a turmoil simulation. The broker, the operator and
-//!   every device are turmoil hosts; their messages cross turmoil's network
+//! - [`run_turmoil`]: a turmoil simulation. The broker, the operator, the
+//!   fleet controller and every device are turmoil hosts; their messages cross turmoil's network
 //!   as TCP segments, so partitions drop them, holds delay them and a
 //!   crashed host loses its sockets. turmoil advances every host in lockstep
 //!   ticks of [`TURMOIL_TICK`]; it is the reference for network fidelity
@@ -29,8 +29,8 @@ use tokio::task::{AbortHandle, JoinHandle, LocalSet};
 use crate::broker::Broker;
 use crate::plan::Plan;
 use crate::world::{
-    device_id, device_software, operator, run_plan, BoxRead, BoxWrite, Device, Dialer, Dialing,
-    LinkState, Network, Outcome, Shared, SimClock, World,
+    device_id, device_software, fleet_controller, operator, run_plan, BoxRead, BoxWrite, Device,
+    Dialer, Dialing, LinkState, Network, Outcome, Shared, SimClock, World,
 };
 
 /// turmoil's step. The agent's shortest deadline is the 200 ms libpod-race
@@ -48,6 +48,8 @@ pub struct Switches {
     pub watch_everyone: bool,
     /// Deliberate bugs in the NATS session of every device's link.
     pub session_bugs: podfleet_core::session::Bugs,
+    /// Deliberate bugs in the fleet controller.
+    pub fleet_bugs: podfleet_core::fleet::controller::Bugs,
     /// Keep every trace line (for `SIM_SEED`).
     pub keep_trace: bool,
 }
@@ -149,6 +151,14 @@ impl Network for TurmoilTier<'_> {
     fn restart_broker(&mut self) {
         self.sim.bounce("broker");
     }
+
+    fn crash_controller(&mut self) {
+        self.sim.crash("controller");
+    }
+
+    fn start_controller(&mut self) {
+        self.sim.bounce("controller");
+    }
 }
 
 /// Runs `plan` on turmoil.
@@ -194,6 +204,17 @@ pub fn run_turmoil(plan: &Plan, switches: Switches) -> Outcome {
                 operator(TurmoilDialer, clock, world, commands).await;
             }
             std::future::pending::<()>().await;
+            Ok(())
+        }
+    });
+    let world = shared.world.clone();
+    let controller_clock = clock.clone();
+    let fleet_bugs = switches.fleet_bugs;
+    sim.host("controller", move || {
+        let world = world.clone();
+        let clock = controller_clock.clone();
+        async move {
+            fleet_controller(TurmoilDialer, clock, world, fleet_bugs).await;
             Ok(())
         }
     });
@@ -314,9 +335,21 @@ struct EventTier {
     dialer: EventDialer,
     clock: SimClock,
     agents: Vec<Option<JoinHandle<()>>>,
+    controller: Option<JoinHandle<()>>,
+    fleet_bugs: podfleet_core::fleet::controller::Bugs,
 }
 
 impl EventTier {
+    fn spawn_controller(&mut self) {
+        let controller = fleet_controller(
+            self.dialer.clone(),
+            self.clock.clone(),
+            self.shared.world.clone(),
+            self.fleet_bugs,
+        );
+        self.controller = Some(self.local.spawn_local(controller));
+    }
+
     fn spawn_agent(&mut self, index: u32) {
         let Some(device) = self.shared.devices.get(index as usize).cloned() else {
             return;
@@ -358,6 +391,18 @@ impl Network for EventTier {
     fn start_agent(&mut self, index: u32) {
         if self.agents.get(index as usize).is_some_and(Option::is_none) {
             self.spawn_agent(index);
+        }
+    }
+
+    fn crash_controller(&mut self) {
+        if let Some(handle) = self.controller.take() {
+            handle.abort();
+        }
+    }
+
+    fn start_controller(&mut self) {
+        if self.controller.is_none() {
+            self.spawn_controller();
         }
     }
 
@@ -417,7 +462,10 @@ pub fn run_events_with(plan: &Plan, switches: Switches, inspect: impl FnOnce(&Sh
         shared: shared.clone(),
         dialer,
         clock,
+        controller: None,
+        fleet_bugs: switches.fleet_bugs,
     };
+    tier.spawn_controller();
     for i in 0..plan.devices {
         tier.spawn_agent(i);
     }

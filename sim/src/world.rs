@@ -16,7 +16,8 @@
 //!   runtime and disk, and what a tier must provide;
 //! - `link`: a device's software, the agent loop and its link to the broker,
 //!   which drives the production NATS session;
-//! - `operator`: the operator host;
+//! - `operator`: the operator host (an administrator's writes and pings);
+//! - `controller`: the fleet controller host;
 //! - `driver`: [`run_plan`], healing, liveness and quiet;
 //! - `checks`: [`check_device`] and [`check_report_fields`];
 //! - `shrink`: [`shrink`].
@@ -32,13 +33,18 @@ use std::time::Duration;
 
 use podfleet_agent::event_loop::{CacheError, CacheStore, Clock};
 use podfleet_agent::runtime::{ContainerRuntime, ExecOutput, LogsOutput};
+use podfleet_core::fleet::{
+    DeviceRecord, FleetDeployment, FleetDeploymentStatus, Labels, Selector, Target,
+};
 use podfleet_core::reconciler::{fnv1a64, service_container_spec, AgentCache, Bugs};
 use podfleet_core::runtime::{
     service_container_name, ContainerSpec, ContainerState, RuntimeError, RuntimeErrorKind,
     RuntimeOp, RuntimeReply, RuntimeResult, LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE,
 };
 use podfleet_core::time::Timestamp;
-use podfleet_core::wire::names::{DESIRED_BUCKET, STATE_BUCKET};
+use podfleet_core::wire::names::{
+    DEPLOYMENTS_BUCKET, DESIRED_BUCKET, DEVICES_BUCKET, STATE_BUCKET, STATUS_BUCKET,
+};
 use podfleet_core::wire::{
     CommandReply, CommandSubject, DeploymentName, DeploymentState, DeviceId, FailureCause, Phase,
     PingReply, PodmanV0Score, Revision, Verb,
@@ -51,15 +57,19 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 use tokio::sync::mpsc;
 
 use crate::broker::{Broker, Frame, IDLE_TIMEOUT};
-use crate::plan::{outlook, oversized_score, Action, Outlook, Plan, RuntimeTrouble};
+use crate::plan::{
+    fleet_manifest, outlook, oversized_score, Action, Outlook, Plan, RuntimeTrouble,
+};
 
 mod checks;
+mod controller;
 mod driver;
 mod link;
 mod operator;
 mod shrink;
 
 pub use checks::{check_device, check_report_fields, DeviceView};
+pub use controller::fleet_controller;
 pub use driver::run_plan;
 pub use link::device_software;
 pub use operator::{operator, OperatorCommand};
@@ -106,7 +116,7 @@ impl Clock for SimClock {
 
 /// The coverage probes: situations worth reaching. A default batch that
 /// never reaches one fails, so the simulator cannot quietly stop exploring.
-pub const PROBES: [&str; 19] = [
+pub const PROBES: [&str; 21] = [
     "slow runtime",
     "libpod race hit",
     "retry backoff cap reached",
@@ -126,6 +136,8 @@ pub const PROBES: [&str; 19] = [
     "agent restarted into an unavailable runtime",
     "oversized value quoted cut",
     "report summarised",
+    "fleet key deleted",
+    "fleet deployment converged",
 ];
 
 #[derive(Debug, Default)]
@@ -471,6 +483,10 @@ pub trait Network {
     fn start_agent(&mut self, index: u32);
     /// Restarts the broker process.
     fn restart_broker(&mut self);
+    /// Kills the fleet controller process.
+    fn crash_controller(&mut self);
+    /// Starts the fleet controller process again.
+    fn start_controller(&mut self);
 }
 
 /// Everything a run shares between the tier and the driver.

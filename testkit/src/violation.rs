@@ -32,6 +32,10 @@ pub enum Invariant {
     Isolation,
     /// Once faults heal, every deployment converges and then stays still.
     Liveness,
+    /// Once faults heal, every fleet deployment's per-device keys are
+    /// exactly its resolved target holding its score, and its status counts
+    /// what the devices report.
+    FleetConvergence,
     /// A simulated host (an agent, the broker) failed outright.
     HostFailed,
     /// Anything a check found that no invariant above names.
@@ -49,6 +53,7 @@ impl Invariant {
             Invariant::TruthfulReports => "truthful reports",
             Invariant::Isolation => "isolation",
             Invariant::Liveness => "liveness",
+            Invariant::FleetConvergence => "fleet convergence",
             Invariant::HostFailed => "a host failed",
             Invariant::Other => "other",
         }

@@ -68,6 +68,19 @@ pub struct Config {
     /// its own report after a teardown; this catches the reports of
     /// deployments deleted while an agent was down and had lost its cache.
     pub orphan_state_grace: Duration,
+    /// Deliberate bugs, for the tests that prove the simulator notices.
+    /// Exists only with the `bugs` feature.
+    #[cfg(feature = "bugs")]
+    pub bugs: Bugs,
+}
+
+/// Deliberate bugs of the fleet controller, each breaking one invariant.
+/// All off by default; exists only with the `bugs` feature.
+#[cfg(feature = "bugs")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Bugs {
+    /// A device that stops being targeted keeps the deployment's key.
+    pub keep_untargeted: bool,
 }
 
 impl Default for Config {
@@ -77,6 +90,8 @@ impl Default for Config {
             status_interval: Duration::from_secs(1),
             write_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             orphan_state_grace: Duration::from_secs(600),
+            #[cfg(feature = "bugs")]
+            bugs: Bugs::default(),
         }
     }
 }
@@ -710,6 +725,8 @@ impl Controller {
             }) => {
                 if self.targets(spec, id) {
                     Intent::Hold(spec.payload.clone())
+                } else if self.keeps_untargeted() {
+                    Intent::LeaveAlone
                 } else {
                     Intent::Absent
                 }
@@ -719,6 +736,14 @@ impl Controller {
             _ if self.tombstones.contains(name) => Intent::Absent,
             _ => Intent::LeaveAlone,
         }
+    }
+
+    fn keeps_untargeted(&self) -> bool {
+        #[cfg(feature = "bugs")]
+        let on = self.config.bugs.keep_untargeted;
+        #[cfg(not(feature = "bugs"))]
+        let on = false;
+        on
     }
 
     fn targets(&self, spec: &Spec, id: &DeviceId) -> bool {

@@ -10,6 +10,7 @@ enum Timed {
     /// The agent starts again, maybe into a runtime in trouble for a while.
     AgentUp(u32, Option<(RuntimeTrouble, u64)>),
     ImageBack(u32, String),
+    ControllerUp,
 }
 
 /// Runs `plan` on `tier`: its steps, then healing, liveness and quiet.
@@ -22,6 +23,7 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
     let mut seq = plan.steps.len() as u64;
     let mut links = vec![LinkState::Up; shared.devices.len()];
     let mut agent_up = vec![true; shared.devices.len()];
+    let mut controller_up = true;
     let mut faults: BTreeMap<&'static str, u32> = BTreeMap::new();
     let mut failure = None;
     while let Some(((at, _), timed)) = queue.pop_first() {
@@ -51,6 +53,7 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
                         json,
                     } => {
                         let _ = shared.operator.send(OperatorCommand::Write {
+                            bucket: DESIRED_BUCKET,
                             key: format!("{}.{deployment}", device_id(i)),
                             value: Some(json.into_bytes()),
                         });
@@ -65,9 +68,43 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
                             world.probe("delete while offline");
                         }
                         let _ = shared.operator.send(OperatorCommand::Write {
+                            bucket: DESIRED_BUCKET,
                             key: format!("{}.{deployment}", device_id(i)),
                             value: None,
                         });
+                    }
+                    Action::Apply {
+                        deployment,
+                        selector,
+                        json,
+                    } => {
+                        let _ = shared.operator.send(OperatorCommand::Write {
+                            bucket: DEPLOYMENTS_BUCKET,
+                            value: Some(fleet_manifest(&deployment, &selector, &json)),
+                            key: deployment,
+                        });
+                    }
+                    Action::Unapply { deployment } => {
+                        let _ = shared.operator.send(OperatorCommand::Write {
+                            bucket: DEPLOYMENTS_BUCKET,
+                            key: deployment,
+                            value: None,
+                        });
+                    }
+                    Action::Label { device: i, labels } => {
+                        let record = DeviceRecord { labels };
+                        let _ = shared.operator.send(OperatorCommand::Write {
+                            bucket: DEVICES_BUCKET,
+                            key: device_id(i).to_string(),
+                            value: Some(record.to_json()),
+                        });
+                    }
+                    Action::ControllerRestart { down_ms } => {
+                        if controller_up {
+                            tier.crash_controller();
+                            controller_up = false;
+                            later(&mut queue, down_ms, Timed::ControllerUp);
+                        }
                     }
                     Action::Ping { device: i } => {
                         let _ = shared.operator.send(OperatorCommand::Ping {
@@ -174,6 +211,7 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
                         name_bytes,
                     } => {
                         let _ = shared.operator.send(OperatorCommand::Write {
+                            bucket: DESIRED_BUCKET,
                             key: format!("{}.{deployment}", device_id(i)),
                             value: Some(oversized_score(name_bytes).into_bytes()),
                         });
@@ -223,6 +261,10 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
                 agent_up[i as usize] = true;
                 tier.start_agent(i);
             }
+            Timed::ControllerUp => {
+                controller_up = true;
+                tier.start_controller();
+            }
             Timed::ImageBack(i, image) => {
                 if let Some(d) = device(i) {
                     d.fake.with(|f| f.add_image(&image));
@@ -236,6 +278,9 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
         failure = tier.run_until(heal).err();
     }
     world.trace(Timestamp::from_millis(plan.heal_at_ms), "plan", "heal");
+    if !controller_up {
+        tier.start_controller();
+    }
     for (i, d) in shared.devices.iter().enumerate() {
         let i = i as u32;
         if links[i as usize] != LinkState::Up {
@@ -258,6 +303,7 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
     }
     if failure.is_none() {
         let running = check_converged(shared);
+        check_fleet(plan, shared);
         let before: Vec<usize> = shared
             .devices
             .iter()
@@ -364,6 +410,139 @@ fn check_quiet(shared: &Shared, before: &[usize], running: &[(usize, String)]) {
                 )
                 .on(&d.id),
             );
+        }
+    }
+}
+
+/// Fleet convergence: every fleet deployment's per-device keys are exactly
+/// its resolved target, each holding its score, and its status counts what
+/// the devices report. The expectation is worked out from the plan alone:
+/// the last labels of each device, and the last valid manifest of each
+/// fleet deployment (or its deletion).
+fn check_fleet(plan: &Plan, shared: &Shared) {
+    let mut labels: BTreeMap<u32, Labels> = BTreeMap::new();
+    // Per fleet deployment: the last valid (selector, score), or `None`
+    // once deleted; `unknown` when the controller cannot know the last
+    // valid manifest (it restarted while the newest one was refused).
+    let mut fleets: BTreeMap<String, Option<(Selector, Vec<u8>)>> = BTreeMap::new();
+    let mut refused: BTreeSet<String> = BTreeSet::new();
+    let mut unknown: BTreeSet<String> = BTreeSet::new();
+    for step in plan.steps.iter().filter(|s| s.at_ms < plan.heal_at_ms) {
+        match &step.action {
+            Action::Label { device, labels: l } => {
+                labels.insert(*device, l.clone());
+            }
+            Action::Apply {
+                deployment,
+                selector,
+                json,
+            } => match FleetDeployment::from_json(&fleet_manifest(deployment, selector, json)) {
+                Ok(manifest) => {
+                    let target = match manifest.spec.target {
+                        Target::Selector(selector) => selector,
+                        Target::Devices(_) => continue,
+                    };
+                    fleets.insert(
+                        deployment.clone(),
+                        Some((target, manifest.spec.score.to_json())),
+                    );
+                    refused.remove(deployment);
+                    unknown.remove(deployment);
+                }
+                Err(_) => {
+                    fleets.entry(deployment.clone()).or_insert(None);
+                    refused.insert(deployment.clone());
+                }
+            },
+            Action::Unapply { deployment } => {
+                fleets.insert(deployment.clone(), None);
+                refused.remove(deployment);
+                unknown.remove(deployment);
+            }
+            Action::ControllerRestart { .. } | Action::BrokerRestart => {
+                unknown.extend(refused.iter().cloned());
+            }
+            _ => {}
+        }
+    }
+    let desired = shared.broker.entries(DESIRED_BUCKET);
+    let states = shared.broker.entries(STATE_BUCKET);
+    let statuses = shared.broker.entries(STATUS_BUCKET);
+    let deployments = shared.broker.entries(DEPLOYMENTS_BUCKET);
+    let violation = |detail: String| {
+        shared
+            .world
+            .violation(Violation::new(Invariant::FleetConvergence, detail));
+    };
+    for (name, fleet) in &fleets {
+        if unknown.contains(name) {
+            continue;
+        }
+        let suffix = format!(".{name}");
+        let got: BTreeMap<&str, &Vec<u8>> = desired
+            .iter()
+            .filter_map(|(k, (_, v))| Some((k.strip_suffix(&suffix)?, v)))
+            .collect();
+        let mut want: BTreeMap<String, &Vec<u8>> = BTreeMap::new();
+        if let Some((selector, score)) = fleet {
+            for i in 0..plan.devices {
+                if selector.matches(labels.get(&i).unwrap_or(&Labels::new())) {
+                    want.insert(device_id(i).to_string(), score);
+                }
+            }
+        }
+        let want: BTreeMap<&str, &Vec<u8>> = want.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        if got != want {
+            let show =
+                |m: &BTreeMap<&str, &Vec<u8>>| m.keys().copied().collect::<Vec<_>>().join(",");
+            violation(format!(
+                "{name}: the desired keys are on [{}], its target is [{}] (or a score differs)",
+                show(&got),
+                show(&want)
+            ));
+            continue;
+        }
+        if fleet.is_some() && !want.is_empty() {
+            shared.world.probe("fleet deployment converged");
+        }
+        let status = statuses
+            .get(name.as_str())
+            .and_then(|(_, v)| serde_json::from_slice::<FleetDeploymentStatus>(v).ok());
+        match (fleet, status) {
+            (None, Some(_)) => violation(format!("{name} is deleted but still has a status")),
+            (None, None) => {}
+            (Some(_), None) => violation(format!("{name} has no status")),
+            (Some(_), Some(status)) => {
+                let running = want
+                    .keys()
+                    .filter(|device| {
+                        let key = format!("{device}{suffix}");
+                        let revision = desired.get(&key).map(|(r, _)| *r);
+                        states
+                            .get(&key)
+                            .and_then(|(_, v)| serde_json::from_slice::<DeploymentState>(v).ok())
+                            .is_some_and(|s| {
+                                s.phase == Phase::Running && Some(s.revision.get()) == revision
+                            })
+                    })
+                    .count();
+                let generation = deployments.get(name.as_str()).map(|(r, _)| *r);
+                let stale =
+                    !refused.contains(name) && Some(status.observed_generation) != generation;
+                if status.targeted as usize != want.len()
+                    || status.phases.running as usize != running
+                    || stale
+                {
+                    violation(format!(
+                        "{name}: the status says {} targeted, {} running at generation {}; \
+                         the buckets say {}, {running} and {generation:?}",
+                        status.targeted,
+                        status.phases.running,
+                        status.observed_generation,
+                        want.len()
+                    ));
+                }
+            }
         }
     }
 }

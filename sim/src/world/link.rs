@@ -289,6 +289,7 @@ async fn link<D: Dialer>(
                                 id: next_id,
                                 bucket: DESIRED_BUCKET.into(),
                                 prefix,
+                                deletes: false,
                             };
                             let _ = wtx.send(watch.to_line());
                             continue;
@@ -377,7 +378,7 @@ async fn link<D: Dialer>(
                                 watch_id = None;
                                 session.handle(now, Input::WatchFailed);
                             }
-                            Frame::Entry { key, revision, pending, value } => {
+                            Frame::Entry { key, revision, pending, value, .. } => {
                                 let entry = WatchedEntry {
                                     subject: kv_subject(DESIRED_BUCKET, &key),
                                     operation: if value.is_some() { Operation::Put } else { Operation::Delete },

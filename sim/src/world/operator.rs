@@ -1,13 +1,16 @@
-//! The operator host: it writes desired state and sends commands over its
-//! own connection to the broker, and checks the answers it gets.
+//! The operator host: an administrator's writes (hand-written desired
+//! keys, fleet deployments, device labels) and commands, over its own
+//! connection to the broker, checking the answers it gets.
 
 use super::*;
 
 /// What the operator host is asked to do.
 #[derive(Debug, Clone)]
 pub enum OperatorCommand {
-    /// Put or delete (`None`) a desired key.
+    /// Put or delete (`None`) a key.
     Write {
+        /// The bucket.
+        bucket: &'static str,
         /// The key.
         key: String,
         /// The value.
@@ -54,9 +57,9 @@ pub async fn operator<D: Dialer>(
             next_id += 1;
             let id = next_id;
             let frame = match &command {
-                OperatorCommand::Write { key, value } => Frame::Write {
+                OperatorCommand::Write { bucket, key, value } => Frame::Write {
                     id,
-                    bucket: DESIRED_BUCKET.into(),
+                    bucket: (*bucket).into(),
                     key: key.clone(),
                     value: value.clone(),
                 },
