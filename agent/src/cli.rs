@@ -21,6 +21,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cache_store::FileCacheStore;
 use crate::event_loop::{self, CacheError, LoopExit, LoopStats, TokioClock};
+use crate::facts;
 use crate::nats::{self, NatsError};
 use crate::podman::LazyPodmanRuntime;
 use crate::settings::{Args, ConfigError, LogFormat, Settings};
@@ -111,10 +112,15 @@ async fn serve(settings: Settings) -> Result<(), AgentError> {
     let runtime = LazyPodmanRuntime::new(&settings.podman_socket, settings.podman_request_timeout);
     runtime.connect_in_background();
     let (source, publisher) = nats::connect(settings.nats.clone()).await?;
-    let config = settings.reconciler_config(env!("CARGO_PKG_VERSION"));
+    let config = settings
+        .reconciler_config(env!("CARGO_PKG_VERSION"))
+        .device_facts(facts::gather());
     tracing::info!(
         device = %settings.device,
         version = env!("CARGO_PKG_VERSION"),
+        arch = %config.facts().arch,
+        os = %config.facts().os,
+        kernel = %config.facts().kernel,
         nats = %settings.nats.urls.join(","),
         podman_socket = %settings.podman_socket.display(),
         state_dir = %settings.state_dir.display(),

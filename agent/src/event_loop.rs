@@ -10,7 +10,8 @@
 //!   end of each initial snapshot (after start-up and after every
 //!   reconnect), and command requests;
 //! - [`Publisher`]: state and heartbeat puts, command replies;
-//! - [`ContainerRuntime`]: the reconciler's runtime operations, logs, exec;
+//! - [`ContainerRuntime`]: the reconciler's runtime operations, its version
+//!   queries, logs, exec;
 //! - [`Clock`]: the time handed to the core and the sleep until its next wake;
 //! - and a [`CacheStore`], the only thing that survives an agent crash.
 //!
@@ -26,10 +27,11 @@
 //! - After every reconnect snapshot every known state and a heartbeat are
 //!   republished, so the operator's view heals without waiting for a change.
 //! - Runtime operations run concurrently; a `wait` that lasts an hour holds
-//!   up nothing else.
+//!   up nothing else, and neither does a version query (podman takes about
+//!   a second to answer one).
 //! - Wakes are taken in a fixed priority order (shutdown, runtime results,
-//!   inbound messages, publish results, command work, timers), so a seeded
-//!   simulation replays exactly.
+//!   runtime versions, inbound messages, publish results, command work,
+//!   timers), so a seeded simulation replays exactly.
 //! - Shutdown returns at once and leaves every container running.
 
 use std::future::Future;
@@ -39,7 +41,7 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use podfleet_core::reconciler::{AgentCache, Input, Output, Reconciler, WakeReason};
-use podfleet_core::runtime::RuntimeErrorKind;
+use podfleet_core::runtime::{RuntimeError, RuntimeErrorKind};
 use podfleet_core::time::{Backoff, Timestamp};
 use podfleet_core::wire::text::Quoted;
 use podfleet_core::wire::{
@@ -268,6 +270,7 @@ where
     let mut outbox = outbox;
     let mut publishing: Option<BoxFuture<'static, (Report, Result<(), PublishError>)>> = None;
     let mut ops: Pending<(podfleet_core::reconciler::CommandId, _)> = FuturesUnordered::new();
+    let mut versions: Pending<Result<String, RuntimeError>> = FuturesUnordered::new();
     let mut commands: Pending<(String, Vec<u8>)> = FuturesUnordered::new();
     let mut replies: Pending<Result<(), PublishError>> = FuturesUnordered::new();
     let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send + '_>> = Box::pin(shutdown);
@@ -289,6 +292,10 @@ where
                 Output::ClearState { deployment } => {
                     tracing::info!(%deployment, "state cleared");
                     outbox.push(now, Report::Clear { deployment });
+                }
+                Output::QueryRuntimeVersion => {
+                    let runtime = runtime.clone();
+                    versions.push(async move { runtime.version().await }.boxed());
                 }
                 Output::Heartbeat(heartbeat) => outbox.push(now, Report::Heartbeat(heartbeat)),
                 Output::PersistCache(cache) => {
@@ -341,6 +348,13 @@ where
                     }
                 }
                 reconciler.handle(clock.now(), Input::RuntimeResult { id, result });
+            }
+            Some(result) = versions.next(), if !versions.is_empty() => {
+                match &result {
+                    Ok(version) => tracing::info!(version = %Quoted(version), "container runtime version"),
+                    Err(e) => tracing::debug!(error = %e.message, "container runtime version not known"),
+                }
+                reconciler.handle(clock.now(), Input::RuntimeVersion { result });
             }
             inbound = source.next() => {
                 let now = clock.now();

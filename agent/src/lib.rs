@@ -5,7 +5,8 @@
 //! runtime and clock, so the simulator runs the very same loop) and the
 //! production adapters: podman through bollard (feature `podman`) and NATS
 //! JetStream through async-nats (feature `nats`), with the KV buckets it
-//! needs (module `buckets`, reusable by a control plane).
+//! needs (module `buckets`, reusable by a control plane). Module `facts`
+//! reads the device facts its heartbeats report.
 
 #[cfg(feature = "nats")]
 pub mod buckets;
@@ -13,6 +14,7 @@ pub mod cache_store;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod event_loop;
+pub mod facts;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod outbox;

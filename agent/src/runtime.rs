@@ -1,8 +1,9 @@
 //! The container runtime as the agent's loop drives it.
 //!
-//! [`ContainerRuntime`] executes the reconciler's primitive operations and
-//! serves the `logs` and `exec` commands. It is implemented by the podman
-//! adapter (bollard, behind the `podman` feature) and by the simulator's fake.
+//! [`ContainerRuntime`] executes the reconciler's primitive operations,
+//! states its version for the heartbeat, and serves the `logs` and `exec`
+//! commands. It is implemented by the podman adapter (bollard, behind the
+//! `podman` feature) and by the simulator's fake.
 
 use std::future::Future;
 use std::time::Duration;
@@ -42,6 +43,10 @@ pub struct ExecOutput {
 pub trait ContainerRuntime: Clone + Send + Sync + 'static {
     /// Executes one primitive operation.
     fn execute(&self, op: RuntimeOp) -> impl Future<Output = RuntimeResult> + Send;
+
+    /// The runtime's version as it states it (podman's `/version` answer's
+    /// `Version`, e.g. `"4.3.1"`), for the heartbeat.
+    fn version(&self) -> impl Future<Output = Result<String, RuntimeError>> + Send;
 
     /// The last `tail_lines` lines of a container's output, at most `max_bytes`.
     fn logs(

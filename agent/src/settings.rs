@@ -624,7 +624,8 @@ impl Settings {
     }
 
     /// The reconciler's configuration: this device, `agent_version`, and
-    /// the intervals and backoffs set here.
+    /// the intervals and backoffs set here. The device facts are not
+    /// settings: the process adds what [`crate::facts::gather`] reads.
     pub fn reconciler_config(&self, agent_version: &str) -> Config {
         Config::new(self.device.clone(), agent_version)
             .tick_interval(self.tick_interval)

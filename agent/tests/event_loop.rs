@@ -13,7 +13,7 @@ use podfleet_agent::event_loop::{
 };
 use podfleet_core::reconciler::{AgentCache, Bugs};
 use podfleet_core::runtime::ContainerState;
-use podfleet_core::wire::{DeploymentName, DeviceId, Phase, Verb};
+use podfleet_core::wire::{DeploymentName, DeviceId, Heartbeat, Phase, Verb};
 use podfleet_core::Config;
 use podfleet_testkit::SharedFake;
 use podfleet_testkit::{Behaviour, FakeRuntime};
@@ -85,6 +85,14 @@ impl Recorder {
                 )),
                 _ => None,
             })
+    }
+
+    fn last_heartbeat(&self) -> Option<Heartbeat> {
+        let reports = self.reports.lock().unwrap();
+        reports.iter().rev().find_map(|r| match r {
+            Report::Heartbeat(hb) => Some(hb.clone()),
+            _ => None,
+        })
     }
 
     fn heartbeats(&self) -> usize {
@@ -230,6 +238,23 @@ async fn a_put_becomes_a_running_report_with_the_true_container_id() {
             .is_some_and(|c| c.state == ContainerState::Running)),
         "shutdown leaves containers running"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_heartbeat_reports_the_runtimes_version_once_it_answered() {
+    let publisher = Recorder::default();
+    let fake = fake();
+    fake.with(|f| f.set_version("4.3.1"));
+    let agent = Agent::start(
+        LoopOptions::default(),
+        publisher.clone(),
+        fake.clone(),
+        Disk::default(),
+    );
+    settle(Duration::from_secs(1)).await;
+    let heartbeat = publisher.last_heartbeat().unwrap();
+    assert_eq!(heartbeat.runtime_version.as_deref(), Some("4.3.1"));
+    agent.stop().await;
 }
 
 #[tokio::test(start_paused = true)]

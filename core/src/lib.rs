@@ -26,5 +26,5 @@ pub mod session;
 pub mod time;
 pub mod wire;
 
-pub use reconciler::{Config, Input, Output, Reconciler, Wake, WakeReason};
+pub use reconciler::{Config, DeviceFacts, Input, Output, Reconciler, Wake, WakeReason};
 pub use time::{Backoff, Timestamp};

@@ -7,9 +7,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use podfleet_core::reconciler::{Bugs, Config, Input, Output, Reconciler};
-use podfleet_core::runtime::{ContainerState, RuntimeOp, LABEL_SPEC_HASH};
+use podfleet_core::reconciler::{Bugs, Config, DeviceFacts, Input, Output, Reconciler};
+use podfleet_core::runtime::{ContainerState, RuntimeErrorKind, RuntimeOp, LABEL_SPEC_HASH};
 use podfleet_core::time::Timestamp;
+use podfleet_core::wire::report::FACT_MAX_BYTES;
 use podfleet_core::wire::{
     DeploymentName, DeploymentState, DeviceId, FailureCause, Phase, Revision, RuntimeOperation,
 };
@@ -829,6 +830,259 @@ fn heartbeats_come_on_their_interval() {
     let n = h.heartbeats.len();
     assert!((4..=6).contains(&n), "{n}");
     assert_eq!(h.heartbeats.last().unwrap().uptime_s, 60);
+}
+
+fn facts() -> DeviceFacts {
+    DeviceFacts {
+        arch: "aarch64".into(),
+        os: "Debian GNU/Linux 12 (bookworm)".into(),
+        kernel: "6.1.0-rpi7-rpi-v8".into(),
+    }
+}
+
+#[test]
+fn heartbeats_carry_the_device_facts_and_the_runtime_version() {
+    let mut h = Harness::new(config().device_facts(facts()));
+    h.runtime.set_version("4.3.1");
+    h.run_for(Duration::from_secs(60));
+    let last = h.heartbeats.last().unwrap();
+    assert_eq!(
+        (last.arch.as_str(), last.os.as_str(), last.kernel.as_str()),
+        (
+            "aarch64",
+            "Debian GNU/Linux 12 (bookworm)",
+            "6.1.0-rpi7-rpi-v8"
+        )
+    );
+    assert_eq!(last.runtime_version.as_deref(), Some("4.3.1"));
+    // Asked once: a runtime that stays up is not asked again.
+    assert_eq!(h.version_queries, 1);
+    // The fake answers at once, before the first heartbeat is due, and a
+    // version learned is news: no heartbeat went out without it.
+    assert!(h.heartbeats.iter().all(|hb| hb.runtime_version.is_some()));
+    let n = h.heartbeats.len();
+    assert!((4..=6).contains(&n), "{n}");
+}
+
+#[test]
+fn the_runtime_version_is_asked_once_the_runtime_answers() {
+    use podfleet_core::runtime::{RuntimeReply, RuntimeResult};
+    let now = Timestamp::ZERO;
+    let mut r = Reconciler::new(config().device_facts(facts()), None, now);
+    let drain = |r: &mut Reconciler| std::iter::from_fn(|| r.poll_output()).collect::<Vec<_>>();
+    let outputs = drain(&mut r);
+    let [Output::Runtime {
+        id,
+        op: RuntimeOp::List,
+    }] = outputs[..]
+    else {
+        panic!("{outputs:?}");
+    };
+    // The first heartbeat goes out before the runtime answered: facts, no version.
+    r.handle(now, Input::Timeout);
+    let outputs = drain(&mut r);
+    let [Output::Heartbeat(hb)] = &outputs[..] else {
+        panic!("{outputs:?}");
+    };
+    assert_eq!(hb.arch, "aarch64");
+    assert_eq!(hb.runtime_version, None);
+    let listed: RuntimeResult = Ok(RuntimeReply::Listed {
+        containers: Vec::new(),
+    });
+    r.handle(now, Input::RuntimeResult { id, result: listed });
+    let outputs = drain(&mut r);
+    assert_eq!(outputs, [Output::QueryRuntimeVersion]);
+    let at = now + SECOND;
+    r.handle(
+        at,
+        Input::RuntimeVersion {
+            result: Ok("4.3.1\n".into()),
+        },
+    );
+    let outputs = drain(&mut r);
+    let [Output::Heartbeat(hb)] = &outputs[..] else {
+        panic!("{outputs:?}");
+    };
+    assert_eq!(hb.runtime_version.as_deref(), Some("4.3.1"));
+    assert_eq!(r.heartbeat(at), *hb);
+    // The same answer again is no news.
+    r.handle(
+        at,
+        Input::RuntimeVersion {
+            result: Ok("4.3.1".into()),
+        },
+    );
+    assert_eq!(drain(&mut r), []);
+}
+
+#[test]
+fn a_version_asked_before_an_outage_is_asked_again_after_it() {
+    use podfleet_core::runtime::{RuntimeError, RuntimeReply};
+    let mut now = Timestamp::ZERO;
+    let mut r = Reconciler::new(config(), None, now);
+    let drain = |r: &mut Reconciler| std::iter::from_fn(|| r.poll_output()).collect::<Vec<_>>();
+    let list = |outputs: &[Output]| {
+        outputs.iter().find_map(|o| match o {
+            Output::Runtime {
+                id,
+                op: RuntimeOp::List,
+            } => Some(*id),
+            _ => None,
+        })
+    };
+    let asked = |outputs: &[Output]| outputs.contains(&Output::QueryRuntimeVersion);
+    let listed = || {
+        Ok(RuntimeReply::Listed {
+            containers: Vec::new(),
+        })
+    };
+    let id = list(&drain(&mut r)).unwrap();
+    r.handle(
+        now,
+        Input::RuntimeResult {
+            id,
+            result: listed(),
+        },
+    );
+    assert!(asked(&drain(&mut r)));
+    // The runtime goes away before it answers: the tick's list fails.
+    now = r.poll_timeout().at.max(now + Duration::from_secs(30));
+    r.handle(now, Input::Timeout);
+    let id = list(&drain(&mut r)).unwrap();
+    let down = RuntimeError::new(RuntimeErrorKind::Unavailable, "connection refused");
+    r.handle(
+        now,
+        Input::RuntimeResult {
+            id,
+            result: Err(down),
+        },
+    );
+    assert!(!asked(&drain(&mut r)));
+    // Back: the retried list answers, but the first ask is still out.
+    now = r.poll_timeout().at;
+    r.handle(now, Input::Timeout);
+    let id = list(&drain(&mut r)).unwrap();
+    r.handle(
+        now,
+        Input::RuntimeResult {
+            id,
+            result: listed(),
+        },
+    );
+    assert!(!asked(&drain(&mut r)), "one ask at a time");
+    // Its answer arrives late: reported, but it may be from before an upgrade.
+    r.handle(
+        now,
+        Input::RuntimeVersion {
+            result: Ok("4.3.1".into()),
+        },
+    );
+    assert_eq!(r.heartbeat(now).runtime_version.as_deref(), Some("4.3.1"));
+    // So the next list that answers asks again.
+    now = now + Duration::from_secs(31);
+    r.handle(now, Input::Timeout);
+    let id = list(&drain(&mut r)).unwrap();
+    r.handle(
+        now,
+        Input::RuntimeResult {
+            id,
+            result: listed(),
+        },
+    );
+    assert!(asked(&drain(&mut r)));
+    r.handle(
+        now,
+        Input::RuntimeVersion {
+            result: Ok("4.9.0".into()),
+        },
+    );
+    assert_eq!(r.heartbeat(now).runtime_version.as_deref(), Some("4.9.0"));
+    // Known now: the next lists do not ask.
+    now = now + Duration::from_secs(31);
+    r.handle(now, Input::Timeout);
+    let id = list(&drain(&mut r)).unwrap();
+    r.handle(
+        now,
+        Input::RuntimeResult {
+            id,
+            result: listed(),
+        },
+    );
+    assert!(!asked(&drain(&mut r)));
+}
+
+#[test]
+fn the_runtime_version_is_asked_again_after_the_runtime_comes_back() {
+    let mut h = harness();
+    assert_eq!(
+        h.heartbeats.last().unwrap().runtime_version.as_deref(),
+        Some(podfleet_testkit::runtime::FAKE_VERSION)
+    );
+    // Upgraded while unreachable: the next two lists fail.
+    h.runtime.set_version("4.9.0");
+    for _ in 0..2 {
+        h.faults
+            .entry("list")
+            .or_default()
+            .push_back(OpFault::Fail(RuntimeErrorKind::Unavailable));
+    }
+    h.run_for(Duration::from_secs(60));
+    assert_eq!(h.version_queries, 2, "{}", h.transcript);
+    // While unreachable, heartbeats kept the version last stated.
+    assert!(h.heartbeats.iter().any(|hb| matches!(
+        hb.runtime,
+        podfleet_core::wire::RuntimeHealth::Unreachable { .. }
+    ) && hb.runtime_version.as_deref()
+        == Some(podfleet_testkit::runtime::FAKE_VERSION)));
+    let last = h.heartbeats.last().unwrap();
+    assert_eq!(last.runtime, podfleet_core::wire::RuntimeHealth::Ok);
+    assert_eq!(last.runtime_version.as_deref(), Some("4.9.0"));
+}
+
+#[test]
+fn a_failed_version_query_is_asked_again_after_the_next_list() {
+    let mut h = Harness::new(config());
+    h.faults
+        .entry("version")
+        .or_default()
+        .push_back(OpFault::Fail(RuntimeErrorKind::Other));
+    h.run_for(SECOND);
+    assert_eq!(h.version_queries, 1);
+    assert_eq!(h.heartbeats.last().unwrap().runtime_version, None);
+    // The runtime's health is not the version query's business.
+    assert_eq!(
+        h.heartbeats.last().unwrap().runtime,
+        podfleet_core::wire::RuntimeHealth::Ok
+    );
+    // The liveness tick's list, 30 s in.
+    h.run_for(Duration::from_secs(40));
+    assert_eq!(h.version_queries, 2, "{}", h.transcript);
+    assert_eq!(
+        h.heartbeats.last().unwrap().runtime_version.as_deref(),
+        Some(podfleet_testkit::runtime::FAKE_VERSION)
+    );
+}
+
+#[test]
+fn device_facts_and_the_runtime_version_are_cut_in_heartbeats() {
+    let huge = "x".repeat(1_000_000);
+    let facts = DeviceFacts {
+        arch: huge.clone(),
+        os: huge.clone(),
+        kernel: huge.clone(),
+    };
+    let mut h = Harness::new(config().device_facts(facts));
+    h.runtime.set_version(&huge);
+    h.run_for(SECOND);
+    let hb = h.heartbeats.last().unwrap();
+    for fact in [&hb.arch, &hb.os, &hb.kernel] {
+        assert!(fact.len() <= FACT_MAX_BYTES, "{fact}");
+        assert!(fact.ends_with("(1000000 bytes in all)"), "{fact}");
+    }
+    let version = hb.runtime_version.as_deref().unwrap();
+    assert!(version.len() <= FACT_MAX_BYTES, "{version}");
+    let bytes = serde_json::to_vec(hb).unwrap().len();
+    assert!(bytes < 1024, "{bytes} bytes");
 }
 
 #[test]

@@ -203,12 +203,17 @@ fn every_failure_cause_is_stable() {
 
 #[test]
 fn heartbeat_json_is_stable() {
+    // Without device facts a heartbeat is what it was before they existed.
     let ok = Heartbeat {
         device_id: device(),
         agent_version: "0.1.0".into(),
         uptime_s: 3600,
         deployments: 2,
         runtime: RuntimeHealth::Ok,
+        arch: String::new(),
+        os: String::new(),
+        kernel: String::new(),
+        runtime_version: None,
     };
     let down = Heartbeat {
         runtime: RuntimeHealth::Unreachable {
@@ -227,6 +232,66 @@ fn heartbeat_json_is_stable() {
         r#"{"device_id":"RPI","agent_version":"x","uptime_s":1}"#
     )
     .is_err());
+}
+
+fn full_heartbeat() -> Heartbeat {
+    Heartbeat {
+        device_id: device(),
+        agent_version: "0.2.0".into(),
+        uptime_s: 3600,
+        deployments: 2,
+        runtime: RuntimeHealth::Ok,
+        arch: "aarch64".into(),
+        os: "Debian GNU/Linux 12 (bookworm)".into(),
+        kernel: "6.1.0-rpi7-rpi-v8".into(),
+        runtime_version: Some("4.3.1".into()),
+    }
+}
+
+#[test]
+fn a_full_heartbeat_round_trips() {
+    let full = full_heartbeat();
+    round_trip(&full);
+    insta::assert_json_snapshot!("heartbeat_full", full);
+    let json: serde_json::Value = serde_json::to_value(&full).unwrap();
+    assert_eq!(json["arch"], "aarch64");
+    assert_eq!(json["os"], "Debian GNU/Linux 12 (bookworm)");
+    assert_eq!(json["kernel"], "6.1.0-rpi7-rpi-v8");
+    assert_eq!(json["runtime_version"], "4.3.1");
+}
+
+#[test]
+fn a_heartbeat_without_device_facts_parses() {
+    // What every agent before the facts wrote.
+    let older = r#"{"device_id":"rpi-01","agent_version":"0.1.0","uptime_s":3600,"deployments":2,"runtime":{"status":"ok"}}"#;
+    let heartbeat: Heartbeat = serde_json::from_str(older).unwrap();
+    assert_eq!(
+        heartbeat,
+        Heartbeat {
+            agent_version: "0.1.0".into(),
+            arch: String::new(),
+            os: String::new(),
+            kernel: String::new(),
+            runtime_version: None,
+            ..full_heartbeat()
+        }
+    );
+    // Unknown facts are left out, so an older reader sees what it always did.
+    assert_eq!(serde_json::to_string(&heartbeat).unwrap(), older);
+    // Facts known but the runtime's version not yet.
+    let starting: Heartbeat = serde_json::from_str(
+        r#"{"device_id":"rpi-01","agent_version":"0.2.0","uptime_s":0,"arch":"x86_64","os":"linux","kernel":""}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            starting.arch.as_str(),
+            starting.os.as_str(),
+            starting.kernel.as_str()
+        ),
+        ("x86_64", "linux", "")
+    );
+    assert_eq!(starting.runtime_version, None);
 }
 
 #[test]

@@ -415,6 +415,28 @@ impl ContainerRuntime for FaultyRuntime {
         result
     }
 
+    async fn version(&self) -> Result<String, RuntimeError> {
+        let d = &self.device;
+        let now = self.clock.now();
+        let trouble = *lock(&d.trouble);
+        let unavailable =
+            trouble.is_some_and(|(until, t)| now < until && t == RuntimeTrouble::Unavailable);
+        self.trace("-> version");
+        let result = if unavailable {
+            Err(RuntimeError::new(
+                RuntimeErrorKind::Unavailable,
+                "injected: cannot connect to the podman socket",
+            ))
+        } else {
+            d.fake.version().await
+        };
+        match &result {
+            Ok(version) => self.trace(format_args!("<- version {version}")),
+            Err(e) => self.trace(format_args!("<- version error {e}")),
+        }
+        result
+    }
+
     async fn logs(
         &self,
         container: &str,

@@ -30,6 +30,9 @@
 //! - Logs keep each stream's order but not the interleaving of stdout and
 //!   stderr written close together (conmon drains one pipe, then the other);
 //!   `tail` counts lines of both streams together, and a tail of 0 is empty.
+//! - `/version` states the version (`Version`, e.g. `4.3.1`), but only after
+//!   podman has asked its OCI runtime and conmon for theirs: most of a
+//!   second per call.
 //! - The wait/inspect race (inspect still "running" just after `wait`
 //!   returned) was never observed on podman 4.3 in hundreds of tries, but the
 //!   reconciler retries it and so does this suite.
@@ -166,6 +169,7 @@ checks![
     logs_keep_the_newest_lines,
     exec_returns_output_and_exit_code,
     exec_timeout_is_reported,
+    the_runtime_states_its_version,
 ];
 
 /// The checks that run a program in a container with `exec`. A runtime that
@@ -720,6 +724,24 @@ fn expect_error(what: &str, result: RuntimeResult, kind: RuntimeErrorKind) -> Ch
         Err(e) if e.kind == kind => Ok(()),
         other => Err(format!("{what}: want {kind:?}, got {other:?}")),
     }
+}
+
+async fn the_runtime_states_its_version<R: ContainerRuntime>(
+    rt: &R,
+    _scope: &mut Scope<'_>,
+) -> CheckResult {
+    let first = rt.version().await.map_err(|e| format!("version: {e:?}"))?;
+    if first.trim().is_empty() {
+        return Err("version: an empty version".to_owned());
+    }
+    let second = rt
+        .version()
+        .await
+        .map_err(|e| format!("version again: {e:?}"))?;
+    if first != second {
+        return Err(format!("version: {first:?}, then {second:?}"));
+    }
+    Ok(())
 }
 
 async fn create<R: ContainerRuntime>(rt: &R, spec: &ContainerSpec) -> Result<String, String> {

@@ -61,7 +61,8 @@ pub struct Harness {
     pub ops: Vec<(Timestamp, RuntimeOp)>,
     /// A readable log of everything that happened.
     pub transcript: String,
-    /// Faults for the next operation of a given name ("create", "start"...).
+    /// Faults for the next operation of a given name ("create", "start"...,
+    /// and "version" for the version query).
     pub faults: BTreeMap<&'static str, VecDeque<OpFault>>,
     /// Results ready to deliver, with their delivery time.
     ready: VecDeque<(Timestamp, CommandId, RuntimeResult)>,
@@ -74,6 +75,8 @@ pub struct Harness {
     pub violations: Vec<Violation>,
     /// Runtime operations that failed so far (injected or not).
     pub errors: u64,
+    /// How often the reconciler asked the runtime its version.
+    pub version_queries: u32,
 }
 
 impl Harness {
@@ -98,6 +101,7 @@ impl Harness {
             oracle: Oracle::default(),
             violations: Vec::new(),
             errors: 0,
+            version_queries: 0,
         };
         h.drain();
         h
@@ -292,6 +296,20 @@ impl Harness {
                 Output::ClearState { deployment } => {
                     self.log(format_args!("clear {deployment}"));
                     self.states.remove(&deployment);
+                }
+                Output::QueryRuntimeVersion => {
+                    // Answered at once and kept out of the transcript: it
+                    // changes no container.
+                    let result = match self.faults.get_mut("version").and_then(VecDeque::pop_front)
+                    {
+                        Some(OpFault::Fail(kind) | OpFault::FailAfterEffect(kind)) => {
+                            Err(RuntimeError::new(kind, "injected version failure"))
+                        }
+                        None => Ok(self.runtime.version()),
+                    };
+                    self.version_queries += 1;
+                    self.reconciler
+                        .handle(self.now, Input::RuntimeVersion { result });
                 }
                 Output::Heartbeat(hb) => {
                     if self.log_heartbeats {

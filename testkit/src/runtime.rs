@@ -146,6 +146,9 @@ pub enum Completion {
     },
 }
 
+/// The version a [`FakeRuntime`] states until told otherwise.
+pub const FAKE_VERSION: &str = "fake-podman 0.0";
+
 /// A pure model of podman. See the [module docs](self).
 #[derive(Debug, Clone, Default)]
 pub struct FakeRuntime {
@@ -155,6 +158,8 @@ pub struct FakeRuntime {
     missing_images: BTreeSet<String>,
     behaviours: Behaviours,
     events: Vec<(Timestamp, RuntimeEvent)>,
+    /// Set by [`FakeRuntime::set_version`]; [`FAKE_VERSION`] otherwise.
+    version: Option<String>,
 }
 
 impl FakeRuntime {
@@ -184,6 +189,17 @@ impl FakeRuntime {
     /// Makes `image` present again.
     pub fn add_image(&mut self, image: &str) {
         self.missing_images.remove(image);
+    }
+
+    /// The version the runtime states, as podman's `/version` does:
+    /// [`FAKE_VERSION`] unless [`set_version`](Self::set_version) changed it.
+    pub fn version(&self) -> String {
+        self.version.as_deref().unwrap_or(FAKE_VERSION).to_owned()
+    }
+
+    /// Makes the runtime state `version` from now on (an upgrade).
+    pub fn set_version(&mut self, version: &str) {
+        self.version = Some(version.to_owned());
     }
 
     /// Every container, by id.

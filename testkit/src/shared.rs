@@ -106,6 +106,10 @@ impl<C: Clock + Clone> ContainerRuntime for SharedFake<C> {
         }
     }
 
+    async fn version(&self) -> Result<String, RuntimeError> {
+        Ok(self.lock().version())
+    }
+
     async fn logs(
         &self,
         container: &str,

@@ -381,6 +381,26 @@ impl ContainerRuntime for PodmanRuntime {
         }
     }
 
+    /// Asks `/version` through bollard. Podman answers only after running
+    /// its OCI runtime and conmon to learn their versions (about a second on
+    /// a Raspberry-Pi class device), so the loop never waits for it.
+    async fn version(&self) -> Result<String, RuntimeError> {
+        let answer = self
+            .docker
+            .version()
+            .await
+            .map_err(|e| api_error(e, Call::System))?;
+        answer
+            .version
+            .filter(|v| !v.trim().is_empty())
+            .ok_or_else(|| {
+                RuntimeError::new(
+                    RuntimeErrorKind::Other,
+                    "the runtime's /version answer has no Version",
+                )
+            })
+    }
+
     async fn logs(
         &self,
         container: &str,
@@ -531,6 +551,10 @@ impl ContainerRuntime for LazyPodmanRuntime {
         self.runtime().await?.execute(op).await
     }
 
+    async fn version(&self) -> Result<String, RuntimeError> {
+        self.runtime().await?.version().await
+    }
+
     async fn logs(
         &self,
         container: &str,
@@ -660,7 +684,7 @@ enum Call {
     Create,
     /// Anything naming a container: 404 is the container.
     Container,
-    /// Version negotiation and list.
+    /// Version negotiation, the version query and list.
     System,
 }
 

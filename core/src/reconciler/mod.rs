@@ -14,7 +14,8 @@
 //!    with the current time.
 //! 3. Drain [`poll_output`](Reconciler::poll_output) until it returns `None`:
 //!    start each runtime operation (they may run concurrently; a `wait` may
-//!    block for long) and feed its result back in step 2; publish reports;
+//!    block for long) and feed its result back in step 2; ask the runtime
+//!    its version when told to and feed that back too; publish reports;
 //!    persist the cache.
 //! 4. Sleep until [`poll_timeout`](Reconciler::poll_timeout) or the next
 //!    input, whichever comes first, then go to step 2 (with
@@ -58,7 +59,7 @@
 //!                 inputs.push(Input::RuntimeResult { id, result: Ok(reply) });
 //!             }
 //!             Output::PublishState { state, .. } => running = state.phase == Phase::Running,
-//!             _ => {} // heartbeats, cache writes
+//!             _ => {} // version queries, heartbeats, cache writes
 //!         }
 //!     }
 //!     if running {
@@ -95,9 +96,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::{
-    ContainerSummary, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, LABEL_DEPLOYMENT,
+    ContainerSummary, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult,
+    LABEL_DEPLOYMENT,
 };
 use crate::time::{Backoff, Timestamp};
+use crate::wire::report::FACT_MAX_BYTES;
+use crate::wire::text::bounded;
 use crate::wire::{
     DeploymentName, DeploymentState, DeviceId, Heartbeat, InitName, Revision, RuntimeHealth,
     ServiceName,
@@ -108,11 +112,37 @@ pub use bugs::Bugs;
 use deployment::Deployment;
 pub use spec::{fnv1a64, init_container_spec, service_container_spec, service_spec_hash};
 
+/// What the agent's shell learned about its device at start, reported in
+/// every [`Heartbeat`]. The reconciler never looks at the host itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFacts {
+    /// The CPU architecture as Rust names it: `"aarch64"`, `"x86_64"`...
+    pub arch: String,
+    /// The operating system as a person reads it, e.g.
+    /// `"Debian GNU/Linux 12 (bookworm)"`.
+    pub os: String,
+    /// The kernel release, e.g. `"6.1.0-rpi7-rpi-v8"`; empty when unknown.
+    pub kernel: String,
+}
+
+impl DeviceFacts {
+    /// Each fact cut to [`FACT_MAX_BYTES`], without surrounding whitespace.
+    fn bounded(&self) -> Self {
+        let cut = |fact: &str| bounded(fact.trim(), FACT_MAX_BYTES);
+        Self {
+            arch: cut(&self.arch),
+            os: cut(&self.os),
+            kernel: cut(&self.kernel),
+        }
+    }
+}
+
 /// The reconciler's tunables. Defaults suit a Raspberry-Pi class device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     device: DeviceId,
     agent_version: String,
+    facts: DeviceFacts,
     tick_interval: Duration,
     heartbeat_interval: Duration,
     retry_backoff: Backoff,
@@ -129,11 +159,14 @@ impl Config {
     /// failed revisions retried after 10 s doubling to 5 min, crashed
     /// services restarted after 10 s doubling to 5 min (reset after 10 min
     /// of running), an unreachable runtime retried after 1 s doubling to 30 s,
-    /// and the libpod wait/inspect race retried once after 200 ms.
+    /// and the libpod wait/inspect race retried once after 200 ms. No
+    /// device facts: heartbeats leave them out until
+    /// [`device_facts`](Self::device_facts) hands them in.
     pub fn new(device: DeviceId, agent_version: impl Into<String>) -> Self {
         Self {
             device,
             agent_version: agent_version.into(),
+            facts: DeviceFacts::default(),
             tick_interval: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(15),
             retry_backoff: Backoff::new(Duration::from_secs(10), Duration::from_secs(300)),
@@ -144,6 +177,13 @@ impl Config {
             #[cfg(feature = "bugs")]
             bugs: Bugs::default(),
         }
+    }
+
+    /// The device's architecture, OS and kernel, as the shell read them,
+    /// for the heartbeats; each is cut to [`FACT_MAX_BYTES`].
+    pub fn device_facts(mut self, facts: DeviceFacts) -> Self {
+        self.facts = facts.bounded();
+        self
     }
 
     /// How often running services are checked for liveness.
@@ -190,6 +230,11 @@ impl Config {
     /// The agent version reported in heartbeats.
     pub fn agent_version(&self) -> &str {
         &self.agent_version
+    }
+
+    /// The device facts reported in heartbeats.
+    pub fn facts(&self) -> &DeviceFacts {
+        &self.facts
     }
 
     /// The liveness tick interval.
@@ -271,6 +316,18 @@ pub enum Input<'a> {
         /// What the runtime answered.
         result: RuntimeResult,
     },
+    /// The runtime's answer to [`Output::QueryRuntimeVersion`]: its version
+    /// as it states it (podman's `/version` `Version`), or why it did not
+    /// say.
+    ///
+    /// The version is reported in every heartbeat from then on (cut to
+    /// [`FACT_MAX_BYTES`]); a new or changed one is published at once. A
+    /// failed answer leaves the version as it was and has it asked again
+    /// after the next `list` that answers. An empty version is no answer.
+    RuntimeVersion {
+        /// The version, or the runtime's error.
+        result: Result<String, RuntimeError>,
+    },
     /// Time has passed: act on every deadline at or before `now`.
     Timeout,
 }
@@ -299,6 +356,13 @@ pub enum Output {
         /// The deployment.
         deployment: DeploymentName,
     },
+    /// Ask the runtime its version and hand the answer back as
+    /// [`Input::RuntimeVersion`]. Asked when the first `list` answers, and
+    /// again when a `list` answers after the runtime was unreachable (it may
+    /// have been upgraded) or after a failed ask; never while an ask is
+    /// unanswered. Best effort: an ask left unanswered only keeps the
+    /// version out of heartbeats.
+    QueryRuntimeVersion,
     /// Put this heartbeat in the heartbeat bucket.
     Heartbeat(Heartbeat),
     /// Write this cache to disk, atomically, replacing the previous one.
@@ -405,6 +469,20 @@ impl AgentCache {
     }
 }
 
+/// Where the reconciler stands on learning the runtime's version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VersionProbe {
+    /// Not known since the runtime was last unreachable (or ever), or the
+    /// last ask failed: ask when the next `list` answers.
+    Wanted,
+    /// [`Output::QueryRuntimeVersion`] is out and unanswered. `stale`: the
+    /// runtime was unreachable since, so the answer may predate an upgrade
+    /// and the version is wanted again after it.
+    Asked { stale: bool },
+    /// Answered since the runtime was last unreachable.
+    Known,
+}
+
 /// Who is waiting for a command's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Owner {
@@ -456,6 +534,9 @@ pub struct Reconciler {
     runtime_health: RuntimeHealth,
     runtime_failures: u32,
     runtime_retry_at: Option<Timestamp>,
+    /// The runtime's version, as it last stated it.
+    runtime_version: Option<String>,
+    version_probe: VersionProbe,
     cache_dirty: bool,
     last_cache: Option<AgentCache>,
     /// After a resync, the next list also tears down containers of
@@ -494,6 +575,8 @@ impl Reconciler {
             runtime_health: RuntimeHealth::Ok,
             runtime_failures: 0,
             runtime_retry_at: None,
+            runtime_version: None,
+            version_probe: VersionProbe::Wanted,
             cache_dirty: false,
             last_cache: cache,
             orphan_sweep: false,
@@ -521,6 +604,7 @@ impl Reconciler {
             } => self.desired_delete(now, deployment, revision),
             Input::DesiredResync { present } => self.desired_resync(now, present),
             Input::RuntimeResult { id, result } => self.runtime_result(now, id, result),
+            Input::RuntimeVersion { result } => self.on_runtime_version(now, result),
             Input::Timeout => self.timeout(now),
         }
     }
@@ -630,6 +714,32 @@ impl Reconciler {
         }
     }
 
+    fn on_runtime_version(&mut self, now: Timestamp, result: Result<String, RuntimeError>) {
+        let version = result
+            .ok()
+            .map(|v| bounded(v.trim(), FACT_MAX_BYTES))
+            .filter(|v| !v.is_empty());
+        self.version_probe = match (self.version_probe, &version) {
+            (VersionProbe::Asked { stale: false }, Some(_)) => VersionProbe::Known,
+            (VersionProbe::Asked { .. }, _) => VersionProbe::Wanted,
+            // Nobody asked: a version all the same, but no answer to wait for.
+            (probe, _) => probe,
+        };
+        if let Some(version) = version {
+            if self.runtime_version.as_ref() != Some(&version) {
+                self.runtime_version = Some(version);
+                self.emit_heartbeat(now);
+            }
+        }
+    }
+
+    fn ask_runtime_version(&mut self) {
+        if self.version_probe == VersionProbe::Wanted {
+            self.version_probe = VersionProbe::Asked { stale: false };
+            self.effects.outputs.push_back(Output::QueryRuntimeVersion);
+        }
+    }
+
     fn timeout(&mut self, now: Timestamp) {
         if now >= self.next_heartbeat {
             self.emit_heartbeat(now);
@@ -718,6 +828,10 @@ impl Reconciler {
             uptime_s: now.saturating_since(self.started_at).as_secs(),
             deployments: u32::try_from(self.deployments.len()).unwrap_or(u32::MAX),
             runtime: self.runtime_health.clone(),
+            arch: self.config.facts.arch.clone(),
+            os: self.config.facts.os.clone(),
+            kernel: self.config.facts.kernel.clone(),
+            runtime_version: self.runtime_version.clone(),
         }
     }
 
@@ -830,6 +944,7 @@ impl Reconciler {
         };
         self.runtime_failures = 0;
         self.set_runtime_health(now, RuntimeHealth::Ok);
+        self.ask_runtime_version();
         self.inventory_ready = true;
         let mut by_deployment: BTreeMap<&str, Vec<&ContainerSummary>> = BTreeMap::new();
         for c in &containers {
@@ -873,6 +988,13 @@ impl Reconciler {
     }
 
     fn set_runtime_health(&mut self, now: Timestamp, health: RuntimeHealth) {
+        if health != RuntimeHealth::Ok {
+            // It may come back upgraded: ask again once it answers.
+            self.version_probe = match self.version_probe {
+                VersionProbe::Asked { .. } => VersionProbe::Asked { stale: true },
+                _ => VersionProbe::Wanted,
+            };
+        }
         if self.runtime_health != health {
             let was_ok = self.runtime_health == RuntimeHealth::Ok;
             let is_ok = health == RuntimeHealth::Ok;

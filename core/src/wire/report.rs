@@ -237,7 +237,31 @@ pub struct Heartbeat {
     /// Whether the container runtime answers.
     #[serde(default)]
     pub runtime: RuntimeHealth,
+    /// The CPU architecture as Rust names it (`std::env::consts::ARCH`):
+    /// `"aarch64"`, `"x86_64"`... Empty when unknown (agents older than the
+    /// field); left out of the JSON then.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub arch: String,
+    /// The operating system as a person reads it: os-release's
+    /// `PRETTY_NAME`, e.g. `"Debian GNU/Linux 12 (bookworm)"`, or the bare
+    /// OS name (`"linux"`) without one. Empty when unknown; at most
+    /// [`FACT_MAX_BYTES`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub os: String,
+    /// The kernel release, e.g. `"6.1.0-rpi7-rpi-v8"`. Empty when unknown;
+    /// at most [`FACT_MAX_BYTES`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kernel: String,
+    /// The container runtime's version as it states it, e.g. `"4.3.1"`;
+    /// absent until the runtime has told it. At most [`FACT_MAX_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_version: Option<String>,
 }
+
+/// The most bytes of each device fact a [`Heartbeat`] carries (`arch`,
+/// `os`, `kernel`, `runtime_version`): every device publishes one every few
+/// seconds, so a fact never makes it large.
+pub const FACT_MAX_BYTES: usize = 128;
 
 /// Whether the container runtime's API answered the last call.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
