@@ -979,6 +979,12 @@ impl Controller {
             .map(|d| (d.generation, d.error.as_deref()))
     }
 
+    /// Every fleet deployment the controller holds (valid or refused), in
+    /// name order; deleted ones are not listed.
+    pub fn deployment_names(&self) -> impl Iterator<Item = &DeploymentName> {
+        self.deployments.keys()
+    }
+
     /// Every known device, in id order.
     pub fn devices(&self) -> impl Iterator<Item = DeviceView<'_>> {
         self.devices.iter().map(|(id, device)| DeviceView {

@@ -1,0 +1,329 @@
+//! `podfleet describe device|deployment`: one object in detail, for people.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use podfleet_core::fleet::controller::DeviceRollout;
+use podfleet_core::fleet::{describe_cause, Controller, FleetDeployment};
+use podfleet_core::wire::{DeploymentName, DeploymentState, DeviceId, Phase};
+use podfleet_core::Timestamp;
+
+use crate::cli::get::{runtime_health, strategy_name};
+use crate::cli::table::{self, Table};
+use crate::cli::Failure;
+
+/// The label column's width: `Name:` and its value line up like kubectl's.
+const KEY: usize = 14;
+
+fn field(out: &mut String, indent: usize, key: &str, value: impl std::fmt::Display) {
+    let pad = KEY.saturating_sub(key.len() + 1);
+    let _ = writeln!(out, "{:indent$}{key}:{:pad$} {value}", "", "");
+}
+
+/// A phase as a word: `Running`.
+pub fn phase_word(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Pending => "Pending",
+        Phase::Running => "Running",
+        Phase::Failed => "Failed",
+    }
+}
+
+fn restarts(state: &DeploymentState) -> u32 {
+    state.restarts.values().map(|r| r.count).sum()
+}
+
+/// `describe device ID` at `now`.
+///
+/// # Errors
+/// [`Failure`] when the snapshot does not know the device.
+pub fn device(controller: &Controller, now: Timestamp, id: &DeviceId) -> Result<String, Failure> {
+    let Some(device) = controller.devices().find(|d| d.id == id) else {
+        return Err(Failure::failed(format!(
+            "device \"{id}\" not found: it has neither a heartbeat nor a device record"
+        )));
+    };
+    let mut out = String::new();
+    field(&mut out, 0, "Name", id);
+    let status = match (device.heartbeat, device.online) {
+        (None, _) => "Unknown (no heartbeat yet)".to_owned(),
+        (Some(_), online) => format!(
+            "{} (last heartbeat {} ago)",
+            if online { "Online" } else { "Offline" },
+            device.seen_at.map_or_else(
+                || "<unknown>".to_owned(),
+                |s| table::age(now.saturating_since(s))
+            )
+        ),
+    };
+    field(&mut out, 0, "Status", status);
+    let mut labels = device.labels.iter().map(|(k, v)| format!("{k}={v}"));
+    field(
+        &mut out,
+        0,
+        "Labels",
+        labels.next().unwrap_or_else(|| "<none>".into()),
+    );
+    for label in labels {
+        let _ = writeln!(out, "{:KEY$} {label}", "");
+    }
+    match device.heartbeat {
+        Some(heartbeat) => {
+            field(&mut out, 0, "Agent", &heartbeat.agent_version);
+            field(
+                &mut out,
+                0,
+                "Uptime",
+                table::age(Duration::from_secs(heartbeat.uptime_s)),
+            );
+            field(&mut out, 0, "Runtime", runtime_health(&heartbeat.runtime));
+            field(
+                &mut out,
+                0,
+                "Managed",
+                format!(
+                    "{} deployment(s), as the agent counts them",
+                    heartbeat.deployments
+                ),
+            );
+        }
+        None => field(&mut out, 0, "Agent", "<unknown>"),
+    }
+    if device.deployments.is_empty() {
+        field(&mut out, 0, "Deployments", "<none>");
+    } else {
+        let _ = writeln!(out, "Deployments:");
+    }
+    for name in &device.deployments {
+        let _ = writeln!(out, "  {name}:");
+        let desired = controller
+            .rollout(name)
+            .into_iter()
+            .find(|r| r.device == id)
+            .and_then(|r| r.revision);
+        let fleet = if controller.deployment(name).is_some() {
+            "fleet deployment"
+        } else {
+            "not a fleet deployment (desired key written by hand)"
+        };
+        field(&mut out, 4, "Kind", fleet);
+        let Some(state) = controller.report(name, id) else {
+            field(&mut out, 4, "Phase", "Pending (no report yet)");
+            if let Some(desired) = desired {
+                field(&mut out, 4, "Revision", format!("- (desired {desired})"));
+            }
+            continue;
+        };
+        field(&mut out, 4, "Phase", phase_word(state.phase));
+        let revision = match desired {
+            Some(d) if d == state.revision => format!("{} (up to date)", state.revision),
+            Some(d) => format!("{} (desired {d})", state.revision),
+            None => state.revision.to_string(),
+        };
+        field(&mut out, 4, "Revision", revision);
+        if state.attempt > 1 {
+            field(&mut out, 4, "Attempt", state.attempt);
+        }
+        if !state.message.is_empty() {
+            field(&mut out, 4, "Message", &state.message);
+        }
+        if let Some(cause) = &state.cause {
+            field(&mut out, 4, "Cause", describe_cause(cause));
+        }
+        if state.container_ids.is_empty() {
+            field(&mut out, 4, "Containers", "<none>");
+        } else {
+            let _ = writeln!(out, "    Containers:");
+            for (service, container) in &state.container_ids {
+                let _ = writeln!(out, "      {service}: {container}");
+            }
+        }
+        if !state.restarts.is_empty() {
+            let _ = writeln!(out, "    Restarts:");
+            for (service, record) in &state.restarts {
+                let exit = record
+                    .last_exit_code
+                    .map(|c| format!(" (last exit code {c})"))
+                    .unwrap_or_default();
+                let _ = writeln!(out, "      {service}: {}{exit}", record.count);
+            }
+        }
+        if state.summarised {
+            field(
+                &mut out,
+                4,
+                "Note",
+                "the report was summarised: it was over the broker's size limit",
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// `describe deployment NAME` at `now`: the stored manifest (with its
+/// generation), the status computed from the snapshot, and one row per
+/// targeted device.
+///
+/// # Errors
+/// [`Failure`] when neither the bucket nor the snapshot has it.
+pub fn deployment(
+    controller: &Controller,
+    now: Timestamp,
+    name: &DeploymentName,
+    stored: Option<&(u64, FleetDeployment)>,
+    width: usize,
+) -> Result<String, Failure> {
+    let held = controller.deployment(name);
+    if stored.is_none() && held.is_none() {
+        return Err(Failure::failed(format!(
+            "fleetdeployment \"{name}\" not found"
+        )));
+    }
+    let status = controller.status(name);
+    let generation = stored
+        .map(|(g, _)| *g)
+        .or(held.map(|(g, _)| g))
+        .unwrap_or_default();
+    let mut out = String::new();
+    field(&mut out, 0, "Name", name);
+    field(
+        &mut out,
+        0,
+        "Generation",
+        format!("{generation} (observed {})", status.observed_generation),
+    );
+    if let Some((_, manifest)) = stored {
+        field(&mut out, 0, "Target", &manifest.spec.target);
+        field(&mut out, 0, "Strategy", strategy_name(manifest));
+        let score = &manifest.spec.score;
+        let _ = writeln!(out, "Services:");
+        for service in &score.services {
+            let _ = writeln!(out, "  {}: {}", service.name, service.image);
+        }
+        if !score.init_containers.is_empty() {
+            let _ = writeln!(out, "Init containers:");
+            for init in &score.init_containers {
+                let _ = writeln!(
+                    out,
+                    "  {}: {} (timeout {})",
+                    init.name,
+                    init.image,
+                    table::age(init.timeout)
+                );
+            }
+        }
+    }
+    let p = status.phases;
+    field(
+        &mut out,
+        0,
+        "Status",
+        format!(
+            "{}/{} running, {} pending, {} failed; {} up to date, {} offline",
+            p.running, status.targeted, p.pending, p.failed, status.updated, status.offline
+        ),
+    );
+    if let Some(error) = held.and_then(|(_, e)| e) {
+        field(&mut out, 0, "Error", error);
+    }
+    if !status.failures.is_empty() {
+        let _ = writeln!(out, "Failures:");
+        for group in &status.failures {
+            let devices: Vec<&str> = group.devices.iter().map(DeviceId::as_str).collect();
+            let more = (group.count as usize)
+                .checked_sub(devices.len())
+                .filter(|n| *n > 0)
+                .map(|n| format!(" and {n} more"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {} device(s): {} ({}{more})",
+                group.count,
+                group.message,
+                devices.join(", ")
+            );
+        }
+    }
+    let rows = controller.rollout(name);
+    if rows.is_empty() {
+        field(&mut out, 0, "Devices", "<none>");
+        return Ok(out);
+    }
+    let _ = writeln!(out, "Devices:");
+    let mut devices = Table::new(vec![
+        "DEVICE",
+        "PHASE",
+        "REVISION",
+        "UP-TO-DATE",
+        "RESTARTS",
+        "HEARTBEAT",
+        "CAUSE",
+    ]);
+    for row in &rows {
+        devices.row(device_row(row, now));
+    }
+    for line in devices.render(width.saturating_sub(2)).lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+    Ok(out)
+}
+
+fn device_row(row: &DeviceRollout<'_>, now: Timestamp) -> Vec<String> {
+    let reported = row
+        .report
+        .map_or_else(|| "-".to_owned(), |r| r.revision.to_string());
+    let desired = row
+        .revision
+        .map_or_else(|| "-".to_owned(), |r| r.to_string());
+    let heartbeat = match (row.seen_at, row.online) {
+        (None, _) => "<unknown>".to_owned(),
+        (Some(seen), true) => table::age(now.saturating_since(seen)),
+        (Some(seen), false) => format!("{} (offline)", table::age(now.saturating_since(seen))),
+    };
+    vec![
+        row.device.to_string(),
+        phase_word(row.phase()).to_owned(),
+        format!("{reported}/{desired}"),
+        if row.updated { "yes" } else { "no" }.to_owned(),
+        row.report.map_or(0, restarts).to_string(),
+        heartbeat,
+        row.report
+            .and_then(|r| r.cause.as_ref())
+            .map(describe_cause)
+            .unwrap_or_default(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::cli::fixtures::{id, name, Fleet, NOW};
+
+    #[test]
+    fn describe_device() {
+        let fleet = Fleet::sample();
+        let running = device(&fleet.controller, NOW, &id("rpi-01")).unwrap();
+        let failed = device(&fleet.controller, NOW, &id("rpi-02")).unwrap();
+        let offline = device(&fleet.controller, NOW, &id("rpi-03")).unwrap();
+        insta::assert_snapshot!(format!("{running}\n{failed}\n{offline}"));
+        let missing = device(&fleet.controller, NOW, &id("nope")).unwrap_err();
+        assert_eq!(missing.exit, crate::cli::Exit::Failed);
+        assert!(missing.message.contains("\"nope\" not found"), "{missing}");
+    }
+
+    #[test]
+    fn describe_deployment() {
+        let fleet = Fleet::sample();
+        let web = name("web");
+        let text =
+            deployment(&fleet.controller, NOW, &web, fleet.manifests.get(&web), 120).unwrap();
+        let db = name("db");
+        let explicit =
+            deployment(&fleet.controller, NOW, &db, fleet.manifests.get(&db), 120).unwrap();
+        insta::assert_snapshot!(format!("{text}\n{explicit}"));
+        let missing = deployment(&fleet.controller, NOW, &name("nope"), None, 120).unwrap_err();
+        assert_eq!(missing.message, "fleetdeployment \"nope\" not found");
+    }
+}

@@ -1,0 +1,425 @@
+//! The IO edge of the verbs: connect, read, write, sleep and print. Every
+//! decision about what to print and how to exit is made by the pure
+//! functions of the sibling modules; this module only carries them out.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use podfleet_agent::buckets::{fleet_buckets, BucketSettings};
+use podfleet_core::wire::names::{DEPLOYMENTS_BUCKET, DEVICES_BUCKET, STATUS_BUCKET};
+use podfleet_core::wire::{DeploymentName, DeviceId, ExecReply, LogsReply, PingReply, Verb};
+
+use crate::cli::apply::{self, DryRun, Outcome};
+use crate::cli::args::{
+    format_duration, ApplyArgs, Command, DeleteArgs, DescribeArgs, DescribeKind, ExecArgs, GetArgs,
+    GlobalArgs, Kind, LabelArgs, LogsArgs, OutputFormat, PingArgs, RolloutAction,
+};
+use crate::cli::command::{self, Printed};
+use crate::cli::get::{self, Manifests, Watch};
+use crate::cli::rollout::{RolloutWatch, Verdict};
+use crate::cli::{describe, label, table, Exit, Failure};
+use crate::client::{BucketPlan, ClientError, FleetClient};
+use crate::context;
+
+/// How often `get -w` reads the buckets again.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The six buckets, with `replicas` and (when given) `max_value_size`:
+/// the agent's three and the control plane's deployments, devices and
+/// status. Existing buckets are never altered.
+pub fn bucket_plan(replicas: u8, max_value_size: Option<u32>) -> BucketPlan {
+    let control = [
+        BucketSettings::new(DEPLOYMENTS_BUCKET),
+        BucketSettings::new(DEVICES_BUCKET),
+        BucketSettings::new(STATUS_BUCKET),
+    ];
+    let buckets = fleet_buckets()
+        .into_iter()
+        .chain(control)
+        .map(|b| {
+            let b = b.replicas(replicas);
+            match max_value_size {
+                Some(bytes) => b.max_value_size(bytes),
+                None => b,
+            }
+        })
+        .collect();
+    BucketPlan { buckets }
+}
+
+/// Runs one verb (every verb but `controller`, which main runs).
+///
+/// # Errors
+/// A [`Failure`] to print on stderr with its exit code.
+pub async fn run(global: &GlobalArgs, command: Command) -> Result<Exit, Failure> {
+    match command {
+        Command::Apply(args) => apply(global, args).await,
+        Command::Delete(args) => delete(global, args).await,
+        Command::Get(args) => get(global, args).await,
+        Command::Describe(args) => describe(global, args).await,
+        Command::Label(args) => label(global, args).await,
+        Command::Rollout(args) => match args.action {
+            RolloutAction::Status { name, timeout } => rollout_status(global, name, timeout).await,
+        },
+        Command::Ping(args) => ping(global, args).await,
+        Command::Logs(args) => logs(global, args).await,
+        Command::Exec(args) => exec(global, args).await,
+        Command::Controller(_) => Err(Failure::usage("`podfleet controller` is not a client verb")),
+    }
+}
+
+fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
+fn err(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
+fn failed(error: ClientError) -> Failure {
+    Failure::failed(error.to_string())
+}
+
+async fn connect(global: &GlobalArgs) -> Result<FleetClient, Failure> {
+    let unreachable = |message: String| Failure {
+        exit: Exit::Unreachable,
+        message,
+    };
+    let connection =
+        context::resolve(&global.overrides()).map_err(|e| unreachable(e.to_string()))?;
+    tracing::debug!(context = %connection.context, urls = ?connection.urls, "connecting");
+    FleetClient::connect(&connection, &bucket_plan(1, None), global.request_timeout)
+        .await
+        .map_err(|e| {
+            unreachable(format!(
+                "cannot reach {} (context {}): {e}",
+                connection.urls.join(","),
+                connection.context
+            ))
+        })
+}
+
+fn read_input(file: &Path) -> Result<(String, String), Failure> {
+    if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| Failure::failed(format!("<stdin>: {e}")))?;
+        return Ok(("<stdin>".to_owned(), text));
+    }
+    let label = file.display().to_string();
+    let text =
+        std::fs::read_to_string(file).map_err(|e| Failure::failed(format!("{label}: {e}")))?;
+    Ok((label, text))
+}
+
+async fn apply(global: &GlobalArgs, args: ApplyArgs) -> Result<Exit, Failure> {
+    let (label, text) = read_input(&args.file)?;
+    let manifests = apply::parse_manifests(&label, &text)?;
+    let client = connect(global).await?;
+    let snapshot = if args.dry_run {
+        Some(client.snapshot().await.map_err(failed)?)
+    } else {
+        None
+    };
+    for manifest in &manifests {
+        let stored = client
+            .deployment(&manifest.metadata.name)
+            .await
+            .map_err(failed)?;
+        let outcome = Outcome::of(stored.as_ref().map(|(_, m)| m), manifest);
+        match &snapshot {
+            Some((controller, now)) => {
+                out(&DryRun::plan(controller, *now, manifest).render(manifest, outcome));
+            }
+            None => {
+                if outcome.writes() {
+                    client.put_deployment(manifest).await.map_err(failed)?;
+                }
+                out(&outcome.line(manifest));
+            }
+        }
+    }
+    Ok(Exit::Success)
+}
+
+async fn delete(global: &GlobalArgs, args: DeleteArgs) -> Result<Exit, Failure> {
+    let client = connect(global).await?;
+    match client.delete_deployment(&args.name).await.map_err(failed)? {
+        true => out(&format!("fleetdeployment/{} deleted\n", args.name)),
+        false if args.ignore_not_found => {}
+        false => {
+            return Err(Failure::failed(format!(
+                "fleetdeployment \"{}\" not found",
+                args.name
+            )))
+        }
+    }
+    Ok(Exit::Success)
+}
+
+async fn manifests(client: &FleetClient, names: Vec<DeploymentName>) -> Manifests {
+    let mut manifests = Manifests::new();
+    for name in names {
+        match client.deployment(&name).await {
+            Ok(Some(stored)) => {
+                manifests.insert(name, stored);
+            }
+            Ok(None) => {}
+            // A manifest the controller refused shows with its error.
+            Err(error) => tracing::warn!(%name, %error, "cannot read the manifest"),
+        }
+    }
+    manifests
+}
+
+async fn get(global: &GlobalArgs, args: GetArgs) -> Result<Exit, Failure> {
+    let selector = get::selector(args.kind, args.selector.as_deref())?;
+    let list_format = args.output.filter(|f| *f != OutputFormat::Wide);
+    if args.watch && list_format.is_some() {
+        return Err(Failure::usage(
+            "-w prints tables: use it without -o, or with -o wide",
+        ));
+    }
+    let wide = args.output == Some(OutputFormat::Wide);
+    let client = connect(global).await?;
+    let volatile = match args.kind {
+        Kind::Devices => get::DEVICE_VOLATILE_COLUMNS,
+        Kind::Deployments => &[],
+    };
+    let mut watch = Watch::new(volatile);
+    loop {
+        let (controller, now) = client.snapshot().await.map_err(failed)?;
+        let manifests = match args.kind {
+            Kind::Devices => Manifests::new(),
+            Kind::Deployments => {
+                manifests(&client, controller.deployment_names().cloned().collect()).await
+            }
+        };
+        if let Some(format) = list_format {
+            let list = match args.kind {
+                Kind::Devices => get::devices_list(&controller, now, selector.as_ref()),
+                Kind::Deployments => get::deployments_list(&controller, &manifests),
+            };
+            out(&get::render_list(&list, format)?);
+            return Ok(Exit::Success);
+        }
+        let table = match args.kind {
+            Kind::Devices => get::devices_table(&controller, now, selector.as_ref(), wide),
+            Kind::Deployments => get::deployments_table(&controller, &manifests, wide),
+        };
+        if !args.watch {
+            if table.is_empty() {
+                err("No resources found.\n");
+            } else {
+                out(&table.render(table::terminal_width()));
+            }
+            return Ok(Exit::Success);
+        }
+        out(&watch.next(&table, table::terminal_width()));
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
+}
+
+async fn describe(global: &GlobalArgs, args: DescribeArgs) -> Result<Exit, Failure> {
+    let text = match args.kind {
+        DescribeKind::Device => {
+            let id = DeviceId::new(&args.name)
+                .map_err(|e| Failure::usage(format!("device id {:?}: {e}", args.name)))?;
+            let client = connect(global).await?;
+            let (controller, now) = client.snapshot().await.map_err(failed)?;
+            describe::device(&controller, now, &id)?
+        }
+        DescribeKind::Deployment => {
+            let name = DeploymentName::new(&args.name)
+                .map_err(|e| Failure::usage(format!("deployment name {:?}: {e}", args.name)))?;
+            let client = connect(global).await?;
+            let (controller, now) = client.snapshot().await.map_err(failed)?;
+            let stored = client.deployment(&name).await.map_err(failed)?;
+            describe::deployment(
+                &controller,
+                now,
+                &name,
+                stored.as_ref(),
+                table::terminal_width(),
+            )?
+        }
+    };
+    out(&text);
+    Ok(Exit::Success)
+}
+
+async fn label(global: &GlobalArgs, args: LabelArgs) -> Result<Exit, Failure> {
+    let changes = label::parse(&args.labels)?;
+    let client = connect(global).await?;
+    let record = client.device_record(&args.device).await.map_err(failed)?;
+    label::check_overwrite(
+        args.device.as_str(),
+        &record.labels,
+        &changes,
+        args.overwrite,
+    )?;
+    let unchanged = changes
+        .set
+        .iter()
+        .all(|(k, v)| record.labels.get(k) == Some(v))
+        && changes
+            .remove
+            .iter()
+            .all(|k| !record.labels.contains_key(k));
+    if unchanged {
+        out(&format!("device/{} not labeled\n", args.device));
+        return Ok(Exit::Success);
+    }
+    client
+        .label_device(&args.device, &changes.set, &changes.remove)
+        .await
+        .map_err(failed)?;
+    out(&format!("device/{} labeled\n", args.device));
+    Ok(Exit::Success)
+}
+
+async fn rollout_status(
+    global: &GlobalArgs,
+    name: DeploymentName,
+    timeout: Duration,
+) -> Result<Exit, Failure> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let client = connect(global).await?;
+    let Some((generation, _)) = client.deployment(&name).await.map_err(failed)? else {
+        return Err(Failure::failed(format!(
+            "fleetdeployment \"{name}\" not found"
+        )));
+    };
+    let mut statuses = client.watch_status(&name).await.map_err(failed)?;
+    let mut watch = RolloutWatch::new(name, generation);
+    let tty = std::io::stdout().is_terminal();
+    let mut drawn = false;
+    let end_line = |drawn: bool| {
+        if tty && drawn {
+            out("\n");
+        }
+    };
+    loop {
+        let status = match tokio::time::timeout_at(deadline, statuses.next()).await {
+            Err(_) => {
+                end_line(drawn);
+                return Err(Failure {
+                    exit: Exit::TimedOut,
+                    message: watch.timed_out(&format_duration(timeout)),
+                });
+            }
+            Ok(None) => {
+                end_line(drawn);
+                return Err(Failure::failed(
+                    "the status watch ended before the rollout did",
+                ));
+            }
+            Ok(Some(status)) => status,
+        };
+        let (line, verdict) = watch.step(status.as_ref());
+        if let Some(line) = line {
+            if tty {
+                out(&format!("\r\x1b[2K{line}"));
+                drawn = true;
+            } else {
+                out(&format!("{line}\n"));
+            }
+        }
+        match verdict {
+            Verdict::Waiting(_) => {}
+            Verdict::Complete(message) => {
+                end_line(drawn);
+                out(&format!("{message}\n"));
+                return Ok(Exit::Success);
+            }
+            Verdict::Failed(message) => {
+                end_line(drawn);
+                return Err(Failure::failed(message));
+            }
+        }
+    }
+}
+
+async fn ping(global: &GlobalArgs, args: PingArgs) -> Result<Exit, Failure> {
+    let client = connect(global).await?;
+    let sent = std::time::Instant::now();
+    let body = client
+        .command(
+            &args.device,
+            Verb::Ping,
+            serde_json::json!({}),
+            global.request_timeout,
+        )
+        .await
+        .map_err(|e| Failure::failed(format!("device {} did not answer: {e}", args.device)))?;
+    let reply: PingReply = command::decode(&args.device, body)?;
+    out(&command::ping_line(&reply, sent.elapsed()));
+    Ok(Exit::Success)
+}
+
+fn print(printed: Printed) -> Exit {
+    out(&printed.stdout);
+    err(&printed.stderr);
+    printed.exit
+}
+
+async fn logs(global: &GlobalArgs, args: LogsArgs) -> Result<Exit, Failure> {
+    let client = connect(global).await?;
+    let body = client
+        .command(
+            &args.device,
+            Verb::Logs,
+            command::logs_request(&args),
+            global.request_timeout,
+        )
+        .await
+        .map_err(|e| Failure::failed(format!("device {} did not answer: {e}", args.device)))?;
+    let reply: LogsReply = command::decode(&args.device, body)?;
+    Ok(print(command::logs_output(reply)))
+}
+
+async fn exec(global: &GlobalArgs, args: ExecArgs) -> Result<Exit, Failure> {
+    let client = connect(global).await?;
+    let body = client
+        .command(
+            &args.device,
+            Verb::Exec,
+            command::exec_request(&args),
+            args.timeout + global.request_timeout,
+        )
+        .await
+        .map_err(|e| Failure::failed(format!("device {} did not answer: {e}", args.device)))?;
+    let reply: ExecReply = command::decode(&args.device, body)?;
+    Ok(print(command::exec_output(reply)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_names_six_buckets_with_the_replicas_asked_for() {
+        let plan = bucket_plan(3, Some(4096));
+        let names: Vec<&str> = plan.buckets.iter().map(BucketSettings::name).collect();
+        assert_eq!(
+            names,
+            [
+                "podfleet-desired",
+                "podfleet-state",
+                "podfleet-heartbeats",
+                "podfleet-deployments",
+                "podfleet-devices",
+                "podfleet-status"
+            ]
+        );
+        let config = plan.buckets[0].stream_config();
+        assert_eq!(config["num_replicas"], 3, "{config}");
+        assert_eq!(config["max_msg_size"], 4096, "{config}");
+    }
+}
