@@ -12,8 +12,9 @@
 //! its writes out.
 //!
 //! # Drive loop
-//! 1. Feed every entry of the deployments, devices, desired, state and
-//!    heartbeat buckets with [`Controller::handle`], then [`Input::Synced`].
+//! 1. Feed every entry of the deployments, devices, desired, state,
+//!    heartbeat and status buckets with [`Controller::handle`], then
+//!    [`Input::Synced`].
 //!    Nothing is written before it: a restarted controller first learns what
 //!    the buckets hold, so it rewrites nothing that is already right.
 //! 2. After every `handle`, drain [`Controller::poll_output`] until `None`
@@ -142,6 +143,15 @@ pub enum Input {
         value: Option<Vec<u8>>,
         /// How long before `now` it was written.
         age: Duration,
+    },
+    /// The status bucket holds `value` at key `name` (or nothing, on a
+    /// delete). The controller rewrites a status only when it differs, and
+    /// deletes the statuses of deployments that no longer exist.
+    Status {
+        /// The key.
+        name: DeploymentName,
+        /// The status's JSON, `None` when deleted.
+        value: Option<Vec<u8>>,
     },
     /// A write the controller asked for was refused.
     WriteFailed {
@@ -327,6 +337,8 @@ pub struct Controller {
     offline_at: BTreeSet<(Timestamp, DeviceId)>,
     /// Refused writes by when they are due again.
     retries: BTreeSet<(Timestamp, DeploymentName, DeviceId)>,
+    /// What the status bucket holds (or is being written), by deployment.
+    statuses: BTreeMap<DeploymentName, FleetDeploymentStatus>,
     outputs: VecDeque<Output>,
 }
 
@@ -344,6 +356,7 @@ impl Controller {
             on_device: BTreeMap::new(),
             offline_at: BTreeSet::new(),
             retries: BTreeSet::new(),
+            statuses: BTreeMap::new(),
             outputs: VecDeque::new(),
         }
     }
@@ -367,6 +380,7 @@ impl Controller {
             Input::Desired(change) => self.desired_changed(change),
             Input::State(change) => self.state_changed(change),
             Input::Heartbeat { device, value, age } => self.heartbeat(device, value, age),
+            Input::Status { name, value } => self.status_observed(name, value),
             Input::WriteFailed { key, .. } => self.write_failed(key),
             Input::Synced => self.synced(),
             Input::Timeout => self.timeout(),
@@ -391,10 +405,12 @@ impl Controller {
             at: *at,
             reason: WakeReason::DeviceOffline,
         });
+        // Statuses are written only once synced: before, a dirty status is
+        // no reason to wake.
         let status = self
             .deployments
             .values()
-            .filter(|d| d.dirty)
+            .filter(|d| self.synced && d.dirty)
             .map(|d| d.next_status_at)
             .min()
             .map(|at| Wake {
@@ -438,7 +454,7 @@ impl Controller {
                 generation,
                 spec: None,
                 error: None,
-                status: None,
+                status: self.statuses.get(&name).cloned(),
                 dirty: true,
                 next_status_at,
             });
@@ -457,13 +473,35 @@ impl Controller {
     }
 
     fn deployment_deleted(&mut self, name: DeploymentName) {
-        let existed = self.deployments.remove(&name).is_some();
+        self.deployments.remove(&name);
         self.tombstones.insert(name.clone());
         if self.synced {
             self.converge_deployment(&name);
-            if existed {
-                self.outputs.push_back(Output::DeleteStatus { name });
+            self.delete_status(name);
+        }
+    }
+
+    fn status_observed(&mut self, name: DeploymentName, value: Option<Vec<u8>>) {
+        let status = value.and_then(|v| serde_json::from_slice::<FleetDeploymentStatus>(&v).ok());
+        match &status {
+            Some(status) => self.statuses.insert(name.clone(), status.clone()),
+            None => self.statuses.remove(&name),
+        };
+        match self.deployments.get_mut(&name) {
+            Some(deployment) => {
+                deployment.status = status;
+                deployment.dirty = true;
             }
+            None if self.synced => self.delete_status(name),
+            None => {}
+        }
+    }
+
+    /// Deletes the status of `name`, a deployment that no longer exists, if
+    /// the bucket holds one.
+    fn delete_status(&mut self, name: DeploymentName) {
+        if self.statuses.remove(&name).is_some() {
+            self.outputs.push_back(Output::DeleteStatus { name });
         }
     }
 
@@ -620,6 +658,15 @@ impl Controller {
             .collect();
         for name in &names {
             self.converge_deployment(name);
+        }
+        let gone: Vec<DeploymentName> = self
+            .statuses
+            .keys()
+            .filter(|name| !self.deployments.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.delete_status(name);
         }
         let online: Vec<DeviceId> = self
             .devices
@@ -880,6 +927,7 @@ impl Controller {
             deployment.dirty = false;
             if deployment.status.as_ref() != Some(&status) {
                 deployment.status = Some(status.clone());
+                self.statuses.insert(name.clone(), status.clone());
                 deployment.next_status_at = now + interval;
                 self.outputs.push_back(Output::PutStatus { name, status });
             }

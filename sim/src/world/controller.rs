@@ -2,8 +2,8 @@
 //! [`Controller`] driven over the fake broker, as `podfleet controller`
 //! drives it over NATS.
 //!
-//! It watches the deployments, devices, desired, state and heartbeat
-//! buckets, feeds every entry to the controller, hands it
+//! It watches the deployments, devices, desired, state, heartbeat and
+//! status buckets, feeds every entry to the controller, hands it
 //! [`Input::Synced`] once every watch has delivered its snapshot, and
 //! carries out its writes. After a lost connection it starts over with a
 //! new controller, as the production shell does.
@@ -18,12 +18,13 @@ use super::*;
 use crate::broker::PING_INTERVAL;
 
 /// The buckets the controller watches, by watch id (1-based).
-const WATCHED: [&str; 5] = [
+const WATCHED: [&str; 6] = [
     DEPLOYMENTS_BUCKET,
     DEVICES_BUCKET,
     DESIRED_BUCKET,
     STATE_BUCKET,
     HEARTBEAT_BUCKET,
+    STATUS_BUCKET,
 ];
 
 /// The fleet controller process: connects, syncs, drives, and starts over
@@ -78,7 +79,7 @@ async fn session(
         }
     }
     // Per watch: entries of its snapshot still to come (`None`: not started).
-    let mut pending: [Option<u64>; 5] = [None; 5];
+    let mut pending = [None; WATCHED.len()];
     let mut writes: BTreeMap<u64, DeploymentKey> = BTreeMap::new();
     let mut next_id = 100u64;
     let mut last_heard = tokio::time::Instant::now();
@@ -179,7 +180,7 @@ async fn session(
     }
 }
 
-fn watch_slot(pending: &mut [Option<u64>; 5], watch: u64) -> Option<&mut Option<u64>> {
+fn watch_slot(pending: &mut [Option<u64>; WATCHED.len()], watch: u64) -> Option<&mut Option<u64>> {
     let index = usize::try_from(watch.checked_sub(1)?).ok()?;
     pending.get_mut(index)
 }
@@ -207,6 +208,10 @@ fn entry_input(watch: u64, key: String, revision: u64, value: Option<Vec<u8>>) -
                 None => Input::DeviceDeleted { device },
             }
         }
+        STATUS_BUCKET => Input::Status {
+            name: DeploymentName::new(key).ok()?,
+            value,
+        },
         HEARTBEAT_BUCKET => Input::Heartbeat {
             device: DeviceId::new(key).ok()?,
             value,

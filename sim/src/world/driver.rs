@@ -509,8 +509,10 @@ fn check_fleet(plan: &Plan, shared: &Shared) {
             .get(name.as_str())
             .and_then(|(_, v)| serde_json::from_slice::<FleetDeploymentStatus>(v).ok());
         match (fleet, status) {
-            (None, Some(_)) => violation(format!("{name} is deleted but still has a status")),
-            (None, None) => {}
+            (None, Some(_)) if !refused.contains(name) => {
+                violation(format!("{name} is deleted but still has a status"));
+            }
+            (None, _) => {}
             (Some(_), None) => violation(format!("{name} has no status")),
             (Some(_), Some(status)) => {
                 let running = want

@@ -80,6 +80,8 @@ struct Buckets {
     /// Every desired write the controller asked for.
     writes: Vec<Output>,
     statuses: BTreeMap<DeploymentName, FleetDeploymentStatus>,
+    /// Every status put or delete the controller asked for.
+    status_writes: usize,
     /// Refuse the next this many desired writes.
     refuse: u32,
 }
@@ -98,6 +100,7 @@ impl Buckets {
             controller: Controller::new(Config::default(), Timestamp::ZERO),
             writes: Vec::new(),
             statuses: BTreeMap::new(),
+            status_writes: 0,
             refuse: 0,
         }
     }
@@ -161,10 +164,20 @@ impl Buckets {
                         }));
                     }
                     Output::PutStatus { name, status } => {
+                        self.status_writes += 1;
                         self.statuses.insert(name.clone(), status.clone());
+                        inputs.push_back(Input::Status {
+                            name: name.clone(),
+                            value: Some(serde_json::to_vec(status).unwrap()),
+                        });
                     }
                     Output::DeleteStatus { name } => {
+                        self.status_writes += 1;
                         self.statuses.remove(name);
+                        inputs.push_back(Input::Status {
+                            name: name.clone(),
+                            value: None,
+                        });
                     }
                 }
             }
@@ -240,6 +253,7 @@ impl Buckets {
     fn restart(&mut self) {
         self.controller = Controller::new(Config::default(), self.now);
         self.writes.clear();
+        self.status_writes = 0;
         let mut inputs = Vec::new();
         for (deployment, (generation, value)) in &self.deployments {
             inputs.push(match value {
@@ -278,6 +292,12 @@ impl Buckets {
                 revision: Revision::new(1),
                 value: value.clone(),
             }));
+        }
+        for (name, status) in &self.statuses {
+            inputs.push(Input::Status {
+                name: name.clone(),
+                value: Some(serde_json::to_vec(status).unwrap()),
+            });
         }
         for (device, value) in &self.heartbeats {
             inputs.push(Input::Heartbeat {
@@ -328,6 +348,9 @@ fn nothing_is_written_before_the_buckets_were_read() {
         manifest("web", json!({"selector": "site=lyon"}), "web:1"),
     );
     assert!(fleet.writes.is_empty());
+    // Nor is there any reason to wake: a shell looping on the deadline
+    // would spin.
+    assert_eq!(fleet.controller.poll_timeout(), None);
     fleet.feed(Input::Synced);
     assert_eq!(fleet.desired_keys("web"), ["rpi-01"]);
 }
@@ -391,8 +414,11 @@ fn a_restarted_controller_rewrites_nothing_and_finishes_what_was_missed() {
         manifest("web", json!({"selector": "site=lyon"}), "web:1"),
     );
     fleet.apply("db", manifest("db", json!({"devices": ["rpi-03"]}), "db:1"));
+    fleet.advance(Duration::from_secs(2));
     fleet.restart();
+    fleet.advance(Duration::from_secs(2));
     assert_eq!(fleet.writes, []);
+    assert_eq!(fleet.status_writes, 0, "a status was rewritten");
 
     // While it was down: a relabel, and a deployment deleted.
     fleet
@@ -403,6 +429,10 @@ fn a_restarted_controller_rewrites_nothing_and_finishes_what_was_missed() {
     assert_eq!(fleet.desired_keys("web"), ["rpi-02"]);
     assert_eq!(fleet.desired_keys("db"), Vec::<String>::new());
     assert_eq!(fleet.writes.len(), 2);
+    assert!(
+        !fleet.statuses.contains_key(&name("db")),
+        "a deleted deployment's status stays"
+    );
 }
 
 #[test]
@@ -795,6 +825,12 @@ proptest! {
                 .map(|(k, (_, v))| (k.device.to_string(), v.clone()))
                 .collect();
             prop_assert_eq!(&got, keys, "keys of {}", deployment);
+            if fleet.deployments.get(&name(deployment)).is_some_and(|(_, v)| v.is_none()) {
+                prop_assert!(
+                    !fleet.statuses.contains_key(&name(deployment)),
+                    "{} is deleted and still has a status", deployment
+                );
+            }
             if let Some(status) = fleet.statuses.get(&name(deployment)) {
                 if status.error.is_none() {
                     prop_assert_eq!(status.targeted as usize, keys.len());
