@@ -148,6 +148,8 @@ struct WorldState {
     lines: VecDeque<String>,
     violations: Vec<Violation>,
     probes: BTreeMap<&'static str, u64>,
+    /// State keys the fleet controller deleted as orphans.
+    collected: BTreeSet<String>,
 }
 
 /// What every part of a run reports into: the trace, violations, probes.
@@ -184,6 +186,17 @@ impl World {
     /// Counts a probe.
     pub fn probe(&self, name: &'static str) {
         *lock(&self.0).probes.entry(name).or_default() += 1;
+    }
+
+    /// Notes that the fleet controller deleted the state key `key` because
+    /// it had outlived its desired key.
+    pub fn state_collected(&self, key: String) {
+        lock(&self.0).collected.insert(key);
+    }
+
+    /// Whether the fleet controller deleted the state key `key`.
+    pub fn was_collected(&self, key: &str) -> bool {
+        lock(&self.0).collected.contains(key)
     }
 }
 

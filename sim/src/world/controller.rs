@@ -156,7 +156,11 @@ async fn session(
                     writes.insert(next_id, key.clone());
                     (DESIRED_BUCKET, key.to_key(), None)
                 }
-                Output::DeleteState { key } => (STATE_BUCKET, key.to_key(), None),
+                Output::DeleteState { key } => {
+                    world.probe("orphan state collected");
+                    world.state_collected(key.to_key());
+                    (STATE_BUCKET, key.to_key(), None)
+                }
                 Output::PutStatus { name, status } => (
                     STATUS_BUCKET,
                     name.to_string(),

@@ -351,11 +351,20 @@ fn check_converged(shared: &Shared) -> Vec<(usize, String)> {
                 .collect::<BTreeMap<String, (u64, Vec<u8>)>>()
         };
         let mine = under(&desired);
-        let stored = under(&reported)
+        let stored: BTreeMap<String, Vec<u8>> = under(&reported)
             .into_iter()
             .map(|(k, (_, v))| (k, v))
             .collect();
-        let published = lock(&d.published).clone();
+        // A report whose desired key is gone and which the fleet controller
+        // deleted as an orphan (its agent could not: it restarted without
+        // its cache and never learnt of the deployment) is not the agent's.
+        let mut published = lock(&d.published).clone();
+        published.retain(|deployment, _| {
+            let key = format!("{prefix}{deployment}");
+            mine.contains_key(deployment.as_str())
+                || stored.contains_key(deployment.as_str())
+                || !shared.world.was_collected(&key)
+        });
         let oracle = lock(&d.oracle).clone();
         let epoch = *lock(&d.epoch);
         let (problems, converged) = d.fake.with(|fake| {
