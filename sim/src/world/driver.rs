@@ -423,6 +423,12 @@ fn check_quiet(shared: &Shared, before: &[usize], running: &[(usize, String)]) {
     }
 }
 
+/// How long after a restart the controller may take to be back and synced,
+/// in ms: a broker restart shows only when the connection falls silent
+/// (the idle timeout, checked at each ping), then a reconnect and a
+/// snapshot, with room to spare.
+const RESTART_MARGIN_MS: u64 = 45_000;
+
 /// Fleet convergence: every fleet deployment's per-device keys are exactly
 /// its resolved target, each holding its score, and its status counts what
 /// the devices report. The expectation is worked out from the plan alone:
@@ -436,6 +442,9 @@ fn check_fleet(plan: &Plan, shared: &Shared) {
     let mut fleets: BTreeMap<String, Option<(Selector, Vec<u8>)>> = BTreeMap::new();
     let mut refused: BTreeSet<String> = BTreeSet::new();
     let mut unknown: BTreeSet<String> = BTreeSet::new();
+    // Until when the controller may be down or starting over: a refused
+    // manifest that a fresh controller reads first leaves it as unknown.
+    let mut restarting_until = 0;
     for step in plan.steps.iter().filter(|s| s.at_ms < plan.heal_at_ms) {
         match &step.action {
             Action::Label { device, labels: l } => {
@@ -461,6 +470,9 @@ fn check_fleet(plan: &Plan, shared: &Shared) {
                 Err(_) => {
                     fleets.entry(deployment.clone()).or_insert(None);
                     refused.insert(deployment.clone());
+                    if step.at_ms <= restarting_until {
+                        unknown.insert(deployment.clone());
+                    }
                 }
             },
             Action::Unapply { deployment } => {
@@ -468,8 +480,13 @@ fn check_fleet(plan: &Plan, shared: &Shared) {
                 refused.remove(deployment);
                 unknown.remove(deployment);
             }
-            Action::ControllerRestart { .. } | Action::BrokerRestart => {
+            Action::ControllerRestart { down_ms } => {
                 unknown.extend(refused.iter().cloned());
+                restarting_until = restarting_until.max(step.at_ms + down_ms + RESTART_MARGIN_MS);
+            }
+            Action::BrokerRestart => {
+                unknown.extend(refused.iter().cloned());
+                restarting_until = restarting_until.max(step.at_ms + RESTART_MARGIN_MS);
             }
             _ => {}
         }
