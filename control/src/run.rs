@@ -48,7 +48,8 @@ pub struct ControllerOptions {
     pub config: Config,
     /// How long connecting (and each bucket check) may take.
     pub connect_timeout: Duration,
-    /// How many writes may wait for their acknowledgement at once.
+    /// How many writes may wait for their acknowledgement at once (below
+    /// async-nats's own bound of 5,000 per JetStream context).
     pub max_in_flight: usize,
     /// The delay between attempts to connect, and before a pass that
     /// follows a failed one.

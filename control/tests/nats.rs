@@ -10,14 +10,14 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use e2e::{eventually, NatsServer};
 use podfleet_agent::buckets::{ensure_bucket, Ensured};
-use podfleet_control::client::{BucketPlan, FleetClient};
+use podfleet_control::client::{BucketPlan, ClientError, FleetClient};
 use podfleet_control::context::Connection;
 use podfleet_control::run::{run_controller, ControllerOptions};
 use podfleet_core::fleet::controller::{Config, Output};
 use podfleet_core::fleet::{FleetDeployment, API_VERSION, FLEET_DEPLOYMENT_KIND};
 use podfleet_core::time::Backoff;
 use podfleet_core::wire::names::{DESIRED_BUCKET, HEARTBEAT_BUCKET, STATE_BUCKET, STATUS_BUCKET};
-use podfleet_core::wire::{DeploymentKey, DeploymentName, DeviceId};
+use podfleet_core::wire::{DeploymentKey, DeploymentName, DeviceId, Verb};
 use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -178,6 +178,63 @@ async fn deployments_are_put_read_and_deleted() {
     assert_eq!(client.deployment(&name("web")).await.unwrap(), None);
     // A deleted deployment can be applied again.
     assert!(client.put_deployment(&web).await.unwrap() > second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_to_an_absent_agent_says_so() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let error = client
+        .command(&id("rpi-01"), Verb::Ping, json!({}), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ClientError::AgentNotConnected { device, subject } if device.as_str() == "rpi-01" && subject == "device-commands.rpi-01.ping"),
+        "{error:?}"
+    );
+}
+
+/// One apply to 10,000 fake devices; prints how long the desired keys take.
+/// `cargo test -p podfleet-control --release --test nats -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn fan_out_to_ten_thousand_devices() {
+    const DEVICES: usize = 10_000;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("podfleet_control=info")
+        .try_init();
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let js = client.nats().clone();
+    let js = async_nats::jetstream::new(js);
+    // In batches: a JetStream context allows 5,000 unacknowledged publishes.
+    for batch in 0..DEVICES / 1000 {
+        let mut acks = Vec::with_capacity(1000);
+        for i in batch * 1000..(batch + 1) * 1000 {
+            let device = format!("dev-{i:05}");
+            let subject = format!("$KV.{HEARTBEAT_BUCKET}.{device}");
+            let ack = js.publish(subject, heartbeat(&device).into()).await;
+            acks.push(ack.unwrap());
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+    println!("heartbeats written");
+    let running = Running::start(&server);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = std::time::Instant::now();
+    client
+        .put_deployment(&manifest("web", json!({"selector": ""})))
+        .await
+        .unwrap();
+    let mut stream = js.get_stream(format!("KV_{DESIRED_BUCKET}")).await.unwrap();
+    eventually!("every desired key", Duration::from_secs(120), {
+        let info = stream.info().await.unwrap();
+        (info.state.messages as usize >= DEVICES).then_some(())
+    });
+    println!("{DEVICES} desired keys in {:?}", started.elapsed());
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
