@@ -185,6 +185,31 @@ pub enum NatsError {
     Connect(String),
 }
 
+/// The client options that log in with `credentials`, and nothing else
+/// set: the agent and the control plane add their own names, inboxes and
+/// retry policies.
+///
+/// # Errors
+/// [`NatsError::Credentials`] when a `.creds` file cannot be read or parsed.
+pub async fn connect_options(credentials: &Credentials) -> Result<ConnectOptions, NatsError> {
+    Ok(match credentials {
+        Credentials::None => ConnectOptions::new(),
+        Credentials::UserPassword { user, password } => {
+            ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        }
+        Credentials::Token(token) => ConnectOptions::with_token(token.clone()),
+        Credentials::NKeySeed(seed) => ConnectOptions::with_nkey(seed.clone()),
+        Credentials::CredsFile(path) => {
+            ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| NatsError::Credentials {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+    })
+}
+
 /// Starts the NATS client, which connects in the background and retries
 /// forever, and the task that watches this device's keys.
 ///
@@ -195,22 +220,8 @@ pub enum NatsError {
 /// an invalid URL or seed. An unreachable server is not an error.
 pub async fn connect(settings: NatsSettings) -> Result<(NatsSource, NatsPublisher), NatsError> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let options =
-        match &settings.credentials {
-            Credentials::None => ConnectOptions::new(),
-            Credentials::UserPassword { user, password } => {
-                ConnectOptions::with_user_and_password(user.clone(), password.clone())
-            }
-            Credentials::Token(token) => ConnectOptions::with_token(token.clone()),
-            Credentials::NKeySeed(seed) => ConnectOptions::with_nkey(seed.clone()),
-            Credentials::CredsFile(path) => ConnectOptions::with_credentials_file(path)
-                .await
-                .map_err(|source| NatsError::Credentials {
-                    path: path.clone(),
-                    source,
-                })?,
-        };
-    let client = options
+    let client = connect_options(&settings.credentials)
+        .await?
         .name(&settings.client_name)
         .custom_inbox_prefix(&settings.inbox_prefix)
         .retry_on_initial_connect()
