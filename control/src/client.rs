@@ -797,7 +797,7 @@ pub(crate) fn wall_clock() -> Timestamp {
     Timestamp::from_millis(ms)
 }
 
-/// The five buckets the controller reads.
+/// The six buckets the controller reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Bucket {
     Deployments,
@@ -805,16 +805,18 @@ pub(crate) enum Bucket {
     Desired,
     State,
     Heartbeats,
+    Status,
 }
 
 impl Bucket {
     /// In the order a snapshot feeds them.
-    pub(crate) const ALL: [Bucket; 5] = [
+    pub(crate) const ALL: [Bucket; 6] = [
         Bucket::Deployments,
         Bucket::Devices,
         Bucket::Desired,
         Bucket::State,
         Bucket::Heartbeats,
+        Bucket::Status,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -824,6 +826,7 @@ impl Bucket {
             Bucket::Desired => DESIRED_BUCKET,
             Bucket::State => STATE_BUCKET,
             Bucket::Heartbeats => HEARTBEAT_BUCKET,
+            Bucket::Status => STATUS_BUCKET,
         }
     }
 
@@ -855,6 +858,13 @@ impl Bucket {
                 Ok(device) => Input::DevicePut {
                     device,
                     value: entry.payload,
+                },
+                Err(e) => return skip(e.to_string()),
+            },
+            Bucket::Status => match DeploymentName::new(key) {
+                Ok(name) => Input::Status {
+                    name,
+                    value: (!deleted).then_some(entry.payload),
                 },
                 Err(e) => return skip(e.to_string()),
             },

@@ -5,7 +5,7 @@
 //! 1. Connects ([`FleetClient::connect`], retried with backoff) and makes
 //!    sure the buckets exist.
 //! 2. Starts a *pass*: one ordered consumer per input bucket (deployments,
-//!    devices, desired, state, heartbeats) delivering the newest entry of
+//!    devices, desired, state, heartbeats, status) delivering the newest entry of
 //!    every key, then every change. Each entry is handed to a fresh
 //!    [`Controller`]; once every consumer has delivered what its bucket held
 //!    (an entry with nothing pending after it, or an empty bucket), it hands

@@ -84,9 +84,14 @@ spec:
 }
 
 #[test]
-fn the_controller_is_not_wired_yet() {
-    let output = podfleet(&["controller", "--replicas", "3"], "");
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+fn the_controller_refuses_knobs_that_cannot_work() {
     let output = podfleet(&["controller", "--replicas", "9"], "");
-    assert_eq!(output.status.code(), Some(64));
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+    let output = podfleet(&["controller", "--offline-after", "soon"], "");
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("is not a duration"),
+        "{}",
+        stderr(&output)
+    );
 }

@@ -16,6 +16,7 @@
 //! - [`rollout`]: `rollout status`'s progress lines and verdict.
 //! - [`command`]: `ping`, `logs` and `exec` replies.
 //! - [`shell`]: the IO edge that runs a parsed command.
+//! - [`entry`]: the `podfleet` binary's `main`.
 //!
 //! The reference for people is docs/cli.md.
 
@@ -23,6 +24,7 @@ pub mod apply;
 pub mod args;
 pub mod command;
 pub mod describe;
+pub mod entry;
 pub mod get;
 pub mod label;
 pub mod rollout;

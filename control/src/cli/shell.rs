@@ -7,8 +7,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use podfleet_agent::buckets::{fleet_buckets, BucketSettings};
-use podfleet_core::wire::names::{DEPLOYMENTS_BUCKET, DEVICES_BUCKET, STATUS_BUCKET};
 use podfleet_core::wire::{DeploymentName, DeviceId, ExecReply, LogsReply, PingReply, Verb};
 
 use crate::cli::apply::{self, DryRun, Outcome};
@@ -26,27 +24,14 @@ use crate::context;
 /// How often `get -w` reads the buckets again.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The six buckets, with `replicas` and (when given) `max_value_size`:
-/// the agent's three and the control plane's deployments, devices and
-/// status. Existing buckets are never altered.
+/// The six buckets ([`BucketPlan::default`]), with `replicas` and (when
+/// given) `max_value_size`. Existing buckets are never altered.
 pub fn bucket_plan(replicas: u8, max_value_size: Option<u32>) -> BucketPlan {
-    let control = [
-        BucketSettings::new(DEPLOYMENTS_BUCKET),
-        BucketSettings::new(DEVICES_BUCKET),
-        BucketSettings::new(STATUS_BUCKET),
-    ];
-    let buckets = fleet_buckets()
-        .into_iter()
-        .chain(control)
-        .map(|b| {
-            let b = b.replicas(replicas);
-            match max_value_size {
-                Some(bytes) => b.max_value_size(bytes),
-                None => b,
-            }
-        })
-        .collect();
-    BucketPlan { buckets }
+    let plan = BucketPlan::default().replicas(replicas);
+    match max_value_size {
+        Some(bytes) => plan.max_value_size(bytes),
+        None => plan,
+    }
 }
 
 /// Runs one verb (every verb but `controller`, which main runs).
@@ -406,7 +391,11 @@ mod tests {
     #[test]
     fn the_plan_names_six_buckets_with_the_replicas_asked_for() {
         let plan = bucket_plan(3, Some(4096));
-        let names: Vec<&str> = plan.buckets.iter().map(BucketSettings::name).collect();
+        let names: Vec<&str> = plan
+            .buckets
+            .iter()
+            .map(podfleet_agent::buckets::BucketSettings::name)
+            .collect();
         assert_eq!(
             names,
             [
