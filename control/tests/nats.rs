@@ -194,49 +194,6 @@ async fn a_command_to_an_absent_agent_says_so() {
     );
 }
 
-/// One apply to 10,000 fake devices; prints how long the desired keys take.
-/// `cargo test -p podfleet-control --release --test nats -- --ignored --nocapture`
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a check"]
-async fn fan_out_to_ten_thousand_devices() {
-    const DEVICES: usize = 10_000;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("podfleet_control=info")
-        .try_init();
-    let server = NatsServer::start();
-    let client = connect(&server).await;
-    let js = client.nats().clone();
-    let js = async_nats::jetstream::new(js);
-    // In batches: a JetStream context allows 5,000 unacknowledged publishes.
-    for batch in 0..DEVICES / 1000 {
-        let mut acks = Vec::with_capacity(1000);
-        for i in batch * 1000..(batch + 1) * 1000 {
-            let device = format!("dev-{i:05}");
-            let subject = format!("$KV.{HEARTBEAT_BUCKET}.{device}");
-            let ack = js.publish(subject, heartbeat(&device).into()).await;
-            acks.push(ack.unwrap());
-        }
-        for ack in acks {
-            ack.await.unwrap();
-        }
-    }
-    println!("heartbeats written");
-    let running = Running::start(&server);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let started = std::time::Instant::now();
-    client
-        .put_deployment(&manifest("web", json!({"selector": ""})))
-        .await
-        .unwrap();
-    let mut stream = js.get_stream(format!("KV_{DESIRED_BUCKET}")).await.unwrap();
-    eventually!("every desired key", Duration::from_secs(120), {
-        let info = stream.info().await.unwrap();
-        (info.state.messages as usize >= DEVICES).then_some(())
-    });
-    println!("{DEVICES} desired keys in {:?}", started.elapsed());
-    running.stop().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_labels_all_land() {
     let server = NatsServer::start();
