@@ -199,6 +199,47 @@ impl Drop for PodmanService {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
+            if let Some([root, ..]) = &self.store {
+                kill_exec_monitors(root);
+            }
+        }
+    }
+}
+
+/// Kills the conmon processes still working for the store `root`.
+///
+/// conmon keeps an `exec` session's monitor alive for minutes after the
+/// program ended (podman's `--exit-delay`), then runs `podman container
+/// cleanup --root <root>`, which would recreate the store after its
+/// temporary directory is gone. Only processes whose arguments name this
+/// store's own (unique, temporary) root exactly are touched.
+fn kill_exec_monitors(root: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let root = root.as_os_str().as_bytes();
+    let Ok(processes) = fs::read_dir("/proc") else {
+        return;
+    };
+    for process in processes.flatten() {
+        let Some(pid) = process
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(process.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|&b| b == 0);
+        let is_conmon = args
+            .next()
+            .is_some_and(|program| program.ends_with(b"conmon"));
+        if is_conmon && args.any(|arg| arg == root) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
