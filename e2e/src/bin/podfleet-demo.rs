@@ -14,6 +14,7 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -76,8 +77,11 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    catch_signals();
     match demo(&options) {
         Ok(()) => ExitCode::SUCCESS,
+        // Interrupted before the end: the shell's convention for SIGINT.
+        Err(_) if STOP.load(Ordering::SeqCst) => ExitCode::from(130),
         Err(message) => {
             eprintln!("\npodfleet-demo: {message}");
             ExitCode::FAILURE
@@ -104,11 +108,13 @@ fn say(text: &str) {
 /// Prints `$ podfleet args...` and runs it with its output on ours;
 /// fails unless it exits 0.
 fn run(cli: &Podfleet, args: &[&str]) -> Result<(), String> {
+    interrupted()?;
     show(args);
     let status = cli
         .command(args)
         .status()
         .map_err(|e| format!("cannot run {}: {e}", cli.binary().display()))?;
+    interrupted()?;
     if status.success() {
         Ok(())
     } else {
@@ -154,6 +160,7 @@ spec:
 fn wait_for_devices(cli: &Podfleet) -> Result<(), String> {
     let deadline = Instant::now() + WAIT;
     loop {
+        interrupted()?;
         let run = cli.run(&["get", "devices", "-o", "json"]);
         let online = serde_json::from_str::<serde_json::Value>(&run.stdout)
             .ok()
@@ -192,6 +199,7 @@ fn watch_rollout(cli: &Podfleet) -> Result<(), String> {
     thread::sleep(Duration::from_millis(1500));
     let _ = watch.kill();
     let _ = watch.wait();
+    interrupted()?;
     if rollout.code() == Some(0) {
         say("\n(the demo stopped the watch; by hand, Ctrl-C stops it)");
         Ok(())
@@ -238,6 +246,7 @@ fn demo(options: &Options) -> Result<(), String> {
          busybox test image ({TEST_IMAGE}), once."
     ));
     let images = [demo_image(1), demo_image(2)];
+    interrupted()?;
     say(&format!(
         "\n{}  busybox httpd serving \"podfleet demo v1\" on port 8080\n\
          {}  the same, saying \"podfleet demo v2\"",
@@ -250,6 +259,27 @@ fn demo(options: &Options) -> Result<(), String> {
         .tempdir()
         .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
     let mut fleet = Fleet::start_in(dir, &binaries, &images, &["--allow-exec"]);
+    let result = walkthrough(&mut fleet, &binaries, &images, started, options);
+    match &result {
+        Ok(()) if options.exit_after_upgrade => say("--exit-after-upgrade: tearing down."),
+        Ok(()) => say("Ctrl-C: tearing down."),
+        Err(_) if STOP.load(Ordering::SeqCst) => say("\n\nCtrl-C: tearing down."),
+        Err(_) => say("\nSomething went wrong (the reason follows): tearing down."),
+    }
+    fleet.kill_controller();
+    drop(fleet);
+    say("removed the containers, the device stores, the controller and nats-server.");
+    result
+}
+
+/// Steps 2 to 6, on a fleet whose nats-server and controller run.
+fn walkthrough(
+    fleet: &mut Fleet,
+    binaries: &Binaries,
+    images: &[String; 2],
+    started: Instant,
+    options: &Options,
+) -> Result<(), String> {
     let bin = fleet.dir().join("bin");
     fs::create_dir_all(&bin).map_err(|e| format!("cannot create {}: {e}", bin.display()))?;
     symlink(&binaries.podfleet, bin.join("podfleet"))
@@ -361,20 +391,38 @@ fn demo(options: &Options) -> Result<(), String> {
     );
 
     step(6, "Your turn");
-    try_next(&fleet, &cli, &bin, &file);
+    try_next(fleet, &cli, &bin, &file);
     if options.exit_after_upgrade {
-        say("--exit-after-upgrade: tearing down now.");
-    } else {
-        say("The fleet runs until you press Ctrl-C here; then everything is removed.");
-        let runtime = tokio_runtime();
-        runtime.block_on(stopped());
-        println!();
-        say("Ctrl-C: tearing down.");
+        return Ok(());
     }
-    fleet.kill_controller();
-    drop(fleet);
-    say("removed the containers, the device stores, the controller and nats-server.");
+    say("The fleet runs until you press Ctrl-C here; then everything is removed.");
+    while !STOP.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(200));
+    }
+    println!();
     Ok(())
+}
+
+/// Set once SIGINT (Ctrl-C) or SIGTERM arrived: the demo stops at its next
+/// step and tears its fleet down.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Catches SIGINT and SIGTERM for the rest of the process's life, setting
+/// [`STOP`].
+fn catch_signals() {
+    thread::spawn(|| {
+        tokio_runtime().block_on(stopped());
+        STOP.store(true, Ordering::SeqCst);
+    });
+}
+
+/// An error once [`STOP`] is set.
+fn interrupted() -> Result<(), String> {
+    if STOP.load(Ordering::SeqCst) {
+        Err("interrupted".to_owned())
+    } else {
+        Ok(())
+    }
 }
 
 /// The commands to try next, ready to paste into another terminal.
