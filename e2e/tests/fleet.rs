@@ -309,6 +309,23 @@ fn a_fleet_deployment_follows_labels_survives_the_controller_and_upgrades() {
     }
     let devices_part = described.split("Devices:").nth(1).unwrap_or_default();
     assert!(!devices_part.contains("rpi-02"), "{described}");
+    let row = devices_part
+        .lines()
+        .map(str::split_whitespace)
+        .map(Iterator::collect::<Vec<_>>)
+        .find(|cells| cells.first() == Some(&"rpi-01"))
+        .unwrap_or_else(|| panic!("no row rpi-01:\n{described}"));
+    let revision = revision.to_string();
+    assert_eq!(
+        row[..4],
+        [
+            "rpi-01",
+            "Running",
+            &format!("{revision}/{revision}"),
+            "yes"
+        ],
+        "{described}"
+    );
 
     // The device commands.
     let pong = cli.ok(&["ping", "rpi-03"]);
