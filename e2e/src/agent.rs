@@ -50,6 +50,8 @@ macro_rules! eventually {
 pub struct AgentProcess {
     child: Option<Child>,
     log: PathBuf,
+    /// What it is, for the log printed on a failing test.
+    what: String,
 }
 
 impl AgentProcess {
@@ -60,6 +62,17 @@ impl AgentProcess {
     /// If it cannot be started.
     #[must_use]
     pub fn spawn(binary: &Path, args: &[String], log: &Path) -> Self {
+        Self::spawn_as("agent", binary, args, log)
+    }
+
+    /// As [`AgentProcess::spawn`], for another long-running podfleet
+    /// process (the controller): `what` names it when its log is printed.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot be started.
+    #[must_use]
+    pub fn spawn_as(what: &str, binary: &Path, args: &[String], log: &Path) -> Self {
         let out = fs::File::options()
             .create(true)
             .append(true)
@@ -79,6 +92,7 @@ impl AgentProcess {
         Self {
             child: Some(child),
             log: log.to_owned(),
+            what: what.to_owned(),
         }
     }
 
@@ -128,7 +142,8 @@ impl AgentProcess {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 panic!(
-                    "the agent did not exit within {timeout:?} of SIG{signal}:\n{}",
+                    "the {} did not exit within {timeout:?} of SIG{signal}:\n{}",
+                    self.what,
                     self.log()
                 );
             }
@@ -147,7 +162,12 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() {
-            eprintln!("--- agent log {} ---\n{}", self.log.display(), self.log());
+            eprintln!(
+                "--- {} log {} ---\n{}",
+                self.what,
+                self.log.display(),
+                self.log()
+            );
         }
     }
 }
@@ -212,7 +232,25 @@ impl Device {
     /// As [`PodmanService::start_isolated`].
     #[must_use]
     pub fn new(binary: &Path, id: &str, nats_url: &str, args: &[&str]) -> Self {
-        let podman = PodmanService::start_isolated();
+        Self::with_images(binary, id, nats_url, args, &[])
+    }
+
+    /// As [`Device::new`], with `images` in the device's store besides
+    /// [`TEST_IMAGE`](crate::TEST_IMAGE) (see
+    /// [`PodmanService::start_isolated_with`]).
+    ///
+    /// # Panics
+    ///
+    /// As [`PodmanService::start_isolated_with`].
+    #[must_use]
+    pub fn with_images(
+        binary: &Path,
+        id: &str,
+        nats_url: &str,
+        args: &[&str],
+        images: &[&str],
+    ) -> Self {
+        let podman = PodmanService::start_isolated_with(images);
         let dir = tempfile::Builder::new()
             .prefix("podfleet-agent-")
             .tempdir()
@@ -249,7 +287,7 @@ impl Device {
 
     /// Starts the agent (again).
     pub fn start_agent(&mut self) {
-        let log = self.dir.path().join("agent.log");
+        let log = self.agent_log();
         self.agent = Some(AgentProcess::spawn(&self.binary, &self.args, &log));
     }
 
@@ -260,6 +298,18 @@ impl Device {
     /// If it is not running.
     pub fn agent(&mut self) -> &mut AgentProcess {
         self.agent.as_mut().expect("the agent was started")
+    }
+
+    /// The agent's arguments (without the binary).
+    #[must_use]
+    pub fn agent_args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Where the agent's output goes.
+    #[must_use]
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
     }
 
     /// The device's podman service.

@@ -1,9 +1,11 @@
 //! The real-infrastructure harness.
 //!
 //! It starts its own podman API service ([`PodmanService`]) and nats-server
-//! ([`NatsServer`]), builds its test image locally ([`test_image`]) and will
-//! run the production agent against them, checking both the reported state
-//! and podman's own ground truth.
+//! ([`NatsServer`]), builds its test image locally ([`test_image`], and the
+//! demo web server's images with [`demo_image`]) and runs the production
+//! agent ([`agent`]) and the `podfleet` CLI and controller ([`fleet`])
+//! against them, checking both the reported state and podman's own ground
+//! truth.
 //!
 //! Nothing here is skipped quietly: a missing tool panics with the Debian
 //! package that provides it. Nothing is pulled either: no registry is
@@ -11,23 +13,28 @@
 //! static busybox. Every `podman` this harness runs, the service included,
 //! reads the project's own [`CONTAINERS_CONF`] (runc, lowered ulimits).
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tempfile::TempDir;
 
 pub mod agent;
+pub mod fleet;
 
 /// The local image [`test_image`] builds: busybox on `scratch`, no
 /// entrypoint, so a container's args are its whole command.
 pub const TEST_IMAGE: &str = "localhost/podfleet-test:busybox";
+
+/// The repository of the demo web server's images ([`demo_image`]).
+pub const DEMO_IMAGE_REPOSITORY: &str = "localhost/podfleet-demo";
 
 /// The containers.conf every podman invocation of the harness uses: runc as
 /// the OCI runtime (crun fails on this host's hybrid cgroups) and ulimits low
@@ -91,36 +98,25 @@ impl PodmanService {
     /// As [`PodmanService::start`], or if the test image cannot be copied in.
     #[must_use]
     pub fn start_isolated() -> Self {
+        Self::start_isolated_with(&[])
+    }
+
+    /// As [`PodmanService::start_isolated`], with `images` (built on the
+    /// host's storage beforehand, e.g. by [`demo_image`]) copied in besides
+    /// [`TEST_IMAGE`]. Nothing is pulled: the store holds exactly these.
+    ///
+    /// # Panics
+    ///
+    /// As [`PodmanService::start`], or if an image cannot be copied in.
+    #[must_use]
+    pub fn start_isolated_with(images: &[&str]) -> Self {
         let dir = temp_dir("podfleet-device-");
         let store = ["root", "runroot", "tmp"].map(|d| dir.path().join(d));
-        let image = test_image();
-        let mut save = podman()
-            .args(["save", "--format", "oci-archive", image])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run podman save: {e}"));
-        let archive = save
-            .stdout
-            .take()
-            .unwrap_or_else(|| panic!("podman save has no stdout"));
-        let loaded = store_args(podman(), &store)
-            .args(["load", "--quiet"])
-            .stdin(archive)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run podman load: {e}"));
-        let saved = match save.wait() {
-            Ok(status) if status.success() => None,
-            Ok(status) => Some(format!("podman save exited with {status}")),
-            Err(e) => Some(format!("podman save could not be waited for: {e}")),
-        };
-        if !loaded.status.success() || saved.is_some() {
-            panic!(
-                "copying {image} into an isolated store failed ({}; podman load exited with {}):\n{}",
-                saved.as_deref().unwrap_or("podman save succeeded"),
-                loaded.status,
-                String::from_utf8_lossy(&loaded.stderr)
-            );
+        let test = test_image();
+        let mut all = vec![test];
+        all.extend(images.iter().copied().filter(|image| *image != test));
+        for image in all {
+            copy_image(image, &store);
         }
         Self::launch(dir, Some(store))
     }
@@ -203,6 +199,47 @@ impl Drop for PodmanService {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
+            if let Some([root, ..]) = &self.store {
+                kill_exec_monitors(root);
+            }
+        }
+    }
+}
+
+/// Kills the conmon processes still working for the store `root`.
+///
+/// conmon keeps an `exec` session's monitor alive for minutes after the
+/// program ended (podman's `--exit-delay`), then runs `podman container
+/// cleanup --root <root>`, which would recreate the store after its
+/// temporary directory is gone. Only processes whose arguments name this
+/// store's own (unique, temporary) root exactly are touched.
+fn kill_exec_monitors(root: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let root = root.as_os_str().as_bytes();
+    let Ok(processes) = fs::read_dir("/proc") else {
+        return;
+    };
+    for process in processes.flatten() {
+        let Some(pid) = process
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(process.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|&b| b == 0);
+        let is_conmon = args
+            .next()
+            .is_some_and(|program| program.ends_with(b"conmon"));
+        if is_conmon && args.any(|arg| arg == root) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -217,6 +254,39 @@ fn store_args(mut command: Command, [root, runroot, tmp]: &[PathBuf; 3]) -> Comm
         .arg("--tmpdir")
         .arg(tmp);
     command
+}
+
+/// Copies `image` from the host's storage into the isolated `store`
+/// (`podman save | podman load`).
+fn copy_image(image: &str, store: &[PathBuf; 3]) {
+    let mut save = podman()
+        .args(["save", "--format", "oci-archive", image])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run podman save: {e}"));
+    let archive = save
+        .stdout
+        .take()
+        .unwrap_or_else(|| panic!("podman save has no stdout"));
+    let loaded = store_args(podman(), store)
+        .args(["load", "--quiet"])
+        .stdin(archive)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run podman load: {e}"));
+    let saved = match save.wait() {
+        Ok(status) if status.success() => None,
+        Ok(status) => Some(format!("podman save exited with {status}")),
+        Err(e) => Some(format!("podman save could not be waited for: {e}")),
+    };
+    if !loaded.status.success() || saved.is_some() {
+        panic!(
+            "copying {image} into an isolated store failed ({}; podman load exited with {}):\n{}",
+            saved.as_deref().unwrap_or("podman save succeeded"),
+            loaded.status,
+            String::from_utf8_lossy(&loaded.stderr)
+        );
+    }
 }
 
 /// Whether the Docker-compatible API on `socket` answers `GET /_ping`.
@@ -487,6 +557,74 @@ fn build_test_image() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// The demo web server's image for `version`, `localhost/podfleet-demo:<version>`,
+/// built by [`demo_image`].
+#[must_use]
+pub fn demo_image_name(version: u32) -> String {
+    format!("{DEMO_IMAGE_REPOSITORY}:{version}")
+}
+
+/// Builds `localhost/podfleet-demo:<version>` unless it exists, once per
+/// process and version, and returns its name.
+///
+/// It is [`TEST_IMAGE`] with `/www/index.html` saying
+/// `podfleet demo v<version>` and busybox's httpd serving it on port 8080
+/// as its command (`-vv`: every request is logged on stderr, so `podfleet
+/// logs` has something to show). Built `--pull=never`, like the test image.
+///
+/// httpd runs as PID 1 and so ignores SIGTERM: a manifest running it wants
+/// a short `lifecycle.grace_period_secs`.
+///
+/// # Panics
+///
+/// As [`test_image`], or if the build fails (with its output).
+pub fn demo_image(version: u32) -> String {
+    static BUILT: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+    let name = demo_image_name(version);
+    let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
+    if built.contains(&version) {
+        return name;
+    }
+    let base = test_image();
+    let exists = podman()
+        .args(["image", "exists", &name])
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run podman: {e}"));
+    if !exists.success() {
+        let context = temp_dir("podfleet-demo-image-");
+        fs::write(
+            context.path().join("index.html"),
+            format!("podfleet demo v{version}\n"),
+        )
+        .unwrap_or_else(|e| panic!("cannot write index.html: {e}"));
+        fs::write(
+            context.path().join("Containerfile"),
+            format!(
+                "FROM {base}\n\
+                 COPY index.html /www/index.html\n\
+                 EXPOSE 8080\n\
+                 CMD [\"httpd\", \"-f\", \"-vv\", \"-p\", \"8080\", \"-h\", \"/www\"]\n"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("cannot write the Containerfile: {e}"));
+        let output = podman()
+            .args(["build", "--pull=never", "--tag", &name])
+            .arg(context.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run podman build: {e}"));
+        if !output.status.success() {
+            panic!(
+                "podman build of {name} failed with {}:\n{}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    built.insert(version);
+    name
 }
 
 /// Whether `path` is a little-endian 64-bit ELF with an interpreter

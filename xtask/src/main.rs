@@ -10,11 +10,15 @@
 //!   cargo-fuzz when missing); see docs/fuzzing.md.
 //! - `cargo xtask bench-agent`: provisions, then runs the agent benchmark
 //!   (`cargo bench -p e2e --bench agent`, figures for docs/performance.md).
+//! - `cargo xtask demo [--exit-after-upgrade]`: provisions, builds the e2e
+//!   crate's binaries and runs `podfleet-demo`, a narrated fleet of three
+//!   devices on this machine (docs/first-fleet.md).
 //!
 //! It fails loudly, naming the package, when something cannot be provided.
 
 use std::env;
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -37,8 +41,9 @@ fn main() -> ExitCode {
         "provision" => provision(),
         "fuzz" => fuzz(&rest),
         "bench-agent" => provision().and_then(|()| cargo(&["bench", "-p", "e2e", "--bench", "agent"], &rest)),
+        "demo" => provision().and_then(|()| demo(&rest)),
         _ => Err(format!(
-            "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, nats-server, busybox-static when missing\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{FUZZ_USAGE}"
+            "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, runc, nats-server, busybox-static when missing\n  demo [--exit-after-upgrade]\n                provision, then a narrated fleet of three devices on this machine\n                (nats-server, podfleet controller, three agents); Ctrl-C ends it\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{FUZZ_USAGE}"
         )),
     };
     match result {
@@ -69,7 +74,7 @@ fn provision() -> Result<(), String> {
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
-        eprintln!("xtask: podman, nats-server and busybox-static are present");
+        eprintln!("xtask: podman, runc, nats-server and busybox-static are present");
         return Ok(());
     }
     if !is_root() {
@@ -89,6 +94,25 @@ fn provision() -> Result<(), String> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     Ok(())
+}
+
+/// The binaries `podfleet-demo` runs, all built inside the e2e crate.
+const DEMO_BINARIES: [&str; 3] = ["podfleet-demo", "podfleet-e2e", "podfleet-agent-e2e"];
+
+/// Builds the demo's binaries, then becomes `podfleet-demo` (exec), so
+/// that Ctrl-C reaches the demo alone and it can tear its fleet down.
+fn demo(extra: &[String]) -> Result<(), String> {
+    let mut build = vec!["build", "--quiet", "-p", "e2e"];
+    for binary in DEMO_BINARIES {
+        build.extend(["--bin", binary]);
+    }
+    eprintln!("xtask: building the demo (cargo build -p e2e: podfleet-demo, podfleet-e2e, podfleet-agent-e2e)");
+    cargo(&build, &[])?;
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let demo = target.join("debug").join(DEMO_BINARIES[0]);
+    let error = Command::new(&demo).args(extra).exec();
+    Err(format!("could not run {}: {error}", demo.display()))
 }
 
 fn cargo_test(extra: &[String]) -> Result<(), String> {
