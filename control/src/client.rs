@@ -596,7 +596,7 @@ impl FleetClient {
                 }
             };
             if let Some((entry, written)) = watched_entry(&message) {
-                watch.caught_up = entry.pending == 0;
+                watch.caught_up = watch.completes(&entry);
                 fed.extend(bucket.classify(entry, written));
             }
         }
@@ -607,6 +607,16 @@ impl FleetClient {
     /// then of every change.
     pub(crate) async fn watch_bucket(&self, bucket: Bucket) -> Result<BucketWatch, ClientError> {
         let name = bucket.name();
+        let until = self
+            .js
+            .get_stream(kv_stream(name))
+            .await
+            .map_err(|e| self.kv_error(name, "", "watch", e))?
+            .info()
+            .await
+            .map_err(|e| self.kv_error(name, "", "watch", e))?
+            .state
+            .last_sequence;
         let config = OrderedConfig {
             deliver_subject: self.client.new_inbox(),
             description: Some(format!("podfleet-control read of {name}")),
@@ -627,7 +637,8 @@ impl FleetClient {
             .map_err(|e| self.kv_error(name, "", "watch", e))?;
         Ok(BucketWatch {
             messages,
-            caught_up: pending == 0,
+            caught_up: pending == 0 || until == 0,
+            until,
         })
     }
 
@@ -925,6 +936,19 @@ pub(crate) struct BucketWatch {
     pub(crate) messages: Ordered,
     /// Everything the bucket held when the consumer was made was delivered.
     pub(crate) caught_up: bool,
+    /// The stream's last sequence just before the consumer was made: once
+    /// an entry at or past it arrives, the snapshot is complete (the entry
+    /// at that sequence is the newest of its key, or a newer one replaced
+    /// it). This holds even when a write lands while the consumer is made,
+    /// which a `pending` count alone can miss.
+    pub(crate) until: u64,
+}
+
+impl BucketWatch {
+    /// Whether `entry` completes the snapshot.
+    pub(crate) fn completes(&self, entry: &WatchedEntry) -> bool {
+        entry.pending == 0 || entry.revision >= self.until
+    }
 }
 
 /// A watched message as a [`WatchedEntry`] and when it was written (on the

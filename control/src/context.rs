@@ -244,7 +244,9 @@ fn resolve_with(
             None => Connection::local(),
         },
     };
-    if let Some(server) = &overrides.server {
+    // An empty `--server` or PODFLEET_SERVER is unset, as an empty
+    // KUBECONFIG is to kubectl: the context's servers stay.
+    if let Some(server) = overrides.server.as_deref().filter(|s| !s.trim().is_empty()) {
         connection.urls = split_servers(server);
     }
     if let Some(credentials) = override_credentials(overrides)? {
@@ -495,6 +497,16 @@ creds = "prod.creds"
         assert_eq!(connection.credentials, Credentials::None);
         assert_eq!(connection.context, NO_CONTEXT);
         assert_eq!(connection.inbox_prefix, None);
+    }
+
+    #[test]
+    fn an_empty_server_flag_is_unset() {
+        let dir = Dir::new();
+        let overrides = Overrides {
+            server: Some("  ".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(dir.resolve(&overrides).unwrap().urls, vec![DEFAULT_SERVER]);
     }
 
     #[test]

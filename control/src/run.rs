@@ -163,6 +163,7 @@ async fn run_pass(client: &FleetClient, options: &ControllerOptions) -> PassEnd 
         Err(error) => return ended(false, error.to_string()),
     };
     let mut caught_up: Vec<bool> = watches.iter().map(|w| w.caught_up).collect();
+    let until: Vec<u64> = watches.iter().map(|w| w.until).collect();
     let mut entries: SelectAll<_> = watches
         .into_iter()
         .zip(Bucket::ALL)
@@ -225,13 +226,15 @@ async fn run_pass(client: &FleetClient, options: &ControllerOptions) -> PassEnd 
                 let Some((entry, written)) = watched_entry(&message) else {
                     continue;
                 };
-                let pending = entry.pending;
+                let index = Bucket::ALL.iter().position(|b| *b == bucket);
+                let completes = entry.pending == 0
+                    || index.is_some_and(|i| entry.revision >= until[i]);
                 if let Some(fed) = bucket.classify(entry, written) {
                     controller.handle(clock.now(), fed.into_input(wall_clock()));
                 }
                 read += 1;
-                if !controller.is_synced() && pending == 0 {
-                    if let Some(index) = Bucket::ALL.iter().position(|b| *b == bucket) {
+                if !controller.is_synced() && completes {
+                    if let Some(index) = index {
                         caught_up[index] = true;
                     }
                     if caught_up.iter().all(|c| *c) {
