@@ -593,9 +593,9 @@ impl Watcher {
     }
 }
 
-/// A watched message as the session takes it; `None` (logged) for one
-/// without JetStream metadata.
-fn watched_entry(message: &async_nats::jetstream::Message) -> Option<WatchedEntry> {
+/// A watched KV message as the sans-IO session and fleet controller take
+/// it; `None` (logged) for one without JetStream metadata.
+pub fn watched_entry(message: &async_nats::jetstream::Message) -> Option<WatchedEntry> {
     let Ok(info) = message.info() else {
         tracing::warn!(subject = %message.subject, "watched message without JetStream metadata; skipped");
         return None;

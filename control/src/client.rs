@@ -957,24 +957,11 @@ impl BucketWatch {
 pub(crate) fn watched_entry(
     message: &async_nats::jetstream::Message,
 ) -> Option<(WatchedEntry, Timestamp)> {
-    let Ok(info) = message.info() else {
-        tracing::warn!(subject = %message.subject, "watched message without JetStream metadata; skipped");
-        return None;
-    };
-    let operation = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(KV_OPERATION))
-        .map(|v| v.as_str());
-    let written_ms = info.published.unix_timestamp_nanos() / 1_000_000;
+    let entry = podfleet_agent::nats::watched_entry(message)?;
+    let written_ms = message
+        .info()
+        .map_or(0, |info| info.published.unix_timestamp_nanos() / 1_000_000);
     let written = Timestamp::from_millis(u64::try_from(written_ms).unwrap_or(0));
-    let entry = WatchedEntry {
-        subject: message.subject.to_string(),
-        operation: Operation::from_header(operation),
-        revision: info.stream_sequence,
-        pending: info.pending,
-        payload: message.payload.to_vec(),
-    };
     Some((entry, written))
 }
 

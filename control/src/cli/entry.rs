@@ -88,7 +88,7 @@ async fn run_controller(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Re
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown() {
+pub async fn shutdown() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

@@ -460,18 +460,7 @@ fn try_next(fleet: &Fleet, cli: &Podfleet, bin: &Path, file: &Path) {
     ));
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM: the `podfleet` binary's own.
 async fn stopped() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
+    podfleet_control::cli::entry::shutdown().await;
 }
