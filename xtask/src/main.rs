@@ -16,6 +16,8 @@
 //!
 //! It fails loudly, naming the package, when something cannot be provided.
 
+mod cross;
+
 use std::env;
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -42,6 +44,9 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(&rest),
         "bench-agent" => provision().and_then(|()| cargo(&["bench", "-p", "e2e", "--bench", "agent"], &rest)),
         "demo" => provision().and_then(|()| demo(&rest)),
+        // Temporary and hidden, until `cargo xtask e2e --arch aarch64` calls it.
+        "cross-agent" => cross::aarch64_agent(&workspace_root(), &cross::default_cache())
+            .map(|binary| println!("{}", binary.display())),
         _ => Err(format!(
             "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, runc, nats-server, busybox-static when missing\n  demo [--exit-after-upgrade]\n                provision, then a narrated fleet of three devices on this machine\n                (nats-server, podfleet controller, three agents); Ctrl-C ends it\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{FUZZ_USAGE}"
         )),
