@@ -28,6 +28,7 @@ use tempfile::TempDir;
 
 pub mod agent;
 pub mod fleet;
+pub mod vm;
 
 /// The local image [`test_image`] builds: busybox on `scratch`, no
 /// entrypoint, so a container's args are its whole command.

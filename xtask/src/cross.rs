@@ -194,7 +194,7 @@ fn mmdebstrap_recipe() -> (Vec<String>, Vec<String>) {
 
 /// Removes chroots of this recipe left half-made by a run that died (its
 /// process is gone), after making sure nothing is mounted inside them.
-fn remove_stale_partials(cache: &Path, name: &str) -> Result<(), String> {
+pub(crate) fn remove_stale_partials(cache: &Path, name: &str) -> Result<(), String> {
     let prefix = format!("{name}.partial-");
     let entries =
         fs::read_dir(cache).map_err(|e| format!("could not read {}: {e}", cache.display()))?;
@@ -528,7 +528,7 @@ fn preflight() -> Result<(), String> {
     ))
 }
 
-fn find_program(program: &str) -> Option<PathBuf> {
+pub(crate) fn find_program(program: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
     env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
@@ -536,11 +536,11 @@ fn find_program(program: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn absolute(path: &Path) -> Result<PathBuf, String> {
+pub(crate) fn absolute(path: &Path) -> Result<PathBuf, String> {
     fs::canonicalize(path).map_err(|e| format!("could not resolve {}: {e}", path.display()))
 }
 
-fn took(start: Instant) -> String {
+pub(crate) fn took(start: Instant) -> String {
     let elapsed = start.elapsed();
     let secs = elapsed.as_secs();
     if secs < 60 {
@@ -550,7 +550,7 @@ fn took(start: Instant) -> String {
     }
 }
 
-fn megabytes(bytes: u64) -> String {
+pub(crate) fn megabytes(bytes: u64) -> String {
     // Precision is not a concern at these sizes.
     #[allow(clippy::cast_precision_loss)]
     let mb = bytes as f64 / 1_000_000.0;

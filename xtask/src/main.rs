@@ -14,9 +14,16 @@
 //!   crate's binaries and runs `podfleet-demo`, a narrated fleet of three
 //!   devices on this machine (docs/first-fleet.md).
 //!
+//! - `cargo xtask e2e --arch aarch64|x86_64 [--suite trixie|bookworm]
+//!   [--keep]`: builds the production agent for the architecture and a
+//!   Debian guest image, boots it under QEMU and runs the VM scenarios
+//!   (docs/e2e.md).
+//!
 //! It fails loudly, naming the package, when something cannot be provided.
 
 mod cross;
+mod guest;
+mod vm;
 
 use std::env;
 use std::fs;
@@ -44,11 +51,9 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(&rest),
         "bench-agent" => provision().and_then(|()| cargo(&["bench", "-p", "e2e", "--bench", "agent"], &rest)),
         "demo" => provision().and_then(|()| demo(&rest)),
-        // Temporary and hidden, until `cargo xtask e2e --arch aarch64` calls it.
-        "cross-agent" => cross::aarch64_agent(&workspace_root(), &cross::default_cache())
-            .map(|binary| println!("{}", binary.display())),
+        "e2e" => vm::e2e(&rest, &workspace_root()),
         _ => Err(format!(
-            "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, runc, nats-server, busybox-static when missing\n  demo [--exit-after-upgrade]\n                provision, then a narrated fleet of three devices on this machine\n                (nats-server, podfleet controller, three agents); Ctrl-C ends it\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{FUZZ_USAGE}"
+            "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, runc, nats-server, busybox-static when missing\n  demo [--exit-after-upgrade]\n                provision, then a narrated fleet of three devices on this machine\n                (nats-server, podfleet controller, three agents); Ctrl-C ends it\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{}\n{FUZZ_USAGE}", vm::USAGE
         )),
     };
     match result {
@@ -73,18 +78,27 @@ fn is_root() -> bool {
 }
 
 fn provision() -> Result<(), String> {
-    let missing: Vec<&str> = NEEDS
+    install_missing(&NEEDS, "the tests", true)
+}
+
+/// Installs the Debian package of each program of `needs` that is not on
+/// PATH (nor in /usr/sbin, /sbin), as root; `who` is what needs them.
+/// `recommends`: with the packages' recommended ones too.
+fn install_missing(needs: &[(&str, &str)], who: &str, recommends: bool) -> Result<(), String> {
+    let mut missing: Vec<&str> = needs
         .iter()
-        .filter(|(program, _)| !on_path(program))
+        .filter(|(program, _)| cross::find_program(program).is_none())
         .map(|(_, package)| *package)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
-        eprintln!("xtask: podman, runc, nats-server and busybox-static are present");
+        let programs: Vec<&str> = needs.iter().map(|(program, _)| *program).collect();
+        eprintln!("xtask: {} present", programs.join(", "));
         return Ok(());
     }
     if !is_root() {
         return Err(format!(
-            "the tests need {} and this is not root: run `sudo apt-get install -y {}` and try again",
+            "{who} need {} and this is not root: run `sudo apt-get install -y {}` and try again",
             missing.join(", "),
             missing.join(" ")
         ));
@@ -96,6 +110,7 @@ fn provision() -> Result<(), String> {
     run(Command::new("apt-get").arg("update").arg("-qq"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq"])
+        .args((!recommends).then_some("--no-install-recommends"))
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     Ok(())
