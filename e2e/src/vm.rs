@@ -3,9 +3,10 @@
 //! `cargo xtask e2e` builds a guest image (a kernel, its initrd and an ext4
 //! root file system made by mmdebstrap, with an ssh key in root's
 //! `authorized_keys`); [`Vm::boot`] boots it with its writes going to a
-//! temporary overlay, so the cached image stays as it was, with QEMU's user-mode network: the
-//! guest reaches the host's loopback services at [`HOST_FROM_GUEST`] and
-//! the host reaches the guest's ssh on a forwarded loopback port.
+//! temporary overlay, so the cached image stays as it was, on QEMU's
+//! user-mode network: the guest reaches the host's loopback services at
+//! [`HOST_FROM_GUEST`] and the host reaches the guest's ssh on a forwarded
+//! loopback port. Every command shares one ssh connection.
 //!
 //! Acceleration is KVM when the host can give it for the guest's
 //! architecture, TCG otherwise ([`Accel::detect`]).
@@ -296,9 +297,16 @@ impl Vm {
         )
     }
 
-    /// An `ssh` command to the guest as root, without its remote command.
+    /// An `ssh` command to the guest as root, without its remote command,
+    /// over the connection all such commands share.
     #[must_use]
     pub fn ssh(&self) -> Command {
+        self.ssh_command(true)
+    }
+
+    /// An `ssh` command to the guest; `shared`: over the shared connection,
+    /// else over one of its own.
+    fn ssh_command(&self, shared: bool) -> Command {
         let mut ssh = Command::new("ssh");
         ssh.args([
             "-o",
@@ -315,11 +323,27 @@ impl Vm {
             "ServerAliveInterval=5",
             "-o",
             "ServerAliveCountMax=6",
-            "-i",
-        ])
-        .arg(&self.image.ssh_key)
-        .args(["-p", &self.ssh_port.to_string(), "root@127.0.0.1"]);
+        ]);
+        if shared {
+            // One connection carries every command: a new one costs the
+            // emulated guest a key exchange each time.
+            ssh.args(["-o", "ControlMaster=auto", "-o", "ControlPersist=60", "-o"])
+                .arg(format!("ControlPath={}", self.control_path().display()));
+        } else {
+            ssh.args(["-o", "ControlMaster=no", "-o", "ControlPath=none"]);
+        }
+        ssh.arg("-i").arg(&self.image.ssh_key).args([
+            "-p",
+            &self.ssh_port.to_string(),
+            "root@127.0.0.1",
+        ]);
         ssh
+    }
+
+    /// The socket of the shared ssh connection (short: a unix socket's
+    /// path has at most 107 bytes).
+    fn control_path(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("podfleet-vm-ssh-{}", self.ssh_port))
     }
 
     /// Runs `script` with the guest's `sh` and returns its output, whatever
@@ -448,8 +472,9 @@ impl Vm {
     /// If ssh cannot start or the socket does not appear within 30 s.
     pub fn forward_socket(&self, local: &Path, remote: &str) -> Result<Child, String> {
         let _ = fs::remove_file(local);
+        // A connection of its own, whose end ends the forwarding.
         let mut child = self
-            .ssh()
+            .ssh_command(false)
             .args([
                 "-N",
                 "-o",
@@ -524,6 +549,13 @@ impl Drop for Vm {
         if self.keep {
             return;
         }
+        let _ = self
+            .ssh()
+            .args(["-O", "exit"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         if let Some(mut child) = self.qemu.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -14,6 +14,8 @@
 //!   crate's binaries and runs `podfleet-demo`, a narrated fleet of three
 //!   devices on this machine (docs/first-fleet.md).
 //!
+//! - `cargo xtask build-agent --arch aarch64|x86_64`: the production agent
+//!   for that architecture (aarch64 cross-built in a cached Debian chroot).
 //! - `cargo xtask e2e --arch aarch64|x86_64 [--suite trixie|bookworm]
 //!   [--keep]`: builds the production agent for the architecture and a
 //!   Debian guest image, boots it under QEMU and runs the VM scenarios
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         "bench-agent" => provision().and_then(|()| cargo(&["bench", "-p", "e2e", "--bench", "agent"], &rest)),
         "demo" => provision().and_then(|()| demo(&rest)),
         "e2e" => vm::e2e(&rest, &workspace_root()),
+        "build-agent" => vm::build_agent(&rest, &workspace_root()),
         _ => Err(format!(
             "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, runc, nats-server, busybox-static when missing\n  demo [--exit-after-upgrade]\n                provision, then a narrated fleet of three devices on this machine\n                (nats-server, podfleet controller, three agents); Ctrl-C ends it\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{}\n{FUZZ_USAGE}", vm::USAGE
         )),

@@ -20,11 +20,15 @@ use std::time::Instant;
 
 use crate::{cross, guest};
 
-pub const USAGE: &str = "  e2e --arch ARCH [--suite SUITE] [--keep]
+pub const USAGE: &str = "  build-agent --arch ARCH
+                the production podfleet-agent for x86_64 or aarch64 (cross-built in a cached
+                Debian chroot on an amd64 host, no rustup target needed); prints its path
+  e2e --arch ARCH [--suite SUITE] [--keep] [--prepare]
                 the agent on a Debian VM under QEMU: ARCH is x86_64 (amd64) or aarch64 (arm64),
                 SUITE trixie (default) or bookworm; --keep (or PODFLEET_E2E_KEEP=1) leaves the
-                guest running; PODFLEET_E2E_CACHE (default ~/.cache/podfleet-e2e) holds the
-                build chroot and images, PODFLEET_E2E_ACCEL=kvm|tcg overrides detection";
+                guest running; --prepare only builds the agent and the image into the cache,
+                PODFLEET_E2E_CACHE (default ~/.cache/podfleet-e2e); PODFLEET_E2E_ACCEL=kvm|tcg
+                overrides the detection of KVM";
 
 /// A guest architecture as the task knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,12 +80,16 @@ struct Options {
     arch: Arch,
     suite: String,
     keep: bool,
+    /// Only provision, build the agent and make the image (to fill the
+    /// cache ahead of a run, e.g. while other tests run).
+    prepare: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
     let mut arch = None;
     let mut suite = guest::SUITES[0].to_owned();
     let mut keep = env::var("PODFLEET_E2E_KEEP").is_ok_and(|v| v == "1");
+    let mut prepare = false;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -91,6 +99,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             }
             "--suite" => suite.clone_from(args.next().ok_or("--suite needs trixie or bookworm")?),
             "--keep" => keep = true,
+            "--prepare" => prepare = true,
             other => {
                 return Err(format!(
                     "unexpected argument {other:?}\nusage: cargo xtask\n{USAGE}"
@@ -102,6 +111,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         arch: arch.ok_or_else(|| format!("--arch is required\nusage: cargo xtask\n{USAGE}"))?,
         suite,
         keep,
+        prepare,
     })
 }
 
@@ -109,18 +119,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
 pub fn e2e(args: &[String], workspace: &Path) -> Result<(), String> {
     let options = parse(args)?;
     let arch = options.arch;
-    let buildable = arch.is_host() || (arch == Arch::Aarch64 && Arch::X86_64.is_host());
-    if !buildable {
-        return Err(format!(
-            "a {} guest's agent is built on a {} host or, for aarch64, an x86_64 one; this host is {}",
-            arch.rust(),
-            arch.rust(),
-            env::consts::ARCH
-        ));
-    }
-    let cache = env::var_os("PODFLEET_E2E_CACHE")
-        .filter(|dir| !dir.is_empty())
-        .map_or_else(cross::default_cache, PathBuf::from);
+    let cache = cache();
     let mut timings: Vec<(String, f64)> = Vec::new();
 
     let start = Instant::now();
@@ -128,18 +127,7 @@ pub fn e2e(args: &[String], workspace: &Path) -> Result<(), String> {
     timings.push(("provision host".into(), start.elapsed().as_secs_f64()));
 
     let start = Instant::now();
-    let agent = if arch.is_host() {
-        eprintln!(
-            "xtask: building podfleet-agent (cargo build --release --locked -p podfleet-agent)"
-        );
-        crate::cargo(
-            &["build", "--release", "--locked", "-p", "podfleet-agent"],
-            &[],
-        )?;
-        target_dir(workspace).join("release").join("podfleet-agent")
-    } else {
-        cross::aarch64_agent(workspace, &cache)?
-    };
+    let agent = agent_for(arch, workspace, &cache)?;
     timings.push((
         format!("agent build ({})", arch.rust()),
         start.elapsed().as_secs_f64(),
@@ -151,6 +139,15 @@ pub fn e2e(args: &[String], workspace: &Path) -> Result<(), String> {
         format!("guest image ({})", options.suite),
         start.elapsed().as_secs_f64(),
     ));
+
+    if options.prepare {
+        eprintln!(
+            "xtask: prepared: agent {}, image {}",
+            agent.display(),
+            image.disk.display()
+        );
+        return Ok(());
+    }
 
     let start = Instant::now();
     eprintln!("xtask: building the scenarios (cargo build -p e2e --bin podfleet-vm-e2e)");
@@ -190,6 +187,49 @@ pub fn e2e(args: &[String], workspace: &Path) -> Result<(), String> {
             work.display()
         )
     })
+}
+
+/// `cargo xtask build-agent --arch ARCH`: the production agent for `ARCH`,
+/// built as the VM tier builds it; prints its path.
+pub fn build_agent(args: &[String], workspace: &Path) -> Result<(), String> {
+    let arch = match args {
+        [flag, name] if flag == "--arch" => Arch::parse(name)?,
+        _ => return Err("usage: cargo xtask build-agent --arch x86_64|aarch64".into()),
+    };
+    let binary = agent_for(arch, workspace, &cache())?;
+    println!("{}", binary.display());
+    Ok(())
+}
+
+fn cache() -> PathBuf {
+    env::var_os("PODFLEET_E2E_CACHE")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(cross::default_cache, PathBuf::from)
+}
+
+/// `podfleet-agent` built with `--release --locked` for `arch`: by the
+/// host's cargo for the host's architecture, in the cached chroot for
+/// aarch64 on an amd64 host.
+fn agent_for(arch: Arch, workspace: &Path, cache: &Path) -> Result<PathBuf, String> {
+    if arch.is_host() {
+        eprintln!(
+            "xtask: building podfleet-agent (cargo build --release --locked -p podfleet-agent)"
+        );
+        crate::cargo(
+            &["build", "--release", "--locked", "-p", "podfleet-agent"],
+            &[],
+        )?;
+        Ok(target_dir(workspace).join("release").join("podfleet-agent"))
+    } else if arch == Arch::Aarch64 && Arch::X86_64.is_host() {
+        cross::aarch64_agent(workspace, cache)
+    } else {
+        Err(format!(
+            "a {} agent is built on a {} host or, for aarch64, on an x86_64 one; this host is {}",
+            arch.rust(),
+            arch.rust(),
+            env::consts::ARCH
+        ))
+    }
 }
 
 fn target_dir(workspace: &Path) -> PathBuf {

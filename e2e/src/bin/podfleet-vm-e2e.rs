@@ -152,6 +152,17 @@ struct Ctx<'a> {
 
 type Scenario = for<'a, 'b> fn(&'a mut Ctx<'b>) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
+/// The scenarios, in the order they run (each may rely on the ones before
+/// having left the guest clean).
+const SCENARIOS: [(&str, Scenario); 6] = [
+    ("ping", |c| Box::pin(ping(c))),
+    ("isolation", |c| Box::pin(isolation(c))),
+    ("deploy lifecycle", |c| Box::pin(lifecycle(c))),
+    ("podman conformance", |c| Box::pin(conformance(c))),
+    ("reboot", |c| Box::pin(reboot(c))),
+    ("offline autonomy", |c| Box::pin(offline(c))),
+];
+
 fn run(options: &Options) -> Result<(), String> {
     let arch = options.image.arch;
     let accel = Accel::detect(arch)?;
@@ -189,23 +200,16 @@ fn run(options: &Options) -> Result<(), String> {
     );
     let started = Instant::now();
     step("install the agent as docs/operations.md says");
-    install(&vm, &options.agent, nats.port())?;
+    let mut failure = install(&vm, &options.agent, nats.port())
+        .err()
+        .map(|e| format!("install: {e}"));
     rows.push(Row {
         name: "install".into(),
         took: started.elapsed(),
-        outcome: "ok",
+        outcome: if failure.is_some() { "FAILED" } else { "ok" },
     });
 
-    let scenarios: [(&str, Scenario); 6] = [
-        ("ping", |c| Box::pin(ping(c))),
-        ("isolation", |c| Box::pin(isolation(c))),
-        ("deploy lifecycle", |c| Box::pin(lifecycle(c))),
-        ("podman conformance", |c| Box::pin(conformance(c))),
-        ("reboot", |c| Box::pin(reboot(c))),
-        ("offline autonomy", |c| Box::pin(offline(c))),
-    ];
-    let mut failure = None;
-    for (name, scenario) in scenarios {
+    for (name, scenario) in SCENARIOS {
         if failure.is_some() {
             rows.push(Row {
                 name: name.into(),
@@ -257,11 +261,23 @@ fn run(options: &Options) -> Result<(), String> {
         );
     }
     println!("{}", table(arch, accel, &rows));
+    // The count CI adds to the test suite's: the scenarios.
+    let scenarios = &rows[rows.len() - SCENARIOS.len()..];
+    let passed = scenarios.iter().filter(|r| r.outcome == "ok").count();
+    println!(
+        "vm-{arch}: {passed} passed, {} failed",
+        scenarios.len() - passed
+    );
     if options.keep {
         println!("podfleet-vm-e2e: PODFLEET_E2E_KEEP: {}", vm.keep());
     }
     drop(vm);
     failure.map_or(Ok(()), Err)
+}
+
+/// Prints how far into a scenario `what` was reached.
+fn lap(since: Instant, what: &str) {
+    println!("  {:>6.1} s  {what}", since.elapsed().as_secs_f64());
 }
 
 fn step(what: &str) {
@@ -289,6 +305,7 @@ fn table(arch: Arch, accel: Accel, rows: &[Row]) -> String {
 /// host's nats-server, and builds the test image in the guest from its own
 /// busybox-static (there is no registry).
 fn install(vm: &Vm, agent: &Path, nats_port: u16) -> Result<(), String> {
+    let t0 = Instant::now();
     vm.copy_in(agent, "/usr/local/bin/podfleet-agent", "0755")?;
     vm.sh("install -d -m 0750 /etc/podfleet")?;
     let config = format!(
@@ -305,6 +322,7 @@ fn install(vm: &Vm, agent: &Path, nats_port: u16) -> Result<(), String> {
          allow_exec = false\n"
     );
     vm.write("/etc/podfleet/agent.toml", "0640", config.as_bytes())?;
+    lap(t0, "binary copied");
     vm.sh("podfleet-agent --config /etc/podfleet/agent.toml --check-config")?;
     vm.copy_in(
         Path::new(UNIT),
@@ -320,6 +338,7 @@ fn install(vm: &Vm, agent: &Path, nats_port: u16) -> Result<(), String> {
             "systemd-analyze verify objects to the unit:\n{said}"
         ));
     }
+    lap(t0, "configuration checked, unit verified");
     // The test image: the guest's own static busybox on scratch, its
     // applets as symlinks, `sh` as the command (as e2e::test_image builds
     // it on the host).
@@ -329,6 +348,7 @@ fn install(vm: &Vm, agent: &Path, nats_port: u16) -> Result<(), String> {
          for a in $(/bin/busybox --list); do [ -e $d/bin/$a ] || ln -s busybox $d/bin/$a; done; \
          tar -C $d -c . | podman import --change 'CMD [\"sh\"]' - {TEST_IMAGE} >/dev/null; rm -r $d"
     ))?;
+    lap(t0, "test image built");
     vm.sh(&format!("install -d {GUEST_DIR}/signals {GUEST_DIR}/work"))?;
     vm.sh(
         "systemctl enable --now podman.socket && systemctl daemon-reload && \
@@ -546,6 +566,7 @@ async fn isolation(c: &mut Ctx<'_>) {
 }
 
 async fn lifecycle(c: &mut Ctx<'_>) {
+    let t0 = Instant::now();
     let dep = "shop";
     let env1 = json!({"MODE": "one"});
     // v1: an init container prepares, then web (env) and worker run.
@@ -581,6 +602,7 @@ async fn lifecycle(c: &mut Ctx<'_>) {
     let env = guest_inspect(c.vm, &web1, "{{range .Config.Env}}{{.}} {{end}}");
     assert!(env.contains("MODE=one"), "{env}");
 
+    lap(t0, "v1 running");
     // v2: web's env changes; the old web is stopped by id with SIGTERM.
     let v2 = json!({
         "init_containers": [init("prepare", "echo prepared > /work/ready")],
@@ -615,6 +637,7 @@ async fn lifecycle(c: &mut Ctx<'_>) {
     assert!(env.contains("MODE=two"), "{env}");
     let started = guest_inspect(c.vm, &web2, "{{.State.StartedAt}}");
 
+    lap(t0, "v2 running, the old web stopped");
     // v3: a failing init container fails the revision; v2 keeps running
     // (roll forward only).
     let v3 = json!({
@@ -652,6 +675,7 @@ async fn lifecycle(c: &mut Ctx<'_>) {
         "web2 untouched"
     );
 
+    lap(t0, "v3 failed, v2 running on");
     // Delete: nothing is left.
     c.admin.delete(DEVICE, dep).await;
     eventually!("the state to be cleared", SETTLE, {
