@@ -713,7 +713,7 @@ fn temp_dir(prefix: &str) -> TempDir {
 }
 
 /// `path` opened for appending, so a restarted process adds to its log.
-fn log_file(path: &Path) -> File {
+pub(crate) fn log_file(path: &Path) -> File {
     File::options()
         .create(true)
         .append(true)
@@ -726,7 +726,7 @@ fn read_log(path: &Path) -> String {
 }
 
 /// A TCP port that was free a moment ago.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

@@ -14,12 +14,13 @@
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::str::FromStr;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use crate::{free_port, log_file};
 
 /// The address at which a guest on QEMU's user-mode network reaches the
 /// host's loopback.
@@ -237,8 +238,8 @@ impl Vm {
             .args(["-device", "virtio-net-pci,netdev=net"])
             .args(["-device", "virtio-rng-pci"])
             .stdin(Stdio::null())
-            .stdout(log_file(&dir.join("qemu.log"))?)
-            .stderr(log_file(&dir.join("qemu.log"))?);
+            .stdout(log_file(&dir.join("qemu.log")))
+            .stderr(log_file(&dir.join("qemu.log")));
         let child = qemu.spawn().map_err(|e| {
             format!(
                 "cannot start {} (Debian package qemu-system-{}): {e}",
@@ -561,18 +562,4 @@ impl Drop for Vm {
             let _ = child.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map_or(0, |a| a.port())
-}
-
-fn log_file(path: &Path) -> Result<fs::File, String> {
-    fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))
 }

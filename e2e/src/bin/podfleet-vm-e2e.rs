@@ -339,14 +339,14 @@ fn install(vm: &Vm, agent: &Path, nats_port: u16) -> Result<(), String> {
         ));
     }
     lap(t0, "configuration checked, unit verified");
-    // The test image: the guest's own static busybox on scratch, its
-    // applets as symlinks, `sh` as the command (as e2e::test_image builds
-    // it on the host).
+    // The test image, made as e2e::test_image makes it on the host: the
+    // guest's own static busybox on scratch, its applets installed as
+    // symlinks by a `RUN` of busybox itself, `sh` as the command.
     vm.sh(&format!(
-        "set -e; podman image exists {TEST_IMAGE} && exit 0; d=$(mktemp -d); mkdir $d/bin; \
-         cp /bin/busybox $d/bin/busybox; \
-         for a in $(/bin/busybox --list); do [ -e $d/bin/$a ] || ln -s busybox $d/bin/$a; done; \
-         tar -C $d -c . | podman import --change 'CMD [\"sh\"]' - {TEST_IMAGE} >/dev/null; rm -r $d"
+        "set -e; podman image exists {TEST_IMAGE} && exit 0; d=$(mktemp -d); \
+         cp /bin/busybox $d/busybox; \
+         printf 'FROM scratch\\nCOPY busybox /bin/busybox\\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\\nCMD [\"sh\"]\\n' > $d/Containerfile; \
+         podman build --quiet --pull=never --tag {TEST_IMAGE} $d >/dev/null; rm -r $d"
     ))?;
     lap(t0, "test image built");
     vm.sh(&format!("install -d {GUEST_DIR}/signals {GUEST_DIR}/work"))?;
