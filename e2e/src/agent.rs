@@ -6,7 +6,7 @@
 //! Ground truth comes from podman itself ([`Device::containers`]), never
 //! from the agent's own reports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -206,6 +206,26 @@ impl PsEntry {
             .as_ref()
             .is_some_and(|l| l.get("io.podfleet.init").is_some_and(|v| v == "true"))
     }
+}
+
+/// `(service, id)` of the running containers of `ps`: what podman runs,
+/// to compare with [`reported`].
+#[must_use]
+pub fn running(ps: &[PsEntry]) -> BTreeSet<(String, String)> {
+    ps.iter()
+        .filter(|c| c.state == "running")
+        .map(|c| (c.service().to_owned(), c.id.clone()))
+        .collect()
+}
+
+/// `(service, id)` of the containers `state` reports.
+#[must_use]
+pub fn reported(state: &DeploymentState) -> BTreeSet<(String, String)> {
+    state
+        .container_ids
+        .iter()
+        .map(|(s, id)| (s.to_string(), id.clone()))
+        .collect()
 }
 
 /// A device: its own podman service and store, a state directory, and

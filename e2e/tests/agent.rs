@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::ConnectOptions;
-use e2e::agent::{tokio_runtime, AgentProcess, Broker, Device, PsEntry};
+use e2e::agent::{reported, running, tokio_runtime, AgentProcess, Broker, Device, PsEntry};
 use e2e::{eventually, unique_prefix, NatsServer, TEST_IMAGE};
 use podfleet_core::wire::{FailureCause, Phase, RuntimeHealth};
 use serde_json::{json, Value};
@@ -27,24 +27,9 @@ fn unique_id(tag: &str) -> String {
     unique_prefix(tag)
 }
 
-fn running(ps: &[PsEntry]) -> BTreeSet<(String, String)> {
-    ps.iter()
-        .filter(|c| c.state == "running")
-        .map(|c| (c.service().to_owned(), c.id.clone()))
-        .collect()
-}
-
 fn ids_by_service(ps: &[PsEntry]) -> BTreeSet<(String, String)> {
     ps.iter()
         .map(|c| (c.service().to_owned(), c.id.clone()))
-        .collect()
-}
-
-fn reported(state: &podfleet_core::wire::DeploymentState) -> BTreeSet<(String, String)> {
-    state
-        .container_ids
-        .iter()
-        .map(|(s, id)| (s.to_string(), id.clone()))
         .collect()
 }
 

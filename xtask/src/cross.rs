@@ -154,23 +154,24 @@ pub fn aarch64_chroot(cache: &Path) -> Result<PathBuf, String> {
             partial.display()
         ));
     }
-    match fs::rename(&partial, &root) {
-        Ok(()) => {}
-        // Another run finished the same recipe first: use theirs.
-        Err(_) if root.is_dir() => {
-            fs::remove_dir_all(&partial)
-                .map_err(|e| format!("could not remove {}: {e}", partial.display()))?;
-        }
-        Err(e) => {
-            return Err(format!(
-                "could not rename {} to {}: {e}",
-                partial.display(),
-                root.display()
-            ))
-        }
-    }
+    put_in_place(&partial, &root)?;
     eprintln!("xtask: chroot created in {}", took(start));
     Ok(root)
+}
+
+/// Renames the finished `partial` build to `dir`, its name in the cache;
+/// when another run finished the same recipe first, keeps theirs.
+pub(crate) fn put_in_place(partial: &Path, dir: &Path) -> Result<(), String> {
+    match fs::rename(partial, dir) {
+        Ok(()) => Ok(()),
+        Err(_) if dir.is_dir() => fs::remove_dir_all(partial)
+            .map_err(|e| format!("could not remove {}: {e}", partial.display())),
+        Err(e) => Err(format!(
+            "could not rename {} to {}: {e}",
+            partial.display(),
+            dir.display()
+        )),
+    }
 }
 
 /// The mmdebstrap options (before the suite) and mirror lines (after the

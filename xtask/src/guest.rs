@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::cross::{fnv1a64, remove_stale_partials, took};
+use crate::cross::{fnv1a64, put_in_place, remove_stale_partials, took};
 
 /// Bumped whenever the recipe changes in a way the arguments below do not
 /// show (it is part of the hash that names the image).
@@ -185,21 +185,7 @@ pub fn image(cache: &Path, arch: &str, suite: &str) -> Result<Image, String> {
         "mkfs.ext4 (Debian package e2fsprogs)",
     )?;
     fs::remove_dir_all(&tree).map_err(|e| format!("could not remove {}: {e}", tree.display()))?;
-    match fs::rename(&partial, &dir) {
-        Ok(()) => {}
-        // Another run finished the same recipe first: use theirs.
-        Err(_) if dir.is_dir() => {
-            fs::remove_dir_all(&partial)
-                .map_err(|e| format!("could not remove {}: {e}", partial.display()))?;
-        }
-        Err(e) => {
-            return Err(format!(
-                "could not rename {} to {}: {e}",
-                partial.display(),
-                dir.display()
-            ))
-        }
-    }
+    put_in_place(&partial, &dir)?;
     eprintln!("xtask: guest image made in {}", took(start));
     Ok(image)
 }

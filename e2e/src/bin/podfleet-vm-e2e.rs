@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::{ConnectOptions, Event};
-use e2e::agent::{tokio_runtime, Broker, PsEntry};
+use e2e::agent::{reported, running, tokio_runtime, Broker, PsEntry};
 use e2e::vm::{Accel, Arch, GuestImage, Vm, HOST_FROM_GUEST};
 use e2e::{eventually, NatsServer, TEST_IMAGE};
 use podfleet_agent::podman::PodmanRuntime;
@@ -382,22 +382,6 @@ fn guest_deployments(vm: &Vm) -> BTreeSet<String> {
 fn guest_inspect(vm: &Vm, container: &str, format: &str) -> String {
     vm.sh(&format!("podman inspect --format '{format}' {container}"))
         .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// `(service, id)` of the running containers.
-fn running(ps: &[PsEntry]) -> BTreeSet<(String, String)> {
-    ps.iter()
-        .filter(|c| c.state == "running")
-        .map(|c| (c.service().to_owned(), c.id.clone()))
-        .collect()
-}
-
-fn reported(state: &podfleet_core::wire::DeploymentState) -> BTreeSet<(String, String)> {
-    state
-        .container_ids
-        .iter()
-        .map(|(s, id)| (s.to_string(), id.clone()))
-        .collect()
 }
 
 /// A service that runs until SIGTERM, which ends it within half a second
