@@ -189,6 +189,17 @@ impl BucketPlan {
         self.each(|b| b.max_value_size(bytes))
     }
 
+    /// Every bucket on `replicas` servers and, when given, accepting values
+    /// up to `max_value_size` bytes.
+    #[must_use]
+    pub fn sized(self, replicas: u8, max_value_size: Option<u32>) -> Self {
+        let plan = self.replicas(replicas);
+        match max_value_size {
+            Some(bytes) => plan.max_value_size(bytes),
+            None => plan,
+        }
+    }
+
     /// No bucket at all: connect without checking any.
     pub fn none() -> Self {
         Self {
@@ -800,28 +811,34 @@ fn denied_subject(text: &str) -> Option<String> {
     Some(subject.to_owned())
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn wall_clock() -> Timestamp {
+/// The wall clock: milliseconds since the Unix epoch.
+pub fn wall_clock() -> Timestamp {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     Timestamp::from_millis(ms)
 }
 
-/// The six buckets the controller reads.
+/// The six buckets the fleet controller can read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Bucket {
+pub enum Bucket {
+    /// The fleet deployments' manifests.
     Deployments,
+    /// The device records (labels).
     Devices,
+    /// The per-device desired keys.
     Desired,
+    /// The devices' reports.
     State,
+    /// The devices' heartbeats.
     Heartbeats,
+    /// The fleet deployments' statuses.
     Status,
 }
 
 impl Bucket {
     /// In the order a snapshot feeds them.
-    pub(crate) const ALL: [Bucket; 6] = [
+    pub const ALL: [Bucket; 6] = [
         Bucket::Deployments,
         Bucket::Devices,
         Bucket::Desired,
@@ -830,7 +847,8 @@ impl Bucket {
         Bucket::Status,
     ];
 
-    pub(crate) fn name(self) -> &'static str {
+    /// The bucket's name in NATS.
+    pub fn name(self) -> &'static str {
         match self {
             Bucket::Deployments => DEPLOYMENTS_BUCKET,
             Bucket::Devices => DEVICES_BUCKET,

@@ -20,6 +20,12 @@
 //!    already right.
 //!
 //! It never decides what a device should run: every decision is the core's.
+//!
+//! The same passes drive the Kubernetes operator: [`run_with`] takes a
+//! [`Side`] that feeds the inputs which do not come from NATS (there, the
+//! custom resources) and carries out the outputs that do not go to NATS
+//! (there, the resources' statuses). `podfleet controller` runs with
+//! [`NatsOnly`]: every input from NATS, every output to NATS.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -32,7 +38,7 @@ use futures_util::{FutureExt, StreamExt};
 use podfleet_agent::event_loop::{Clock, TokioClock};
 use podfleet_core::fleet::controller::{Config, Input, Output};
 use podfleet_core::fleet::Controller;
-use podfleet_core::time::Backoff;
+use podfleet_core::time::{Backoff, Timestamp};
 use podfleet_core::wire::names::{kv_subject, DESIRED_BUCKET, STATE_BUCKET, STATUS_BUCKET};
 use podfleet_core::wire::{DeploymentKey, DeploymentName};
 
@@ -69,6 +75,57 @@ impl Default for ControllerOptions {
     }
 }
 
+/// Where a pass's inputs come from besides NATS, and who carries out the
+/// outputs that do not go to NATS.
+///
+/// A pass starts a fresh [`Controller`], hands it [`Side::start`], then
+/// every entry of [`Side::buckets`] and, whenever [`Side::ready`]
+/// completes, [`Side::feed`]. It offers every output to [`Side::take`]
+/// first; what the side hands back is written to NATS.
+pub trait Side {
+    /// The buckets the pass reads from NATS.
+    fn buckets(&self) -> &[Bucket];
+    /// Hands a fresh controller everything this side knows, before any
+    /// bucket has been read.
+    fn start(&mut self, controller: &mut Controller, now: Timestamp);
+    /// Completes when this side has something for [`Side::feed`].
+    fn ready(&mut self) -> impl Future<Output = ()> + Send;
+    /// Hands the controller what this side learnt since.
+    fn feed(&mut self, controller: &mut Controller, now: Timestamp);
+    /// Carries out `output` if it is this side's, or hands it back for
+    /// NATS.
+    fn take(&mut self, output: Output) -> Option<Output>;
+    /// Looks at the controller after each input it handled.
+    fn observe(&mut self, controller: &Controller) {
+        let _ = controller;
+    }
+    /// The pass ended (its controller is dropped); a new one starts later.
+    fn stopped(&mut self) {}
+}
+
+/// The side of `podfleet controller`: every bucket is read from NATS and
+/// every output written to NATS.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NatsOnly;
+
+impl Side for NatsOnly {
+    fn buckets(&self) -> &[Bucket] {
+        &Bucket::ALL
+    }
+
+    fn start(&mut self, _: &mut Controller, _: Timestamp) {}
+
+    fn ready(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+
+    fn feed(&mut self, _: &mut Controller, _: Timestamp) {}
+
+    fn take(&mut self, output: Output) -> Option<Output> {
+        Some(output)
+    }
+}
+
 /// Runs the fleet controller until `shutdown` completes.
 ///
 /// # Errors
@@ -78,6 +135,21 @@ pub async fn run_controller(
     connection: Connection,
     plan: BucketPlan,
     options: ControllerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with(connection, plan, options, NatsOnly, shutdown).await
+}
+
+/// Runs the fleet controller with `side` until `shutdown` completes, as
+/// [`run_controller`] does.
+///
+/// # Errors
+/// As [`run_controller`].
+pub async fn run_with<S: Side>(
+    connection: Connection,
+    plan: BucketPlan,
+    options: ControllerOptions,
+    mut side: S,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
@@ -108,8 +180,9 @@ pub async fn run_controller(
     loop {
         let ended = tokio::select! {
             () = &mut shutdown => break,
-            ended = run_pass(&client, &options) => ended,
+            ended = run_pass(&client, &options, &mut side) => ended,
         };
+        side.stopped();
         if ended.synced {
             failures = 0;
         }
@@ -148,7 +221,11 @@ type Acked = (Write, Result<u64, String>);
 
 /// One controller from a fresh read of the buckets until a watch fails or
 /// the connection is lost.
-async fn run_pass(client: &FleetClient, options: &ControllerOptions) -> PassEnd {
+async fn run_pass<S: Side>(
+    client: &FleetClient,
+    options: &ControllerOptions,
+    side: &mut S,
+) -> PassEnd {
     let mut link = client.link();
     let ended = |synced: bool, reason: String| PassEnd { synced, reason };
     while !link.borrow_and_update().connected {
@@ -157,7 +234,8 @@ async fn run_pass(client: &FleetClient, options: &ControllerOptions) -> PassEnd 
         }
     }
     let disconnects = link.borrow().disconnects;
-    let watches = Bucket::ALL.map(|bucket| client.watch_bucket(bucket));
+    let buckets = side.buckets().to_vec();
+    let watches = buckets.iter().map(|bucket| client.watch_bucket(*bucket));
     let watches = match futures_util::future::try_join_all(watches).await {
         Ok(watches) => watches,
         Err(error) => return ended(false, error.to_string()),
@@ -166,11 +244,12 @@ async fn run_pass(client: &FleetClient, options: &ControllerOptions) -> PassEnd 
     let until: Vec<u64> = watches.iter().map(|w| w.until).collect();
     let mut entries: SelectAll<_> = watches
         .into_iter()
-        .zip(Bucket::ALL)
+        .zip(buckets.iter().copied())
         .map(|(watch, bucket)| watch.messages.map(move |m| (bucket, m)).boxed())
         .collect();
     let clock = TokioClock::start();
     let mut controller = Controller::new(options.config.clone(), clock.now());
+    side.start(&mut controller, clock.now());
     let mut read = 0u64;
     if caught_up.iter().all(|c| *c) {
         controller.handle(clock.now(), Input::Synced);
@@ -180,8 +259,9 @@ async fn run_pass(client: &FleetClient, options: &ControllerOptions) -> PassEnd 
     let mut in_flight: FuturesUnordered<BoxFuture<'static, Acked>> = FuturesUnordered::new();
     loop {
         while let Some(output) = controller.poll_output() {
-            queue.push_back(output);
+            queue.extend(side.take(output));
         }
+        side.observe(&controller);
         while in_flight.len() < options.max_in_flight {
             let Some(output) = queue.pop_front() else {
                 break;
@@ -226,7 +306,7 @@ async fn run_pass(client: &FleetClient, options: &ControllerOptions) -> PassEnd 
                 let Some((entry, written)) = watched_entry(&message) else {
                     continue;
                 };
-                let index = Bucket::ALL.iter().position(|b| *b == bucket);
+                let index = buckets.iter().position(|b| *b == bucket);
                 let completes = entry.pending == 0
                     || index.is_some_and(|i| entry.revision >= until[i]);
                 if let Some(fed) = bucket.classify(entry, written) {
@@ -244,6 +324,7 @@ async fn run_pass(client: &FleetClient, options: &ControllerOptions) -> PassEnd 
                 }
             }
             () = sleep => controller.handle(clock.now(), Input::Timeout),
+            () = side.ready() => side.feed(&mut controller, clock.now()),
         }
     }
 }

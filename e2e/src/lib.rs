@@ -28,6 +28,8 @@ use tempfile::TempDir;
 
 pub mod agent;
 pub mod fleet;
+pub mod k8s;
+pub mod kube_fake;
 pub mod vm;
 
 /// The local image [`test_image`] builds: busybox on `scratch`, no

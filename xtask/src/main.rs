@@ -20,11 +20,16 @@
 //!   [--keep]`: builds the production agent for the architecture and a
 //!   Debian guest image, boots it under QEMU and runs the VM scenarios
 //!   (docs/e2e.md).
+//! - `cargo xtask k8s-apiserver`: a kube-apiserver 1.20.2 built from
+//!   Debian's source package and cached (15 to 20 min the first time), with
+//!   etcd-server installed beside it; prints its path, for
+//!   `PODFLEET_KUBE_APISERVER` (the cluster tests in e2e/).
 //!
 //! It fails loudly, naming the package, when something cannot be provided.
 
 mod cross;
 mod guest;
+mod k8s;
 mod vm;
 
 use std::env;
@@ -55,8 +60,9 @@ fn main() -> ExitCode {
         "demo" => provision().and_then(|()| demo(&rest)),
         "e2e" => vm::e2e(&rest, &workspace_root()),
         "build-agent" => vm::build_agent(&rest, &workspace_root()),
+        "k8s-apiserver" => k8s::task(&rest),
         _ => Err(format!(
-            "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, runc, nats-server, busybox-static when missing\n  demo [--exit-after-upgrade]\n                provision, then a narrated fleet of three devices on this machine\n                (nats-server, podfleet controller, three agents); Ctrl-C ends it\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{}\n{FUZZ_USAGE}", vm::USAGE
+            "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, runc, nats-server, busybox-static when missing\n  demo [--exit-after-upgrade]\n                provision, then a narrated fleet of three devices on this machine\n                (nats-server, podfleet controller, three agents); Ctrl-C ends it\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{}\n{}\n{FUZZ_USAGE}", vm::USAGE, k8s::USAGE
         )),
     };
     match result {
@@ -99,23 +105,34 @@ fn install_missing(needs: &[(&str, &str)], who: &str, recommends: bool) -> Resul
         eprintln!("xtask: {} present", programs.join(", "));
         return Ok(());
     }
+    apt_install(&missing, who, recommends)
+}
+
+/// Installs Debian `packages` (for `who`) with apt-get, as root.
+/// `recommends`: with the packages' recommended ones too.
+fn apt_install(packages: &[&str], who: &str, recommends: bool) -> Result<(), String> {
     if !is_root() {
         return Err(format!(
             "{who} need {} and this is not root: run `sudo apt-get install -y {}` and try again",
-            missing.join(", "),
-            missing.join(" ")
+            packages.join(", "),
+            packages.join(" ")
         ));
     }
     eprintln!(
         "xtask: installing {} from Debian's packages",
-        missing.join(", ")
+        packages.join(", ")
     );
-    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    // apt's chatter goes to stderr: some tasks print a path on stdout.
+    run(Command::new("apt-get")
+        .arg("update")
+        .arg("-qq")
+        .stdout(std::io::stderr()))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq"])
         .args((!recommends).then_some("--no-install-recommends"))
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(std::io::stderr()))?;
     Ok(())
 }
 

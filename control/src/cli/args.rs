@@ -13,7 +13,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use podfleet_core::wire::command::DEFAULT_TAIL_LINES;
 use podfleet_core::wire::{DeploymentName, DeviceId};
 
+use crate::client::BucketPlan;
 use crate::context::Overrides;
+use crate::run::ControllerOptions;
 
 /// The exit codes, as `--help` prints them.
 pub const EXIT_CODES_HELP: &str = "\
@@ -342,6 +344,25 @@ pub struct ControllerArgs {
     /// Largest value, in bytes, of the buckets it creates [default: the agent's bucket default]
     #[arg(long, value_name = "BYTES")]
     pub max_value_size: Option<u32>,
+}
+
+impl ControllerArgs {
+    /// The passes' options: the core's `Config` from `offline_after`,
+    /// `status_interval` and `orphan_state_grace`, connecting within
+    /// `connect_timeout`.
+    pub fn options(&self, connect_timeout: Duration) -> ControllerOptions {
+        let mut options = ControllerOptions::default();
+        options.config.offline_after = self.offline_after;
+        options.config.status_interval = self.status_interval;
+        options.config.orphan_state_grace = self.orphan_state_grace;
+        options.connect_timeout = connect_timeout;
+        options
+    }
+
+    /// `plan` with `replicas` and, when given, `max_value_size`.
+    pub fn plan(&self, plan: BucketPlan) -> BucketPlan {
+        plan.sized(self.replicas, self.max_value_size)
+    }
 }
 
 /// Parses `500ms`, `30s`, `5m`, `2h`, `1d`, or a bare number of seconds.

@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use crate::cli::args::{Cli, Command, ControllerArgs, GlobalArgs};
 use crate::cli::{shell, Exit, Failure};
+use crate::client::BucketPlan;
 use crate::context;
-use crate::run::{run_controller as run, ControllerOptions};
+use crate::run::run_controller as run;
 use clap::Parser;
 
 /// Runs `podfleet` with the process's arguments; returns its exit code.
@@ -75,15 +76,13 @@ fn init_logging(verbose: u8) {
 ///
 /// The knobs map onto `podfleet_core::fleet::controller::Config`
 /// (`offline_after`, `status_interval`, `orphan_state_grace`) and
-/// [`shell::bucket_plan`] (`replicas`, `max_value_size`).
+/// [`BucketPlan::sized`] (`replicas`, `max_value_size`), through
+/// [`ControllerArgs::options`] and [`ControllerArgs::plan`], which the
+/// operator shares.
 async fn run_controller(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
     let connection = context::resolve(&global.overrides())?;
-    let plan = shell::bucket_plan(args.replicas, args.max_value_size);
-    let mut options = ControllerOptions::default();
-    options.config.offline_after = args.offline_after;
-    options.config.status_interval = args.status_interval;
-    options.config.orphan_state_grace = args.orphan_state_grace;
-    options.connect_timeout = global.request_timeout;
+    let plan = args.plan(BucketPlan::default());
+    let options = args.options(global.request_timeout);
     run(connection, plan, options, shutdown()).await
 }
 

@@ -27,11 +27,7 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// The six buckets ([`BucketPlan::default`]), with `replicas` and (when
 /// given) `max_value_size`. Existing buckets are never altered.
 pub fn bucket_plan(replicas: u8, max_value_size: Option<u32>) -> BucketPlan {
-    let plan = BucketPlan::default().replicas(replicas);
-    match max_value_size {
-        Some(bytes) => plan.max_value_size(bytes),
-        None => plan,
-    }
+    BucketPlan::default().sized(replicas, max_value_size)
 }
 
 /// Runs one verb (every verb but `controller`, which main runs).

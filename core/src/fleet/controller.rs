@@ -1035,7 +1035,20 @@ impl Controller {
 
     /// Every known device, in id order.
     pub fn devices(&self) -> impl Iterator<Item = DeviceView<'_>> {
-        self.devices.iter().map(|(id, device)| DeviceView {
+        self.devices
+            .iter()
+            .map(|(id, device)| self.view(id, device))
+    }
+
+    /// The known device `id`, if it is known.
+    pub fn device(&self, id: &DeviceId) -> Option<DeviceView<'_>> {
+        self.devices
+            .get_key_value(id)
+            .map(|(id, device)| self.view(id, device))
+    }
+
+    fn view<'a>(&'a self, id: &'a DeviceId, device: &'a Device) -> DeviceView<'a> {
+        DeviceView {
             id,
             labels: device.labels.as_ref().unwrap_or(&NO_LABELS),
             heartbeat: device.heartbeat.as_ref(),
@@ -1057,7 +1070,24 @@ impl Controller {
                         .collect()
                 })
                 .unwrap_or_default(),
-        })
+        }
+    }
+
+    /// Whether no device's desired key of the deployment `name` is held,
+    /// being written or due for a retry, as far as a synced controller
+    /// knows: after [`Input::DeploymentDeleted`], the teardown's writes are
+    /// all done and seen in the desired bucket. Always `false` before
+    /// [`Input::Synced`] and while `name` is a live deployment that targets
+    /// a device.
+    pub fn holds_no_keys(&self, name: &DeploymentName) -> bool {
+        self.synced
+            && self
+                .cells
+                .range((name.clone(), min_device())..)
+                .take_while(|((n, _), _)| n == name)
+                .all(|(_, cell)| {
+                    cell.desired.is_none() && cell.write.is_none() && cell.retry_at.is_none()
+                })
     }
 
     /// The reported state of `<id>.<name>`, if any.

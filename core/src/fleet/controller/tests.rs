@@ -457,6 +457,28 @@ fn a_deleted_deployment_is_torn_down_and_hand_written_keys_are_left_alone() {
 }
 
 #[test]
+fn a_teardown_holds_keys_until_every_delete_is_seen() {
+    let mut fleet = Buckets::new();
+    assert!(
+        !fleet.controller.holds_no_keys(&name("web")),
+        "not synced yet"
+    );
+    fleet = three_devices();
+    assert!(fleet.controller.holds_no_keys(&name("web")));
+    fleet.apply("web", manifest("web", json!({"selector": ""}), "web:1"));
+    assert!(!fleet.controller.holds_no_keys(&name("web")));
+    // The broker refuses the first delete: the key stays, and so does the
+    // answer, until the retry went through.
+    fleet.refuse = 1;
+    fleet.delete("web");
+    assert_eq!(fleet.desired_keys("web"), ["rpi-01"]);
+    assert!(!fleet.controller.holds_no_keys(&name("web")));
+    fleet.advance(Duration::from_secs(2));
+    assert_eq!(fleet.desired_keys("web"), Vec::<String>::new());
+    assert!(fleet.controller.holds_no_keys(&name("web")));
+}
+
+#[test]
 fn a_refused_manifest_leaves_the_devices_alone_and_says_why() {
     let mut fleet = three_devices();
     fleet.apply(

@@ -1,0 +1,151 @@
+use podfleet_core::fleet::{FailureGroup, FleetDeploymentStatus as Aggregate, PhaseCounts};
+use podfleet_core::wire::DeviceId;
+
+use super::*;
+
+fn aggregate(targeted: u32, updated: u32, phases: [u32; 3], offline: u32) -> Aggregate {
+    Aggregate {
+        observed_generation: 3,
+        error: None,
+        targeted,
+        updated,
+        phases: PhaseCounts {
+            pending: phases[0],
+            running: phases[1],
+            failed: phases[2],
+        },
+        offline,
+        failures: Vec::new(),
+    }
+}
+
+fn known(status: Aggregate) -> Known {
+    Known::Aggregate { read: 4, status }
+}
+
+fn condition<'a>(status: &'a FleetDeploymentStatus, type_: &str) -> &'a Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition"))
+}
+
+#[test]
+fn a_complete_rollout_is_available_and_healthy() {
+    let status = fleet_status(&known(aggregate(3, 3, [0, 3, 0], 0)), None, "T1");
+    assert_eq!(status.observed_generation, Some(4));
+    assert_eq!(status.rolled_out_generation, Some(3));
+    assert_eq!((status.targeted, status.running, status.updated), (3, 3, 3));
+    let available = condition(&status, AVAILABLE);
+    assert_eq!(
+        (available.status.as_str(), available.reason.as_str()),
+        ("True", "AllRunning")
+    );
+    assert_eq!(available.message, "all 3 targeted devices run generation 3");
+    assert_eq!(condition(&status, PROGRESSING).reason, "RolloutComplete");
+    assert_eq!(condition(&status, DEGRADED).status, "False");
+    assert!(status
+        .conditions
+        .iter()
+        .all(|c| c.last_transition_time == "T1"));
+}
+
+#[test]
+fn transition_times_move_only_when_a_status_flips() {
+    let first = fleet_status(&known(aggregate(3, 1, [2, 1, 0], 1)), None, "T1");
+    assert_eq!(condition(&first, PROGRESSING).status, "True");
+    assert_eq!(
+        condition(&first, PROGRESSING).message,
+        "1 of 3 targeted devices report on generation 3, 2 pending, 1 offline"
+    );
+    let same = fleet_status(&known(aggregate(3, 2, [1, 2, 0], 0)), Some(&first), "T2");
+    assert!(same
+        .conditions
+        .iter()
+        .all(|c| c.last_transition_time == "T1"));
+    let done = fleet_status(&known(aggregate(3, 3, [0, 3, 0], 0)), Some(&same), "T3");
+    assert_eq!(condition(&done, AVAILABLE).last_transition_time, "T3");
+    assert_eq!(condition(&done, PROGRESSING).last_transition_time, "T3");
+    assert_eq!(condition(&done, DEGRADED).last_transition_time, "T1");
+    // Unchanged input, unchanged status: nothing to patch.
+    assert_eq!(
+        fleet_status(&known(aggregate(3, 3, [0, 3, 0], 0)), Some(&done), "T4"),
+        done
+    );
+}
+
+#[test]
+fn failures_and_refusals_degrade_with_a_message_to_act_on() {
+    let mut failing = aggregate(4, 4, [0, 2, 2], 0);
+    failing.failures = vec![FailureGroup {
+        reason: "init_container_exited".into(),
+        message: "init container \"migrate\" exited with code 3".into(),
+        count: 2,
+        devices: vec![
+            DeviceId::new("rpi-01").unwrap(),
+            DeviceId::new("rpi-04").unwrap(),
+        ],
+    }];
+    let status = fleet_status(&known(failing.clone()), None, "T1");
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "DevicesFailed")
+    );
+    assert_eq!(
+        degraded.message,
+        "2 of 4 targeted devices failed on generation 3; 2 of them: init container \"migrate\" exited with code 3 (rpi-01, rpi-04)"
+    );
+    assert_eq!(status.failures, failing.failures);
+    let mut refused = aggregate(4, 4, [0, 4, 0], 0);
+    refused.error = Some("generation 4 was refused: spec.score.services[0].image: blank".into());
+    let status = fleet_status(&known(refused), None, "T1");
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!(degraded.reason, "SpecRefused");
+    assert!(
+        degraded
+            .message
+            .ends_with("; the devices stay on generation 3"),
+        "{}",
+        degraded.message
+    );
+    assert_eq!(status.observed_generation, Some(4));
+    assert_eq!(status.rolled_out_generation, Some(3));
+}
+
+#[test]
+fn no_target_and_a_bad_name_say_so() {
+    let status = fleet_status(&known(aggregate(0, 0, [0, 0, 0], 0)), None, "T1");
+    assert_eq!(condition(&status, AVAILABLE).reason, "NoTargets");
+    let status = fleet_status(
+        &Known::InvalidName("\"Web.1\": not a name".into()),
+        None,
+        "T1",
+    );
+    assert_eq!(condition(&status, DEGRADED).reason, "InvalidName");
+    assert_eq!(condition(&status, AVAILABLE).status, "False");
+    assert_eq!(status.observed_generation, None);
+}
+
+#[test]
+fn notes_tell_rollouts_failures_and_target_changes() {
+    let reasons = |notes: Vec<Note>| notes.into_iter().map(|n| n.reason).collect::<Vec<_>>();
+    let started = fleet_status(&known(aggregate(2, 0, [2, 0, 0], 0)), None, "T1");
+    assert_eq!(reasons(notes(None, &started)), ["RolloutStarted"]);
+    let mut failing = aggregate(3, 3, [0, 2, 1], 0);
+    failing.failures = vec![FailureGroup {
+        reason: "crash_loop".into(),
+        message: "crash loop".into(),
+        count: 1,
+        devices: vec![DeviceId::new("rpi-03").unwrap()],
+    }];
+    let failed = fleet_status(&known(failing), Some(&started), "T2");
+    assert_eq!(
+        reasons(notes(Some(&started), &failed)),
+        ["TargetsChanged", "DevicesFailed"]
+    );
+    let done = fleet_status(&known(aggregate(3, 3, [0, 3, 0], 0)), Some(&failed), "T3");
+    assert_eq!(reasons(notes(Some(&failed), &done)), ["RolloutComplete"]);
+    assert!(notes(Some(&done), &done).is_empty());
+}

@@ -1,0 +1,345 @@
+//! A real `kube-apiserver` for the operator's cluster tests, built from
+//! Debian's own source package and cached outside the repository.
+//!
+//! No Debian package ships a kube-apiserver binary, but bookworm's source
+//! package `kubernetes` (1.20.2, the whole upstream tree with its vendor/
+//! directory) builds one offline. It is fetched with `apt-get source`
+//! through a deb-src list of the project's own in the cache (the machine's
+//! apt configuration is never touched), unpacked with Debian's patches by
+//! dpkg-source, and built as Debian's debian/rules builds it: `make` in
+//! GOPATH mode with bookworm's Go 1.19 and `CGO_ENABLED=0`. One change is
+//! made to the tree first: the vendored github.com/modern-go/reflect2 1.0.1
+//! makes the binary crash on the first custom-resource write under
+//! Go >= 1.18, so it is replaced by Debian's 1.0.2
+//! (golang-github-modern-go-reflect2-dev).
+//!
+//! The binary lands in `<cache>/kube-apiserver-1.20.2-<hash>/kube-apiserver`,
+//! the hash being that of the recipe; the tree and the Go build cache
+//! are removed once it is built. It never runs anything:
+//! e2e's `k8s` module starts it beside Debian's etcd.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::cross::{self, fnv1a64, megabytes, put_in_place, remove_stale_partials, took};
+
+/// Bumped whenever the recipe changes in a way the constants below do not
+/// show (it is part of the hash that names the build).
+const RECIPE_VERSION: u32 = 1;
+/// The Kubernetes release the source package holds.
+pub const KUBERNETES_VERSION: &str = "1.20.2";
+/// The mirror and release the source package comes from.
+const MIRROR: &str = "http://deb.debian.org/debian";
+const SUITE: &str = "bookworm";
+/// The source package, at the exact version the recipe was proven with.
+const SOURCE_PACKAGE: &str = "kubernetes";
+const SOURCE_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
+/// What the build runs in the unpacked tree, in order.
+const MAKE_STEPS: [&[&str]; 2] = [&["generated_files"], &["WHAT=cmd/kube-apiserver"]];
+/// Where `make` leaves the binary, in the tree.
+const BUILT_BINARY: &str = "_output/bin/kube-apiserver";
+/// The vendored copy of reflect2 that is replaced, in the tree.
+const VENDORED_REFLECT2: &str = "vendor/github.com/modern-go/reflect2";
+/// Debian's reflect2 sources that replace it, and their package.
+const DEBIAN_REFLECT2: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
+const REFLECT2_PACKAGE: &str = "golang-github-modern-go-reflect2-dev";
+
+/// The programs the build needs, with their Debian packages.
+const BUILD_NEEDS: [(&str, &str); 6] = [
+    ("go", "golang-go"),
+    ("make", "make"),
+    ("rsync", "rsync"),
+    ("jq", "jq"),
+    ("dpkg-source", "dpkg-dev"),
+    ("apt-get", "apt"),
+];
+/// What a test cluster runs beside the apiserver (e2e's `k8s` module).
+const RUNTIME_NEEDS: [(&str, &str); 2] = [("etcd", "etcd-server"), ("openssl", "openssl")];
+
+/// The task's line in `cargo xtask`'s usage.
+pub const USAGE: &str = "  k8s-apiserver kube-apiserver 1.20.2 built from Debian's source package kubernetes and cached in
+                PODFLEET_E2E_CACHE (15 to 20 min the first time); installs etcd-server; prints its path:
+                PODFLEET_KUBE_APISERVER=$(cargo xtask k8s-apiserver) cargo test -p e2e --test k8s_apiserver -- --ignored";
+
+/// `cargo xtask k8s-apiserver`: builds (or reuses) the apiserver, makes
+/// sure etcd and openssl are installed, and prints the binary's path.
+pub fn task(args: &[String]) -> Result<(), String> {
+    if let Some(arg) = args.first() {
+        return Err(format!(
+            "unexpected argument {arg:?}\nusage: cargo xtask k8s-apiserver"
+        ));
+    }
+    crate::install_missing(&RUNTIME_NEEDS, "the Kubernetes cluster tests", false)?;
+    let binary = apiserver(&cache())?;
+    println!("{}", binary.display());
+    Ok(())
+}
+
+/// The cache directory: `PODFLEET_E2E_CACHE`, else [`cross::default_cache`].
+fn cache() -> PathBuf {
+    env::var_os("PODFLEET_E2E_CACHE")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(cross::default_cache, PathBuf::from)
+}
+
+/// Makes sure `kube-apiserver` 1.20.2, built from Debian's source package,
+/// is in `cache`, building it when it is not, and returns its path.
+///
+/// Installs the build's Debian packages when they are missing (as root).
+///
+/// # Errors
+///
+/// If a package cannot be installed, the source cannot be fetched (the
+/// mirror may have moved on from [`SOURCE_VERSION`]) or the build fails,
+/// with the end of the build log.
+pub fn apiserver(cache: &Path) -> Result<PathBuf, String> {
+    let name = format!(
+        "kube-apiserver-{KUBERNETES_VERSION}-{:016x}",
+        fnv1a64(recipe().as_bytes())
+    );
+    let dir = cache.join(&name);
+    let binary = dir.join("kube-apiserver");
+    if binary.is_file() {
+        eprintln!("xtask: reusing kube-apiserver {}", binary.display());
+        return Ok(binary);
+    }
+    crate::install_missing(&BUILD_NEEDS, "building kube-apiserver", false)?;
+    if !Path::new(DEBIAN_REFLECT2).is_dir() {
+        crate::apt_install(&[REFLECT2_PACKAGE], "building kube-apiserver", false)?;
+    }
+    fs::create_dir_all(cache).map_err(|e| format!("could not create {}: {e}", cache.display()))?;
+    let cache = cross::absolute(cache)?;
+    remove_stale_partials(&cache, &name)?;
+    let partial = cache.join(format!("{name}.partial-{}", std::process::id()));
+    fs::create_dir_all(&partial)
+        .map_err(|e| format!("could not create {}: {e}", partial.display()))?;
+    let log = cache.join(format!("{name}.log"));
+    fs::write(&log, "").map_err(|e| format!("could not create {}: {e}", log.display()))?;
+    eprintln!(
+        "xtask: building kube-apiserver {KUBERNETES_VERSION} from Debian's source package {SOURCE_PACKAGE} {SOURCE_VERSION} into {} (15 to 20 min on 2 cores; log: {})",
+        dir.display(),
+        log.display()
+    );
+    let start = Instant::now();
+    let tree = fetch_source(&partial, &log)?;
+    replace_reflect2(&tree, &log)?;
+    build(&tree, &partial, &log)?;
+    let built = tree.join(BUILT_BINARY);
+    let version = Command::new(&built)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", built.display()))?;
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+    if version != format!("Kubernetes v{KUBERNETES_VERSION}") {
+        return Err(format!(
+            "{} --version says {version:?}, not Kubernetes v{KUBERNETES_VERSION} (log: {})",
+            built.display(),
+            log.display()
+        ));
+    }
+    fs::copy(&built, partial.join("kube-apiserver"))
+        .map_err(|e| format!("could not copy {}: {e}", built.display()))?;
+    for scratch in ["apt", "source", "home"] {
+        let path = partial.join(scratch);
+        fs::remove_dir_all(&path)
+            .map_err(|e| format!("could not remove {}: {e}", path.display()))?;
+    }
+    put_in_place(&partial, &dir)?;
+    let size = fs::metadata(&binary)
+        .map_err(|e| format!("could not stat {}: {e}", binary.display()))?
+        .len();
+    eprintln!(
+        "xtask: kube-apiserver ({version}) built in {}: {} ({})",
+        took(start),
+        binary.display(),
+        megabytes(size)
+    );
+    Ok(binary)
+}
+
+/// All that decides the binary, as hashed into its directory's name.
+fn recipe() -> String {
+    let mut recipe = format!(
+        "{RECIPE_VERSION}\0{MIRROR}\0{SUITE}\0{SOURCE_PACKAGE}\0{SOURCE_VERSION}\0{REFLECT2_PACKAGE}\0{BUILT_BINARY}"
+    );
+    for step in MAKE_STEPS {
+        recipe.push('\0');
+        recipe.push_str(&step.join(" "));
+    }
+    recipe
+}
+
+/// The deb-src list `apt-get` reads instead of the machine's.
+fn deb_src_list() -> String {
+    format!(
+        "Types: deb-src\nURIs: {MIRROR}\nSuites: {SUITE}\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    )
+}
+
+/// Downloads the source package with `apt-get source` and unpacks it
+/// (Debian's patches applied) into `<partial>/source/kubernetes`, which it
+/// returns. apt's lists, cache and sources are all under `<partial>/apt`.
+fn fetch_source(partial: &Path, log: &Path) -> Result<PathBuf, String> {
+    let start = Instant::now();
+    let apt = partial.join("apt");
+    let source = partial.join("source");
+    for dir in [
+        apt.join("lists/partial"),
+        apt.join("cache/archives/partial"),
+        source.clone(),
+    ] {
+        fs::create_dir_all(&dir).map_err(|e| format!("could not create {}: {e}", dir.display()))?;
+    }
+    let list = apt.join("deb-src.sources");
+    fs::write(&list, deb_src_list())
+        .map_err(|e| format!("could not write {}: {e}", list.display()))?;
+    let apt_get = || {
+        let mut command = Command::new("apt-get");
+        command
+            .arg("-o")
+            .arg(format!("Dir::Etc::SourceList={}", list.display()))
+            .args(["-o", "Dir::Etc::SourceParts=/dev/null"])
+            .arg("-o")
+            .arg(format!("Dir::State::Lists={}", apt.join("lists").display()))
+            .arg("-o")
+            .arg(format!("Dir::Cache={}", apt.join("cache").display()))
+            // The downloads land in the cache, which apt's sandbox user
+            // cannot write to.
+            .args(["-o", "APT::Sandbox::User=root"]);
+        command
+    };
+    logged(
+        apt_get().args(["update", "-q"]),
+        log,
+        "apt-get update (the deb-src list in the cache)",
+    )?;
+    logged(
+        apt_get()
+            .args(["source", "--download-only", "-q"])
+            .arg(format!("{SOURCE_PACKAGE}={SOURCE_VERSION}"))
+            .current_dir(&source),
+        log,
+        &format!(
+            "apt-get source {SOURCE_PACKAGE}={SOURCE_VERSION} (has {MIRROR} {SUITE} moved on to a newer version? `apt-cache showsrc {SOURCE_PACKAGE}` with a deb-src line says)"
+        ),
+    )?;
+    let dsc = format!("{SOURCE_PACKAGE}_{}.dsc", SOURCE_VERSION);
+    logged(
+        Command::new("dpkg-source")
+            .args(["-x", &dsc, SOURCE_PACKAGE])
+            .current_dir(&source),
+        log,
+        "dpkg-source -x (Debian package dpkg-dev)",
+    )?;
+    eprintln!("xtask: source fetched and unpacked in {}", took(start));
+    Ok(source.join(SOURCE_PACKAGE))
+}
+
+/// Replaces the vendored reflect2 1.0.1 with Debian's copy.
+fn replace_reflect2(tree: &Path, log: &Path) -> Result<(), String> {
+    let vendored = tree.join(VENDORED_REFLECT2);
+    fs::remove_dir_all(&vendored)
+        .map_err(|e| format!("could not remove {}: {e}", vendored.display()))?;
+    logged(
+        Command::new("cp")
+            .args(["-rL", DEBIAN_REFLECT2])
+            .arg(&vendored),
+        log,
+        "cp (Debian's reflect2 into vendor/)",
+    )?;
+    let version = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", REFLECT2_PACKAGE])
+        .output()
+        .map_or_else(
+            |_| "?".to_owned(),
+            |o| String::from_utf8_lossy(&o.stdout).into_owned(),
+        );
+    eprintln!(
+        "xtask: {VENDORED_REFLECT2} replaced by {DEBIAN_REFLECT2} ({REFLECT2_PACKAGE} {version})"
+    );
+    Ok(())
+}
+
+/// Runs the [`MAKE_STEPS`] in `tree` as debian/rules does (GOPATH mode,
+/// which the tree's hack/lib sets up under `_output`, no cgo), with a home
+/// of its own so that nothing lands in the user's.
+fn build(tree: &Path, partial: &Path, log: &Path) -> Result<(), String> {
+    let home = partial.join("home");
+    fs::create_dir_all(&home).map_err(|e| format!("could not create {}: {e}", home.display()))?;
+    let go = Command::new("go").arg("version").output().map_or_else(
+        |_| "go".to_owned(),
+        |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+    );
+    for step in MAKE_STEPS {
+        let start = Instant::now();
+        eprintln!("xtask: make {} ({go})", step.join(" "));
+        logged(
+            Command::new("make")
+                .args(step)
+                .current_dir(tree)
+                .env("HOME", &home)
+                .env("CGO_ENABLED", "0")
+                .env("GO111MODULE", "off")
+                .env_remove("GOFLAGS")
+                .env_remove("GOPATH")
+                .env_remove("GOCACHE"),
+            log,
+            &format!("make {}", step.join(" ")),
+        )?;
+        eprintln!("xtask: make {} took {}", step.join(" "), took(start));
+    }
+    Ok(())
+}
+
+/// Runs `command` with its output appended to `log`; on failure, the
+/// error names `what` and carries the log's end.
+fn logged(command: &mut Command, log: &Path, what: &str) -> Result<(), String> {
+    let open = || {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("could not open {}: {e}", log.display()))
+    };
+    let shown = format!("{command:?}");
+    let status = command
+        .stdin(Stdio::null())
+        .stdout(open()?)
+        .stderr(open()?)
+        .status()
+        .map_err(|e| format!("could not run {what}: {e}"))?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    Err(format!(
+        "{what} failed ({status}): {shown}\n{}\n(full log: {})",
+        lines[lines.len().saturating_sub(40)..].join("\n"),
+        log.display()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recipe_pins_the_source_and_names_the_reflect2_fix() {
+        let recipe = recipe();
+        assert!(recipe.contains(SOURCE_VERSION), "{recipe:?}");
+        assert!(recipe.contains(REFLECT2_PACKAGE), "{recipe:?}");
+        assert!(SOURCE_VERSION.contains(KUBERNETES_VERSION));
+    }
+
+    #[test]
+    fn the_deb_src_list_is_bookworms_main() {
+        let list = deb_src_list();
+        assert!(list.starts_with("Types: deb-src\n"), "{list}");
+        assert!(list.contains("Suites: bookworm\n"), "{list}");
+        assert!(list.contains(MIRROR), "{list}");
+    }
+}
