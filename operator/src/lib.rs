@@ -15,6 +15,7 @@
 //! - [`status`]: what the statuses and events say (pure).
 //! - [`lease`]: leader election over a Lease.
 //! - [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`cli`]: the `podfleet-operator` command line.
 //!
 //! # Drive loop
 //! [`run`] wires them; in short:
@@ -31,6 +32,7 @@
 //! # }
 //! ```
 
+pub mod cli;
 pub mod crd;
 pub mod engine;
 pub mod lease;
