@@ -69,25 +69,34 @@ pub trait Clock: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy)]
 pub struct TokioClock {
     origin: tokio::time::Instant,
+    /// What `now` says at `origin`.
+    at_origin: Timestamp,
 }
 
 impl TokioClock {
     /// A clock whose origin is now.
     pub fn start() -> Self {
+        Self::start_at(Timestamp::ZERO)
+    }
+
+    /// A clock that says `at` now. A shell that hands the core ages (of
+    /// heartbeats, say) starts its clock at the wall clock, so that
+    /// `now - age` is never clamped to the origin.
+    pub fn start_at(at: Timestamp) -> Self {
         Self {
             origin: tokio::time::Instant::now(),
+            at_origin: at,
         }
     }
 }
 
 impl Clock for TokioClock {
     fn now(&self) -> Timestamp {
-        let ms = self.origin.elapsed().as_millis();
-        Timestamp::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
+        self.at_origin + self.origin.elapsed()
     }
 
     fn sleep_until(&self, at: Timestamp) -> impl Future<Output = ()> + Send {
-        tokio::time::sleep_until(self.origin + Duration::from_millis(at.as_millis()))
+        tokio::time::sleep_until(self.origin + at.saturating_since(self.at_origin))
     }
 }
 

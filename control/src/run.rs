@@ -247,7 +247,9 @@ async fn run_pass<S: Side>(
         .zip(buckets.iter().copied())
         .map(|(watch, bucket)| watch.messages.map(move |m| (bucket, m)).boxed())
         .collect();
-    let clock = TokioClock::start();
+    // On the wall clock's scale, so that a heartbeat's age never reaches
+    // back past the clock's origin.
+    let clock = TokioClock::start_at(wall_clock());
     let mut controller = Controller::new(options.config.clone(), clock.now());
     side.start(&mut controller, clock.now());
     let mut read = 0u64;

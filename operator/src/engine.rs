@@ -204,6 +204,10 @@ pub struct KubeSide {
     sweep_due: bool,
     /// Deleted deployments whose keys may still exist.
     deleting: BTreeSet<DeploymentName>,
+    /// The generation of each FleetDeployment handed to this pass's
+    /// controller: a status patch or a label change on the object makes
+    /// no new generation and is not handed in again.
+    fed: HashMap<String, i64>,
     /// Statuses handed out by the controller and not yet published.
     statuses: Vec<DeploymentName>,
     /// The Device statuses last sent, by name.
@@ -240,6 +244,7 @@ impl KubeSide {
             sweep,
             sweep_due: false,
             deleting: BTreeSet::new(),
+            fed: HashMap::new(),
             statuses: Vec::new(),
             sent: HashMap::new(),
             created: HashSet::new(),
@@ -271,6 +276,10 @@ impl KubeSide {
                     return;
                 }
                 let generation = fd.metadata.generation.unwrap_or(0);
+                if self.fed.get(name) == Some(&generation) && !self.deleting.contains(&id) {
+                    return;
+                }
+                self.fed.insert(name.to_owned(), generation);
                 let manifest = serde_json::json!({
                     "apiVersion": API_VERSION,
                     "kind": FLEET_DEPLOYMENT_KIND,
@@ -290,6 +299,7 @@ impl KubeSide {
                 self.statuses.push(id);
             }
             Some(_) | None => {
+                self.fed.remove(name);
                 if object.is_none() {
                     self.hub.forget(name);
                 }
@@ -364,10 +374,10 @@ impl KubeSide {
                 continue;
             }
             let last_seen = view.seen_at.map(|seen| {
-                let wall =
-                    zero_wall.as_millis() + seen.saturating_since(zero_pass).as_millis() as u64;
-                let wall = wall - wall % resolution;
-                rfc3339(wall / 1000)
+                let wall = i128::from(zero_wall.as_millis()) + i128::from(seen.as_millis())
+                    - i128::from(zero_pass.as_millis());
+                let wall = u64::try_from(wall.max(0)).unwrap_or(0);
+                rfc3339((wall - wall % resolution) / 1000)
             });
             let deployments = view
                 .deployments
@@ -380,7 +390,15 @@ impl KubeSide {
                 })
                 .collect();
             let status = device_status(&view, last_seen, deployments);
-            if self.sent.get(name) != Some(&status) {
+            let shown = match self.sent.get(name) {
+                Some(sent) => Some(sent.clone()),
+                // What the object shows, after a restart.
+                None => self
+                    .devices
+                    .get(&ObjectRef::new(name))
+                    .and_then(|d| d.status.clone()),
+            };
+            if shown.as_ref() != Some(&status) {
                 self.sent.insert(name.to_owned(), status.clone());
                 let _ = self.writes.send(DeviceWrite::Status {
                     name: name.to_owned(),
@@ -411,6 +429,7 @@ impl Side for KubeSide {
         while self.touched.try_recv().is_ok() {}
         self.pending.clear();
         self.deleting.clear();
+        self.fed.clear();
         self.statuses.clear();
         let names: Vec<String> = self
             .deployments

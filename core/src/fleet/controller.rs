@@ -532,10 +532,13 @@ impl Controller {
                         .as_millis()
                         .saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
                 );
-                let until = seen_at + self.config.offline_after;
+                // From the age, not from `seen_at`: on a clock that started
+                // after the heartbeat was written, `seen_at` is clamped to
+                // the clock's origin and would make an old heartbeat fresh.
+                let until = self.now + self.config.offline_after.saturating_sub(age);
                 device.heartbeat = Some(heartbeat);
                 device.seen_at = Some(seen_at);
-                if until > self.now {
+                if age < self.config.offline_after {
                     device.online_until = Some(until);
                     self.offline_at.insert((until, id.clone()));
                 }

@@ -479,6 +479,22 @@ fn a_teardown_holds_keys_until_every_delete_is_seen() {
 }
 
 #[test]
+fn a_heartbeat_older_than_the_clock_is_offline() {
+    // A controller whose clock starts at zero reads a heartbeat written
+    // an hour before: the device is offline, not fresh for a minute.
+    let mut fleet = Buckets::new();
+    fleet.feed(Input::Heartbeat {
+        device: id("rpi-01"),
+        value: Some(heartbeat("rpi-01")),
+        age: Duration::from_secs(3600),
+    });
+    fleet.feed(Input::Synced);
+    let view = fleet.controller.device(&id("rpi-01")).unwrap();
+    assert!(!view.online);
+    assert_eq!(fleet.controller.poll_timeout(), None);
+}
+
+#[test]
 fn a_refused_manifest_leaves_the_devices_alone_and_says_why() {
     let mut fleet = three_devices();
     fleet.apply(
