@@ -625,3 +625,70 @@ fn agents_follow_fleet_deployments_and_device_labels_through_the_operator() {
     });
     eprintln!("done after {:?}", started.elapsed());
 }
+
+/// One FleetDeployment over two thousand Devices: every key written, and
+/// the reports aggregated into a handful of status patches, not one per
+/// device.
+#[test]
+fn one_fleet_deployment_fans_out_to_two_thousand_devices_with_few_status_patches() {
+    const DEVICES: usize = 2_000;
+    let nats = NatsServer::start();
+    let fake = FakeApi::new();
+    let runtime = tokio_runtime();
+    let client = runtime.block_on(async { fake.client() });
+    let devices = Api::<Device>::all(client.clone());
+    let fds = Api::<FleetDeployment>::namespaced(client.clone(), NS);
+    let ids: Vec<String> = (0..DEVICES).map(|i| format!("dev-{i:05}")).collect();
+    runtime.block_on(async {
+        for id in &ids {
+            devices
+                .create(&PostParams::default(), &device(id, &[("site", "lyon")]))
+                .await
+                .unwrap();
+        }
+    });
+    let mut opts = options();
+    opts.engine.device_status_every = Duration::from_secs(3600);
+    let _operator = Operator::start(&fake, "operator", &nats.url(), opts);
+    runtime.block_on(async {
+        let desired = kv_store(&nats.url(), DESIRED_BUCKET).await;
+        let states = kv_store(&nats.url(), STATE_BUCKET).await;
+        fds.create(
+            &PostParams::default(),
+            &fleet_deployment("web", json!({"selector": "site=lyon"}), "localhost/web:1"),
+        )
+        .await
+        .unwrap();
+        let held = eventually!("every key", SETTLE, {
+            let held = live(&desired).await;
+            (held.len() == DEVICES).then_some(held)
+        });
+        let patches = |fake: &FakeApi| {
+            fake.requests()
+                .iter()
+                .filter(|r| r.path == format!("{FDS}/web/status"))
+                .count()
+        };
+        let before = patches(&fake);
+        for id in &ids {
+            let revision = held[&format!("{id}.web")].0;
+            states
+                .put(
+                    format!("{id}.web"),
+                    json!({"phase": "running", "revision": revision})
+                        .to_string()
+                        .into(),
+                )
+                .await
+                .unwrap();
+        }
+        eventually!("all running", SETTLE, {
+            (fake.object(FDS, "web").unwrap()["status"]["running"] == DEVICES).then_some(())
+        });
+        let during = patches(&fake) - before;
+        assert!(
+            (1..=30).contains(&during),
+            "{during} status patches for {DEVICES} reports"
+        );
+    });
+}
