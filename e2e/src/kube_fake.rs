@@ -4,7 +4,8 @@
 //! memory, the way kube's own tests and controller-rs mock the API server,
 //! but stateful: objects are created, replaced, patched (JSON patch, merge
 //! patch and server-side apply, the latter as a merge), deleted with
-//! finalizers and deletion timestamps, listed and watched (a watch streams
+//! finalizers and deletion timestamps (an apply of a status replaces it,
+//! as server-side apply does for its one field manager), listed and watched (a watch streams
 //! every later change), with resource versions, generations and
 //! conflicts. Every request is logged ([`FakeApi::requests`]) so tests can
 //! assert the exact writes an operator made, and [`FakeApi::fail`] makes
@@ -310,6 +311,7 @@ impl State {
                 let Some(patch) = body else {
                     return (400, status_body(400, "no body"));
                 };
+                let apply = content_type.is_some_and(|c| c.contains("apply-patch"));
                 let current = self.objects.get(&key).cloned();
                 let Some(current) = current else {
                     return (404, not_found(&key));
@@ -327,6 +329,10 @@ impl State {
                     if let Err(error) = json_patch::patch(&mut next, &operations) {
                         return (422, status_with(422, "Invalid", &error.to_string()));
                     }
+                } else if apply && route.subresource.as_deref() == Some("status") {
+                    // One field manager owns a status: what it no longer
+                    // applies is removed, as server-side apply does.
+                    next["status"] = patch.get("status").cloned().unwrap_or(Value::Null);
                 } else {
                     let patch = if route.subresource.as_deref() == Some("status") {
                         json!({"status": patch.get("status").cloned().unwrap_or(Value::Null)})

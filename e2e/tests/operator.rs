@@ -576,6 +576,12 @@ fn agents_follow_fleet_deployments_and_device_labels_through_the_operator() {
             SETTLE,
             fleet["rpi-02"].containers("web").is_empty().then_some(())
         );
+        eventually!("rpi-02's Device to list no deployment", SETTLE, {
+            let device = fake.object(device_path, "rpi-02").unwrap();
+            (device["status"]["deploymentCount"] == 0
+                && device["status"].get("deployments").is_none())
+            .then_some(())
+        });
         assert_eq!(fleet["rpi-01"].containers("web")[0].id, web01);
         eventually!(
             "targeted 1",

@@ -505,10 +505,16 @@ impl Side for KubeSide {
             .cloned()
             .collect();
         for name in done {
-            self.hub.set_torn_down(name.as_str(), true);
-            let _ = self
-                .reconcile
-                .send(ObjectRef::new(name.as_str()).within(&self.options.namespace));
+            let object = ObjectRef::new(name.as_str()).within(&self.options.namespace);
+            if self.deployments.get(&object).is_none() {
+                // Its finalizer was released and it is gone: forget it.
+                self.deleting.remove(&name);
+                self.hub.forget(name.as_str());
+                self.hub.set_torn_down(name.as_str(), false);
+            } else if !self.hub.is_torn_down(name.as_str()) {
+                self.hub.set_torn_down(name.as_str(), true);
+                let _ = self.reconcile.send(object);
+            }
         }
     }
 }

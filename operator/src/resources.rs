@@ -185,7 +185,12 @@ pub struct DeviceStatus {
     #[serde(default)]
     pub deployment_count: u32,
     /// Its fleet deployments by name, with where each stands.
+    // An atomic map for server-side apply: the operator owns it whole, so an
+    // apply without it removes it. Were its entries owned one by one,
+    // removing the last would leave `null` behind, which the schema refuses
+    // (kubernetes/kubernetes#103011, #117447).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("x-kubernetes-map-type" = "atomic"))]
     pub deployments: BTreeMap<String, DeviceDeployment>,
 }
 

@@ -217,8 +217,8 @@ pub fn notes(previous: Option<&FleetDeploymentStatus>, next: &FleetDeploymentSta
                 warning: false,
                 reason: "RolloutStarted",
                 message: format!(
-                    "rolling generation {generation} out to {} devices",
-                    next.targeted
+                    "rolling generation {generation} out to {}",
+                    devices(next.targeted)
                 ),
             });
         }
@@ -228,8 +228,9 @@ pub fn notes(previous: Option<&FleetDeploymentStatus>, next: &FleetDeploymentSta
             warning: false,
             reason: "TargetsChanged",
             message: format!(
-                "the target now picks {} devices (was {})",
-                next.targeted, previous.targeted
+                "the target now picks {} (was {})",
+                devices(next.targeted),
+                previous.targeted
             ),
         });
     }
@@ -269,6 +270,15 @@ pub fn notes(previous: Option<&FleetDeploymentStatus>, next: &FleetDeploymentSta
         }
     }
     notes
+}
+
+/// `n` devices, in words.
+fn devices(n: u32) -> String {
+    if n == 1 {
+        "1 device".to_owned()
+    } else {
+        format!("{n} devices")
+    }
 }
 
 /// A Device's status from the controller's view of it; `last_seen` is the

@@ -17,12 +17,22 @@
 //! the hash being that of the recipe; the tree and the Go build cache
 //! are removed once it is built. It never runs anything:
 //! e2e's `k8s` module starts it beside Debian's etcd.
+//!
+//! The same module holds the two tasks built on it:
+//! - `cargo xtask e2e --k8s`: the cluster tier (docs/e2e.md). It builds
+//!   (or reuses) the apiserver, provisions the host as `cargo xtask test`
+//!   does, builds the e2e crate's binaries and runs `podfleet-k8s-e2e`
+//!   (e2e/src/bin), which starts the cluster, applies deploy/operator and
+//!   runs the operator as a process against real agents.
+//! - `cargo xtask operator-image`: the operator's container image, FROM
+//!   scratch around the release binary and what it links
+//!   (deploy/operator/Containerfile), built and tried with podman.
 
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cross::{self, fnv1a64, megabytes, put_in_place, remove_stale_partials, took};
 
@@ -62,7 +72,12 @@ const RUNTIME_NEEDS: [(&str, &str); 2] = [("etcd", "etcd-server"), ("openssl", "
 /// The task's line in `cargo xtask`'s usage.
 pub const USAGE: &str = "  k8s-apiserver kube-apiserver 1.20.2 built from Debian's source package kubernetes and cached in
                 PODFLEET_E2E_CACHE (15 to 20 min the first time); installs etcd-server; prints its path:
-                PODFLEET_KUBE_APISERVER=$(cargo xtask k8s-apiserver) cargo test -p e2e --test k8s_apiserver -- --ignored";
+                PODFLEET_KUBE_APISERVER=$(cargo xtask k8s-apiserver) cargo test -p e2e --test k8s_apiserver -- --ignored
+  e2e --k8s     the cluster tier: the operator as a process, with the ServiceAccount and RBAC of
+                deploy/operator, against that apiserver, a real nats-server and real agents
+  operator-image
+                the operator's image FROM scratch (release binary, its libraries, CA bundle,
+                nonroot user), built with podman as localhost/podfleet-operator:latest and tried";
 
 /// `cargo xtask k8s-apiserver`: builds (or reuses) the apiserver, makes
 /// sure etcd and openssl are installed, and prints the binary's path.
@@ -323,6 +338,303 @@ fn logged(command: &mut Command, log: &Path, what: &str) -> Result<(), String> {
     ))
 }
 
+/// The binaries the cluster tier runs, all built inside the e2e crate.
+const CLUSTER_BINARIES: [&str; 3] = [
+    "podfleet-k8s-e2e",
+    "podfleet-agent-e2e",
+    "podfleet-operator-e2e",
+];
+/// The oldest kubectl the cluster tier's commands work with
+/// (`--subresource`); Debian's kubernetes-client is 1.20.
+const KUBECTL_MINOR: u32 = 24;
+
+/// `cargo xtask e2e --k8s`: builds (or reuses) the apiserver, provisions
+/// the host, builds the scenarios and runs them; they print a timing table
+/// that includes these steps.
+pub fn e2e(args: &[String], workspace: &Path) -> Result<(), String> {
+    if let Some(other) = args.iter().find(|a| *a != "--k8s") {
+        return Err(format!(
+            "unexpected argument {other:?} (--k8s takes no other)\nusage: cargo xtask e2e --k8s"
+        ));
+    }
+    let mut timings: Vec<(&str, Duration)> = Vec::new();
+
+    let start = Instant::now();
+    eprintln!("xtask: provisioning the host (podman, runc, nats-server, busybox-static, etcd-server, openssl, kubectl)");
+    crate::provision()?;
+    crate::install_missing(&RUNTIME_NEEDS, "the Kubernetes cluster tier", false)?;
+    kubectl_check()?;
+    timings.push(("provision host", start.elapsed()));
+
+    let start = Instant::now();
+    let apiserver = apiserver(&cache())?;
+    timings.push(("kube-apiserver build", start.elapsed()));
+
+    let start = Instant::now();
+    let mut build = vec!["build", "--quiet", "-p", "e2e"];
+    for binary in CLUSTER_BINARIES {
+        build.extend(["--bin", binary]);
+    }
+    eprintln!(
+        "xtask: building the scenarios, the agent and the operator (cargo build -p e2e: {})",
+        CLUSTER_BINARIES.join(", ")
+    );
+    crate::cargo(&build, &[])?;
+    timings.push(("scenarios build", start.elapsed()));
+
+    let target = target_dir(workspace);
+    let work = target.join("k8s-e2e");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(|e| format!("could not create {}: {e}", work.display()))?;
+    let mut scenarios = Command::new(target.join("debug").join(CLUSTER_BINARIES[0]));
+    scenarios
+        .env("PODFLEET_KUBE_APISERVER", &apiserver)
+        .arg("--work")
+        .arg(&work);
+    for (name, took) in &timings {
+        scenarios
+            .arg("--timing")
+            .arg(format!("{name}={:.1}", took.as_secs_f64()));
+    }
+    eprintln!(
+        "xtask: running {} (PODFLEET_KUBE_APISERVER={})",
+        CLUSTER_BINARIES[0],
+        apiserver.display()
+    );
+    crate::run(&mut scenarios)
+        .map_err(|e| format!("{e}\nthe operators' logs are in {}", work.display()))
+}
+
+/// Fails, saying where to get one, unless a kubectl of
+/// [`KUBECTL_MINOR`] or later is on PATH.
+fn kubectl_check() -> Result<(), String> {
+    let how = format!("the cluster tier drives the apiserver with kubectl 1.{KUBECTL_MINOR} or later (Debian's kubernetes-client is 1.20 and lacks --subresource): install one from https://dl.k8s.io onto PATH");
+    let output = Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output()
+        .map_err(|e| format!("cannot run kubectl ({e}): {how}"))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    match kubectl_minor(&text) {
+        Some(minor) if minor >= KUBECTL_MINOR => Ok(()),
+        Some(minor) => Err(format!("kubectl is 1.{minor}: {how}")),
+        None => Err(format!(
+            "`kubectl version --client -o json` said {:?}: {how}",
+            text.trim()
+        )),
+    }
+}
+
+/// The minor version in `kubectl version --client -o json`'s output
+/// (`"minor": "32"`, or `"32+"` for vendors' builds).
+fn kubectl_minor(json: &str) -> Option<u32> {
+    let client = &json[json.find("\"clientVersion\"")?..];
+    let after = &client[client.find("\"minor\"")? + "\"minor\"".len()..];
+    let value = after
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    let digits: String = value.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+fn target_dir(workspace: &Path) -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from)
+}
+
+/// The operator image's name.
+pub const OPERATOR_IMAGE: &str = "localhost/podfleet-operator:latest";
+/// Where the image's entrypoint is, in the image.
+const OPERATOR_PATH: &str = "usr/local/bin/podfleet-operator";
+/// The CA bundle copied from the host (Debian package ca-certificates).
+const CA_BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
+/// The image's only user besides root.
+const NONROOT: u32 = 65532;
+
+/// `cargo xtask operator-image`: the release binary, a root file system
+/// around it, `podman build` of deploy/operator/Containerfile, and two runs
+/// of the image to prove it starts.
+pub fn operator_image(args: &[String], workspace: &Path) -> Result<(), String> {
+    if let Some(arg) = args.first() {
+        return Err(format!(
+            "unexpected argument {arg:?}\nusage: cargo xtask operator-image"
+        ));
+    }
+    crate::install_missing(
+        &[("podman", "podman"), ("runc", "runc")],
+        "the image build",
+        false,
+    )?;
+    let ldd = cross::find_program("ldd").ok_or("ldd is missing: install Debian's libc-bin")?;
+    let start = Instant::now();
+    eprintln!(
+        "xtask: building podfleet-operator (cargo build --release --locked -p podfleet-operator)"
+    );
+    crate::cargo(
+        &["build", "--release", "--locked", "-p", "podfleet-operator"],
+        &[],
+    )?;
+    let binary = target_dir(workspace)
+        .join("release")
+        .join("podfleet-operator");
+    eprintln!("xtask: built in {}", took(start));
+
+    let context = target_dir(workspace).join("operator-image");
+    let root = context.join("root");
+    if context.exists() {
+        fs::remove_dir_all(&context)
+            .map_err(|e| format!("could not remove {}: {e}", context.display()))?;
+    }
+    install_file(&binary, &root.join(OPERATOR_PATH))?;
+    let listed = Command::new(&ldd)
+        .arg(&binary)
+        .output()
+        .map_err(|e| format!("could not run ldd: {e}"))?;
+    let libraries = ldd_paths(&String::from_utf8_lossy(&listed.stdout))?;
+    for library in &libraries {
+        install_file(
+            library,
+            &root.join(library.strip_prefix("/").unwrap_or(library)),
+        )?;
+    }
+    let ca = Path::new("/").join(CA_BUNDLE);
+    if !ca.is_file() {
+        return Err(format!(
+            "{} is missing: install Debian's ca-certificates",
+            ca.display()
+        ));
+    }
+    install_file(&ca, &root.join(CA_BUNDLE))?;
+    let etc = root.join("etc");
+    for (name, text) in [
+        (
+            "passwd",
+            format!("root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:{NONROOT}:{NONROOT}:nonroot:/nonexistent:/sbin/nologin\n"),
+        ),
+        ("group", format!("root:x:0:\nnonroot:x:{NONROOT}:\n")),
+        // glibc's resolver, for the NATS servers' names.
+        ("nsswitch.conf", "hosts: files dns\n".to_owned()),
+    ] {
+        fs::write(etc.join(name), text)
+            .map_err(|e| format!("could not write {}: {e}", etc.join(name).display()))?;
+    }
+    eprintln!(
+        "xtask: root file system in {}: the binary, {} ({})",
+        root.display(),
+        libraries
+            .iter()
+            .map(|l| l.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        CA_BUNDLE
+    );
+
+    let conf = workspace.join("e2e").join("containers.conf");
+    let podman = || {
+        let mut command = Command::new("podman");
+        command.env("CONTAINERS_CONF", &conf);
+        command
+    };
+    let containerfile = workspace.join("deploy/operator/Containerfile");
+    eprintln!(
+        "xtask: podman build --file {} --tag {OPERATOR_IMAGE}",
+        containerfile.display()
+    );
+    crate::run(
+        podman()
+            .args(["build", "--quiet", "--pull=never", "--file"])
+            .arg(&containerfile)
+            .args(["--tag", OPERATOR_IMAGE])
+            .arg(&context)
+            .stdout(std::io::stderr()),
+    )?;
+
+    let run_image = |args: &[&str]| -> Result<String, String> {
+        let output = podman()
+            .args(["run", "--rm", "--network=none", OPERATOR_IMAGE])
+            .args(args)
+            .output()
+            .map_err(|e| format!("could not run podman: {e}"))?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(format!(
+                "podman run {OPERATOR_IMAGE} {} failed ({}): {}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    };
+    let version = run_image(&["--version"])?;
+    eprintln!(
+        "xtask: podman run --rm {OPERATOR_IMAGE} --version: {}",
+        version.trim()
+    );
+    let crds = run_image(&["crds"])?;
+    if !crds.contains("kind: CustomResourceDefinition") {
+        return Err(format!(
+            "podman run {OPERATOR_IMAGE} crds printed no CRD:\n{crds}"
+        ));
+    }
+    eprintln!("xtask: podman run --rm {OPERATOR_IMAGE} crds | head -n 6:");
+    for line in crds.lines().take(6) {
+        eprintln!("  {line}");
+    }
+    let user = podman()
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{.Config.User}} {{.Size}}",
+            OPERATOR_IMAGE,
+        ])
+        .output()
+        .map_err(|e| format!("could not run podman: {e}"))?;
+    let inspected = String::from_utf8_lossy(&user.stdout);
+    let (user, size) = inspected.trim().split_once(' ').unwrap_or(("?", "0"));
+    eprintln!(
+        "xtask: {OPERATOR_IMAGE}: {} (user {user}), made in {}",
+        megabytes(size.parse().unwrap_or(0)),
+        took(start)
+    );
+    println!("{OPERATOR_IMAGE}");
+    Ok(())
+}
+
+/// The files `ldd` lists: each shared library's path and the dynamic
+/// loader's, in order (the vDSO has none).
+///
+/// # Errors
+///
+/// When a library is not found.
+fn ldd_paths(ldd: &str) -> Result<Vec<PathBuf>, String> {
+    let mut paths = Vec::new();
+    for line in ldd.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.contains("not found") {
+            return Err(format!("ldd: {line}"));
+        }
+        let path = match line.split_once(" => ") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            paths.push(PathBuf::from(path));
+        }
+    }
+    Ok(paths)
+}
+
+/// Copies `from` (following symbolic links) to `to`, making its directory.
+fn install_file(from: &Path, to: &Path) -> Result<(), String> {
+    if let Some(dir) = to.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("could not create {}: {e}", dir.display()))?;
+    }
+    fs::copy(from, to)
+        .map(drop)
+        .map_err(|e| format!("could not copy {} to {}: {e}", from.display(), to.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,5 +653,33 @@ mod tests {
         assert!(list.starts_with("Types: deb-src\n"), "{list}");
         assert!(list.contains("Suites: bookworm\n"), "{list}");
         assert!(list.contains(MIRROR), "{list}");
+    }
+
+    #[test]
+    fn ldd_lists_libraries_and_the_loader_but_not_the_vdso() {
+        let listed = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            ldd_paths(listed).unwrap(),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
+        assert!(ldd_paths("\tlibfoo.so.1 => not found\n")
+            .unwrap_err()
+            .contains("libfoo"));
+    }
+
+    #[test]
+    fn the_kubectl_minor_is_read_from_its_json() {
+        let json = r#"{"clientVersion": {"major": "1", "minor": "32+", "gitVersion": "v1.32.4"}, "kustomizeVersion": "v5.5.0"}"#;
+        assert_eq!(kubectl_minor(json), Some(32));
+        assert_eq!(
+            kubectl_minor(r#"{"clientVersion":{"minor":"20"}}"#),
+            Some(20)
+        );
+        assert_eq!(kubectl_minor("error"), None);
     }
 }

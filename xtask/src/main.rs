@@ -24,6 +24,11 @@
 //!   Debian's source package and cached (15 to 20 min the first time), with
 //!   etcd-server installed beside it; prints its path, for
 //!   `PODFLEET_KUBE_APISERVER` (the cluster tests in e2e/).
+//! - `cargo xtask e2e --k8s`: the cluster tier: that apiserver with
+//!   deploy/operator applied, the operator as a process against real
+//!   agents (docs/e2e.md).
+//! - `cargo xtask operator-image`: the operator's image, FROM scratch,
+//!   built and tried with podman as `localhost/podfleet-operator:latest`.
 //!
 //! It fails loudly, naming the package, when something cannot be provided.
 
@@ -58,9 +63,17 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(&rest),
         "bench-agent" => provision().and_then(|()| cargo(&["bench", "-p", "e2e", "--bench", "agent"], &rest)),
         "demo" => provision().and_then(|()| demo(&rest)),
+        "e2e" if rest.iter().any(|a| a == "--k8s") => {
+            if rest.iter().any(|a| a == "--arch") {
+                Err("--k8s and --arch are two tiers: run them one at a time".into())
+            } else {
+                k8s::e2e(&rest, &workspace_root())
+            }
+        }
         "e2e" => vm::e2e(&rest, &workspace_root()),
         "build-agent" => vm::build_agent(&rest, &workspace_root()),
         "k8s-apiserver" => k8s::task(&rest),
+        "operator-image" => k8s::operator_image(&rest, &workspace_root()),
         _ => Err(format!(
             "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, runc, nats-server, busybox-static when missing\n  demo [--exit-after-upgrade]\n                provision, then a narrated fleet of three devices on this machine\n                (nats-server, podfleet controller, three agents); Ctrl-C ends it\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{}\n{}\n{FUZZ_USAGE}", vm::USAGE, k8s::USAGE
         )),
