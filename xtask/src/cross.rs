@@ -161,6 +161,13 @@ pub fn aarch64_chroot(cache: &Path) -> Result<PathBuf, String> {
 
 /// Renames the finished `partial` build to `dir`, its name in the cache;
 /// when another run finished the same recipe first, keeps theirs.
+/// The cache directory: `PODFLEET_E2E_CACHE`, else [`default_cache`].
+pub(crate) fn cache() -> PathBuf {
+    std::env::var_os("PODFLEET_E2E_CACHE")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(default_cache, PathBuf::from)
+}
+
 pub(crate) fn put_in_place(partial: &Path, dir: &Path) -> Result<(), String> {
     match fs::rename(partial, dir) {
         Ok(()) => Ok(()),

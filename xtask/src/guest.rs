@@ -192,7 +192,7 @@ pub fn image(cache: &Path, arch: &str, suite: &str) -> Result<Image, String> {
 
 /// Runs `command` with its output appended to `log`; on failure, the
 /// error names `what` and carries the log's end.
-fn logged(command: &mut Command, log: &Path, what: &str) -> Result<(), String> {
+pub(crate) fn logged(command: &mut Command, log: &Path, what: &str) -> Result<(), String> {
     let open = || {
         fs::OpenOptions::new()
             .create(true)

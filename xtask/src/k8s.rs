@@ -31,10 +31,11 @@
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::cross::{self, fnv1a64, megabytes, put_in_place, remove_stale_partials, took};
+use crate::guest;
 
 /// Bumped whenever the recipe changes in a way the constants below do not
 /// show (it is part of the hash that names the build).
@@ -88,16 +89,9 @@ pub fn task(args: &[String]) -> Result<(), String> {
         ));
     }
     crate::install_missing(&RUNTIME_NEEDS, "the Kubernetes cluster tests", false)?;
-    let binary = apiserver(&cache())?;
+    let binary = apiserver(&cross::cache())?;
     println!("{}", binary.display());
     Ok(())
-}
-
-/// The cache directory: `PODFLEET_E2E_CACHE`, else [`cross::default_cache`].
-fn cache() -> PathBuf {
-    env::var_os("PODFLEET_E2E_CACHE")
-        .filter(|dir| !dir.is_empty())
-        .map_or_else(cross::default_cache, PathBuf::from)
 }
 
 /// Makes sure `kube-apiserver` 1.20.2, built from Debian's source package,
@@ -226,12 +220,12 @@ fn fetch_source(partial: &Path, log: &Path) -> Result<PathBuf, String> {
             .args(["-o", "APT::Sandbox::User=root"]);
         command
     };
-    logged(
+    guest::logged(
         apt_get().args(["update", "-q"]),
         log,
         "apt-get update (the deb-src list in the cache)",
     )?;
-    logged(
+    guest::logged(
         apt_get()
             .args(["source", "--download-only", "-q"])
             .arg(format!("{SOURCE_PACKAGE}={SOURCE_VERSION}"))
@@ -242,7 +236,7 @@ fn fetch_source(partial: &Path, log: &Path) -> Result<PathBuf, String> {
         ),
     )?;
     let dsc = format!("{SOURCE_PACKAGE}_{}.dsc", SOURCE_VERSION);
-    logged(
+    guest::logged(
         Command::new("dpkg-source")
             .args(["-x", &dsc, SOURCE_PACKAGE])
             .current_dir(&source),
@@ -258,7 +252,7 @@ fn replace_reflect2(tree: &Path, log: &Path) -> Result<(), String> {
     let vendored = tree.join(VENDORED_REFLECT2);
     fs::remove_dir_all(&vendored)
         .map_err(|e| format!("could not remove {}: {e}", vendored.display()))?;
-    logged(
+    guest::logged(
         Command::new("cp")
             .args(["-rL", DEBIAN_REFLECT2])
             .arg(&vendored),
@@ -291,7 +285,7 @@ fn build(tree: &Path, partial: &Path, log: &Path) -> Result<(), String> {
     for step in MAKE_STEPS {
         let start = Instant::now();
         eprintln!("xtask: make {} ({go})", step.join(" "));
-        logged(
+        guest::logged(
             Command::new("make")
                 .args(step)
                 .current_dir(tree)
@@ -307,35 +301,6 @@ fn build(tree: &Path, partial: &Path, log: &Path) -> Result<(), String> {
         eprintln!("xtask: make {} took {}", step.join(" "), took(start));
     }
     Ok(())
-}
-
-/// Runs `command` with its output appended to `log`; on failure, the
-/// error names `what` and carries the log's end.
-fn logged(command: &mut Command, log: &Path, what: &str) -> Result<(), String> {
-    let open = || {
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| format!("could not open {}: {e}", log.display()))
-    };
-    let shown = format!("{command:?}");
-    let status = command
-        .stdin(Stdio::null())
-        .stdout(open()?)
-        .stderr(open()?)
-        .status()
-        .map_err(|e| format!("could not run {what}: {e}"))?;
-    if status.success() {
-        return Ok(());
-    }
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    Err(format!(
-        "{what} failed ({status}): {shown}\n{}\n(full log: {})",
-        lines[lines.len().saturating_sub(40)..].join("\n"),
-        log.display()
-    ))
 }
 
 /// The binaries the cluster tier runs, all built inside the e2e crate.
@@ -367,7 +332,7 @@ pub fn e2e(args: &[String], workspace: &Path) -> Result<(), String> {
     timings.push(("provision host", start.elapsed()));
 
     let start = Instant::now();
-    let apiserver = apiserver(&cache())?;
+    let apiserver = apiserver(&cross::cache())?;
     timings.push(("kube-apiserver build", start.elapsed()));
 
     let start = Instant::now();

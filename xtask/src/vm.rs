@@ -119,7 +119,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
 pub fn e2e(args: &[String], workspace: &Path) -> Result<(), String> {
     let options = parse(args)?;
     let arch = options.arch;
-    let cache = cache();
+    let cache = cross::cache();
     let mut timings: Vec<(String, f64)> = Vec::new();
 
     let start = Instant::now();
@@ -196,15 +196,9 @@ pub fn build_agent(args: &[String], workspace: &Path) -> Result<(), String> {
         [flag, name] if flag == "--arch" => Arch::parse(name)?,
         _ => return Err("usage: cargo xtask build-agent --arch x86_64|aarch64".into()),
     };
-    let binary = agent_for(arch, workspace, &cache())?;
+    let binary = agent_for(arch, workspace, &cross::cache())?;
     println!("{}", binary.display());
     Ok(())
-}
-
-fn cache() -> PathBuf {
-    env::var_os("PODFLEET_E2E_CACHE")
-        .filter(|dir| !dir.is_empty())
-        .map_or_else(cross::default_cache, PathBuf::from)
 }
 
 /// `podfleet-agent` built with `--release --locked` for `arch`: by the
