@@ -43,6 +43,8 @@ pub struct Logged {
     pub body: Option<Value>,
     /// The status answered.
     pub status: u16,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 /// Where an object lives: the collection's path (`/apis/g/v/namespaces/ns/plural`
@@ -155,6 +157,7 @@ impl FakeApi {
         } else {
             serde_json::from_slice(&bytes).ok()
         };
+        let at = std::time::Instant::now();
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().unwrap_or("").to_owned();
         let content_type = parts
@@ -181,6 +184,7 @@ impl FakeApi {
                 content_type: None,
                 body: None,
                 status: 200,
+                at,
             });
             let events = futures_util::stream::unfold(receiver, |mut r| async move {
                 r.recv().await.map(|event| (event, r))
@@ -201,6 +205,7 @@ impl FakeApi {
             content_type,
             body,
             status,
+            at,
         });
         respond(status, full(&answer))
     }
