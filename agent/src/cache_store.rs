@@ -111,6 +111,8 @@ mod tests {
                 applied: true,
                 attempt: 1,
                 container_ids: BTreeMap::from([("web".into(), "abc".into())]),
+                applied_images: Vec::new(),
+                previous_images: Vec::new(),
             },
         );
         cache

@@ -109,7 +109,8 @@ async fn serve(settings: Settings) -> Result<(), AgentError> {
     };
 
     let store = FileCacheStore::open(&settings.state_dir)?;
-    let runtime = LazyPodmanRuntime::new(&settings.podman_socket, settings.podman_request_timeout);
+    let runtime = LazyPodmanRuntime::new(&settings.podman_socket, settings.podman_request_timeout)
+        .with_registry_auth(settings.registry_auth.clone());
     runtime.connect_in_background();
     let (source, publisher) = nats::connect(settings.nats.clone()).await?;
     let config = settings

@@ -279,6 +279,7 @@ mod tests {
                 }),
                 attempt: 2,
                 restarts: BTreeMap::new(),
+                image_digests: BTreeMap::new(),
                 summarised: false,
             },
         }

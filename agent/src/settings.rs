@@ -8,11 +8,13 @@
 //! never lets the agent start half-configured. This module reads the config
 //! file and the credential files it names, nothing else.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use podfleet_core::reconciler::ImageGcPolicy;
 use podfleet_core::time::Backoff;
 use podfleet_core::wire::DeviceId;
 use podfleet_core::Config;
@@ -20,6 +22,7 @@ use serde::Deserialize;
 
 use crate::event_loop::LoopOptions;
 use crate::nats::{default_inbox_prefix, Credentials, NatsSettings};
+use crate::podman::{LoginSource, RegistryAuth, RegistryLogin};
 
 /// The default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/podfleet";
@@ -137,6 +140,13 @@ pub struct Args {
     #[arg(long, env = "PODFLEET_PODMAN_REQUEST_TIMEOUT", value_name = "DURATION")]
     pub podman_request_timeout: Option<String>,
 
+    /// A containers-auth.json file (podman's format, e.g.
+    /// /run/containers/0/auth.json) with the registry logins images are
+    /// pulled with; read once at start. Logins can also be given in the
+    /// TOML file's `[registries."host:port"]` tables, which win.
+    #[arg(long, env = "PODFLEET_REGISTRY_AUTH_FILE", value_name = "FILE")]
+    pub registry_auth_file: Option<PathBuf>,
+
     /// Where the agent keeps its cache of applied state [default: /var/lib/podfleet].
     #[arg(long, env = "PODFLEET_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -202,6 +212,25 @@ pub struct Args {
     #[arg(long, env = "PODFLEET_PUBLISH_BACKOFF_MAX", value_name = "DURATION")]
     pub publish_backoff_max: Option<String>,
 
+    /// Remove images no deployment keeps (those of each deployment's
+    /// current and previous revision are kept) [default: true].
+    #[arg(long, env = "PODFLEET_IMAGE_GC", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub image_gc: Option<bool>,
+
+    /// At or above this share of the image store's filesystem in use, unused
+    /// images podfleet never pulled are removed too, oldest first [default: 85].
+    #[arg(long, env = "PODFLEET_IMAGE_GC_HIGH_PERCENT", value_name = "PERCENT")]
+    pub image_gc_high_percent: Option<u8>,
+
+    /// Removal under disk pressure stops below this share [default: 70].
+    #[arg(long, env = "PODFLEET_IMAGE_GC_LOW_PERCENT", value_name = "PERCENT")]
+    pub image_gc_low_percent: Option<u8>,
+
+    /// How often image garbage collection looks when no rollout asks it to
+    /// [default: 10m].
+    #[arg(long, env = "PODFLEET_IMAGE_GC_INTERVAL", value_name = "DURATION")]
+    pub image_gc_interval: Option<String>,
+
     /// Allow the `exec` command to run programs in service containers [default: false].
     #[arg(long, env = "PODFLEET_ALLOW_EXEC", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub allow_exec: Option<bool>,
@@ -242,6 +271,8 @@ struct FileConfig {
     nats_request_timeout: Option<String>,
     podman_socket: Option<PathBuf>,
     podman_request_timeout: Option<String>,
+    registry_auth_file: Option<PathBuf>,
+    registries: Option<BTreeMap<String, RegistryTable>>,
     state_dir: Option<PathBuf>,
     tick_interval: Option<String>,
     heartbeat_interval: Option<String>,
@@ -257,12 +288,35 @@ struct FileConfig {
     nats_watch_backoff_initial: Option<String>,
     nats_watch_backoff_max: Option<String>,
     nats_create_buckets: Option<bool>,
+    image_gc: Option<bool>,
+    image_gc_high_percent: Option<u8>,
+    image_gc_low_percent: Option<u8>,
+    image_gc_interval: Option<String>,
     allow_exec: Option<bool>,
     exec_max_timeout: Option<String>,
     exec_max_bytes: Option<usize>,
     logs_max_bytes: Option<usize>,
     log_format: Option<String>,
     log_level: Option<String>,
+}
+
+/// A `[registries."host:port"]` table: one registry's login.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryTable {
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for RegistryTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryTable")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 /// How log lines are written.
@@ -306,6 +360,15 @@ pub enum ConfigError {
         /// Its environment variable's suffix.
         env: String,
     },
+    /// The registry auth file (`registry_auth_file`) is missing,
+    /// unreadable, or not a containers-auth.json file.
+    #[error("the registry auth file {path} is unusable: {reason}")]
+    RegistryAuthFile {
+        /// The file.
+        path: PathBuf,
+        /// Why, without quoting the file.
+        reason: String,
+    },
     /// A knob's value breaks its rule.
     #[error("invalid {knob} {value:?}: {rule}")]
     Invalid {
@@ -337,6 +400,10 @@ pub struct Settings {
     pub podman_socket: PathBuf,
     /// The bound on ordinary podman API calls.
     pub podman_request_timeout: Duration,
+    /// The containers-auth.json file the logins were partly read from.
+    pub registry_auth_file: Option<PathBuf>,
+    /// The registry logins images are pulled with.
+    pub registry_auth: RegistryAuth,
     /// The cache directory.
     pub state_dir: PathBuf,
     /// The liveness tick.
@@ -351,6 +418,8 @@ pub struct Settings {
     pub restart_reset_after: Duration,
     /// The backoff between attempts to reach an unreachable runtime.
     pub runtime_backoff: Backoff,
+    /// When and how hard unused images are removed.
+    pub image_gc: ImageGcPolicy,
     /// The loop's command limits and publish backoff.
     pub loop_options: LoopOptions,
     /// How logs are written.
@@ -588,6 +657,11 @@ impl Settings {
                 "must be an absolute path",
             ));
         }
+        let registry_auth_file = args.registry_auth_file.clone().or(file.registry_auth_file);
+        let registry_auth = registry_auth(
+            registry_auth_file.as_deref(),
+            file.registries.unwrap_or_default(),
+        )?;
         let state_dir = args
             .state_dir
             .clone()
@@ -601,6 +675,44 @@ impl Settings {
             ));
         }
 
+        let gc_default = ImageGcPolicy::default();
+        let percent = |knob: &'static str, value: Option<u8>, default: u8| match value {
+            None => Ok(default),
+            Some(p) if (1..=100).contains(&p) => Ok(p),
+            Some(p) => Err(invalid(knob, p, "must be a percentage from 1 to 100")),
+        };
+        let high_percent = percent(
+            "image_gc_high_percent",
+            args.image_gc_high_percent.or(file.image_gc_high_percent),
+            gc_default.high_percent,
+        )?;
+        let low_percent = percent(
+            "image_gc_low_percent",
+            args.image_gc_low_percent.or(file.image_gc_low_percent),
+            gc_default.low_percent.min(high_percent),
+        )?;
+        if low_percent > high_percent {
+            return Err(invalid(
+                "image_gc_low_percent",
+                low_percent,
+                format!("must not exceed image_gc_high_percent ({high_percent})"),
+            ));
+        }
+        let image_gc = ImageGcPolicy {
+            enabled: args
+                .image_gc
+                .or(file.image_gc)
+                .unwrap_or(gc_default.enabled),
+            high_percent,
+            low_percent,
+            interval: duration(
+                "image_gc_interval",
+                &args.image_gc_interval,
+                file.image_gc_interval,
+                gc_default.interval,
+            )?,
+        };
+
         nats.urls = urls;
         nats.credentials = credentials;
         nats.inbox_prefix = inbox_prefix;
@@ -610,6 +722,8 @@ impl Settings {
             nats,
             podman_socket,
             podman_request_timeout,
+            registry_auth_file,
+            registry_auth,
             state_dir,
             tick_interval,
             heartbeat_interval,
@@ -617,6 +731,7 @@ impl Settings {
             restart_backoff,
             restart_reset_after,
             runtime_backoff,
+            image_gc,
             loop_options,
             log_format,
             log_level,
@@ -634,6 +749,7 @@ impl Settings {
             .restart_backoff(self.restart_backoff)
             .restart_reset_after(self.restart_reset_after)
             .runtime_backoff(self.runtime_backoff)
+            .image_gc(self.image_gc)
     }
 }
 
@@ -660,6 +776,22 @@ impl fmt::Display for Settings {
             self.podman_socket.display().to_string()
         )?;
         duration(f, "podman_request_timeout", self.podman_request_timeout)?;
+        if let Some(path) = &self.registry_auth_file {
+            writeln!(f, "registry_auth_file = {:?}", path.display().to_string())?;
+        }
+        let from_file: Vec<&str> = self
+            .registry_auth
+            .logins()
+            .filter(|(.., source)| *source == LoginSource::AuthFile)
+            .map(|(key, ..)| key)
+            .collect();
+        if !from_file.is_empty() {
+            writeln!(
+                f,
+                "# logins from registry_auth_file: {}",
+                from_file.join(", ")
+            )?;
+        }
         writeln!(f, "state_dir = {:?}", self.state_dir.display().to_string())?;
         duration(f, "tick_interval", self.tick_interval)?;
         duration(f, "heartbeat_interval", self.heartbeat_interval)?;
@@ -668,6 +800,10 @@ impl fmt::Display for Settings {
         duration(f, "restart_reset_after", self.restart_reset_after)?;
         backoff(f, "runtime_backoff", self.runtime_backoff)?;
         backoff(f, "publish_backoff", self.loop_options.publish_backoff)?;
+        writeln!(f, "image_gc = {}", self.image_gc.enabled)?;
+        writeln!(f, "image_gc_high_percent = {}", self.image_gc.high_percent)?;
+        writeln!(f, "image_gc_low_percent = {}", self.image_gc.low_percent)?;
+        duration(f, "image_gc_interval", self.image_gc.interval)?;
         writeln!(f, "allow_exec = {}", self.loop_options.exec_enabled)?;
         duration(f, "exec_max_timeout", self.loop_options.exec_max_timeout)?;
         writeln!(f, "exec_max_bytes = {}", self.loop_options.exec_max_bytes)?;
@@ -677,7 +813,17 @@ impl fmt::Display for Settings {
             LogFormat::Json => "json",
         };
         writeln!(f, "log_format = \"{format}\"")?;
-        write!(f, "log_level = {:?}", self.log_level)
+        write!(f, "log_level = {:?}", self.log_level)?;
+        for (key, login, source) in self.registry_auth.logins() {
+            if source == LoginSource::Inline {
+                write!(
+                    f,
+                    "\n\n[registries.{key:?}]\nusername = {:?}\npassword = \"***\"",
+                    login.username()
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -771,6 +917,67 @@ fn credentials(
         }
         _ => Credentials::None,
     })
+}
+
+/// The logins of `auth_file` (a containers-auth.json), then of the
+/// `[registries."host"]` tables, which win for the same key.
+fn registry_auth(
+    auth_file: Option<&Path>,
+    tables: BTreeMap<String, RegistryTable>,
+) -> Result<RegistryAuth, ConfigError> {
+    let mut auth = match auth_file {
+        None => RegistryAuth::new(),
+        Some(path) => {
+            let unusable = |reason: String| ConfigError::RegistryAuthFile {
+                path: path.to_owned(),
+                reason,
+            };
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| unusable(format!("cannot read it: {e}")))?;
+            RegistryAuth::from_auth_json(&text).map_err(unusable)?
+        }
+    };
+    for (key, table) in tables {
+        let knob = "registries";
+        let host = key.split('/').next().unwrap_or_default();
+        if host.is_empty() || key.chars().any(char::is_whitespace) {
+            return Err(invalid(
+                knob,
+                &key,
+                "must be a registry host[:port], optionally with a /namespace",
+            ));
+        }
+        let username = match table.username {
+            Some(user) if !user.is_empty() => user,
+            _ => return Err(invalid(knob, &key, "needs a username")),
+        };
+        let password = match (table.password, table.password_file) {
+            (Some(password), None) => password,
+            (None, Some(path)) => std::fs::read_to_string(&path)
+                .map_err(|e| {
+                    invalid(
+                        knob,
+                        &key,
+                        format!("cannot read its password_file {}: {e}", path.display()),
+                    )
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+            _ => {
+                return Err(invalid(
+                    knob,
+                    &key,
+                    "needs exactly one of password and password_file",
+                ))
+            }
+        };
+        auth.insert(
+            &key,
+            RegistryLogin::new(username, password),
+            LoginSource::Inline,
+        );
+    }
+    Ok(auth)
 }
 
 /// Subject tokens without wildcards or whitespace.
@@ -1012,6 +1219,104 @@ mod tests {
             }
         );
         assert!(!settings.to_string().contains("\"p\""), "{settings}");
+    }
+
+    #[test]
+    fn registry_logins_come_from_the_auth_file_and_the_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth_file = dir.path().join("auth.json");
+        // u:p+?/ and user:from-file
+        std::fs::write(
+            &auth_file,
+            r#"{"auths": {"localhost:5000": {"auth": "dTpwKz8v"}, "docker.io": {"auth": "dXNlcjpmcm9tLWZpbGU="}}}"#,
+        )
+        .unwrap();
+        let password_file = dir.path().join("ghcr.pass");
+        std::fs::write(&password_file, "s3cret-ghcr\n").unwrap();
+        let file: FileConfig = toml::from_str(&format!(
+            "device_id = \"a\"\nregistry_auth_file = {:?}\n\
+             [registries.\"localhost:5000\"]\nusername = \"inline\"\npassword = \"s3cret-inline\"\n\
+             [registries.\"ghcr.io/team\"]\nusername = \"bot\"\npassword_file = {:?}\n",
+            auth_file.display().to_string(),
+            password_file.display().to_string(),
+        ))
+        .unwrap();
+        let settings = Settings::resolve(&args(&[]), file).unwrap();
+        let logins: Vec<(String, String, LoginSource)> = settings
+            .registry_auth
+            .logins()
+            .map(|(key, login, source)| (key.to_owned(), login.username().to_owned(), source))
+            .collect();
+        assert_eq!(
+            logins,
+            [
+                ("docker.io".into(), "user".into(), LoginSource::AuthFile),
+                ("ghcr.io/team".into(), "bot".into(), LoginSource::Inline),
+                (
+                    "localhost:5000".into(),
+                    "inline".into(),
+                    LoginSource::Inline
+                ),
+            ]
+        );
+        let shown = settings.to_string();
+        assert!(
+            shown.contains("# logins from registry_auth_file: docker.io\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("[registries.\"ghcr.io/team\"]\nusername = \"bot\"\npassword = \"***\""),
+            "{shown}"
+        );
+        for secret in ["s3cret", "from-file", "p+?/"] {
+            assert!(!shown.contains(secret), "{secret} in\n{shown}");
+            assert!(
+                !format!("{settings:?}").contains(secret),
+                "{secret} in Debug"
+            );
+        }
+        // What --check-config prints is a configuration the agent reads.
+        let _: toml::Table = toml::from_str(&shown).unwrap();
+    }
+
+    #[test]
+    fn an_unusable_auth_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.json");
+        let message = error(&[
+            "--device-id",
+            "a",
+            "--registry-auth-file",
+            missing.to_str().unwrap(),
+        ]);
+        assert!(
+            message.starts_with(&format!(
+                "the registry auth file {} is unusable: cannot read it:",
+                missing.display()
+            )),
+            "{message}"
+        );
+        let invalid = dir.path().join("auth.json");
+        std::fs::write(&invalid, r#"{"auths": {"h": {"auth": 7}}} s3cret"#).unwrap();
+        let message = error(&[
+            "--device-id",
+            "a",
+            "--registry-auth-file",
+            invalid.to_str().unwrap(),
+        ]);
+        assert!(
+            message.contains("auth.json is unusable: not a containers-auth.json file"),
+            "{message}"
+        );
+        let no_password: FileConfig =
+            toml::from_str("device_id = \"a\"\n[registries.\"h:1\"]\nusername = \"u\"\n").unwrap();
+        let message = Settings::resolve(&args(&[]), no_password)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "invalid registries \"h:1\": needs exactly one of password and password_file"
+        );
     }
 
     #[test]

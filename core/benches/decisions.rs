@@ -105,6 +105,8 @@ fn main() {
                 applied: true,
                 attempt: 1,
                 container_ids: BTreeMap::new(),
+                applied_images: Vec::new(),
+                previous_images: Vec::new(),
             },
         )]),
         tombstones: BTreeMap::new(),

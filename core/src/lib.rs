@@ -17,9 +17,12 @@
 //!   device: its desired-state watch, snapshot and command admission.
 //! - [`fleet`]: the fleet model, starting with Kubernetes-style label
 //!   [`Selector`](fleet::Selector)s.
+//! - [`image`]: image references, digest pinning and registry logins
+//!   (containers-auth.json), shared by the agent and the control plane.
 //! - [`time`]: the caller-supplied [`Timestamp`] and capped [`Backoff`].
 
 pub mod fleet;
+pub mod image;
 pub mod reconciler;
 pub mod runtime;
 pub mod session;

@@ -1,8 +1,8 @@
 //! The container runtime as the reconciler sees it: primitive operations and
 //! their results, plus the labels and names podfleet puts on containers.
 //!
-//! Operations are deliberately small (create, start, wait, inspect, stop,
-//! remove, list) so that the simulator can fault each step on its own: a "run
+//! Operations are deliberately small (inspect image, pull, create, start,
+//! wait, inspect, stop, remove, list) so that the simulator can fault each step on its own: a "run
 //! to completion" is a sequence of them plus a deadline kept by the core, not
 //! one opaque call. This module describes operations; it never performs one.
 
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{PortMapping, RuntimeOperation, Signal, VolumeMount};
+use crate::wire::{PortMapping, PullFailure, RuntimeOperation, Signal, VolumeMount};
 
 /// Label present (value `"true"`) on every container podfleet manages.
 pub const LABEL_MANAGED: &str = "io.podfleet.managed";
@@ -28,6 +28,9 @@ pub const LABEL_REVISION: &str = "io.podfleet.revision";
 pub const LABEL_GRACE: &str = "io.podfleet.grace-period";
 /// Label holding the stop signal's name, e.g. `SIGTERM`.
 pub const LABEL_STOP_SIGNAL: &str = "io.podfleet.stop-signal";
+/// Label holding the manifest digest (`sha256:...`) of the image the
+/// container was created from, when the store knew it at create time.
+pub const LABEL_IMAGE_DIGEST: &str = "io.podfleet.image-digest";
 /// Label present (value `"true"`) on init containers, so that
 /// `podman ps -a --filter label=io.podfleet.init=true` finds them.
 pub const LABEL_INIT: &str = "io.podfleet.init";
@@ -110,6 +113,28 @@ pub enum RuntimeOp {
         /// Kill a running container rather than fail.
         force: bool,
     },
+    /// Look `image` up in the local store; never touches the network.
+    InspectImage {
+        /// The image reference, as the score names it.
+        image: String,
+    },
+    /// Pull `image` from its registry into the local store, with the
+    /// device's credentials for that registry. Fails with
+    /// [`RuntimeErrorKind::Pull`].
+    Pull {
+        /// The image reference, as the score names it.
+        image: String,
+    },
+    /// List every image in the local store, with what uses it, and how
+    /// full the store's filesystem is (for image garbage collection).
+    ListImages,
+    /// Remove one image from the local store, by id; never forced, so the
+    /// runtime refuses (with [`RuntimeErrorKind::ImageInUse`]) to remove an
+    /// image a container uses, whoever owns the container.
+    RemoveImage {
+        /// The image id, as [`ImageSummary::id`] gives it.
+        id: String,
+    },
 }
 
 impl RuntimeOp {
@@ -123,6 +148,10 @@ impl RuntimeOp {
             RuntimeOp::Inspect { .. } => RuntimeOperation::Inspect,
             RuntimeOp::Stop { .. } => RuntimeOperation::Stop,
             RuntimeOp::Remove { .. } => RuntimeOperation::Remove,
+            RuntimeOp::InspectImage { .. } => RuntimeOperation::InspectImage,
+            RuntimeOp::Pull { .. } => RuntimeOperation::Pull,
+            RuntimeOp::ListImages => RuntimeOperation::ListImages,
+            RuntimeOp::RemoveImage { .. } => RuntimeOperation::RemoveImage,
         }
     }
 
@@ -132,10 +161,14 @@ impl RuntimeOp {
     }
 
     /// The container the operation is about (its name for `create`), or
-    /// `None` for `list`.
+    /// `None` for `list` and the image operations.
     pub fn container(&self) -> Option<&str> {
         match self {
-            RuntimeOp::List => None,
+            RuntimeOp::List
+            | RuntimeOp::InspectImage { .. }
+            | RuntimeOp::Pull { .. }
+            | RuntimeOp::ListImages
+            | RuntimeOp::RemoveImage { .. } => None,
             RuntimeOp::Create { spec } => Some(&spec.name),
             RuntimeOp::Start { container }
             | RuntimeOp::Wait { container }
@@ -145,7 +178,16 @@ impl RuntimeOp {
         }
     }
 
-    /// Whether the operation can change the runtime's state.
+    /// The image the operation is about, for the image operations.
+    pub fn image(&self) -> Option<&str> {
+        match self {
+            RuntimeOp::InspectImage { image } | RuntimeOp::Pull { image } => Some(image),
+            _ => None,
+        }
+    }
+
+    /// Whether the operation can change a container's state (a pull adds
+    /// to the image store and touches no container).
     pub fn is_mutation(&self) -> bool {
         matches!(
             self,
@@ -249,13 +291,81 @@ pub enum RuntimeReply {
     },
     /// Answer to `remove`.
     Removed,
+    /// Answer to `inspect_image`.
+    ImageInspected {
+        /// The image, or `None` when the store does not have it.
+        image: Option<ImageInfo>,
+    },
+    /// Answer to `pull`: the image is in the store.
+    Pulled {
+        /// What was pulled.
+        image: ImageInfo,
+    },
+    /// Answer to `list_images`.
+    ImagesListed {
+        /// Every image in the store, tagged or not.
+        images: Vec<ImageSummary>,
+        /// How full the filesystem holding the store is, when the runtime
+        /// could tell.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk: Option<DiskUsage>,
+    },
+    /// Answer to `remove_image`.
+    ImageRemoved,
+}
+
+/// One row of a [`RuntimeOp::ListImages`] answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSummary {
+    /// The image id, as [`ImageInfo::id`] gives it.
+    pub id: String,
+    /// Every name the store knows it by: tags (`host/repo:tag`) and
+    /// digests (`host/repo@sha256:...`), fully qualified.
+    pub names: Vec<String>,
+    /// Its size in bytes, layers shared with other images included.
+    pub size: u64,
+    /// When it was created or pulled, in seconds since the Unix epoch
+    /// (older images are removed first).
+    pub created: i64,
+    /// How many containers, of any owner and in any state, use it.
+    pub containers: u32,
+}
+
+/// How full a filesystem is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    /// Bytes in use.
+    pub used: u64,
+    /// Bytes in all.
+    pub total: u64,
+}
+
+impl DiskUsage {
+    /// The share in use, in percent (0 for an empty filesystem).
+    pub fn percent(&self) -> u64 {
+        (u128::from(self.used) * 100)
+            .checked_div(u128::from(self.total))
+            .map_or(0, |p| u64::try_from(p).unwrap_or(u64::MAX))
+    }
+}
+
+/// An image in the local store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// The image id (the config's digest), as `podman images --no-trunc`
+    /// shows it.
+    pub id: String,
+    /// The manifest digest the image was pulled by (`sha256:...`), when the
+    /// store knows one; an image built locally has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// What went wrong, as far as the reconciler needs to tell apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeErrorKind {
-    /// No such container.
+    /// No such container (or image, for `remove_image`).
     NotFound,
     /// A container with that name already exists.
     NameConflict,
@@ -263,6 +373,10 @@ pub enum RuntimeErrorKind {
     ImageMissing,
     /// The runtime's API did not answer.
     Unavailable,
+    /// A pull failed, for this reason.
+    Pull(PullFailure),
+    /// `remove_image` refused: a container uses the image.
+    ImageInUse,
     /// Anything else.
     Other,
 }

@@ -7,16 +7,27 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use podfleet_core::reconciler::{Bugs, Config, DeviceFacts, Input, Output, Reconciler};
+use podfleet_core::reconciler::{
+    Bugs, Config, DeviceFacts, ImageGcPolicy, Input, Output, Reconciler,
+};
 use podfleet_core::runtime::{ContainerState, RuntimeErrorKind, RuntimeOp, LABEL_SPEC_HASH};
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::report::FACT_MAX_BYTES;
 use podfleet_core::wire::{
-    DeploymentName, DeploymentState, DeviceId, FailureCause, Phase, Revision, RuntimeOperation,
+    DeploymentName, DeploymentState, DeviceId, FailureCause, Phase, PullFailure, Revision,
 };
 use podfleet_testkit::{Behaviour, Harness, OpFault, RuntimeEvent};
 
 const SECOND: Duration = Duration::from_secs(1);
+
+/// No image garbage collection, for tests that drive the reconciler by
+/// hand and expect only their own operations.
+fn no_gc() -> ImageGcPolicy {
+    ImageGcPolicy {
+        enabled: false,
+        ..ImageGcPolicy::default()
+    }
+}
 
 fn config() -> Config {
     Config::new(DeviceId::new("rpi-01").unwrap(), "test")
@@ -419,46 +430,52 @@ fn libpod_race_still_running_is_a_typed_error() {
 }
 
 #[test]
-fn roll_forward_failure_reports_failed_without_revert() {
+fn roll_forward_failure_to_pull_keeps_the_old_revision_running() {
     let mut h = harness();
     deploy(&mut h, 1, &score(&[web("img/web:1", "a"), worker()], &[]));
+    let old = h.runtime.by_name("shop_web").unwrap().id.clone();
+    // Not in the store, and the registry does not have it either.
     h.runtime.remove_image("img/web:2");
     deploy(&mut h, 2, &score(&[web("img/web:2", "a"), worker()], &[]));
     let s = state(&h, "shop");
     assert_eq!(s.phase, Phase::Failed, "{}", h.transcript);
     assert!(
-        matches!(&s.cause, Some(FailureCause::Runtime { operation, .. }) if *operation == RuntimeOperation::Create)
+        matches!(&s.cause, Some(FailureCause::ImagePull { image, reason: PullFailure::NotFound, .. }) if image == "img/web:2"),
+        "{:?}",
+        s.cause
     );
-    assert!(
-        h.runtime.by_name("shop_web").is_none(),
-        "old web is gone and not restored"
-    );
-    // Retries follow the backoff and never start the old image again.
+    // Download, then kill: the failed download touched nothing.
+    assert!(h.runtime.is_running(&old), "{}", h.transcript);
+    // Retries follow the backoff, each one a pull, and never stop the old
+    // container.
     h.run_for(Duration::from_secs(400));
-    let creates: Vec<(Timestamp, String)> = h
+    let pulls: Vec<Timestamp> = h
         .ops
         .iter()
         .filter_map(|(t, op)| match op {
-            RuntimeOp::Create { spec } if spec.name == "shop_web" => Some((*t, spec.image.clone())),
+            RuntimeOp::Pull { image } if image == "img/web:2" => Some(*t),
             _ => None,
         })
         .collect();
-    assert_eq!(creates[0].1, "img/web:1");
-    assert!(
-        creates[1..].iter().all(|(_, image)| image == "img/web:2"),
-        "{creates:?}"
-    );
-    let gaps: Vec<u64> = creates[1..]
+    let gaps: Vec<u64> = pulls
         .windows(2)
-        .map(|w| w[1].0.saturating_since(w[0].0).as_secs())
+        .map(|w| w[1].saturating_since(w[0]).as_secs())
         .collect();
     assert_eq!(gaps[..5], [10, 20, 40, 80, 160], "{gaps:?}");
+    assert!(h.runtime.is_running(&old), "{}", h.transcript);
+    assert!(!h
+        .ops
+        .iter()
+        .any(|(_, op)| matches!(op, RuntimeOp::Stop { container, .. } if *container == old)));
     let s = state(&h, "shop");
     assert!(s.attempt >= 6, "each attempt is visible: {}", s.attempt);
-    // The image arrives: the next attempt succeeds.
+    // The image arrives: the next attempt succeeds and replaces the old web.
     h.runtime.add_image("img/web:2");
     h.run_for(Duration::from_secs(301));
     assert_eq!(state(&h, "shop").phase, Phase::Running);
+    let web = h.runtime.by_name("shop_web").unwrap();
+    assert_eq!(web.spec.image, "img/web:2");
+    assert_ne!(web.id, old);
 }
 
 #[test]
@@ -868,7 +885,7 @@ fn heartbeats_carry_the_device_facts_and_the_runtime_version() {
 fn the_runtime_version_is_asked_once_the_runtime_answers() {
     use podfleet_core::runtime::{RuntimeReply, RuntimeResult};
     let now = Timestamp::ZERO;
-    let mut r = Reconciler::new(config().device_facts(facts()), None, now);
+    let mut r = Reconciler::new(config().device_facts(facts()).image_gc(no_gc()), None, now);
     let drain = |r: &mut Reconciler| std::iter::from_fn(|| r.poll_output()).collect::<Vec<_>>();
     let outputs = drain(&mut r);
     let [Output::Runtime {
@@ -1411,9 +1428,9 @@ fn a_huge_invalid_value_is_quoted_bounded_in_its_report() {
 
 #[test]
 fn long_runtime_errors_are_cut_in_reports() {
-    use podfleet_core::runtime::{RuntimeError, RuntimeErrorKind, RuntimeReply};
+    use podfleet_core::runtime::{ImageInfo, RuntimeError, RuntimeErrorKind, RuntimeReply};
     let now = Timestamp::ZERO;
-    let mut r = Reconciler::new(config(), None, now);
+    let mut r = Reconciler::new(config().image_gc(no_gc()), None, now);
     let listed = || {
         Ok(RuntimeReply::Listed {
             containers: Vec::new(),
@@ -1450,6 +1467,20 @@ fn long_runtime_errors_are_cut_in_reports() {
         Input::RuntimeResult {
             id,
             result: listed(),
+        },
+    );
+    let (id, op) = next_op(&mut r);
+    assert!(matches!(op, RuntimeOp::InspectImage { .. }), "{op:?}");
+    r.handle(
+        now,
+        Input::RuntimeResult {
+            id,
+            result: Ok(RuntimeReply::ImageInspected {
+                image: Some(ImageInfo {
+                    id: "sha256:1".into(),
+                    digest: None,
+                }),
+            }),
         },
     );
     let (id, op) = next_op(&mut r);

@@ -39,6 +39,7 @@ fn full_score() -> PodmanV0Score {
                     container_port: 8080,
                     protocol: Protocol::Tcp,
                 }],
+                pull_policy: None,
             },
             PodmanService {
                 name: "worker".into(),
@@ -51,6 +52,7 @@ fn full_score() -> PodmanV0Score {
                     read_only: false,
                 }],
                 ports: vec![],
+                pull_policy: None,
             },
         ],
         init_containers: vec![
@@ -61,6 +63,7 @@ fn full_score() -> PodmanV0Score {
                 env: BTreeMap::from([("DB".into(), "/data/db".into())]),
                 volumes: vec![],
                 timeout: Duration::from_secs(120),
+                pull_policy: None,
             },
             InitContainer {
                 name: "warm-cache".into(),
@@ -69,6 +72,7 @@ fn full_score() -> PodmanV0Score {
                 env: BTreeMap::new(),
                 volumes: vec![],
                 timeout: DEFAULT_INIT_CONTAINER_TIMEOUT,
+                pull_policy: None,
             },
         ],
         lifecycle: Some(LifecyclePolicy {
@@ -103,6 +107,10 @@ fn running_state() -> DeploymentState {
                 count: 2,
                 last_exit_code: Some(137),
             },
+        )]),
+        image_digests: BTreeMap::from([(
+            "web".into(),
+            "sha256:4b825dc642cb6eb9a060e54bf8d69288fbee4904b825dc642cb6eb9a060e54bf".into(),
         )]),
         summarised: false,
     }
@@ -183,6 +191,7 @@ fn deployment_state_json_is_stable() {
         }),
         attempt: 3,
         restarts: BTreeMap::new(),
+        image_digests: BTreeMap::new(),
         summarised: false,
     };
     round_trip(&failed);

@@ -270,7 +270,29 @@ impl Device {
         args: &[&str],
         images: &[&str],
     ) -> Self {
-        let podman = PodmanService::start_isolated_with(images);
+        Self::on(
+            binary,
+            id,
+            nats_url,
+            args,
+            PodmanService::start_isolated_with(images),
+        )
+    }
+
+    /// As [`Device::new`], on `podman`, an isolated service started by the
+    /// caller (e.g. with [`PodmanService::start_isolated_with_registries`]).
+    ///
+    /// # Panics
+    ///
+    /// If the state directory cannot be made.
+    #[must_use]
+    pub fn on(
+        binary: &Path,
+        id: &str,
+        nats_url: &str,
+        args: &[&str],
+        podman: PodmanService,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("podfleet-agent-")
             .tempdir()
@@ -336,6 +358,11 @@ impl Device {
     #[must_use]
     pub fn podman(&self) -> &PodmanService {
         &self.podman
+    }
+
+    /// The device's podman service, e.g. to [restart](PodmanService::restart) it.
+    pub fn podman_mut(&mut self) -> &mut PodmanService {
+        &mut self.podman
     }
 
     /// A scratch directory on the host, e.g. for bind mounts.

@@ -8,9 +8,10 @@
 //! truth.
 //!
 //! Nothing here is skipped quietly: a missing tool panics with the Debian
-//! package that provides it. Nothing is pulled either: no registry is
-//! reachable, so the test image is built `FROM scratch` around the host's
-//! static busybox. Every `podman` this harness runs, the service included,
+//! package that provides it. Nothing is pulled from the internet: the test
+//! image is built `FROM scratch` around the host's static busybox, and the
+//! registry tier pushes such images to a registry of its own on loopback
+//! ([`registry`]). Every `podman` this harness runs, the service included,
 //! reads the project's own [`CONTAINERS_CONF`] (runc, lowered ulimits).
 
 use std::collections::BTreeSet;
@@ -30,6 +31,7 @@ pub mod agent;
 pub mod fleet;
 pub mod k8s;
 pub mod kube_fake;
+pub mod registry;
 pub mod vm;
 
 /// The local image [`test_image`] builds: busybox on `scratch`, no
@@ -75,6 +77,9 @@ pub struct PodmanService {
     log: PathBuf,
     /// `--root`, `--runroot` and `--tmpdir` of an isolated service.
     store: Option<[PathBuf; 3]>,
+    /// The registries.conf (`CONTAINERS_REGISTRIES_CONF`) of a service that
+    /// pulls from a test registry.
+    registries_conf: Option<PathBuf>,
     _dir: TempDir,
 }
 
@@ -113,6 +118,23 @@ impl PodmanService {
     /// As [`PodmanService::start`], or if an image cannot be copied in.
     #[must_use]
     pub fn start_isolated_with(images: &[&str]) -> Self {
+        Self::isolated(images, None)
+    }
+
+    /// As [`PodmanService::start_isolated_with`], reading `registries_conf`
+    /// (`CONTAINERS_REGISTRIES_CONF`) instead of the host's registries.conf,
+    /// as does [`PodmanService::podman`]: how a device is told that a test
+    /// registry ([`registry::Registry`]) speaks plain HTTP.
+    ///
+    /// # Panics
+    ///
+    /// As [`PodmanService::start_isolated_with`].
+    #[must_use]
+    pub fn start_isolated_with_registries(images: &[&str], registries_conf: &Path) -> Self {
+        Self::isolated(images, Some(registries_conf.to_owned()))
+    }
+
+    fn isolated(images: &[&str], registries_conf: Option<PathBuf>) -> Self {
         let dir = temp_dir("podfleet-device-");
         let store = ["root", "runroot", "tmp"].map(|d| dir.path().join(d));
         let test = test_image();
@@ -121,49 +143,96 @@ impl PodmanService {
         for image in all {
             copy_image(image, &store);
         }
-        Self::launch(dir, Some(store))
+        Self::launch_with(dir, Some(store), registries_conf)
     }
 
     fn launch(dir: TempDir, store: Option<[PathBuf; 3]>) -> Self {
+        Self::launch_with(dir, store, None)
+    }
+
+    fn launch_with(
+        dir: TempDir,
+        store: Option<[PathBuf; 3]>,
+        registries_conf: Option<PathBuf>,
+    ) -> Self {
         let socket = dir.path().join("podman.sock");
         let log = dir.path().join("podman-service.log");
-        let mut command = podman();
-        if let Some(store) = &store {
-            command = store_args(command, store);
-        }
-        let child = command
-            .args(["system", "service", "--time=0"])
-            .arg(format!("unix://{}", socket.display()))
-            .stdin(Stdio::null())
-            .stdout(log_file(&log))
-            .stderr(log_file(&log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `podman system service`: {e}"));
+        let child = Self::spawn(&socket, &log, store.as_ref(), registries_conf.as_deref());
         let mut service = Self {
             child,
             socket,
             log,
             store,
+            registries_conf,
             _dir: dir,
         };
+        service.wait_ready();
+        service
+    }
+
+    fn spawn(
+        socket: &Path,
+        log: &Path,
+        store: Option<&[PathBuf; 3]>,
+        registries_conf: Option<&Path>,
+    ) -> Child {
+        let mut command = podman();
+        if let Some(store) = store {
+            command = store_args(command, store);
+        }
+        if let Some(conf) = registries_conf {
+            command.env("CONTAINERS_REGISTRIES_CONF", conf);
+        }
+        command
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(log_file(log))
+            .stderr(log_file(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `podman system service`: {e}"))
+    }
+
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + PODMAN_START_DEADLINE;
-        while !ping(&service.socket) {
-            if let Ok(Some(status)) = service.child.try_wait() {
+        while !ping(&self.socket) {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
                     "`podman system service` exited with {status}:\n{}",
-                    read_log(&service.log)
+                    read_log(&self.log)
                 );
             }
             if Instant::now() > deadline {
                 panic!(
                     "podman's API socket {} did not answer within {PODMAN_START_DEADLINE:?}:\n{}",
-                    service.socket.display(),
-                    read_log(&service.log)
+                    self.socket.display(),
+                    read_log(&self.log)
                 );
             }
             thread::sleep(POLL_INTERVAL);
         }
-        service
+    }
+
+    /// Kills the service and starts it again on the same socket, store and
+    /// configuration, as a device's reboot or a podman upgrade would;
+    /// returns once it answers. Containers are left as they are (conmon
+    /// keeps them); stop them with [`PodmanService::podman`] for a reboot.
+    ///
+    /// # Panics
+    ///
+    /// As [`PodmanService::start`].
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The old service's socket file would answer nothing.
+        let _ = fs::remove_file(&self.socket);
+        self.child = Self::spawn(
+            &self.socket,
+            &self.log,
+            self.store.as_ref(),
+            self.registries_conf.as_deref(),
+        );
+        self.wait_ready();
     }
 
     /// The API socket's path.
@@ -182,10 +251,14 @@ impl PodmanService {
     /// the service is isolated).
     #[must_use]
     pub fn podman(&self) -> Command {
-        match &self.store {
+        let mut command = match &self.store {
             Some(store) => store_args(podman(), store),
             None => podman(),
+        };
+        if let Some(conf) = &self.registries_conf {
+            command.env("CONTAINERS_REGISTRIES_CONF", conf);
         }
+        command
     }
 }
 
@@ -699,7 +772,7 @@ fn require_podman() {
 }
 
 /// `name` on PATH, or in the sbin directories a non-root PATH may lack.
-fn find_program(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
@@ -707,7 +780,7 @@ fn find_program(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn temp_dir(prefix: &str) -> TempDir {
+pub(crate) fn temp_dir(prefix: &str) -> TempDir {
     tempfile::Builder::new()
         .prefix(prefix)
         .tempdir()
@@ -723,7 +796,7 @@ pub(crate) fn log_file(path: &Path) -> File {
         .unwrap_or_else(|e| panic!("cannot open the log file {}: {e}", path.display()))
 }
 
-fn read_log(path: &Path) -> String {
+pub(crate) fn read_log(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_else(|e| format!("(no log at {}: {e})", path.display()))
 }
 

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
-use podfleet_core::fleet::{FailureGroup, FleetDeploymentSpec as ModelSpec};
+use podfleet_core::fleet::{DigestSkew, FailureGroup, FleetDeploymentSpec as ModelSpec};
 use podfleet_core::wire::Phase;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -105,6 +105,10 @@ pub struct FleetDeploymentStatus {
     /// groups, each naming at most 10 devices).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<FailureGroup>,
+    /// Services whose devices run different image digests, or not the
+    /// pinned one, or do not say which (an error, never a pass).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skew: Vec<DigestSkew>,
 }
 
 /// A condition, in the shape of Kubernetes' `metav1.Condition`.

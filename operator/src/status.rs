@@ -185,6 +185,7 @@ pub fn fleet_status(
         failed: phases.failed,
         offline: status.offline,
         failures: status.failures.clone(),
+        skew: status.skew.clone(),
     }
 }
 

@@ -306,6 +306,7 @@ fn union(a: Bugs, b: Bugs) -> Bugs {
         skip_init_containers: a.skip_init_containers || b.skip_init_containers,
         skip_graceful_stop: a.skip_graceful_stop || b.skip_graceful_stop,
         create_before_remove: a.create_before_remove || b.create_before_remove,
+        pull_after_stop: a.pull_after_stop || b.pull_after_stop,
         report_running_early: a.report_running_early || b.report_running_early,
         report_before_observing: a.report_before_observing || b.report_before_observing,
         head_of_line_reports: a.head_of_line_reports || b.head_of_line_reports,

@@ -573,7 +573,7 @@ pub const LOOP_BITES: [(&str, Bugs, Invariant); 1] = [(
 
 /// Each deliberate bug of the reconciler, and the invariant whose check
 /// must report it.
-pub const BITES: [(&str, Bugs, Invariant); 7] = [
+pub const BITES: [(&str, Bugs, Invariant); 8] = [
     (
         "recreate_on_tick",
         Bugs {
@@ -615,6 +615,14 @@ pub const BITES: [(&str, Bugs, Invariant); 7] = [
         Invariant::OneContainerPerService,
     ),
     (
+        "pull_after_stop",
+        Bugs {
+            pull_after_stop: true,
+            ..NO_BUGS
+        },
+        Invariant::DownloadBeforeKill,
+    ),
+    (
         "report_running_early",
         Bugs {
             report_running_early: true,
@@ -639,6 +647,7 @@ pub const NO_BUGS: Bugs = Bugs {
     skip_init_containers: false,
     skip_graceful_stop: false,
     create_before_remove: false,
+    pull_after_stop: false,
     report_running_early: false,
     report_before_observing: false,
     head_of_line_reports: false,

@@ -175,6 +175,40 @@ pub enum Action {
         /// How long it stays down, in ms.
         down_ms: u64,
     },
+    /// The device's registry does not answer for a while: pulls fail with
+    /// `Pull(Network)`.
+    RegistryDown {
+        /// Device index.
+        device: u32,
+        /// How long, in ms.
+        for_ms: u64,
+    },
+    /// The device's registry is slow for a while: pulls begun then take
+    /// their size at this speed (plus a second's round trip).
+    RegistrySlow {
+        /// Device index.
+        device: u32,
+        /// How long, in ms.
+        for_ms: u64,
+        /// The transfer speed, in bytes per second.
+        bytes_per_sec: u64,
+    },
+    /// The device's registry refuses its credentials for a while: pulls
+    /// fail with `Pull(Unauthorized)`.
+    CredentialsRefused {
+        /// Device index.
+        device: u32,
+        /// How long, in ms.
+        for_ms: u64,
+    },
+    /// The device's disk is full for a while: pulls that need room fail
+    /// with `Pull(NoSpace)`.
+    DiskFull {
+        /// Device index.
+        device: u32,
+        /// How long, in ms.
+        for_ms: u64,
+    },
     /// The operator puts a score with a service name `name_bytes` long: an
     /// invalid score that fits the broker's payload limit, but whose failure
     /// report, quoting the name in full, would not: the agent quotes it cut.
@@ -247,6 +281,10 @@ impl Action {
             } => "agent restart, slow runtime",
             Action::AgentRestartTrouble { .. } => "agent restart, runtime unavailable",
             Action::PutOversized { .. } => "oversized report",
+            Action::RegistryDown { .. } => "registry down",
+            Action::RegistrySlow { .. } => "registry slow",
+            Action::CredentialsRefused { .. } => "credentials refused",
+            Action::DiskFull { .. } => "disk full",
         })
     }
 }
@@ -310,6 +348,10 @@ pub struct Rates {
     /// Oversized scores and wide deployments.
     #[serde(default)]
     pub oversize: u64,
+    /// Registry and disk faults (down, slow, credentials refused, disk
+    /// full), drawn from their own stream ([`registry_steps`]).
+    #[serde(default)]
+    pub registry: u64,
 }
 
 /// Everything one run does, as data.
@@ -472,6 +514,62 @@ fn fleet_steps(seed: u64, devices: u32, until_ms: u64, steps: &mut Vec<Step>) {
     }
 }
 
+/// The score of a rollout onto an image the devices do not have: only
+/// their registry does ([`crate::world::REGISTRY_ONLY_IMAGES`]).
+pub fn registry_rollout_score(image: &str) -> String {
+    format!(
+        r#"{{"services":[{{"name":"web","image":"{image}"}}],"lifecycle":{{"grace_period_secs":1}}}}"#
+    )
+}
+
+/// The registry's and the disk's faults, and rollouts from a preloaded
+/// image to one only the registry has (so that pulls happen while an old
+/// revision runs), drawn from their own stream so that the rest of a
+/// seed's plan is what it was before images were pulled. Returns the rate.
+fn registry_steps(seed: u64, devices: u32, until_ms: u64, steps: &mut Vec<Step>) -> u64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x1e61_5700_0000_0000);
+    let rate = below(&mut rng, 10);
+    let span = until_ms.saturating_sub(2_000).max(1);
+    // Both puts of a rollout before healing starts.
+    let rollouts = if span > 20_000 { below(&mut rng, 3) } else { 0 };
+    for _ in 0..rollouts {
+        let device = below(&mut rng, u64::from(devices)) as u32;
+        let deployment = pick(&mut rng, &DEPLOYMENTS).to_owned();
+        let at_ms = 2_000 + below(&mut rng, span - 20_000);
+        let (old, new) = (podfleet_testkit::images::A_1, podfleet_testkit::images::A_2);
+        for (at_ms, image) in [(at_ms, old), (at_ms + 20_000, new)] {
+            steps.push(Step {
+                at_ms,
+                action: Action::Put {
+                    device,
+                    deployment: deployment.clone(),
+                    json: registry_rollout_score(image),
+                },
+            });
+        }
+    }
+    for _ in 0..12 + 2 * u64::from(devices) {
+        if !chance(&mut rng, rate * 3) {
+            continue;
+        }
+        let device = below(&mut rng, u64::from(devices)) as u32;
+        let at_ms = 2_000 + below(&mut rng, span);
+        let for_ms = 5_000 + below(&mut rng, 120_000);
+        let action = match below(&mut rng, 4) {
+            0 => Action::RegistryDown { device, for_ms },
+            1 => Action::RegistrySlow {
+                device,
+                for_ms,
+                bytes_per_sec: 100_000 + below(&mut rng, 2_000_000),
+            },
+            2 => Action::CredentialsRefused { device, for_ms },
+            _ => Action::DiskFull { device, for_ms },
+        };
+        steps.push(Step { at_ms, action });
+    }
+    rate
+}
+
 impl Plan {
     /// Expands `seed` into a plan for `devices` devices.
     pub fn generate(seed: u64, devices: u32) -> Plan {
@@ -486,6 +584,7 @@ impl Plan {
             duplicate: below(&mut rng, 10),
             restart_trouble: below(&mut rng, 8),
             oversize: below(&mut rng, 4),
+            registry: 0,
         };
         let max_payload = DEFAULT_MAX_PAYLOAD;
         let mut state_max_value = None;
@@ -671,6 +770,10 @@ impl Plan {
             at_ms += (1_000 + below(&mut rng, 40_000)) / spread;
         }
         fleet_steps(seed, devices, at_ms, &mut steps);
+        let rates = Rates {
+            registry: registry_steps(seed, devices, at_ms, &mut steps),
+            ..rates
+        };
         steps.sort_by_key(|s| s.at_ms);
         Plan {
             seed,
@@ -719,6 +822,50 @@ mod tests {
             plan,
             "a seed always expands the same way"
         );
+    }
+
+    #[test]
+    fn registry_faults_and_registry_rollouts_are_drawn_and_leave_the_rest_alone() {
+        let kinds = [
+            "registry down",
+            "registry slow",
+            "credentials refused",
+            "disk full",
+        ];
+        let plans: Vec<Plan> = (0..100).map(|s| Plan::generate(s, 2)).collect();
+        for kind in kinds {
+            let n = plans
+                .iter()
+                .flat_map(|p| &p.steps)
+                .filter(|s| s.action.fault_kind() == Some(kind))
+                .count();
+            assert!(n > 5, "{kind}: {n}");
+        }
+        let rollouts = plans
+            .iter()
+            .flat_map(|p| &p.steps)
+            .filter(|s| {
+                matches!(&s.action, Action::Put { json, .. } if *json == registry_rollout_score(podfleet_testkit::images::A_2))
+            })
+            .count();
+        assert!(rollouts > 20, "{rollouts}");
+        for plan in &plans {
+            let a2 = registry_rollout_score(podfleet_testkit::images::A_2);
+            let mut mine = plan.steps.iter().filter(|s| {
+                kinds.contains(&s.action.fault_kind().unwrap_or(""))
+                    || matches!(&s.action, Action::Put { json, .. } if *json == a2)
+            });
+            assert!(mine.all(|s| s.at_ms < plan.heal_at_ms));
+            assert_eq!(Plan::from_json(&plan.to_json()).unwrap(), *plan);
+            // Without its registry stream, a plan is what it always was.
+            let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
+            assert_eq!(below(&mut rng, 25), plan.rates.crash);
+        }
+        // A plan saved before registry faults existed still loads.
+        let mut old: serde_json::Value = serde_json::from_str(&plans[0].to_json()).unwrap();
+        old["rates"].as_object_mut().unwrap().remove("registry");
+        let old: Plan = serde_json::from_value(old).unwrap();
+        assert_eq!(old.rates.registry, 0);
     }
 
     #[test]

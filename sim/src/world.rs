@@ -116,7 +116,7 @@ impl Clock for SimClock {
 
 /// The coverage probes: situations worth reaching. A default batch that
 /// never reaches one fails, so the simulator cannot quietly stop exploring.
-pub const PROBES: [&str; 21] = [
+pub const PROBES: [&str; 23] = [
     "slow runtime",
     "libpod race hit",
     "retry backoff cap reached",
@@ -138,6 +138,8 @@ pub const PROBES: [&str; 21] = [
     "report summarised",
     "fleet key deleted",
     "fleet deployment converged",
+    "image pulled",
+    "pull failed",
 ];
 
 #[derive(Debug, Default)]
@@ -273,9 +275,23 @@ pub fn device_id(index: u32) -> DeviceId {
     DeviceId::new(format!("dev-{index}")).expect("dev-N is a valid device id")
 }
 
-/// A runtime with the images the plans use: the test kit's catalogue.
+/// Catalogue images a device does not have when it starts: only its
+/// registry does, so the first rollout onto one pulls it (while the old
+/// revision runs). [`plan::GOOD_IMAGES`](crate::plan::GOOD_IMAGES) has
+/// one, and the registry rollouts of the plans use the other.
+pub const REGISTRY_ONLY_IMAGES: [&str; 2] = [
+    podfleet_testkit::images::SLOW_STOP,
+    podfleet_testkit::images::A_2,
+];
+
+/// A runtime with the images the plans use: the test kit's catalogue, with
+/// [`REGISTRY_ONLY_IMAGES`] in the registry only.
 pub fn fake_runtime() -> FakeRuntime {
-    podfleet_testkit::images::runtime()
+    let mut runtime = podfleet_testkit::images::runtime();
+    for image in REGISTRY_ONLY_IMAGES {
+        runtime.remove_image(image);
+    }
+    runtime
 }
 
 impl Device {
@@ -405,6 +421,16 @@ impl ContainerRuntime for FaultyRuntime {
             Err(_) => lock(&d.epoch).errors += 1,
             Ok(RuntimeReply::Listed { .. }) => lock(&d.oracle).saw_list(),
             Ok(_) => {}
+        }
+        if let Some(image) = op.image() {
+            lock(&d.oracle).saw_image_answer(image, &result);
+            match &result {
+                Ok(RuntimeReply::Pulled { .. }) => d.world.probe("image pulled"),
+                Err(e) if matches!(e.kind, RuntimeErrorKind::Pull(_)) => {
+                    d.world.probe("pull failed");
+                }
+                _ => {}
+            }
         }
         match &result {
             Ok(RuntimeReply::Inspected { status }) if status.state == ContainerState::Running => {

@@ -77,6 +77,7 @@ impl World {
                 message: message.into(),
                 cause,
                 attempt: 1,
+                image_digests: BTreeMap::new(),
                 restarts: BTreeMap::new(),
                 summarised: false,
             };

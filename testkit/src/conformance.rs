@@ -33,6 +33,10 @@
 //! - `/version` states the version (`Version`, e.g. `4.3.1`), but only after
 //!   podman has asked its OCI runtime and conmon for theirs: most of a
 //!   second per call.
+//! - `inspect image` answers from the local store only; an absent image is
+//!   `None`, not an error. A pull from a registry nobody answers at
+//!   ([`UNREACHABLE_IMAGE`]) is a `Pull(Network)` failure, and leaves
+//!   nothing in the store.
 //! - The wait/inspect race (inspect still "running" just after `wait`
 //!   returned) was never observed on podman 4.3 in hundreds of tries, but the
 //!   reconciler retries it and so does this suite.
@@ -44,10 +48,11 @@ use std::task::Poll;
 use std::time::Duration;
 
 use podfleet_core::runtime::{
-    ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, RuntimeErrorKind, RuntimeOp,
-    RuntimeReply, RuntimeResult, StopOutcome, LABEL_DEPLOYMENT, LABEL_MANAGED, LABEL_SERVICE,
+    ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, ImageInfo, RuntimeErrorKind,
+    RuntimeOp, RuntimeReply, RuntimeResult, StopOutcome, LABEL_DEPLOYMENT, LABEL_MANAGED,
+    LABEL_SERVICE,
 };
-use podfleet_core::wire::Signal;
+use podfleet_core::wire::{PullFailure, Signal};
 
 use podfleet_agent::runtime::{ContainerRuntime, ExecOutput};
 
@@ -170,7 +175,13 @@ checks![
     exec_returns_output_and_exit_code,
     exec_timeout_is_reported,
     the_runtime_states_its_version,
+    inspect_image_answers_from_the_store,
+    pull_from_an_unreachable_registry_is_a_network_failure,
 ];
+
+/// An image on a registry nobody answers at (port 1 on the loopback): its
+/// pull fails at once, without touching the network beyond the device.
+pub const UNREACHABLE_IMAGE: &str = "127.0.0.1:1/podfleet-nothing:1";
 
 /// The checks that run a program in a container with `exec`. A runtime that
 /// runs no programs cannot pass them honestly, so it may declare these, and
@@ -742,6 +753,62 @@ async fn the_runtime_states_its_version<R: ContainerRuntime>(
         return Err(format!("version: {first:?}, then {second:?}"));
     }
     Ok(())
+}
+
+async fn inspect_image<R: ContainerRuntime>(
+    rt: &R,
+    image: &str,
+) -> Result<Option<ImageInfo>, String> {
+    let op = RuntimeOp::InspectImage {
+        image: image.to_owned(),
+    };
+    match rt.execute(op).await {
+        Ok(RuntimeReply::ImageInspected { image }) => Ok(image),
+        other => Err(unexpected(&format!("inspect image {image}"), other)),
+    }
+}
+
+async fn inspect_image_answers_from_the_store<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let present = inspect_image(rt, &scope.fixture.image).await?;
+    ensure(
+        present.as_ref().is_some_and(|i| !i.id.trim().is_empty()),
+        format!(
+            "inspect image {} (present) gave {present:?}, want an id",
+            scope.fixture.image
+        ),
+    )?;
+    let absent = inspect_image(rt, &scope.fixture.missing_image).await?;
+    ensure(
+        absent.is_none(),
+        format!(
+            "inspect image {} (absent) gave {absent:?}, want none",
+            scope.fixture.missing_image
+        ),
+    )
+}
+
+async fn pull_from_an_unreachable_registry_is_a_network_failure<R: ContainerRuntime>(
+    rt: &R,
+    _scope: &mut Scope<'_>,
+) -> CheckResult {
+    // podman: "pinging container registry 127.0.0.1:1: ... connect:
+    // connection refused".
+    let op = RuntimeOp::Pull {
+        image: UNREACHABLE_IMAGE.to_owned(),
+    };
+    expect_error(
+        "pull from an unreachable registry",
+        rt.execute(op).await,
+        RuntimeErrorKind::Pull(PullFailure::Network),
+    )?;
+    let after = inspect_image(rt, UNREACHABLE_IMAGE).await?;
+    ensure(
+        after.is_none(),
+        format!("inspect image after a failed pull gave {after:?}, want none"),
+    )
 }
 
 async fn create<R: ContainerRuntime>(rt: &R, spec: &ContainerSpec) -> Result<String, String> {

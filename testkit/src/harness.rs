@@ -67,6 +67,8 @@ pub struct Harness {
     /// Results ready to deliver, with their delivery time.
     ready: VecDeque<(Timestamp, CommandId, RuntimeResult)>,
     pending: Vec<Pending>,
+    /// The image of each image operation not answered yet.
+    image_ops: BTreeMap<CommandId, String>,
     /// Whether heartbeats go into the transcript.
     pub log_heartbeats: bool,
     /// The invariant checks, told everything the reconciler is told.
@@ -97,6 +99,7 @@ impl Harness {
             faults: BTreeMap::new(),
             ready: VecDeque::new(),
             pending: Vec::new(),
+            image_ops: BTreeMap::new(),
             log_heartbeats: false,
             oracle: Oracle::default(),
             violations: Vec::new(),
@@ -160,6 +163,7 @@ impl Harness {
         ));
         self.ready.clear();
         self.pending.clear();
+        self.image_ops.clear();
         if !keep_cache {
             self.cache = None;
         }
@@ -247,7 +251,7 @@ impl Harness {
             if self.runtime.is_running(&p.container) {
                 still.push(p);
             } else {
-                self.ready.push_back((self.now, p.id, p.result));
+                schedule(&mut self.ready, self.now, p.id, p.result);
             }
         }
         self.pending = still;
@@ -260,6 +264,9 @@ impl Harness {
         }
         if matches!(result, Ok(RuntimeReply::Listed { .. })) {
             self.oracle.saw_list();
+        }
+        if let Some(image) = self.image_ops.remove(&id) {
+            self.oracle.saw_image_answer(&image, &result);
         }
         self.reconciler
             .handle(self.now, Input::RuntimeResult { id, result });
@@ -328,6 +335,9 @@ impl Harness {
         self.oracle
             .check_op(self.now, &op, &self.runtime, &mut self.violations);
         self.ops.push((self.now, op.clone()));
+        if let Some(image) = op.image() {
+            self.image_ops.insert(id, image.to_owned());
+        }
         let fault = self.faults.get_mut(op.name()).and_then(VecDeque::pop_front);
         let completion = match fault {
             Some(OpFault::Fail(kind)) => Completion::Ready(Err(RuntimeError::new(
@@ -346,7 +356,10 @@ impl Harness {
         self.oracle
             .check_state(self.now, &self.runtime, &mut self.violations);
         match completion {
-            Completion::Ready(result) => self.ready.push_back((self.now, id, result)),
+            Completion::Ready(result) => schedule(&mut self.ready, self.now, id, result),
+            Completion::At { at, result } => {
+                schedule(&mut self.ready, at.max(self.now), id, result);
+            }
             Completion::WhenStopped {
                 id: container,
                 result,
@@ -357,6 +370,17 @@ impl Harness {
             }),
         }
     }
+}
+
+/// Queues `result` for delivery at `at`, after everything due by then.
+fn schedule(
+    ready: &mut VecDeque<(Timestamp, CommandId, RuntimeResult)>,
+    at: Timestamp,
+    id: CommandId,
+    result: RuntimeResult,
+) {
+    let i = ready.partition_point(|(t, _, _)| *t <= at);
+    ready.insert(i, (at, id, result));
 }
 
 /// A runtime operation in a few words, for transcripts.
@@ -379,6 +403,11 @@ pub fn describe_op(op: &RuntimeOp) -> String {
         RuntimeOp::Remove { container, force } => {
             format!("remove {container}{}", if *force { " force" } else { "" })
         }
+        RuntimeOp::InspectImage { image } | RuntimeOp::Pull { image } => {
+            format!("{} {image}", op.name())
+        }
+        RuntimeOp::ListImages => "list_images".into(),
+        RuntimeOp::RemoveImage { id } => format!("remove_image {id}"),
         other => format!("{} {}", other.name(), other.container().unwrap_or("")),
     }
 }
@@ -392,6 +421,18 @@ pub fn describe_result(result: &RuntimeResult) -> String {
             format!("inspected {} exit {:?}", status.state, status.exit_code)
         }
         Ok(RuntimeReply::Stopped { outcome }) => format!("stopped {outcome:?}"),
+        Ok(RuntimeReply::ImageInspected { image: None }) => "image absent".into(),
+        Ok(RuntimeReply::ImageInspected { image: Some(i) }) => format!("image present {}", i.id),
+        Ok(RuntimeReply::Pulled { image }) => format!(
+            "pulled {}",
+            image.digest.as_deref().unwrap_or(image.id.as_str())
+        ),
+        Ok(RuntimeReply::ImagesListed { images, disk }) => format!(
+            "images listed {}{}",
+            images.len(),
+            disk.map_or(String::new(), |d| format!(" disk {}%", d.percent()))
+        ),
+        Ok(RuntimeReply::ImageRemoved) => "image removed".into(),
         Ok(other) => format!("{other:?}").to_lowercase(),
         Err(e) => format!("error {e}"),
     }

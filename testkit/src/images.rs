@@ -4,7 +4,9 @@
 //!
 //! One name, one behaviour, defined here only: a driver that wants another
 //! behaviour uses another image. [`runtime`] is a fake with the whole
-//! catalogue installed; the named groups are what the generators pick from.
+//! catalogue installed: every image but [`MISSING`] preloaded in its store
+//! and pushed to its registry ([`SIZE`] bytes each); the named groups are
+//! what the generators pick from.
 
 use std::time::Duration;
 
@@ -44,6 +46,10 @@ pub const INIT_FAIL_CODE: i64 = 5;
 pub const INIT_HANG: &str = "img/init-hang:1";
 /// An image the runtime does not have when it starts.
 pub const MISSING: &str = "img/missing:1";
+
+/// The size of every catalogue image in the registry: two seconds of
+/// transfer at the fake registry's default speed.
+pub const SIZE: u64 = 20_000_000;
 
 /// Every image of the catalogue.
 pub const ALL: [&str; 14] = [
@@ -101,11 +107,16 @@ pub fn behaviour(image: &str) -> Option<Behaviour> {
     })
 }
 
-/// Configures `runtime` with every image's behaviour, and takes [`MISSING`] away.
+/// Configures `runtime` with every image's behaviour, pushes every image
+/// but [`MISSING`] to its registry, and takes [`MISSING`] out of its store:
+/// that one can be neither created from nor pulled.
 pub fn install(runtime: &mut FakeRuntime) {
     for image in ALL {
         if let Some(behaviour) = behaviour(image) {
             runtime.set_behaviour(image, behaviour);
+        }
+        if image != MISSING {
+            runtime.registry_mut().push(image, SIZE);
         }
     }
     runtime.remove_image(MISSING);

@@ -3,6 +3,8 @@
 //!
 //! - [`runtime`]: [`FakeRuntime`], a pure model of podman, and the
 //!   [`Behaviour`] of the programs it pretends to run.
+//! - [`registry`]: the fake's [`ImageStore`] and [`FakeRegistry`]: which
+//!   images the device has, and what pulling one finds.
 //! - [`harness`]: [`Harness`], which drives a reconciler against the fake in
 //!   virtual time and records a transcript.
 //! - [`oracle`]: [`Oracle`], the safety invariants checked against the
@@ -27,6 +29,7 @@ pub mod harness;
 pub mod images;
 pub mod ops;
 pub mod oracle;
+pub mod registry;
 pub mod runtime;
 pub mod shared;
 pub mod violation;
@@ -34,6 +37,7 @@ pub mod violation;
 pub use harness::{describe_op, describe_result, Harness, OpFault};
 pub use ops::Op;
 pub use oracle::Oracle;
+pub use registry::{FakeRegistry, ImageStore};
 pub use runtime::{Behaviour, Completion, FakeContainer, FakeRuntime, RuntimeEvent};
 pub use shared::SharedFake;
 pub use violation::{Invariant, Violation};

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use podfleet_core::runtime::{ContainerSpec, RuntimeOp};
+use podfleet_core::runtime::{ContainerSpec, RuntimeOp, RuntimeReply, RuntimeResult};
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::{DeploymentName, DeploymentState, Revision};
 
@@ -33,6 +33,9 @@ struct ValidSpec {
     hashes: BTreeMap<String, String>,
     /// Init container names, in order.
     inits: Vec<String>,
+    /// The oracle's input count when this spec was first handed over
+    /// (an identical re-put keeps it).
+    handed: u64,
 }
 
 impl ValidSpec {
@@ -44,6 +47,11 @@ impl ValidSpec {
     /// Whether `spec` is, field for field and label for label, a container
     /// this score asks for at one of its revisions.
     fn produced(&self, deployment: &str, spec: &ContainerSpec) -> bool {
+        // The digest the image had when it was created is recorded, not asked for.
+        let mut spec = spec.clone();
+        spec.labels
+            .remove(podfleet_core::runtime::LABEL_IMAGE_DIGEST);
+        let spec = &spec;
         let Some(revision) = spec
             .labels
             .get(podfleet_core::runtime::LABEL_REVISION)
@@ -88,11 +96,14 @@ impl ValidSpec {
     }
 }
 
-/// A spec without the labels that are not baked into what runs.
+/// A spec without the labels that are not baked into what runs (the
+/// revision, the grace and the image's digest, which the image decides).
 fn baked_in(spec: &ContainerSpec) -> ContainerSpec {
     let mut spec = spec.clone();
     spec.labels.remove(podfleet_core::runtime::LABEL_REVISION);
     spec.labels.remove(podfleet_core::runtime::LABEL_GRACE);
+    spec.labels
+        .remove(podfleet_core::runtime::LABEL_IMAGE_DIGEST);
     spec
 }
 
@@ -119,6 +130,11 @@ pub struct Oracle {
     /// Whether a `list` has answered since the agent (re)started: before
     /// that, it knows nothing of what runs.
     listed: bool,
+    /// Inputs so far (puts and image answers), to order them.
+    inputs: u64,
+    /// Per image, the input count when an answer last said the store has
+    /// it (an inspect that found it, a pull that landed).
+    images_seen: BTreeMap<String, u64>,
 }
 
 impl Oracle {
@@ -132,8 +148,24 @@ impl Oracle {
         self.listed = true;
     }
 
+    /// The reconciler was handed the answer to an `inspect_image` or a
+    /// `pull` of `image`: from then on it may rely on the image being in the
+    /// store, even if a fault takes it away again.
+    pub fn saw_image_answer(&mut self, image: &str, result: &RuntimeResult) {
+        let present = matches!(
+            result,
+            Ok(RuntimeReply::ImageInspected { image: Some(_) } | RuntimeReply::Pulled { .. })
+        );
+        if present {
+            self.inputs += 1;
+            self.images_seen.insert(image.to_owned(), self.inputs);
+        }
+    }
+
     /// The reconciler was handed a put of `bytes` at `revision`.
     pub fn saw_put(&mut self, deployment: &str, revision: u64, bytes: &[u8]) {
+        self.inputs += 1;
+        let input = self.inputs;
         let entry = self.seen.entry(deployment.to_owned()).or_insert(Seen {
             latest: 0,
             valid: None,
@@ -159,17 +191,18 @@ impl Oracle {
                 .iter()
                 .map(|i| i.name.to_string())
                 .collect();
-            let mut revisions = match &entry.valid {
+            let (mut revisions, handed) = match &entry.valid {
                 // The same spec (the same bytes, or bytes that decode to an
-                // equal score) keeps the init containers that ran for it.
+                // equal score) keeps the init containers that ran for it,
+                // and the images seen for it.
                 Some(v)
                     if v.bytes == bytes
                         || podfleet_core::wire::PodmanV0Score::from_json(&v.bytes).as_ref()
                             == Ok(&score) =>
                 {
-                    v.revisions.clone()
+                    (v.revisions.clone(), v.handed)
                 }
-                _ => BTreeSet::new(),
+                _ => (BTreeSet::new(), input),
             };
             revisions.insert(revision);
             let valid = ValidSpec {
@@ -179,6 +212,7 @@ impl Oracle {
                 score,
                 hashes,
                 inits,
+                handed,
             };
             let history = self.history.entry(deployment.to_owned()).or_default();
             match history.last_mut() {
@@ -237,7 +271,12 @@ impl Oracle {
     /// asks for; what is started runs it), no healthy container touched
     /// (1), init containers first (3), graceful replace by recorded id with
     /// the stop signal the container was created with and the grace of the
-    /// score that created it (4).
+    /// score that created it (4), and download before kill (7): a stop or
+    /// remove of a service container of an older revision than the newest
+    /// valid one comes only once every image that revision creates
+    /// containers from is in the store, or an answer told the reconciler it
+    /// was there since the revision was handed over (a fault may take an
+    /// image away after that).
     pub fn check_op(
         &self,
         now: Timestamp,
@@ -344,6 +383,25 @@ impl Oracle {
             }
             _ => {}
         }
+        if let (RuntimeOp::Stop { .. } | RuntimeOp::Remove { .. }, Some(v), false) =
+            (op, valid, init)
+        {
+            if !v.is_revision(&label(LABEL_REVISION)) {
+                let absent = self.images_not_ready(&deployment, v, runtime);
+                if !absent.is_empty() {
+                    violation(
+                        Invariant::DownloadBeforeKill,
+                        format!(
+                            "{} of {deployment}/{service} (revision {}) while rolling out revision {}, whose images {} are not in the store",
+                            op.name(),
+                            label(LABEL_REVISION),
+                            v.revision,
+                            absent.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
         if running && !init && !matches!(op, RuntimeOp::Start { .. }) {
             let healthy_target = valid.is_some_and(|v| v.runs_service(&deployment, &service, spec));
             if healthy_target {
@@ -356,6 +414,56 @@ impl Oracle {
                 );
             }
         }
+    }
+
+    /// The images the rollout of `valid` creates containers from that are
+    /// neither in the store nor seen there by the reconciler since `valid`
+    /// was handed over: the images of its services that no container of
+    /// `deployment` runs as asked, and, if there is one, of its init
+    /// containers. What the rollout needs is read from the runtime, never
+    /// from the reconciler's plan.
+    fn images_not_ready(
+        &self,
+        deployment: &str,
+        valid: &ValidSpec,
+        runtime: &FakeRuntime,
+    ) -> Vec<String> {
+        use podfleet_core::runtime::{LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE};
+        let recreated: Vec<&podfleet_core::wire::PodmanService> = valid
+            .score
+            .services
+            .iter()
+            .filter(|s| {
+                !runtime.containers().values().any(|c| {
+                    let labels = &c.spec.labels;
+                    labels
+                        .get(LABEL_DEPLOYMENT)
+                        .is_some_and(|d| d == deployment)
+                        && !labels.contains_key(LABEL_INIT)
+                        && labels
+                            .get(LABEL_SERVICE)
+                            .is_some_and(|n| *n == s.name.as_str())
+                        && valid.runs_service(deployment, s.name.as_str(), &c.spec)
+                })
+            })
+            .collect();
+        let inits = valid
+            .score
+            .init_containers
+            .iter()
+            .filter(|_| !recreated.is_empty())
+            .map(|i| i.image.as_str());
+        let mut absent: Vec<String> = Vec::new();
+        for image in recreated.iter().map(|s| s.image.as_str()).chain(inits) {
+            let seen = self
+                .images_seen
+                .get(image)
+                .is_some_and(|&at| at > valid.handed);
+            if runtime.image(image).is_none() && !seen && !absent.iter().any(|a| a == image) {
+                absent.push(image.to_owned());
+            }
+        }
+        absent
     }
 
     /// Checks the runtime's state: never two containers for one service (4).
@@ -645,5 +753,75 @@ mod tests {
         };
         assert_eq!(check(&oracle, &rt, &newest), Vec::<String>::new());
         assert_eq!(oracle.newest_valid("shop").map(|(r, _)| r), Some(7));
+    }
+
+    /// Revision 5 runs img/a:1; revision 6 asks for img/a:2 and keeps db.
+    const A1: &str =
+        r#"{"services":[{"name":"web","image":"img/a:1"},{"name":"db","image":"img/db:1"}]}"#;
+    const A2: &str = r#"{"services":[{"name":"web","image":"img/a:2"},{"name":"db","image":"img/db:1"}],"init_containers":[{"name":"migrate","image":"img/init:2"}]}"#;
+
+    fn spec_of(json: &str, service: usize, revision: u64) -> ContainerSpec {
+        let score = PodmanV0Score::from_json(json.as_bytes()).unwrap();
+        service_container_spec(
+            "shop",
+            &score.services[service],
+            &score.lifecycle_or_default(),
+            Revision::new(revision),
+        )
+    }
+
+    #[test]
+    fn no_old_container_is_stopped_before_the_new_revisions_images_are_in_the_store() {
+        let mut oracle = Oracle::default();
+        let mut rt = FakeRuntime::new();
+        oracle.saw_put("shop", 5, A1.as_bytes());
+        let web = create_and_start(&oracle, &mut rt, spec_of(A1, 0, 5));
+        create_and_start(&oracle, &mut rt, spec_of(A1, 1, 5));
+        // db is unchanged: its image is not the rollout's business.
+        rt.remove_image("img/db:1");
+        rt.remove_image("img/a:2");
+        rt.remove_image("img/init:2");
+        oracle.saw_put("shop", 6, A2.as_bytes());
+        let found = check(&oracle, &rt, &stop(&web, Signal::Term, 30));
+        assert!(
+            found.iter().any(|v| v.contains(
+                "download before kill: stop of shop/web (revision 5) while rolling out revision 6, whose images img/a:2, img/init:2 are not in the store"
+            )),
+            "{found:?}"
+        );
+        let remove = RuntimeOp::Remove {
+            container: web.clone(),
+            force: true,
+        };
+        assert!(check(&oracle, &rt, &remove)
+            .iter()
+            .any(|v| v.contains("download before kill")));
+        // In the store: fine.
+        rt.add_image("img/a:2");
+        rt.add_image("img/init:2");
+        assert_eq!(
+            check(&oracle, &rt, &stop(&web, Signal::Term, 30)),
+            Vec::<String>::new()
+        );
+        // Seen there since the put, then taken away by a fault: fine too.
+        rt.remove_image("img/a:2");
+        let pulled = Ok(RuntimeReply::Pulled {
+            image: rt.image("img/a:1").unwrap(),
+        });
+        oracle.saw_image_answer("img/a:2", &pulled);
+        assert_eq!(
+            check(&oracle, &rt, &stop(&web, Signal::Term, 30)),
+            Vec::<String>::new()
+        );
+        // Seen only before a newer revision was handed over: not enough
+        // (img/init:3 is preloaded).
+        oracle.saw_put("shop", 7, A2.replace("img/init:2", "img/init:3").as_bytes());
+        let found = check(&oracle, &rt, &stop(&web, Signal::Term, 30));
+        assert!(
+            found
+                .iter()
+                .any(|v| v.contains("revision 7, whose images img/a:2 are")),
+            "{found:?}"
+        );
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! It models what the reconciler relies on: containers by name and id,
 //! created/running/exited states, exit codes, labels, stop with a signal
-//! then a grace then a kill, name conflicts, missing images, the lines a
-//! program writes and the libpod race (inspect still saying "running" just
-//! after an exit). It runs no programs: how each behaves is configured, by
+//! then a grace then a kill, name conflicts, the lines a program writes and
+//! the libpod race (inspect still saying "running" just after an exit); and
+//! images: a local [`ImageStore`] (every image present unless taken out)
+//! and the [`FakeRegistry`] pulls come from, whose failures (down, refused
+//! credentials, unknown image, full disk) and transfer times it models. It runs no programs: how each behaves is configured, by
 //! its argv or its image ([`crate::images`] is the catalogue the drivers
 //! share). It has no clock of its own: time moves only when the caller says
 //! so.
@@ -12,15 +14,18 @@
 //! [`crate::conformance`] states podman's behaviour and runs against both
 //! real podman and this model; where they differ, this model is wrong.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use podfleet_core::runtime::{
-    ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, RuntimeError,
-    RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, StopOutcome, LABEL_MANAGED,
+    ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, DiskUsage, ImageInfo,
+    ImageSummary, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult,
+    StopOutcome, LABEL_MANAGED,
 };
 use podfleet_core::time::Timestamp;
-use podfleet_core::wire::Signal;
+use podfleet_core::wire::{PullFailure, Signal};
+
+use crate::registry::{FakeRegistry, ImageStore, StoredImage};
 
 /// How the program inside a container behaves, chosen by its argv
 /// ([`FakeRuntime::set_program`]) or else by its image
@@ -130,6 +135,13 @@ pub enum RuntimeEvent {
         /// Whether it was still running (force).
         was_running: bool,
     },
+    /// A pull landed: the image is in the store.
+    ImagePulled {
+        /// The reference pulled.
+        image: String,
+        /// The manifest digest it was pulled by.
+        digest: Option<String>,
+    },
 }
 
 /// How an operation completes.
@@ -144,6 +156,22 @@ pub enum Completion {
         /// The result to hand over then.
         result: RuntimeResult,
     },
+    /// Once the fake's time reaches `at` (a pull, which takes its transfer
+    /// time; the image is in the store from then on).
+    At {
+        /// When.
+        at: Timestamp,
+        /// The result to hand over then.
+        result: RuntimeResult,
+    },
+}
+
+/// A pull under way: where its image lands, and when.
+#[derive(Debug, Clone)]
+struct PullInFlight {
+    done_at: Timestamp,
+    image: String,
+    stored: StoredImage,
 }
 
 /// The version a [`FakeRuntime`] states until told otherwise.
@@ -155,7 +183,9 @@ pub struct FakeRuntime {
     now: Timestamp,
     containers: BTreeMap<String, FakeContainer>,
     next_id: u64,
-    missing_images: BTreeSet<String>,
+    images: ImageStore,
+    registry: FakeRegistry,
+    pulls: Vec<PullInFlight>,
     behaviours: Behaviours,
     events: Vec<(Timestamp, RuntimeEvent)>,
     /// Set by [`FakeRuntime::set_version`]; [`FAKE_VERSION`] otherwise.
@@ -163,7 +193,8 @@ pub struct FakeRuntime {
 }
 
 impl FakeRuntime {
-    /// An empty runtime where every image is present and runs forever.
+    /// An empty runtime where every image is present and runs forever, and
+    /// whose registry is up and has nothing.
     pub fn new() -> Self {
         Self::default()
     }
@@ -181,14 +212,48 @@ impl FakeRuntime {
         self.behaviours.by_program.insert(args, behaviour);
     }
 
-    /// Makes `image` absent: creating from it fails with `ImageMissing`.
+    /// Makes `image` absent from the local store: creating from it fails
+    /// with `ImageMissing`, inspecting it finds nothing, a pull may bring
+    /// it back.
     pub fn remove_image(&mut self, image: &str) {
-        self.missing_images.insert(image.to_owned());
+        self.images.remove(image);
     }
 
-    /// Makes `image` present again.
+    /// Makes `image` present again (as preloaded, unless the store has it).
     pub fn add_image(&mut self, image: &str) {
-        self.missing_images.remove(image);
+        self.images.restore(image);
+    }
+
+    /// What the local store has for `image`: `inspect image`'s answer.
+    pub fn image(&self, image: &str) -> Option<ImageInfo> {
+        self.images.get(image)
+    }
+
+    /// The local image store.
+    pub fn images(&self) -> &ImageStore {
+        &self.images
+    }
+
+    /// The local image store, to change (make it [`ImageStore::empty`],
+    /// limit its disk).
+    pub fn images_mut(&mut self) -> &mut ImageStore {
+        &mut self.images
+    }
+
+    /// The registry pulls come from.
+    pub fn registry(&self) -> &FakeRegistry {
+        &self.registry
+    }
+
+    /// The registry pulls come from, to push to, take down, slow down or
+    /// make refuse the device's credentials.
+    pub fn registry_mut(&mut self) -> &mut FakeRegistry {
+        &mut self.registry
+    }
+
+    /// Pulls under way: the image and when it lands.
+    pub fn pulls_in_flight(&self) -> impl Iterator<Item = (&str, Timestamp)> {
+        self.pulls.iter().map(|p| (p.image.as_str(), p.done_at))
     }
 
     /// The version the runtime states, as podman's `/version` does:
@@ -234,18 +299,35 @@ impl FakeRuntime {
         self.create(spec).unwrap_or_default()
     }
 
-    /// The next instant something happens on its own (an exit).
+    /// The next instant something happens on its own (an exit, a pull
+    /// landing).
     pub fn next_event(&self) -> Option<Timestamp> {
         self.containers
             .values()
             .filter_map(|c| c.exit_at.map(|(at, _, _)| at))
+            .chain(self.pulls.iter().map(|p| p.done_at))
             .min()
     }
 
-    /// Moves the fake's time to `now`, applying due exits.
+    /// Moves the fake's time to `now`, applying due exits and landing due
+    /// pulls.
     pub fn advance(&mut self, now: Timestamp) {
         self.now = self.now.max(now);
         let now = self.now;
+        let (landed, still) = std::mem::take(&mut self.pulls)
+            .into_iter()
+            .partition(|p| p.done_at <= now);
+        self.pulls = still;
+        for p in landed {
+            self.events.push((
+                p.done_at,
+                RuntimeEvent::ImagePulled {
+                    image: p.image.clone(),
+                    digest: p.stored.info.digest.clone(),
+                },
+            ));
+            self.images.insert(&p.image, p.stored);
+        }
         for c in self.containers.values_mut() {
             if let Some((at, code, _)) = c.exit_at {
                 if at <= now {
@@ -301,7 +383,7 @@ impl FakeRuntime {
     }
 
     fn create(&mut self, spec: ContainerSpec) -> Result<String, RuntimeError> {
-        if self.missing_images.contains(&spec.image) {
+        if !self.images.contains(&spec.image) {
             return Err(RuntimeError::new(
                 RuntimeErrorKind::ImageMissing,
                 format!("{}: image not known", spec.image),
@@ -339,11 +421,107 @@ impl FakeRuntime {
         Ok(id)
     }
 
+    /// Begins a pull of `image`: its outcome is decided now, from the
+    /// registry's state, and handed over once the transfer is done.
+    fn pull(&mut self, image: &str) -> Completion {
+        let failed = |reason, message: String| {
+            Completion::Ready(Err(RuntimeError::new(
+                RuntimeErrorKind::Pull(reason),
+                message,
+            )))
+        };
+        let manifest = match self.registry.resolve(image) {
+            Ok(manifest) => manifest.clone(),
+            Err((reason, message)) => return failed(reason, message),
+        };
+        let stored = FakeRegistry::pulled(&manifest);
+        let have = self.images.get(image).and_then(|i| i.digest);
+        // The same digest already in the store: only the manifest is fetched.
+        let bytes = if have.as_ref() == Some(&manifest.digest) {
+            0
+        } else {
+            let reserved = self.pulls.iter().map(|p| p.stored.size).sum();
+            if !self.images.fits(manifest.size, reserved) {
+                return failed(
+                    PullFailure::NoSpace,
+                    format!(
+                        "writing blob: storing blob to file: write /var/lib/containers/storage: no space left on device ({image})"
+                    ),
+                );
+            }
+            manifest.size
+        };
+        let at = self.now + self.registry.transfer_time(bytes);
+        let info = stored.info.clone();
+        self.pulls.push(PullInFlight {
+            done_at: at,
+            image: image.to_owned(),
+            stored,
+        });
+        Completion::At {
+            at,
+            result: Ok(RuntimeReply::Pulled { image: info }),
+        }
+    }
+
+    /// The store's images, as `list_images` answers: the containers using
+    /// each one (of any owner, in any state) counted, and the disk as full
+    /// as its pulled images make it when its capacity is limited.
+    fn list_images(&self) -> RuntimeReply {
+        let images = self
+            .images
+            .list()
+            .into_iter()
+            .map(|(id, names, size)| ImageSummary {
+                containers: u32::try_from(
+                    self.containers
+                        .values()
+                        .filter(|c| self.images.get(&c.spec.image).is_some_and(|i| i.id == id))
+                        .count(),
+                )
+                .unwrap_or(u32::MAX),
+                id,
+                names,
+                size,
+                created: 0,
+            })
+            .collect();
+        let disk = self.images.capacity().map(|total| DiskUsage {
+            used: self.images.used(),
+            total,
+        });
+        RuntimeReply::ImagesListed { images, disk }
+    }
+
+    /// `remove_image`: refused while a container uses the image.
+    fn remove_image_by_id(&mut self, id: &str) -> RuntimeResult {
+        let in_use = self
+            .containers
+            .values()
+            .any(|c| self.images.get(&c.spec.image).is_some_and(|i| i.id == id));
+        if in_use {
+            return Err(RuntimeError::new(
+                RuntimeErrorKind::ImageInUse,
+                format!("image used by a container: image is in use by a container: consider listing external containers and force-removing image ({id})"),
+            ));
+        }
+        if self.images.remove_id(id) {
+            Ok(RuntimeReply::ImageRemoved)
+        } else {
+            Err(RuntimeError::new(
+                RuntimeErrorKind::NotFound,
+                format!("{id}: image not known"),
+            ))
+        }
+    }
+
     /// Executes `op` at the fake's current time.
     pub fn execute(&mut self, op: &RuntimeOp) -> Completion {
         let now = self.now;
         let ready = Completion::Ready;
         match op {
+            RuntimeOp::ListImages => ready(Ok(self.list_images())),
+            RuntimeOp::RemoveImage { id } => ready(self.remove_image_by_id(id)),
             RuntimeOp::List => ready(Ok(RuntimeReply::Listed {
                 containers: self
                     .containers
@@ -472,6 +650,10 @@ impl FakeRuntime {
                 ));
                 Ok(RuntimeReply::Removed)
             })),
+            RuntimeOp::InspectImage { image } => ready(Ok(RuntimeReply::ImageInspected {
+                image: self.images.get(image),
+            })),
+            RuntimeOp::Pull { image } => self.pull(image),
         }
     }
 
@@ -550,5 +732,137 @@ mod tests {
         rt.advance(Timestamp::ZERO);
         assert!(rt.by_name("other").is_some_and(|c| c.exit_at.is_some()));
         assert_eq!(rt.log_lines("other"), Ok(Vec::new()));
+    }
+
+    fn pull(rt: &mut FakeRuntime, image: &str) -> Completion {
+        rt.execute(&RuntimeOp::Pull {
+            image: image.to_owned(),
+        })
+    }
+
+    fn inspect_image(rt: &mut FakeRuntime, image: &str) -> Option<ImageInfo> {
+        match rt.execute(&RuntimeOp::InspectImage {
+            image: image.to_owned(),
+        }) {
+            Completion::Ready(Ok(RuntimeReply::ImageInspected { image })) => image,
+            other => panic!("inspect image answered {other:?}"),
+        }
+    }
+
+    fn pull_failure(completion: Completion) -> Option<PullFailure> {
+        match completion {
+            Completion::Ready(Err(RuntimeError {
+                kind: RuntimeErrorKind::Pull(reason),
+                ..
+            })) => Some(reason),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_pull_lands_after_its_transfer_time_and_then_creates_work() {
+        let mut rt = FakeRuntime::new();
+        rt.images_mut().set_capacity(Some(100_000_000));
+        rt.remove_image("img/a:2");
+        let digest = rt.registry_mut().push("img/a:2", 30_000_000);
+        let created = rt.execute(&RuntimeOp::Create {
+            spec: spec("web", "img/a:2", &[]),
+        });
+        assert!(
+            matches!(&created, Completion::Ready(Err(e)) if e.kind == RuntimeErrorKind::ImageMissing),
+            "{created:?}"
+        );
+        let Completion::At { at, result } = pull(&mut rt, "img/a:2") else {
+            panic!("a pull takes time");
+        };
+        // 100 ms round trip, 30 MB at 10 MB/s.
+        assert_eq!(at, Timestamp::from_millis(3_100));
+        assert!(
+            matches!(&result, Ok(RuntimeReply::Pulled { image }) if image.digest.as_ref() == Some(&digest))
+        );
+        assert_eq!(rt.next_event(), Some(at));
+        rt.advance(Timestamp::from_millis(3_099));
+        assert_eq!(inspect_image(&mut rt, "img/a:2"), None);
+        rt.advance(at);
+        let info = inspect_image(&mut rt, "img/a:2").expect("pulled");
+        assert_eq!(info.digest, Some(digest.clone()));
+        assert_eq!(rt.images().used(), 30_000_000);
+        assert!(matches!(
+            rt.events().last(),
+            Some((t, RuntimeEvent::ImagePulled { image, digest: Some(d) })) if *t == at && image == "img/a:2" && *d == digest
+        ));
+        rt.create_quietly(spec("web", "img/a:2", &[]));
+        assert!(rt.by_name("web").is_some());
+        // The same digest again: only the round trip, and no more disk.
+        let Completion::At { at: again, .. } = pull(&mut rt, "img/a:2") else {
+            panic!("a pull takes time");
+        };
+        assert_eq!(again, at + Duration::from_millis(100));
+        // The tag moves: the next pull brings the new digest.
+        let moved = rt.registry_mut().push("img/a:2", 10_000_000);
+        rt.advance(again);
+        let Completion::At { at, result } = pull(&mut rt, "img/a:2") else {
+            panic!("a pull takes time");
+        };
+        rt.advance(at);
+        assert!(
+            matches!(result, Ok(RuntimeReply::Pulled { image }) if image.digest == Some(moved.clone()))
+        );
+        assert_eq!(
+            inspect_image(&mut rt, "img/a:2").and_then(|i| i.digest),
+            Some(moved)
+        );
+        assert_eq!(rt.images().used(), 10_000_000);
+    }
+
+    #[test]
+    fn pulls_fail_as_the_registry_and_the_disk_say_and_inspect_never_does() {
+        let mut rt = FakeRuntime::new();
+        rt.registry_mut().push("img/a:2", 50);
+        rt.remove_image("img/a:2");
+        assert_eq!(
+            pull_failure(pull(&mut rt, "img/b:1")),
+            Some(PullFailure::NotFound)
+        );
+        assert_eq!(
+            pull_failure(pull(&mut rt, "127.0.0.1:1/podfleet-nothing:1")),
+            Some(PullFailure::Network)
+        );
+        rt.registry_mut().set_accepts_credentials(false);
+        assert_eq!(
+            pull_failure(pull(&mut rt, "img/a:2")),
+            Some(PullFailure::Unauthorized)
+        );
+        rt.registry_mut().set_up(false);
+        assert_eq!(
+            pull_failure(pull(&mut rt, "img/a:2")),
+            Some(PullFailure::Network)
+        );
+        // The store answers whatever the registry does.
+        assert!(inspect_image(&mut rt, "img/a:1").is_some());
+        assert_eq!(inspect_image(&mut rt, "img/a:2"), None);
+        rt.registry_mut().set_up(true);
+        rt.registry_mut().set_accepts_credentials(true);
+        rt.images_mut().set_capacity(Some(80));
+        // Two pulls at once: the second does not fit beside the first.
+        assert!(matches!(pull(&mut rt, "img/a:2"), Completion::At { .. }));
+        rt.registry_mut().push("img/c:1", 40);
+        assert_eq!(
+            pull_failure(pull(&mut rt, "img/c:1")),
+            Some(PullFailure::NoSpace)
+        );
+        rt.images_mut().set_capacity(None);
+        assert!(matches!(pull(&mut rt, "img/c:1"), Completion::At { .. }));
+    }
+
+    #[test]
+    fn the_slower_the_registry_the_later_a_pull_lands() {
+        let mut rt = FakeRuntime::new();
+        rt.registry_mut().push("img/a:2", 4_000);
+        rt.registry_mut().set_speed(1_000, Duration::from_secs(1));
+        let Completion::At { at, .. } = pull(&mut rt, "img/a:2") else {
+            panic!("a pull takes time");
+        };
+        assert_eq!(at, Timestamp::from_millis(5_000));
     }
 }

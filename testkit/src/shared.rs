@@ -4,7 +4,7 @@
 //! Time comes from the loop's [`Clock`]: before every operation the fake is
 //! advanced to `clock.now()`, and a `wait` (or a `stop` in its grace period)
 //! sleeps on that clock until the container's exit is due, or until another
-//! operation changes something. Under turmoil that clock is simulated, so
+//! operation changes something; a pull sleeps until its transfer is done. Under turmoil that clock is simulated, so
 //! an hour-long container costs nothing.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -103,6 +103,12 @@ impl<C: Clock + Clone> ContainerRuntime for SharedFake<C> {
         match self.with(|fake| fake.execute(&op)) {
             Completion::Ready(result) => result,
             Completion::WhenStopped { id, result } => self.until_stopped(id, result).await,
+            Completion::At { at, result } => {
+                self.clock.sleep_until(at).await;
+                // Lands the pull (and anything else due) before the answer.
+                self.with(|_| ());
+                result
+            }
         }
     }
 

@@ -22,6 +22,10 @@ pub enum Invariant {
     /// created with and the grace of the score that created it, before it
     /// is removed.
     GracefulReplace,
+    /// No container of an older revision is stopped or removed before every
+    /// image the newest revision creates containers from is in the store
+    /// ("download, then kill"): a pull that fails stops nothing.
+    DownloadBeforeKill,
     /// A service never has two containers at once (a replace that is not
     /// graceful leaves two, so it is reported under that name).
     OneContainerPerService,
@@ -50,6 +54,7 @@ impl Invariant {
             Invariant::HealthyContainerRecreated => "healthy container recreated",
             Invariant::InitContainersFirst => "init containers first",
             Invariant::GracefulReplace | Invariant::OneContainerPerService => "graceful replace",
+            Invariant::DownloadBeforeKill => "download before kill",
             Invariant::TruthfulReports => "truthful reports",
             Invariant::Isolation => "isolation",
             Invariant::Liveness => "liveness",

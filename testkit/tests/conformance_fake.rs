@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use podfleet_agent::event_loop::TokioClock;
 use podfleet_testkit::conformance::{programs, run_check, Fixture, CHECKS, EXEC_CHECKS};
-use podfleet_testkit::FakeRuntime;
 use podfleet_testkit::SharedFake;
+use podfleet_testkit::{FakeRuntime, ImageStore};
 
 /// The checks the fake declares unsupported: it runs no programs, so it has
 /// nothing to exec in. Each must still fail against it, so that this list
@@ -29,8 +29,11 @@ async fn the_fake_behaves_as_the_conformance_suite_states() {
         prefix: "pfconf".to_owned(),
         pause: tokio_pause,
     };
+    // The store holds the fixture's image and nothing else, as the test
+    // machine's podman does.
     let mut fake = FakeRuntime::new();
-    fake.remove_image(&fixture.missing_image);
+    *fake.images_mut() = ImageStore::empty();
+    fake.add_image(&fixture.image);
     for (args, behaviour) in programs::fake_behaviours() {
         fake.set_program(args, behaviour);
     }

@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 /// A program the tests need, and the Debian package that provides it.
-const NEEDS: [(&str, &str); 5] = [
+const NEEDS: [(&str, &str); 7] = [
     ("podman", "podman"),
     // crun cannot run containers on this kind of machine (hybrid cgroups);
     // the project's containers.conf selects runc.
@@ -54,6 +54,10 @@ const NEEDS: [(&str, &str); 5] = [
     // `kubectl kustomize deploy/operator` in the operator's manifest test;
     // any kubectl will do there (the cluster tier checks its version).
     ("kubectl", "kubernetes-client"),
+    // The registry tier (e2e/tests/registry.rs): distribution 2.8 on
+    // loopback, with a bcrypt htpasswd file made by apache2-utils' htpasswd.
+    ("docker-registry", "docker-registry"),
+    ("htpasswd", "apache2-utils"),
 ];
 
 fn main() -> ExitCode {
@@ -78,7 +82,7 @@ fn main() -> ExitCode {
         "k8s-apiserver" => k8s::task(&rest),
         "operator-image" => k8s::operator_image(&rest, &workspace_root()),
         _ => Err(format!(
-            "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, runc, nats-server, busybox-static, kubectl when missing\n  demo [--exit-after-upgrade]\n                provision, then a narrated fleet of three devices on this machine\n                (nats-server, podfleet controller, three agents); Ctrl-C ends it\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{}\n{}\n{FUZZ_USAGE}", vm::USAGE, k8s::USAGE
+            "unknown task {task:?}\nusage: cargo xtask <task>\n  test [ARGS]   provision, then cargo test --workspace [ARGS]\n  provision     install podman, runc, nats-server, busybox-static, kubectl,\n                docker-registry, apache2-utils when missing\n  demo [--exit-after-upgrade]\n                provision, then a narrated fleet of three devices on this machine\n                (nats-server, podfleet controller, three agents); Ctrl-C ends it\n  bench-agent   provision, then the agent benchmark (cargo bench -p e2e --bench agent)\n{}\n{}\n{FUZZ_USAGE}", vm::USAGE, k8s::USAGE
         )),
     };
     match result {

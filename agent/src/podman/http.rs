@@ -2,7 +2,11 @@
 //! Unix socket connection of its own, HTTP/1.0 so the body is simply
 //! everything after the headers (chunked answers are undone too), for the
 //! reads whose answers bollard's typed models reject (see the
-//! [parent module](super)).
+//! [parent module](super)); and one POST whose answer is read line by line
+//! as it arrives, for the pull's progress stream.
+//!
+//! Header values given to [`post_streaming`] never appear in an error: they
+//! may be registry credentials.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -41,6 +45,136 @@ pub(super) async fn get(
         Ok(Ok(response)) => response,
     };
     parse_http_response(&response).map_err(unavailable)
+}
+
+/// POSTs an empty body to `path_and_query` over a connection of its own,
+/// with `headers` besides the usual ones, and returns once the answer's
+/// headers have arrived. `timeout` bounds the connect, the request and the
+/// answer's headers, not the body: read that with
+/// [`StreamingResponse::next_line`], for as long as it takes.
+///
+/// # Errors
+///
+/// [`RuntimeErrorKind::Unavailable`], naming the path and the socket (never
+/// a header).
+pub(super) async fn post_streaming(
+    socket: &Path,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<StreamingResponse, RuntimeError> {
+    let mut request = format!(
+        "POST {path_and_query} HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\nContent-Length: 0\r\n"
+    );
+    for (name, value) in headers {
+        let _ = write!(request, "{name}: {value}\r\n");
+    }
+    request.push_str("\r\n");
+    let unavailable = |why: String| {
+        RuntimeError::new(
+            RuntimeErrorKind::Unavailable,
+            format!("POST {path_and_query} on {}: {why}", socket.display()),
+        )
+    };
+    let exchange = async {
+        let mut stream = UnixStream::connect(socket).await?;
+        stream.write_all(request.as_bytes()).await?;
+        let mut received = Vec::new();
+        let mut buffer = [0_u8; 8192];
+        loop {
+            if let Some(end) = find(&received, b"\r\n\r\n") {
+                return Ok((stream, received, end));
+            }
+            let read = stream.read(&mut buffer).await?;
+            if read == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the connection closed before the answer's headers",
+                ));
+            }
+            received.extend_from_slice(buffer.get(..read).unwrap_or_default());
+        }
+    };
+    let (mut stream, received, head_end) = match tokio::time::timeout(timeout, exchange).await {
+        Err(_elapsed) => return Err(unavailable("no answer in time".to_owned())),
+        Ok(Err(e)) => return Err(unavailable(e.to_string())),
+        Ok(Ok(answer)) => answer,
+    };
+    let head = received.get(..head_end + 4).unwrap_or_default();
+    let HttpResponse {
+        status, headers, ..
+    } = parse_http_response(head).map_err(unavailable)?;
+    let mut response = StreamingResponse {
+        status,
+        pending: received.get(head_end + 4..).unwrap_or_default().to_vec(),
+        stream: None,
+    };
+    let chunked = headers.iter().any(|(name, value)| {
+        name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked")
+    });
+    if chunked {
+        // HTTP/1.0 answers are not chunked (Go's server, podman's and
+        // Docker's, keeps to that); should one be, it is read whole.
+        let mut rest = std::mem::take(&mut response.pending);
+        stream
+            .read_to_end(&mut rest)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        response.pending = dechunk(&rest).map_err(unavailable)?;
+    } else {
+        response.stream = Some(stream);
+    }
+    Ok(response)
+}
+
+/// An answer whose body is read as it arrives.
+#[derive(Debug)]
+pub(super) struct StreamingResponse {
+    pub(super) status: u16,
+    /// Received, not yet returned.
+    pending: Vec<u8>,
+    /// `None` once the server closed it.
+    stream: Option<UnixStream>,
+}
+
+impl StreamingResponse {
+    /// The next line of the body (without its `\n`), `None` at its end.
+    ///
+    /// # Errors
+    ///
+    /// The connection's, when it breaks.
+    pub(super) async fn next_line(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        let mut buffer = [0_u8; 8192];
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.pending.drain(..=end).collect();
+                line.pop();
+                return Ok(Some(line));
+            }
+            let Some(stream) = &mut self.stream else {
+                return Ok((!self.pending.is_empty()).then(|| std::mem::take(&mut self.pending)));
+            };
+            let read = stream.read(&mut buffer).await?;
+            if read == 0 {
+                self.stream = None;
+            } else {
+                self.pending
+                    .extend_from_slice(buffer.get(..read).unwrap_or_default());
+            }
+        }
+    }
+
+    /// The rest of the body.
+    ///
+    /// # Errors
+    ///
+    /// The connection's, when it breaks.
+    pub(super) async fn rest(mut self) -> std::io::Result<Vec<u8>> {
+        if let Some(stream) = &mut self.stream {
+            stream.read_to_end(&mut self.pending).await?;
+        }
+        Ok(self.pending)
+    }
 }
 
 /// A complete HTTP/1.x response.

@@ -5,10 +5,12 @@
 //! This module owns the translation between podfleet's runtime vocabulary
 //! ([`RuntimeOp`], [`RuntimeReply`], [`RuntimeError`]) and the Docker API, and
 //! the mapping of API failures onto [`RuntimeErrorKind`]s. It never decides
-//! anything: it never pulls an image, never restarts a container by itself
-//! (every container is created with restart policy "no") and never retries an
+//! anything: it pulls an image only when the reconciler asks
+//! ([`RuntimeOp::Pull`]), never restarts a container by itself (every
+//! container is created with restart policy "no") and never retries an
 //! operation the reconciler asked for, except to read a state that podman has
-//! not finished recording.
+//! not finished recording. Registry passwords, and the `X-Registry-Auth`
+//! header that carries them, never reach a log line or an error message.
 //!
 //! # Podman 4.3 behaviours absorbed here
 //!
@@ -26,6 +28,13 @@
 //! - `wait` on a never-started container returns at once (status -1), and a
 //!   force remove ends a pending `wait` with status 0 and the message
 //!   "container has already been removed".
+//! - `POST /images/create` answers 200 at once and reports a failed pull as
+//!   the last line of its progress stream (`{"errorDetail": {"message":
+//!   ...}, "error": ...}`); only a malformed reference gets an error status.
+//!   It reads `X-Registry-Auth` as base64url, as Docker defines it.
+//! - `GET /images/{name}/json` resolves a short name to a local image
+//!   first (`app:1` finds `localhost/app:1`), and lists a digest in
+//!   `RepoDigests` for locally built images too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -40,23 +49,32 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    StartContainerOptions, StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
+    RemoveImageOptionsBuilder, StartContainerOptions, StopContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
 };
 use bollard::{ClientVersion, Docker};
 use futures_util::StreamExt;
 use podfleet_core::runtime::{
-    ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, RuntimeError,
-    RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, StopOutcome, LABEL_MANAGED,
+    ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, DiskUsage, ImageInfo,
+    ImageSummary, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult,
+    StopOutcome, LABEL_MANAGED,
 };
-use podfleet_core::wire::{PortMapping, Protocol, VolumeMount};
+use podfleet_core::wire::{PortMapping, Protocol, PullFailure, VolumeMount};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::runtime::{ContainerRuntime, ExecOutput, LogsOutput};
 
 mod http;
+mod pull;
+mod registry;
 
-use http::{get, percent_encode};
+use http::{get, percent_encode, post_streaming};
+use pull::{pull_failure, PullMessage, PullsUnderWay};
+use registry::{ImageReference, RegistryAuthHeader};
+
+pub use pull::PullProgress;
+pub use registry::{LoginSource, RegistryAuth, RegistryLogin, DEFAULT_REGISTRY};
 
 /// Where a rootful podman serves its API when `podman.socket` is enabled.
 pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
@@ -86,8 +104,17 @@ const SETTLE_INTERVAL: Duration = Duration::from_millis(25);
 /// - [`RuntimeOp::List`] is one API call returning ids, names, states and
 ///   labels of every container labelled `io.podfleet.managed=true`, in any
 ///   state.
-/// - Images are never pulled: a missing image is
+/// - Images are pulled only by [`RuntimeOp::Pull`], with the login of the
+///   image's registry ([`with_registry_auth`](Self::with_registry_auth)),
+///   and inspected only by [`RuntimeOp::InspectImage`], which never touches
+///   the network. Creating a container never pulls: a missing image is
 ///   [`RuntimeErrorKind::ImageMissing`].
+/// - A pull is not bounded by the request timeout (only reaching podman
+///   and its first answer are): it runs until podman ends it, the
+///   connection breaks ([`PullFailure::Network`]), or the caller drops it.
+///   Its failures are [`RuntimeErrorKind::Pull`]; its progress can be read
+///   meanwhile ([`pull_progress`](Self::pull_progress)).
+/// - Registry passwords never appear in a log line, an error or `Debug`.
 /// - Socket and transport failures are [`RuntimeErrorKind::Unavailable`].
 #[derive(Debug, Clone)]
 pub struct PodmanRuntime {
@@ -96,6 +123,8 @@ pub struct PodmanRuntime {
     /// `/v1.41` on podman 4.3: the version bollard negotiated.
     api_prefix: String,
     request_timeout: Duration,
+    registry_auth: RegistryAuth,
+    pulls: PullsUnderWay,
 }
 
 impl PodmanRuntime {
@@ -156,7 +185,23 @@ impl PodmanRuntime {
             socket,
             api_prefix,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            registry_auth: RegistryAuth::new(),
+            pulls: PullsUnderWay::default(),
         })
+    }
+
+    /// Pulls with these registry logins (by default, anonymously).
+    #[must_use]
+    pub fn with_registry_auth(mut self, auth: RegistryAuth) -> Self {
+        self.registry_auth = auth;
+        self
+    }
+
+    /// How far the pull of `image` (as the [`RuntimeOp::Pull`] names it)
+    /// has got, while it runs; `None` when no such pull is under way.
+    #[must_use]
+    pub fn pull_progress(&self, image: &str) -> Option<PullProgress> {
+        self.pulls.get(image)
     }
 
     /// Bounds ordinary API calls by `timeout` instead of
@@ -330,6 +375,152 @@ impl PodmanRuntime {
         Ok(RuntimeReply::Removed)
     }
 
+    /// Every image in the store (`GET /images/json`), and how full the
+    /// filesystem of podman's graph root is.
+    async fn list_images(&self) -> RuntimeResult {
+        let listed: Vec<ImageListAnswer> = self.read_json("/images/json", Call::System).await?;
+        let images = listed
+            .into_iter()
+            .map(|image| ImageSummary {
+                names: image
+                    .repo_tags
+                    .into_iter()
+                    .chain(image.repo_digests)
+                    // podman shows an untagged image as `<none>:<none>`.
+                    .filter(|name| !name.starts_with("<none>"))
+                    .collect(),
+                id: image.id,
+                size: u64::try_from(image.size).unwrap_or(0),
+                created: image.created,
+                containers: u32::try_from(image.containers).unwrap_or(0),
+            })
+            .collect();
+        let info: InfoAnswer = self.read_json("/info", Call::System).await?;
+        let disk = match rustix::fs::statvfs(info.docker_root_dir.as_str()) {
+            Ok(fs) => Some(DiskUsage {
+                used: fs
+                    .f_blocks
+                    .saturating_sub(fs.f_bfree)
+                    .saturating_mul(fs.f_frsize),
+                total: fs.f_blocks.saturating_mul(fs.f_frsize),
+            }),
+            Err(error) => {
+                tracing::warn!(root = info.docker_root_dir, %error, "cannot read the image store's disk usage");
+                None
+            }
+        };
+        Ok(RuntimeReply::ImagesListed { images, disk })
+    }
+
+    /// Removes one image by id, never forced: podman refuses with 409 when
+    /// a container uses it.
+    async fn remove_image(&self, id: &str) -> RuntimeResult {
+        let options = RemoveImageOptionsBuilder::new().force(false).build();
+        self.docker
+            .remove_image(id, Some(options), None)
+            .await
+            .map_err(|e| api_error(e, Call::RemoveImage))?;
+        Ok(RuntimeReply::ImageRemoved)
+    }
+
+    /// Looks `image` up in the local store: `None` on a 404.
+    async fn inspect_image(
+        &self,
+        image: &str,
+        reference: &ImageReference,
+    ) -> Result<Option<ImageInfo>, RuntimeError> {
+        let path = format!("/images/{}/json", encode_image_name(image));
+        let answer: ImageInspectAnswer = match self.read_json(&path, Call::Image).await {
+            Ok(answer) => answer,
+            Err(e) if e.kind == RuntimeErrorKind::ImageMissing => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let digest = reference
+            .digest()
+            .or_else(|| reference.digest_among(&answer.repo_digests))
+            .map(str::to_owned);
+        Ok(Some(ImageInfo {
+            id: answer.id,
+            digest,
+        }))
+    }
+
+    /// Pulls `image` through `POST /images/create`, reading podman's
+    /// progress stream to its end, then inspects what arrived.
+    async fn pull(&self, image: &str) -> RuntimeResult {
+        let failed =
+            |failure, message: String| RuntimeError::new(RuntimeErrorKind::Pull(failure), message);
+        let reference =
+            ImageReference::parse(image).map_err(|why| failed(PullFailure::Other, why))?;
+        let path = format!(
+            "{}/images/create?fromImage={}&tag={}",
+            self.api_prefix,
+            percent_encode(&reference.repository()),
+            percent_encode(reference.tag_or_digest()),
+        );
+        let login = self.registry_auth.login_for(&reference);
+        tracing::debug!(
+            image,
+            registry = reference.host(),
+            login = login.map(|(key, _)| key),
+            "pulling"
+        );
+        let header = login.map(|(_, login)| RegistryAuthHeader::new(login, reference.host()));
+        let headers: Vec<(&str, &str)> = header
+            .iter()
+            .map(|header| ("X-Registry-Auth", header.value()))
+            .collect();
+        let mut response =
+            post_streaming(&self.socket, &path, &headers, self.request_timeout).await?;
+        let broke_off = |e: std::io::Error| {
+            failed(
+                PullFailure::Network,
+                format!("the connection to podman broke off while pulling {image}: {e}"),
+            )
+        };
+        if !(200..300).contains(&response.status) {
+            let status = response.status;
+            let message = error_message(&response.rest().await.map_err(broke_off)?);
+            return Err(failed(pull_failure(Some(status), &message), message));
+        }
+        let mut tracker = self.pulls.track(image);
+        while let Some(line) = response.next_line().await.map_err(broke_off)? {
+            // A line that is not a JSON message is no news about the pull.
+            let Ok(message) = serde_json::from_slice::<PullMessage>(&line) else {
+                continue;
+            };
+            if let Some(error) = message.error() {
+                return Err(failed(pull_failure(None, error), error.to_owned()));
+            }
+            tracker.record(&message);
+        }
+        drop(tracker);
+        let pulled = match self.inspect_image(&reference.canonical(), &reference).await {
+            Ok(pulled) => pulled,
+            // podman went away as the stream ended.
+            Err(e) if e.kind == RuntimeErrorKind::Unavailable => {
+                return Err(failed(
+                    PullFailure::Network,
+                    format!(
+                        "podman's answer to the pull of {image} ended early; then {}",
+                        e.message
+                    ),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        match pulled {
+            Some(image) => Ok(RuntimeReply::Pulled { image }),
+            None => Err(failed(
+                PullFailure::Network,
+                format!(
+                    "podman's answer to the pull of {image} ended without an error, \
+                     but the image is not in the store"
+                ),
+            )),
+        }
+    }
+
     /// GETs `path` below the negotiated version prefix and decodes the
     /// JSON answer.
     ///
@@ -378,6 +569,15 @@ impl ContainerRuntime for PodmanRuntime {
                 container, grace, ..
             } => self.stop(container, *grace).await,
             RuntimeOp::Remove { container, force } => self.remove(container, *force).await,
+            RuntimeOp::InspectImage { image } => {
+                let reference = ImageReference::parse(image)
+                    .map_err(|why| RuntimeError::new(RuntimeErrorKind::Other, why))?;
+                let image = self.inspect_image(image, &reference).await?;
+                Ok(RuntimeReply::ImageInspected { image })
+            }
+            RuntimeOp::Pull { image } => self.pull(image).await,
+            RuntimeOp::ListImages => self.list_images().await,
+            RuntimeOp::RemoveImage { id } => self.remove_image(id).await,
         }
     }
 
@@ -498,6 +698,7 @@ impl ContainerRuntime for PodmanRuntime {
 pub struct LazyPodmanRuntime {
     socket: PathBuf,
     request_timeout: Duration,
+    registry_auth: RegistryAuth,
     connected: std::sync::Arc<tokio::sync::OnceCell<PodmanRuntime>>,
 }
 
@@ -509,8 +710,17 @@ impl LazyPodmanRuntime {
         Self {
             socket: socket.into(),
             request_timeout,
+            registry_auth: RegistryAuth::new(),
             connected: std::sync::Arc::default(),
         }
+    }
+
+    /// Pulls with these registry logins, as
+    /// [`PodmanRuntime::with_registry_auth`]. Set it before the first use.
+    #[must_use]
+    pub fn with_registry_auth(mut self, auth: RegistryAuth) -> Self {
+        self.registry_auth = auth;
+        self
     }
 
     /// Starts connecting now, in a task of its own, so that the first
@@ -540,7 +750,9 @@ impl LazyPodmanRuntime {
                     api_version = runtime.api_version(),
                     "connected to the container runtime"
                 );
-                Ok(runtime.with_request_timeout(self.request_timeout))
+                Ok(runtime
+                    .with_request_timeout(self.request_timeout)
+                    .with_registry_auth(self.registry_auth.clone()))
             })
             .await
     }
@@ -662,6 +874,65 @@ struct InspectState {
     oom_killed: bool,
 }
 
+/// One image of `GET /images/json`, as much as podfleet reads of it.
+#[derive(Deserialize)]
+struct ImageListAnswer {
+    #[serde(rename = "Id")]
+    id: String,
+    #[serde(rename = "RepoTags", default, deserialize_with = "null_as_empty")]
+    repo_tags: Vec<String>,
+    #[serde(rename = "RepoDigests", default, deserialize_with = "null_as_empty")]
+    repo_digests: Vec<String>,
+    #[serde(rename = "Created", default)]
+    created: i64,
+    #[serde(rename = "Size", default)]
+    size: i64,
+    #[serde(rename = "Containers", default)]
+    containers: i64,
+}
+
+/// A JSON `null` list read as an empty one.
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// `GET /info`, as much as podfleet reads of it.
+#[derive(Deserialize)]
+struct InfoAnswer {
+    /// podman's graph root.
+    #[serde(rename = "DockerRootDir")]
+    docker_root_dir: String,
+}
+
+/// The image inspect answer, as much as podfleet reads of it.
+#[derive(Deserialize)]
+struct ImageInspectAnswer {
+    #[serde(rename = "Id")]
+    id: String,
+    #[serde(rename = "RepoDigests", default)]
+    repo_digests: Vec<String>,
+}
+
+/// An image name as a path segment: percent-encoded, but for the `/`, `:`
+/// and `@` of a reference, which the API's routes take as they are.
+fn encode_image_name(image: &str) -> String {
+    image
+        .split('/')
+        .map(|part| {
+            part.split(':')
+                .map(|p| {
+                    p.split('@')
+                        .map(percent_encode)
+                        .collect::<Vec<_>>()
+                        .join("@")
+                })
+                .collect::<Vec<_>>()
+                .join(":")
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// Maps a state string from podman's or Docker's list or inspect.
 fn container_state(state: &str) -> ContainerState {
     match state {
@@ -684,6 +955,10 @@ enum Call {
     Create,
     /// Anything naming a container: 404 is the container.
     Container,
+    /// Image inspect: 404 is the image.
+    Image,
+    /// Image removal: 404 is the image, 409 a container using it.
+    RemoveImage,
     /// Version negotiation, the version query and list.
     System,
 }
@@ -717,6 +992,11 @@ fn status_error(status: u16, message: String, call: Call) -> RuntimeError {
         // podman 4.3 answers a name conflict with 500.
         (Call::Create, _) if message.contains("already in use") => RuntimeErrorKind::NameConflict,
         (Call::Container, 404) => RuntimeErrorKind::NotFound,
+        (Call::Image, 404) => RuntimeErrorKind::ImageMissing,
+        (Call::RemoveImage, 404) => RuntimeErrorKind::NotFound,
+        (Call::RemoveImage, 409) => RuntimeErrorKind::ImageInUse,
+        // podman 4.3 may answer an image in use with 500.
+        (Call::RemoveImage, _) if message.contains("in use") => RuntimeErrorKind::ImageInUse,
         _ => RuntimeErrorKind::Other,
     };
     let message = if message.is_empty() {

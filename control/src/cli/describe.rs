@@ -244,6 +244,32 @@ pub fn deployment(
             );
         }
     }
+    if !status.skew.is_empty() {
+        let _ = writeln!(out, "Image skew:");
+        for skew in &status.skew {
+            let pinned = skew
+                .pinned
+                .as_deref()
+                .map(|p| format!(" (the score pins {p})"))
+                .unwrap_or_default();
+            let _ = writeln!(out, "  service {}{pinned}:", skew.service);
+            for group in &skew.digests {
+                let devices: Vec<&str> = group.devices.iter().map(DeviceId::as_str).collect();
+                let more = (group.count as usize)
+                    .checked_sub(devices.len())
+                    .filter(|n| *n > 0)
+                    .map(|n| format!(" and {n} more"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "    {}: {} device(s) ({}{more})",
+                    group.digest.as_deref().unwrap_or("not reported"),
+                    group.count,
+                    devices.join(", ")
+                );
+            }
+        }
+    }
     let rows = controller.rollout(name);
     if rows.is_empty() {
         field(&mut out, 0, "Devices", "<none>");

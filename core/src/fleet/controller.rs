@@ -44,7 +44,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fleet::model::{
-    group_failures, FleetDeployment, FleetDeploymentStatus, PhaseCounts, Target,
+    digest_skew, group_failures, pinned_digest, FleetDeployment, FleetDeploymentStatus,
+    PhaseCounts, Target,
 };
 use crate::fleet::selector::Labels;
 use crate::fleet::DeviceRecord;
@@ -52,7 +53,7 @@ use crate::session::Change;
 use crate::time::{Backoff, Timestamp};
 use crate::wire::names::{DeploymentKey, DeploymentName, DeviceId};
 use crate::wire::report::{DeploymentState, FailureCause, Heartbeat, Phase};
-use crate::wire::Revision;
+use crate::wire::{PodmanV0Score, Revision, ServiceName};
 
 /// The controller's knobs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -956,6 +957,7 @@ impl Controller {
         status.observed_generation = *generation;
         let mut phases = PhaseCounts::default();
         let mut failures: Vec<(&DeviceId, &FailureCause)> = Vec::new();
+        let mut running: Vec<(&DeviceId, &DeploymentState)> = Vec::new();
         for row in self.rows(name, spec) {
             status.targeted += 1;
             if !row.online {
@@ -968,12 +970,37 @@ impl Controller {
                     if let Some(cause) = &report.cause {
                         failures.push((row.device, cause));
                     }
+                    if report.phase == Phase::Running {
+                        running.push((row.device, report));
+                    }
                 }
                 None => phases.pending += 1,
             }
         }
         status.phases = phases;
         status.failures = group_failures(failures);
+        if !running.is_empty() {
+            let services: Vec<(ServiceName, Option<String>)> =
+                PodmanV0Score::from_json(&spec.payload)
+                    .map(|score| {
+                        score
+                            .services
+                            .into_iter()
+                            // A local-only image (`localhost/...`, built on
+                            // the device) has no registry digest to agree on.
+                            .filter(|s| {
+                                !crate::image::ImageReference::parse(&s.image)
+                                    .is_ok_and(|r| r.is_local_only())
+                            })
+                            .map(|s| {
+                                let pinned = pinned_digest(&s.image).map(str::to_owned);
+                                (s.name, pinned)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            status.skew = digest_skew(&services, running);
+        }
         status
     }
 

@@ -37,7 +37,7 @@ use crate::fleet::selector::{validate_labels, LabelError, Labels, Selector};
 use crate::wire::names::{DeploymentName, DeviceId};
 use crate::wire::score::PodmanV0Score;
 use crate::wire::text::{bounded, TEXT_MAX_BYTES};
-use crate::wire::{FailureCause, Phase};
+use crate::wire::{DeploymentState, FailureCause, Phase, ServiceName};
 
 /// The `apiVersion` of every manifest this version writes and reads.
 pub const API_VERSION: &str = "podfleet.io/v1alpha1";
@@ -326,6 +326,94 @@ pub struct FleetDeploymentStatus {
     /// Failure causes on the current revision, grouped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<FailureGroup>,
+    /// Services whose running devices do not all run the same image
+    /// digest, or not the one the score pins, or do not say which they run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skew: Vec<DigestSkew>,
+}
+
+/// The image digests one service runs with across the devices running the
+/// current revision, when they are not all the expected one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DigestSkew {
+    /// The service.
+    pub service: ServiceName,
+    /// The digest the score pins (`image@sha256:...`), if it pins one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    /// The devices per digest, largest group first; `digest: None` groups
+    /// the devices that did not report one (an error, never a pass).
+    pub digests: Vec<DigestGroup>,
+}
+
+/// Devices running one service with the same image digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DigestGroup {
+    /// The digest, or `None` for "not reported".
+    pub digest: Option<String>,
+    /// How many devices.
+    pub count: u32,
+    /// The first [`FAILURE_GROUP_DEVICES`] of them, in id order.
+    pub devices: Vec<DeviceId>,
+}
+
+/// The digest an image reference pins (`name@sha256:...`), if any.
+pub fn pinned_digest(image: &str) -> Option<&str> {
+    image.split_once('@').map(|(_, digest)| digest)
+}
+
+/// The skew of each service from `(device, report)` of the devices that run
+/// the current revision, against the `pinned` digest of each service
+/// (services of the score in order; `None` when the score pins none).
+pub(crate) fn digest_skew<'a>(
+    services: &[(ServiceName, Option<String>)],
+    running: impl IntoIterator<Item = (&'a DeviceId, &'a DeploymentState)>,
+) -> Vec<DigestSkew> {
+    /// Per digest (`None`: not reported), the device count and the first devices.
+    type Groups<'a> = BTreeMap<Option<&'a str>, (u32, Vec<DeviceId>)>;
+    let mut seen: BTreeMap<&ServiceName, Groups<'_>> = BTreeMap::new();
+    for (device, report) in running {
+        for service in report.container_ids.keys() {
+            let digest = report.image_digests.get(service).map(String::as_str);
+            let (count, devices) = seen.entry(service).or_default().entry(digest).or_default();
+            *count += 1;
+            if devices.len() < FAILURE_GROUP_DEVICES {
+                devices.push(device.clone());
+            }
+        }
+    }
+    let mut skew = Vec::new();
+    for (service, pinned) in services {
+        let Some(groups) = seen.get(service) else {
+            continue;
+        };
+        let agreed = match groups.keys().collect::<Vec<_>>()[..] {
+            [Some(one)] => pinned.as_deref().is_none_or(|p| p == *one),
+            _ => false,
+        };
+        if agreed {
+            continue;
+        }
+        let mut digests: Vec<DigestGroup> = groups
+            .iter()
+            .map(|(digest, (count, devices))| {
+                let mut devices = devices.clone();
+                devices.sort();
+                DigestGroup {
+                    digest: digest.map(str::to_owned),
+                    count: *count,
+                    devices,
+                }
+            })
+            .collect();
+        digests.sort_by_key(|g| std::cmp::Reverse(g.count));
+        skew.push(DigestSkew {
+            service: service.clone(),
+            pinned: pinned.clone(),
+            digests,
+        });
+    }
+    skew
 }
 
 impl FleetDeploymentStatus {
@@ -385,6 +473,7 @@ pub fn cause_reason(cause: &FailureCause) -> &'static str {
         FailureCause::StillRunningAfterWait { .. } => "still_running_after_wait",
         FailureCause::Runtime { .. } => "runtime",
         FailureCause::CrashLoop { .. } => "crash_loop",
+        FailureCause::ImagePull { .. } => "image_pull",
     }
 }
 
@@ -417,6 +506,11 @@ pub fn describe_cause(cause: &FailureCause) -> String {
             ),
             None => format!("service {service:?} keeps exiting; restarted {restarts} times"),
         },
+        FailureCause::ImagePull {
+            image,
+            reason,
+            error,
+        } => format!("image {image:?} could not be pulled ({reason}): {error}; the previous revision keeps running"),
     }
 }
 
@@ -618,5 +712,54 @@ mod tests {
             groups[1].message,
             "service \"web\" keeps exiting (code 1); restarted 3 times"
         );
+    }
+
+    #[test]
+    fn digest_skew_names_each_digest_and_treats_unknown_as_skew() {
+        let report = |digest: Option<&str>| {
+            let mut r: DeploymentState = serde_json::from_value(serde_json::json!({
+                "phase": "running", "revision": 4,
+                "container_ids": {"web": "c1", "db": "c2"},
+                "image_digests": {"db": "sha256:db"},
+            }))
+            .unwrap();
+            if let Some(digest) = digest {
+                r.image_digests.insert("web".into(), digest.into());
+            }
+            r
+        };
+        let ids: Vec<DeviceId> = (1..=4)
+            .map(|n| DeviceId::new(format!("rpi-{n}")).unwrap())
+            .collect();
+        let reports = [
+            report(Some("sha256:a")),
+            report(Some("sha256:a")),
+            report(Some("sha256:b")),
+            report(None),
+        ];
+        let services = [("web".into(), None), ("db".into(), None)];
+        let skew = digest_skew(&services, ids.iter().zip(&reports));
+        assert_eq!(skew.len(), 1, "db agrees: {skew:?}");
+        assert_eq!(skew[0].service.as_str(), "web");
+        let groups: Vec<(Option<&str>, u32)> = skew[0]
+            .digests
+            .iter()
+            .map(|g| (g.digest.as_deref(), g.count))
+            .collect();
+        assert_eq!(
+            groups,
+            [(Some("sha256:a"), 2), (None, 1), (Some("sha256:b"), 1)]
+        );
+        assert_eq!(skew[0].digests[2].devices, [ids[2].clone()]);
+
+        // All agree, but not on the digest the score pins.
+        let pinned = [("db".into(), Some("sha256:other".to_owned()))];
+        let skew = digest_skew(&pinned, ids.iter().zip(&reports));
+        assert_eq!(skew.len(), 1);
+        assert_eq!(skew[0].pinned.as_deref(), Some("sha256:other"));
+        let agreed = [("db".into(), Some("sha256:db".to_owned()))];
+        assert!(digest_skew(&agreed, ids.iter().zip(&reports)).is_empty());
+        assert_eq!(pinned_digest("r/app:1@sha256:ab"), Some("sha256:ab"));
+        assert_eq!(pinned_digest("r/app:1"), None);
     }
 }

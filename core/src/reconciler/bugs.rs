@@ -34,6 +34,10 @@ pub struct Bugs {
     pub skip_graceful_stop: bool,
     /// A new container is created before the old one is removed.
     pub create_before_remove: bool,
+    /// Each image is made present just before its own container is
+    /// created, after the old containers were stopped ("kill, then
+    /// download").
+    pub pull_after_stop: bool,
     /// Reports say Running as soon as a rollout starts.
     pub report_running_early: bool,
     /// A restarted agent reports its cached deployments before it has

@@ -29,7 +29,7 @@
 //!
 //! ```
 //! use podfleet_core::reconciler::{Input, Output};
-//! use podfleet_core::runtime::{RuntimeOp, RuntimeReply};
+//! use podfleet_core::runtime::{ImageInfo, RuntimeOp, RuntimeReply};
 //! use podfleet_core::wire::{DeploymentName, DeviceId, Phase, Revision};
 //! use podfleet_core::{Config, Reconciler, Timestamp};
 //!
@@ -52,8 +52,14 @@
 //!             Output::Runtime { id, op } => {
 //!                 let reply = match op {
 //!                     RuntimeOp::List => RuntimeReply::Listed { containers: vec![] },
+//!                     // The image is in the store already: nothing to pull.
+//!                     RuntimeOp::InspectImage { .. } => RuntimeReply::ImageInspected {
+//!                         image: Some(ImageInfo { id: "sha256:1f".into(), digest: None }),
+//!                     },
 //!                     RuntimeOp::Create { .. } => RuntimeReply::Created { id: "c1".into() },
 //!                     RuntimeOp::Start { .. } => RuntimeReply::Started,
+//!                     // Image garbage collection: an empty store.
+//!                     RuntimeOp::ListImages => RuntimeReply::ImagesListed { images: vec![], disk: None },
 //!                     other => panic!("not in this example: {other:?}"),
 //!                 };
 //!                 inputs.push(Input::RuntimeResult { id, result: Ok(reply) });
@@ -87,6 +93,7 @@
 #[macro_use]
 mod bugs;
 mod deployment;
+pub mod gc;
 mod spec;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -110,6 +117,7 @@ use crate::wire::{
 #[cfg(feature = "bugs")]
 pub use bugs::Bugs;
 use deployment::Deployment;
+pub use gc::ImageGcPolicy;
 pub use spec::{fnv1a64, init_container_spec, service_container_spec, service_spec_hash};
 
 /// What the agent's shell learned about its device at start, reported in
@@ -150,6 +158,8 @@ pub struct Config {
     restart_reset_after: Duration,
     runtime_backoff: Backoff,
     libpod_race_retry: Duration,
+    pull_timeout: Duration,
+    image_gc: ImageGcPolicy,
     #[cfg(feature = "bugs")]
     bugs: Bugs,
 }
@@ -159,7 +169,9 @@ impl Config {
     /// failed revisions retried after 10 s doubling to 5 min, crashed
     /// services restarted after 10 s doubling to 5 min (reset after 10 min
     /// of running), an unreachable runtime retried after 1 s doubling to 30 s,
-    /// and the libpod wait/inspect race retried once after 200 ms. No
+    /// the libpod wait/inspect race retried once after 200 ms, a pull
+    /// given up after 15 min, and image garbage collection as
+    /// [`ImageGcPolicy::default`]. No
     /// device facts: heartbeats leave them out until
     /// [`device_facts`](Self::device_facts) hands them in.
     pub fn new(device: DeviceId, agent_version: impl Into<String>) -> Self {
@@ -174,6 +186,8 @@ impl Config {
             restart_reset_after: Duration::from_secs(600),
             runtime_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
             libpod_race_retry: Duration::from_millis(200),
+            pull_timeout: Duration::from_secs(900),
+            image_gc: ImageGcPolicy::default(),
             #[cfg(feature = "bugs")]
             bugs: Bugs::default(),
         }
@@ -220,6 +234,30 @@ impl Config {
     pub fn runtime_backoff(mut self, backoff: Backoff) -> Self {
         self.runtime_backoff = backoff;
         self
+    }
+
+    /// How long one image pull may take before the revision fails with
+    /// [`PullFailure::Timeout`](crate::wire::PullFailure::Timeout) (and is
+    /// retried with the revision's backoff).
+    pub fn pull_timeout(mut self, timeout: Duration) -> Self {
+        self.pull_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// When and how hard unused images are removed ([`gc`]). The low mark
+    /// is kept at or below the high one.
+    pub fn image_gc(mut self, policy: ImageGcPolicy) -> Self {
+        self.image_gc = ImageGcPolicy {
+            low_percent: policy.low_percent.min(policy.high_percent),
+            interval: policy.interval.max(Duration::from_millis(1)),
+            ..policy
+        };
+        self
+    }
+
+    /// The image garbage collection policy in force.
+    pub fn image_gc_policy(&self) -> &ImageGcPolicy {
+        &self.image_gc
     }
 
     /// The device this reconciler manages.
@@ -386,6 +424,13 @@ pub enum WakeReason {
         /// The init container.
         init: InitName,
     },
+    /// A pull's deadline ([`Config::pull_timeout`]).
+    PullDeadline {
+        /// The deployment.
+        deployment: DeploymentName,
+        /// The image.
+        image: String,
+    },
     /// The second inspect after the libpod wait/inspect race.
     LibpodRaceRetry {
         /// The deployment.
@@ -405,6 +450,8 @@ pub enum WakeReason {
         /// The service.
         service: ServiceName,
     },
+    /// The periodic image garbage collection pass.
+    ImageGc,
 }
 
 /// When and why to wake the reconciler.
@@ -450,6 +497,14 @@ pub struct CachedDeployment {
     pub attempt: u32,
     /// Service name -> container id.
     pub container_ids: BTreeMap<ServiceName, String>,
+    /// The images of the spec last fully rolled out (empty in caches
+    /// written before image garbage collection).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied_images: Vec<String>,
+    /// The images of the spec rolled out before that one, which garbage
+    /// collection keeps too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_images: Vec<String>,
 }
 
 impl AgentCache {
@@ -490,6 +545,24 @@ enum Owner {
     Inventory,
     /// A deployment's job.
     Deployment(DeploymentName),
+    /// Image garbage collection.
+    ImageGc,
+}
+
+/// Where image garbage collection stands.
+#[derive(Debug)]
+struct ImageGc {
+    /// A pass is wanted as soon as no rollout or teardown is under way.
+    wanted: bool,
+    /// When the next periodic pass is due.
+    next_at: Timestamp,
+    /// The pass under way: the `list_images` out, or the removal out and
+    /// the ones still to do.
+    pass: Option<(CommandId, VecDeque<gc::Removal>)>,
+    /// Every image a deployment asked for that is still in the store, as
+    /// far as the last pass saw: those no deployment keeps any more are
+    /// removed.
+    referenced: BTreeSet<String>,
 }
 
 /// The effects shared by all deployments: command ids, the output queue and
@@ -545,6 +618,7 @@ pub struct Reconciler {
     /// The last revision of each deployment torn down, so that a late
     /// redelivery of an older put cannot bring it back.
     tombstones: BTreeMap<DeploymentName, Revision>,
+    image_gc: ImageGc,
 }
 
 impl Reconciler {
@@ -561,7 +635,19 @@ impl Reconciler {
             .as_ref()
             .map(|c| c.tombstones.clone())
             .unwrap_or_default();
+        let image_gc = ImageGc {
+            // Once the first `list` answers: whatever an earlier run left.
+            wanted: true,
+            next_at: now + config.image_gc.interval,
+            pass: None,
+            referenced: deployments
+                .values()
+                .flat_map(Deployment::images_referenced)
+                .map(str::to_owned)
+                .collect(),
+        };
         let mut reconciler = Self {
+            image_gc,
             next_tick: now + config.tick_interval,
             next_heartbeat: now,
             config,
@@ -607,6 +693,7 @@ impl Reconciler {
             Input::RuntimeVersion { result } => self.on_runtime_version(now, result),
             Input::Timeout => self.timeout(now),
         }
+        self.start_image_gc();
     }
 
     fn desired_put(
@@ -692,6 +779,7 @@ impl Reconciler {
         }
         match owner {
             Owner::Inventory => self.on_inventory(now, id, result),
+            Owner::ImageGc => self.on_image_gc(id, result),
             Owner::Deployment(name) => {
                 if let Err(e) = &result {
                     if e.kind == RuntimeErrorKind::Unavailable {
@@ -752,6 +840,10 @@ impl Reconciler {
             self.runtime_retry_at = None;
             self.liveness_wanted = true;
         }
+        if now >= self.image_gc.next_at {
+            self.image_gc.next_at = now + self.config.image_gc.interval;
+            self.image_gc.wanted = true;
+        }
         let names: Vec<DeploymentName> = self.deployments.keys().cloned().collect();
         for name in names {
             if let Some(entry) = self.deployments.get_mut(&name) {
@@ -804,6 +896,12 @@ impl Reconciler {
             consider(Wake {
                 at,
                 reason: WakeReason::RuntimeRetry,
+            });
+        }
+        if self.inventory_ready && self.config.image_gc.enabled {
+            consider(Wake {
+                at: self.image_gc.next_at,
+                reason: WakeReason::ImageGc,
             });
         }
         if self.inventory_ready {
@@ -883,7 +981,14 @@ impl Reconciler {
         if entry.take_cache_dirty() {
             self.cache_dirty = true;
         }
+        if entry.take_images_changed() {
+            self.image_gc.wanted = true;
+        }
+        self.image_gc
+            .referenced
+            .extend(entry.images_referenced().map(str::to_owned));
         if entry.is_gone() {
+            self.image_gc.wanted = true;
             // Never lower a tombstone: a deployment the orphan sweep found
             // again has seen no revision of its own.
             let tombstone = self.tombstones.entry(name.clone()).or_default();
@@ -910,6 +1015,86 @@ impl Reconciler {
                 deployment: name.clone(),
                 state,
             });
+        }
+    }
+
+    /// The images no deployment may lose.
+    fn images_to_keep(&self) -> Vec<&str> {
+        self.deployments
+            .values()
+            .flat_map(Deployment::images_to_keep)
+            .collect()
+    }
+
+    /// Starts a garbage collection pass if one is wanted and nothing is
+    /// being rolled out or torn down (a pass never races a rollout for an
+    /// image).
+    fn start_image_gc(&mut self) {
+        let idle = !self.deployments.values().any(Deployment::is_busy);
+        if !self.config.image_gc.enabled
+            || !self.image_gc.wanted
+            || self.image_gc.pass.is_some()
+            || !self.inventory_ready
+            || self.runtime_health != RuntimeHealth::Ok
+            || !idle
+        {
+            return;
+        }
+        self.image_gc.wanted = false;
+        let id = self.effects.issue(Owner::ImageGc, RuntimeOp::ListImages);
+        self.image_gc.pass = Some((id, VecDeque::new()));
+    }
+
+    fn on_image_gc(&mut self, id: CommandId, result: RuntimeResult) {
+        let Some((expected, mut rest)) = self.image_gc.pass.take() else {
+            return;
+        };
+        if expected != id {
+            self.image_gc.pass = Some((expected, rest));
+            return;
+        }
+        if let Ok(RuntimeReply::ImagesListed { images, disk }) = &result {
+            let keep = self.images_to_keep();
+            let referenced: Vec<&str> = self
+                .image_gc
+                .referenced
+                .iter()
+                .map(String::as_str)
+                .collect();
+            rest = gc::choose(images, *disk, &keep, &referenced, &self.config.image_gc).into();
+            // Forget what the store no longer has, so the set stays small.
+            let present: BTreeSet<String> = self
+                .image_gc
+                .referenced
+                .iter()
+                .filter(|r| images.iter().any(|i| gc::named_by([r.as_str()], &i.names)))
+                .cloned()
+                .collect();
+            self.image_gc.referenced = present;
+        }
+        // Any other answer (a removal done, refused because a container
+        // uses the image, already gone; a failed list) moves on: the next
+        // pass looks again.
+        self.next_image_removal(rest);
+    }
+
+    /// Issues the next removal of a pass, unless a rollout began since the
+    /// pass did (then the rest waits for the next pass) or the image is now
+    /// kept.
+    fn next_image_removal(&mut self, mut rest: VecDeque<gc::Removal>) {
+        if self.deployments.values().any(Deployment::is_busy) {
+            self.image_gc.wanted = !rest.is_empty();
+            return;
+        }
+        let keep = self.images_to_keep();
+        while let Some(removal) = rest.pop_front() {
+            if gc::named_by(keep.iter().copied(), &removal.names) {
+                continue;
+            }
+            let op = RuntimeOp::RemoveImage { id: removal.id };
+            let id = self.effects.issue(Owner::ImageGc, op);
+            self.image_gc.pass = Some((id, rest));
+            return;
         }
     }
 

@@ -111,6 +111,7 @@ mod tests {
             env: BTreeMap::from([("A".into(), "1".into())]),
             volumes: vec![],
             ports: vec![],
+            pull_policy: None,
         }
     }
 

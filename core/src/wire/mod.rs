@@ -19,11 +19,12 @@ pub use command::{
 pub use ids::{InitName, Revision, ServiceName};
 pub use names::{CommandSubject, DeploymentKey, DeploymentName, DeviceId, NameError, Verb};
 pub use report::{
-    DeploymentState, FailureCause, Heartbeat, Phase, RestartRecord, RuntimeHealth, RuntimeOperation,
+    DeploymentState, FailureCause, Heartbeat, Phase, PullFailure, RestartRecord, RuntimeHealth,
+    RuntimeOperation,
 };
 pub use score::{
     InitContainer, LifecyclePolicy, PodmanService, PodmanV0Score, PortMapping, Protocol,
-    ScoreError, Signal, VolumeMount, DEFAULT_INIT_CONTAINER_TIMEOUT,
+    PullPolicy, ScoreError, Signal, VolumeMount, DEFAULT_INIT_CONTAINER_TIMEOUT,
 };
 
 /// The JSON Schema of [`PodmanV0Score`], as checked into docs/score.schema.json.

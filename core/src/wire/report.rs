@@ -47,6 +47,14 @@ pub enum RuntimeOperation {
     Stop,
     /// Removing a container.
     Remove,
+    /// Looking an image up in the device's store.
+    InspectImage,
+    /// Pulling an image from its registry.
+    Pull,
+    /// Listing the images in the device's store.
+    ListImages,
+    /// Removing an image from the device's store.
+    RemoveImage,
     /// A call this version does not know (from a newer agent).
     #[serde(other)]
     Other,
@@ -63,6 +71,10 @@ impl RuntimeOperation {
             RuntimeOperation::Inspect => "inspect",
             RuntimeOperation::Stop => "stop",
             RuntimeOperation::Remove => "remove",
+            RuntimeOperation::InspectImage => "inspect_image",
+            RuntimeOperation::Pull => "pull",
+            RuntimeOperation::ListImages => "list_images",
+            RuntimeOperation::RemoveImage => "remove_image",
             RuntimeOperation::Other => "other",
         }
     }
@@ -99,9 +111,15 @@ pub struct DeploymentState {
     /// Services the agent has had to restart, with how often and why.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub restarts: BTreeMap<ServiceName, RestartRecord>,
+    /// Service name -> the manifest digest (`sha256:...`) of the image its
+    /// running container was created from; a service whose digest the
+    /// device does not know (an image built on the device, a container
+    /// created by an older agent) is absent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub image_digests: BTreeMap<ServiceName, String>,
     /// This is a [summary](DeploymentState::summarised): the full report was
-    /// over the broker's limit, so `container_ids` and `restarts` are left
-    /// out and the texts are cut.
+    /// over the broker's limit, so `container_ids`, `restarts` and
+    /// `image_digests` are left out and the texts are cut.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub summarised: bool,
 }
@@ -134,6 +152,7 @@ impl DeploymentState {
             message: bounded(&(note + &self.message), SUMMARY_TEXT_MAX_BYTES + 100),
             cause,
             attempt: self.attempt,
+            image_digests: BTreeMap::new(),
             restarts: BTreeMap::new(),
             summarised: true,
         }
@@ -189,6 +208,17 @@ pub enum FailureCause {
         /// The runtime's error text.
         error: String,
     },
+    /// An image of the revision could not be put in the device's store.
+    /// Nothing of the running revision was stopped; the pull is retried
+    /// with the usual capped backoff.
+    ImagePull {
+        /// The image reference, as the score names it.
+        image: String,
+        /// Why, as far as the agent can tell.
+        reason: PullFailure,
+        /// The runtime's or the registry's own words.
+        error: String,
+    },
     /// A service keeps exiting; it is restarted with a capped backoff and
     /// never given up on. Does not block a newer revision.
     CrashLoop {
@@ -217,7 +247,54 @@ impl FailureCause {
             | FailureCause::InitContainerTimedOut { name, .. }
             | FailureCause::StillRunningAfterWait { name } => *name = bounded(name, max).into(),
             FailureCause::CrashLoop { service, .. } => *service = bounded(service, max).into(),
+            FailureCause::ImagePull { image, error, .. } => {
+                *image = bounded(image, max);
+                *error = bounded(error, max);
+            }
         }
+    }
+}
+
+/// Why an image could not be pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PullFailure {
+    /// The registry has no such repository, tag or digest.
+    NotFound,
+    /// The registry refused the credentials, or wanted some.
+    Unauthorized,
+    /// The registry could not be reached or the transfer broke off.
+    Network,
+    /// The pull took longer than the agent allows (its `pull_timeout`).
+    Timeout,
+    /// The device's disk is full.
+    NoSpace,
+    /// The pull policy is `never` and the image is not in the store.
+    NotPresent,
+    /// Anything else (a bad reference, a corrupt layer...), and causes this
+    /// version does not know (from a newer agent).
+    #[serde(other)]
+    Other,
+}
+
+impl PullFailure {
+    /// The reason's name on the wire: `"not_found"`, `"unauthorized"`...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullFailure::NotFound => "not_found",
+            PullFailure::Unauthorized => "unauthorized",
+            PullFailure::Network => "network",
+            PullFailure::Timeout => "timeout",
+            PullFailure::NoSpace => "no_space",
+            PullFailure::NotPresent => "not_present",
+            PullFailure::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for PullFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -87,6 +87,18 @@ pub struct PodmanService {
     /// Published ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortMapping>,
+    /// When the image is pulled; absent means [`PullPolicy::default_for`]
+    /// the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<PullPolicy>,
+}
+
+impl PodmanService {
+    /// The pull policy in force: the one set, else the image's default.
+    pub fn pull_policy(&self) -> PullPolicy {
+        self.pull_policy
+            .unwrap_or_else(|| PullPolicy::default_for(&self.image))
+    }
 }
 
 /// A container run to completion before the services start.
@@ -115,6 +127,64 @@ pub struct InitContainer {
     #[serde(default = "default_init_timeout", with = "whole_seconds")]
     #[schemars(with = "u64", range(min = 1), extend("default" = 300))]
     pub timeout: Duration,
+    /// When the image is pulled; absent means [`PullPolicy::default_for`]
+    /// the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<PullPolicy>,
+}
+
+impl InitContainer {
+    /// The pull policy in force: the one set, else the image's default.
+    pub fn pull_policy(&self) -> PullPolicy {
+        self.pull_policy
+            .unwrap_or_else(|| PullPolicy::default_for(&self.image))
+    }
+}
+
+/// When the agent pulls a container's image from its registry, with the
+/// meaning Kubernetes gives `imagePullPolicy`. Every image of a revision is
+/// in the device's store before the first container of the old revision is
+/// stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PullPolicy {
+    /// Pull only when the store does not have the image.
+    IfNotPresent,
+    /// Pull each time a revision creates a container from it (the tag may
+    /// have moved); the registry must answer.
+    Always,
+    /// Never pull: the image must be in the store already.
+    Never,
+}
+
+impl PullPolicy {
+    /// The default for `image`, as Kubernetes decides it: [`Always`] for an
+    /// untagged reference or the tag `latest`, [`IfNotPresent`] for any
+    /// other tag and for a digest (`name@sha256:...`).
+    ///
+    /// [`Always`]: PullPolicy::Always
+    /// [`IfNotPresent`]: PullPolicy::IfNotPresent
+    pub fn default_for(image: &str) -> Self {
+        if image.contains('@') {
+            return PullPolicy::IfNotPresent;
+        }
+        // The tag follows the last ':' after the last '/' (a ':' before
+        // it is a registry's port).
+        let last = image.rsplit('/').next().unwrap_or(image);
+        match last.rsplit_once(':') {
+            Some((_, tag)) if tag != "latest" => PullPolicy::IfNotPresent,
+            _ => PullPolicy::Always,
+        }
+    }
+
+    /// The policy's name on the wire: `"if_not_present"`, `"always"`, `"never"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::IfNotPresent => "if_not_present",
+            PullPolicy::Always => "always",
+            PullPolicy::Never => "never",
+        }
+    }
 }
 
 fn default_init_timeout() -> Duration {
@@ -484,6 +554,15 @@ impl PodmanV0Score {
     /// The score's canonical JSON bytes.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a score always serialises: its maps have string keys")
+    }
+
+    /// Every image the score names, services first, then init containers
+    /// (an image named twice comes twice).
+    pub fn images(&self) -> impl Iterator<Item = &str> {
+        self.services
+            .iter()
+            .map(|s| s.image.as_str())
+            .chain(self.init_containers.iter().map(|i| i.image.as_str()))
     }
 
     /// The lifecycle policy in force, with defaults filled in.

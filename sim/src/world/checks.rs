@@ -272,6 +272,7 @@ pub fn check_report_fields(
                 | FailureCause::InitContainerTimedOut { .. }
                 | FailureCause::StillRunningAfterWait { .. }
                 | FailureCause::Runtime { .. }
+                | FailureCause::ImagePull { .. }
         )
     );
     if failed_attempt && s.attempt == 0 {

@@ -10,7 +10,31 @@ enum Timed {
     /// The agent starts again, maybe into a runtime in trouble for a while.
     AgentUp(u32, Option<(RuntimeTrouble, u64)>),
     ImageBack(u32, String),
+    /// A registry or disk fault of the device ends.
+    RegistryHealed(u32, RegistryFault),
     ControllerUp,
+}
+
+/// Which registry or disk fault ends.
+#[derive(Debug, Clone, Copy)]
+enum RegistryFault {
+    Down,
+    Slow,
+    Credentials,
+    DiskFull,
+}
+
+/// Undoes `fault` on `fake`.
+fn heal_registry(fake: &mut FakeRuntime, fault: RegistryFault) {
+    use podfleet_testkit::registry::{DEFAULT_ROUND_TRIP, DEFAULT_THROUGHPUT};
+    match fault {
+        RegistryFault::Down => fake.registry_mut().set_up(true),
+        RegistryFault::Slow => fake
+            .registry_mut()
+            .set_speed(DEFAULT_THROUGHPUT, DEFAULT_ROUND_TRIP),
+        RegistryFault::Credentials => fake.registry_mut().set_accepts_credentials(true),
+        RegistryFault::DiskFull => fake.images_mut().set_capacity(None),
+    }
 }
 
 /// Runs `plan` on `tier`: its steps, then healing, liveness and quiet.
@@ -231,6 +255,37 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
                             later(&mut queue, for_ms, Timed::ImageBack(i, image));
                         }
                     }
+                    Action::RegistryDown { device: i, for_ms }
+                    | Action::RegistrySlow {
+                        device: i, for_ms, ..
+                    }
+                    | Action::CredentialsRefused { device: i, for_ms }
+                    | Action::DiskFull { device: i, for_ms } => {
+                        if let Some(d) = device(i) {
+                            let fault = d.fake.with(|f| match action {
+                                Action::RegistryDown { .. } => {
+                                    f.registry_mut().set_up(false);
+                                    RegistryFault::Down
+                                }
+                                Action::RegistrySlow { bytes_per_sec, .. } => {
+                                    f.registry_mut()
+                                        .set_speed(bytes_per_sec, Duration::from_secs(1));
+                                    RegistryFault::Slow
+                                }
+                                Action::CredentialsRefused { .. } => {
+                                    f.registry_mut().set_accepts_credentials(false);
+                                    RegistryFault::Credentials
+                                }
+                                _ => {
+                                    // Full: no pulled byte more fits.
+                                    let used = f.images().used();
+                                    f.images_mut().set_capacity(Some(used));
+                                    RegistryFault::DiskFull
+                                }
+                            });
+                            later(&mut queue, for_ms, Timed::RegistryHealed(i, fault));
+                        }
+                    }
                     Action::Duplicate => shared.broker.duplicate_next(1),
                     Action::SlowRuntime {
                         device: i,
@@ -270,6 +325,11 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
                     d.fake.with(|f| f.add_image(&image));
                 }
             }
+            Timed::RegistryHealed(i, fault) => {
+                if let Some(d) = device(i) {
+                    d.fake.with(|f| heal_registry(f, fault));
+                }
+            }
         }
     }
     // Heal every fault still in force; desired state stays as it is.
@@ -295,6 +355,14 @@ pub fn run_plan<T: Network>(plan: &Plan, tier: &mut T, shared: &Shared) -> Outco
         d.fake.with(|f| {
             for image in crate::plan::GOOD_IMAGES {
                 f.add_image(image);
+            }
+            for fault in [
+                RegistryFault::Down,
+                RegistryFault::Slow,
+                RegistryFault::Credentials,
+                RegistryFault::DiskFull,
+            ] {
+                heal_registry(f, fault);
             }
         });
     }
@@ -398,7 +466,7 @@ fn check_quiet(shared: &Shared, before: &[usize], running: &[(usize, String)]) {
                     | RuntimeEvent::Started { id }
                     | RuntimeEvent::StopBegan { id, .. }
                     | RuntimeEvent::Removed { id, .. } => id,
-                    RuntimeEvent::Exited { .. } => continue,
+                    RuntimeEvent::Exited { .. } | RuntimeEvent::ImagePulled { .. } => continue,
                 };
                 let deployment = f
                     .containers()

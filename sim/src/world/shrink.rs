@@ -9,7 +9,11 @@ fn fault_duration(action: &mut Action) -> Option<&mut u64> {
         Action::Partition { for_ms, .. }
         | Action::Hold { for_ms, .. }
         | Action::ImageMissing { for_ms, .. }
-        | Action::SlowRuntime { for_ms, .. } => Some(for_ms),
+        | Action::SlowRuntime { for_ms, .. }
+        | Action::RegistryDown { for_ms, .. }
+        | Action::RegistrySlow { for_ms, .. }
+        | Action::CredentialsRefused { for_ms, .. }
+        | Action::DiskFull { for_ms, .. } => Some(for_ms),
         Action::AgentCrash { down_ms, .. } => Some(down_ms),
         _ => None,
     }

@@ -17,6 +17,18 @@ pub(super) enum Call {
     ListAndPlan,
     /// List, then plan the removal of every container of the deployment.
     ListAndTeardown,
+    /// Look an image of the target up; pull it when absent, unless its
+    /// policy is `never`.
+    InspectImage {
+        image: String,
+        policy: PullPolicy,
+    },
+    /// Pull an image of the target; walked away from at `deadline`.
+    Pull {
+        image: String,
+        started: Timestamp,
+        deadline: Timestamp,
+    },
     /// Remove a container by name or id; "not found" is success.
     RemoveIfPresent {
         container: String,
@@ -76,6 +88,9 @@ pub(super) enum Call {
 pub(super) enum Step {
     /// A runtime call.
     Call(Call),
+    /// Make sure an image of the target is in the store, as its pull
+    /// policy says: a pull (`always`) or a look-up first.
+    EnsureImage { image: String, policy: PullPolicy },
     /// The libpod race: wait before inspecting again.
     RaceDelay {
         index: usize,
@@ -95,6 +110,12 @@ impl Call {
     pub(super) fn op(&self) -> RuntimeOp {
         match self {
             Call::ListAndPlan | Call::ListAndTeardown => RuntimeOp::List,
+            Call::InspectImage { image, .. } => RuntimeOp::InspectImage {
+                image: image.clone(),
+            },
+            Call::Pull { image, .. } => RuntimeOp::Pull {
+                image: image.clone(),
+            },
             Call::RemoveIfPresent { container } => RuntimeOp::Remove {
                 container: container.clone(),
                 force: true,
@@ -140,6 +161,9 @@ pub(super) struct Job {
     pub(super) superseded: bool,
     /// Whether this rollout ran the init containers (for the message).
     pub(super) ran_init: bool,
+    /// The images this job made sure of, by reference: containers created
+    /// from them carry their digest as a label.
+    pub(super) images: BTreeMap<String, ImageInfo>,
 }
 
 impl Job {
@@ -150,6 +174,7 @@ impl Job {
             in_flight: None,
             superseded: false,
             ran_init: false,
+            images: BTreeMap::new(),
         }
     }
 }
@@ -193,6 +218,19 @@ impl Deployment {
                         retried: true,
                     }));
                 }
+                Step::EnsureImage { image, policy } => {
+                    let call = match policy {
+                        PullPolicy::Always => Call::Pull {
+                            image,
+                            started: now,
+                            deadline: now + config.pull_timeout,
+                        },
+                        PullPolicy::IfNotPresent | PullPolicy::Never => {
+                            Call::InspectImage { image, policy }
+                        }
+                    };
+                    job.steps.push_front(Step::Call(call));
+                }
                 Step::Finish => self.finish(),
                 Step::Fail(cause) => self.fail(now, config, cause),
                 Step::Forget => {
@@ -205,7 +243,15 @@ impl Deployment {
                     };
                     return;
                 }
-                Step::Call(call) => {
+                Step::Call(mut call) => {
+                    if let Call::CreateService { spec, .. } | Call::CreateInit { spec, .. } =
+                        &mut call
+                    {
+                        let digest = job.images.get(&spec.image).and_then(|i| i.digest.clone());
+                        if let Some(digest) = digest {
+                            spec.labels.insert(LABEL_IMAGE_DIGEST.to_owned(), digest);
+                        }
+                    }
                     let id = fx.issue(Owner::Deployment(self.name.clone()), call.op());
                     if let Some(job) = self.job.as_mut() {
                         job.in_flight = Some((id, call));
@@ -271,6 +317,55 @@ impl Deployment {
             }
             (Call::ListAndTeardown, Ok(RuntimeReply::Listed { containers })) => {
                 self.plan_teardown(&containers);
+            }
+            (
+                Call::InspectImage { image, .. },
+                Ok(RuntimeReply::ImageInspected { image: Some(info) }),
+            ) => {
+                if let Some(job) = self.job.as_mut() {
+                    job.images.insert(image, info);
+                }
+            }
+            (
+                Call::InspectImage {
+                    image,
+                    policy: PullPolicy::Never,
+                },
+                Ok(RuntimeReply::ImageInspected { image: None }),
+            ) => {
+                self.fail_job(FailureCause::ImagePull {
+                    image,
+                    reason: PullFailure::NotPresent,
+                    error: "the image is not in the device's store and its pull policy is never"
+                        .into(),
+                });
+            }
+            (
+                Call::InspectImage { image, .. },
+                Ok(RuntimeReply::ImageInspected { image: None }),
+            ) => {
+                self.push_front(Call::Pull {
+                    image,
+                    started: now,
+                    deadline: now + config.pull_timeout,
+                });
+            }
+            (Call::Pull { image, .. }, Ok(RuntimeReply::Pulled { image: info })) => {
+                if let Some(job) = self.job.as_mut() {
+                    job.images.insert(image, info);
+                }
+            }
+            (Call::Pull { image, .. }, Err(error)) => {
+                let reason = match error.kind {
+                    RuntimeErrorKind::Pull(reason) => reason,
+                    RuntimeErrorKind::Unavailable => PullFailure::Network,
+                    _ => PullFailure::Other,
+                };
+                self.fail_job(FailureCause::ImagePull {
+                    image,
+                    reason,
+                    error: error.message,
+                });
             }
             (Call::RemoveIfPresent { .. }, Ok(_)) => {}
             (Call::RemoveIfPresent { .. }, Err(e)) if e.kind == RuntimeErrorKind::NotFound => {}
@@ -350,7 +445,7 @@ impl Deployment {
                     self.cache_dirty = true;
                 }
             }
-            (Call::CreateService { service, .. }, Ok(RuntimeReply::Created { id })) => {
+            (Call::CreateService { service, spec }, Ok(RuntimeReply::Created { id })) => {
                 let (spec_hash, lifecycle) = match &self.target {
                     Some(t) => (
                         t.hashes.get(&service).cloned(),
@@ -366,6 +461,7 @@ impl Deployment {
                         spec_hash,
                         signal: lifecycle.stop_signal,
                         grace: lifecycle.grace_period(),
+                        image_digest: spec.labels.get(LABEL_IMAGE_DIGEST).cloned(),
                     },
                 );
                 self.cache_dirty = true;
@@ -411,7 +507,7 @@ impl Deployment {
     }
 
     /// Fails the running job, removing an init container it may have left.
-    fn fail_job(&mut self, cause: FailureCause) {
+    pub(super) fn fail_job(&mut self, cause: FailureCause) {
         let mut steps = Vec::new();
         if let Some(target) = self.target.as_ref() {
             if self
@@ -447,6 +543,11 @@ impl Deployment {
         self.job = None;
         self.lifecycle = Lifecycle::Applied;
         self.failure = None;
+        let images = self.target.as_ref().map(|t| super::score_images(&t.score));
+        if let Some(images) = images.filter(|i| *i != self.applied_images) {
+            self.previous_images = std::mem::replace(&mut self.applied_images, images);
+            self.images_changed = true;
+        }
         if ran_init {
             self.init_completed = self
                 .target

@@ -84,6 +84,9 @@ impl Deployment {
                             &target.score.lifecycle_or_default(),
                             target.revision,
                         );
+                        // The image may have gone since (a prune, a store
+                        // wiped): the create needs it, and its digest.
+                        steps.push(super::plan::ensure(&service.image, service.pull_policy()));
                         steps.push(Step::Call(Call::CreateService {
                             service: service.name.clone(),
                             spec,

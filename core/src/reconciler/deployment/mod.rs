@@ -23,16 +23,17 @@ use super::spec::{service_container_spec, service_spec_hash};
 use super::{CachedDeployment, CommandId, Config, Effects, Owner, Wake, WakeReason};
 use crate::runtime::{
     init_container_name, service_container_name, ContainerSpec, ContainerState, ContainerSummary,
-    RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, LABEL_GRACE, LABEL_INIT,
-    LABEL_SERVICE, LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
+    ImageInfo, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, LABEL_GRACE,
+    LABEL_IMAGE_DIGEST, LABEL_INIT, LABEL_SERVICE, LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
 };
 use crate::time::Timestamp;
 use crate::wire::text::{bounded, Quoted, TEXT_MAX_BYTES};
 use job::{Call, Job, JobKind, Step};
 
 use crate::wire::{
-    DeploymentName, DeploymentState, FailureCause, InitName, Phase, PodmanV0Score, RestartRecord,
-    Revision, RuntimeOperation, ScoreError, ServiceName, Signal, DEFAULT_INIT_CONTAINER_TIMEOUT,
+    DeploymentName, DeploymentState, FailureCause, InitName, Phase, PodmanV0Score, PullFailure,
+    PullPolicy, RestartRecord, Revision, RuntimeOperation, ScoreError, ServiceName, Signal,
+    DEFAULT_INIT_CONTAINER_TIMEOUT,
 };
 
 /// The newest valid revision seen: what the deployment converges to.
@@ -74,6 +75,8 @@ struct Observed {
     spec_hash: Option<String>,
     signal: Signal,
     grace: Duration,
+    /// The manifest digest of its image ([`LABEL_IMAGE_DIGEST`]).
+    image_digest: Option<String>,
 }
 
 impl Observed {
@@ -82,6 +85,7 @@ impl Observed {
             id: c.id.clone(),
             state: c.state,
             spec_hash: c.label(LABEL_SPEC_HASH).map(str::to_owned),
+            image_digest: c.label(LABEL_IMAGE_DIGEST).map(str::to_owned),
             signal: c
                 .label(LABEL_STOP_SIGNAL)
                 .and_then(|s| s.parse().ok())
@@ -142,6 +146,17 @@ enum Lifecycle {
     Gone,
 }
 
+/// The images `score` creates containers from, services first, each once.
+fn score_images(score: &PodmanV0Score) -> Vec<String> {
+    let mut images: Vec<String> = Vec::new();
+    for image in score.images() {
+        if !images.iter().any(|i| i == image) {
+            images.push(image.to_owned());
+        }
+    }
+    images
+}
+
 #[derive(Debug)]
 pub(super) struct Deployment {
     name: DeploymentName,
@@ -169,6 +184,13 @@ pub(super) struct Deployment {
     /// What the agent's cache holds of it changed since the reconciler
     /// last looked.
     cache_dirty: bool,
+    /// The images of the spec last fully rolled out, and of the one rolled
+    /// out before it: image garbage collection keeps both, so that going
+    /// back one revision needs no registry.
+    applied_images: Vec<String>,
+    previous_images: Vec<String>,
+    /// `applied_images` changed since the reconciler last looked.
+    images_changed: bool,
 }
 
 impl Deployment {
@@ -189,6 +211,9 @@ impl Deployment {
             last_report: None,
             last_mutation_seq: 0,
             cache_dirty: false,
+            applied_images: Vec::new(),
+            previous_images: Vec::new(),
+            images_changed: false,
         }
     }
 
@@ -207,6 +232,13 @@ impl Deployment {
         } else {
             0
         };
+        d.applied_images = match (&cached.applied_images, cached.applied) {
+            // A cache from before image garbage collection: what it applied
+            // is what it holds.
+            (images, true) if images.is_empty() => score_images(&score),
+            (images, _) => images.clone(),
+        };
+        d.previous_images = cached.previous_images.clone();
         d.target = Some(Target::new(cached.revision, bytes, score));
         if cached.applied {
             d.lifecycle = Lifecycle::Applied;
@@ -227,6 +259,7 @@ impl Deployment {
                     spec_hash: None,
                     signal: Signal::default(),
                     grace: Duration::from_secs(crate::wire::score::DEFAULT_GRACE_PERIOD_SECS),
+                    image_digest: None,
                 },
             );
         }
@@ -300,8 +333,13 @@ impl Deployment {
             return;
         };
         // A pending wait on an init container can be walked away from: the
-        // next job lists the runtime and force-removes leftover init containers.
-        let waiting = matches!(job.in_flight, Some((_, Call::WaitInit { .. })));
+        // next job lists the runtime and force-removes leftover init
+        // containers. So can a pull: it touches no container, and the newer
+        // revision need not wait for an image it may not use.
+        let waiting = matches!(
+            job.in_flight,
+            Some((_, Call::WaitInit { .. } | Call::Pull { .. }))
+        );
         if job.in_flight.is_none() || waiting {
             self.job = None;
         } else {
@@ -340,6 +378,44 @@ impl Deployment {
         self.lifecycle == Lifecycle::Gone
     }
 
+    /// The images garbage collection must keep for this deployment: those
+    /// of its target (rolled out or not), of the spec last rolled out and
+    /// of the one before it. None once it is being deleted.
+    pub(super) fn images_to_keep(&self) -> impl Iterator<Item = &str> {
+        let live = !matches!(self.lifecycle, Lifecycle::Deleting | Lifecycle::Gone);
+        let target = self
+            .target
+            .iter()
+            .filter(move |_| live)
+            .flat_map(|t| t.score.images());
+        let rolled_out = self
+            .applied_images
+            .iter()
+            .chain(&self.previous_images)
+            .filter(move |_| live)
+            .map(String::as_str);
+        target.chain(rolled_out)
+    }
+
+    /// Every image this deployment ever asked for, as far as it remembers.
+    pub(super) fn images_referenced(&self) -> impl Iterator<Item = &str> {
+        self.target
+            .iter()
+            .flat_map(|t| t.score.images())
+            .chain(self.applied_images.iter().map(String::as_str))
+            .chain(self.previous_images.iter().map(String::as_str))
+    }
+
+    /// A rollout or teardown is under way.
+    pub(super) fn is_busy(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// Whether the images it keeps changed since the last call.
+    pub(super) fn take_images_changed(&mut self) -> bool {
+        std::mem::take(&mut self.images_changed)
+    }
+
     pub(super) fn take_cache_dirty(&mut self) -> bool {
         std::mem::take(&mut self.cache_dirty)
     }
@@ -363,6 +439,8 @@ impl Deployment {
             },
             applied: self.lifecycle == Lifecycle::Applied,
             attempt: self.attempts,
+            applied_images: self.applied_images.clone(),
+            previous_images: self.previous_images.clone(),
             container_ids: self
                 .observed
                 .iter()
@@ -390,6 +468,21 @@ impl Deployment {
                     reason: WakeReason::InitDeadline {
                         deployment: name(),
                         init: init_name(*index),
+                    },
+                }),
+                (
+                    Some((
+                        _,
+                        Call::Pull {
+                            image, deadline, ..
+                        },
+                    )),
+                    _,
+                ) => Some(Wake {
+                    at: *deadline,
+                    reason: WakeReason::PullDeadline {
+                        deployment: name(),
+                        image: image.clone(),
                     },
                 }),
                 (None, Some(Step::RaceDelay { index, until, .. })) => Some(Wake {
@@ -450,6 +543,32 @@ impl Deployment {
         let Some(job) = self.job.as_ref() else {
             return self.restart_wake().is_some_and(|w| now >= w.at);
         };
+        if let Some((
+            _,
+            Call::Pull {
+                image,
+                started,
+                deadline,
+            },
+        )) = &job.in_flight
+        {
+            if now >= *deadline {
+                let cause = FailureCause::ImagePull {
+                    image: image.clone(),
+                    reason: PullFailure::Timeout,
+                    error: format!(
+                        "no answer after {} s (the agent's pull_timeout)",
+                        now.saturating_since(*started).as_secs()
+                    ),
+                };
+                if let Some(job) = self.job.as_mut() {
+                    // The pull's result, whenever it comes, no longer matches.
+                    job.in_flight = None;
+                }
+                self.fail_job(cause);
+            }
+            return false;
+        }
         if let Some((
             _,
             Call::WaitInit {

@@ -10,11 +10,14 @@ use crate::runtime::{
     init_container_name, service_container_name, ContainerState, ContainerSummary, LABEL_INIT,
     LABEL_SERVICE,
 };
-use crate::wire::{DeploymentName, ServiceName};
+use crate::wire::{DeploymentName, PullPolicy, ServiceName};
 
 /// The rollout of `target` for deployment `name`, given its containers in
 /// the runtime (`mine`) and its service containers among them (`observed`):
 ///
+/// 0. every image a container is about to be created from is made present,
+///    as its pull policy says, before anything else ("download, then
+///    kill": a pull that fails stops nothing);
 /// 1. leftover init containers are removed;
 /// 2. if any service container must be (re)created, the init containers
 ///    run first, one at a time, in order;
@@ -49,8 +52,16 @@ pub(super) fn rollout(
     let lifecycle = target.score.lifecycle_or_default();
     let mut services = Vec::new();
     let mut recreates = false;
+    let mut images = Images::default();
     for service in &target.score.services {
         let hash = target.hashes.get(&service.name);
+        let needs_image = observed
+            .get(&service.name)
+            .is_none_or(|o| o.spec_hash.as_ref() != hash || bug!(config, recreate_on_tick));
+        if needs_image && !bug!(config, pull_after_stop) {
+            images.add(&service.image, service.pull_policy());
+        }
+        let first_step = services.len();
         let spec = || service_container_spec(name.as_str(), service, &lifecycle, target.revision);
         match observed.get(&service.name) {
             Some(o) if o.spec_hash.as_ref() == hash && !bug!(config, recreate_on_tick) => {
@@ -101,8 +112,21 @@ pub(super) fn rollout(
                 }));
             }
         }
+        if needs_image && bug!(config, pull_after_stop) {
+            let create = services[first_step..]
+                .iter()
+                .position(|s| matches!(s, Step::Call(Call::CreateService { .. })))
+                .map_or(services.len(), |i| first_step + i);
+            services.insert(create, ensure(&service.image, service.pull_policy()));
+        }
     }
-    let mut steps = cleanup;
+    if recreates && !bug!(config, skip_init_containers) {
+        for init in &target.score.init_containers {
+            images.add(&init.image, init.pull_policy());
+        }
+    }
+    let mut steps = images.steps();
+    steps.extend(cleanup);
     if recreates && !bug!(config, skip_init_containers) {
         for (index, init) in target.score.init_containers.iter().enumerate() {
             steps.push(Step::Call(Call::RemoveIfPresent {
@@ -118,6 +142,42 @@ pub(super) fn rollout(
     steps.extend(services);
     steps.push(Step::Finish);
     steps
+}
+
+/// The images a rollout makes present, each once, in first-use order.
+#[derive(Default)]
+struct Images(Vec<(String, PullPolicy)>);
+
+impl Images {
+    /// Adds `image`; named twice with different policies, the one that
+    /// pulls more often wins (`always`, then `if_not_present`, then `never`).
+    fn add(&mut self, image: &str, policy: PullPolicy) {
+        let rank = |p: PullPolicy| match p {
+            PullPolicy::Never => 0,
+            PullPolicy::IfNotPresent => 1,
+            PullPolicy::Always => 2,
+        };
+        match self.0.iter_mut().find(|(i, _)| i == image) {
+            Some((_, held)) if rank(policy) > rank(*held) => *held = policy,
+            Some(_) => {}
+            None => self.0.push((image.to_owned(), policy)),
+        }
+    }
+
+    fn steps(self) -> Vec<Step> {
+        self.0
+            .into_iter()
+            .map(|(image, policy)| ensure(&image, policy))
+            .collect()
+    }
+}
+
+/// Makes sure `image` is in the store, as `policy` says, before a create.
+pub(super) fn ensure(image: &str, policy: PullPolicy) -> Step {
+    Step::EnsureImage {
+        image: image.to_owned(),
+        policy,
+    }
 }
 
 /// The teardown of every container in `mine`, then forgetting the
@@ -237,6 +297,7 @@ mod tests {
                     format!("create {service} as {}", spec.name)
                 }
                 Step::Call(Call::StartService { id, .. }) => format!("start {id}"),
+                Step::EnsureImage { image, policy } => format!("image {image} {}", policy.as_str()),
                 Step::Finish => "finish".into(),
                 other => format!("{other:?}"),
             })
@@ -262,28 +323,33 @@ mod tests {
         let init_name = init_container_name("web", "migrate");
         let cases: Vec<(&str, &str, Vec<ContainerSummary>, Vec<String>)> = vec![
             (
-                "nothing runs: create",
+                "nothing runs: the image, then create",
                 ONE,
                 vec![],
-                vec![format!("create app as {app_name}"), "finish".into()],
+                vec![
+                    "image img/a:1 if_not_present".into(),
+                    format!("create app as {app_name}"),
+                    "finish".into(),
+                ],
             ),
             (
-                "the same spec runs: nothing to do",
+                "the same spec runs: nothing to do, no image looked up",
                 ONE,
                 vec![app(ContainerState::Running, ONE)],
                 vec!["finish".into()],
             ),
             (
-                "the same spec exited: start it, no init containers",
+                "the same spec exited: start it, no init containers, no image",
                 WITH_INIT,
                 vec![app(ContainerState::Exited, WITH_INIT)],
                 vec!["start c-app".into(), "finish".into()],
             ),
             (
-                "a changed spec: graceful stop with the old container's signal and grace, remove, create",
+                "a changed spec: the new image first, then graceful stop with the old container's signal and grace, remove, create",
                 ONE_V2,
                 vec![app(ContainerState::Running, ONE)],
                 vec![
+                    "image img/a:2 if_not_present".into(),
                     "stop c-app SIGINT 3s".into(),
                     "remove c-app".into(),
                     format!("create app as {app_name}"),
@@ -295,6 +361,7 @@ mod tests {
                 ONE_V2,
                 vec![app(ContainerState::Stopping, ONE)],
                 vec![
+                    "image img/a:2 if_not_present".into(),
                     "stop c-app SIGINT 3s".into(),
                     "remove c-app".into(),
                     format!("create app as {app_name}"),
@@ -306,16 +373,19 @@ mod tests {
                 ONE_V2,
                 vec![app(ContainerState::Exited, ONE)],
                 vec![
+                    "image img/a:2 if_not_present".into(),
                     "remove c-app".into(),
                     format!("create app as {app_name}"),
                     "finish".into(),
                 ],
             ),
             (
-                "a recreate runs the init containers first",
+                "a recreate runs the init containers first; every image before anything",
                 WITH_INIT,
                 vec![],
                 vec![
+                    "image img/a:1 if_not_present".into(),
+                    "image img/m:1 if_not_present".into(),
                     format!("remove? {init_name}"),
                     "init 0".into(),
                     format!("create app as {app_name}"),
@@ -334,6 +404,27 @@ mod tests {
                     format!("remove? c-{init_name}"),
                     "stop c-web-old SIGTERM 30s".into(),
                     "remove c-web-old".into(),
+                    "finish".into(),
+                ],
+            ),
+            (
+                "pull policies: set, or the image's default; one image named twice is pulled once, by the policy that pulls more",
+                r#"{"services":[{"name":"app","image":"img/a"},
+                               {"name":"b","image":"img/b:1","pull_policy":"never"},
+                               {"name":"c","image":"img/b:1","pull_policy":"always"},
+                               {"name":"d","image":"img/d@sha256:0123"},
+                               {"name":"e","image":"img/e:latest","pull_policy":"if_not_present"}]}"#,
+                vec![],
+                vec![
+                    "image img/a always".into(),
+                    "image img/b:1 always".into(),
+                    "image img/d@sha256:0123 if_not_present".into(),
+                    "image img/e:latest if_not_present".into(),
+                    format!("create app as {app_name}"),
+                    "create b as web_b".into(),
+                    "create c as web_c".into(),
+                    "create d as web_d".into(),
+                    "create e as web_e".into(),
                     "finish".into(),
                 ],
             ),

@@ -12,10 +12,12 @@ impl Deployment {
         let report = self.report(config)?;
         if let (Some(job), Some(last)) = (&self.job, &self.last_report) {
             // Mid-job reports would only narrate the steps: a restart is
-            // reported when it is done, a rollout when it starts and ends.
+            // reported when it is done, a rollout when it starts and ends,
+            // and when a pull of its (which may take minutes) starts or ends.
             let same_stage = last.phase == report.phase
                 && last.revision == report.revision
-                && last.attempt == report.attempt;
+                && last.attempt == report.attempt
+                && (job.kind != JobKind::Rollout || last.message == report.message);
             if job.kind == JobKind::Heal || same_stage {
                 return None;
             }
@@ -60,10 +62,17 @@ impl Deployment {
             .filter(|(_, o)| o.state == ContainerState::Running)
             .map(|(s, o)| (s.clone(), o.id.clone()))
             .collect();
+        let image_digests: BTreeMap<ServiceName, String> = self
+            .observed
+            .iter()
+            .filter(|(_, o)| o.state == ContainerState::Running)
+            .filter_map(|(s, o)| Some((s.clone(), o.image_digest.clone()?)))
+            .collect();
         let base = |phase, revision, message: String, cause| DeploymentState {
             phase,
             revision,
             container_ids: running_ids.clone(),
+            image_digests: image_digests.clone(),
             message,
             cause,
             attempt: self.attempts,
@@ -98,10 +107,15 @@ impl Deployment {
             if bug!(config, report_running_early) {
                 return Some(base(Phase::Running, revision, "running".into(), None));
             }
-            let message = format!(
+            let mut message = format!(
                 "rolling out revision {revision} (attempt {})",
                 self.attempts
             );
+            if let Some((_, Call::Pull { image, .. })) =
+                self.job.as_ref().and_then(|j| j.in_flight.as_ref())
+            {
+                let _ = write!(message, ": pulling {}", Quoted(image));
+            }
             return Some(base(Phase::Pending, revision, message, None));
         }
         if let Some(failure) = &self.failure {
@@ -193,5 +207,10 @@ fn describe(cause: &FailureCause) -> String {
                 Quoted(service)
             ),
         },
+        FailureCause::ImagePull {
+            image,
+            reason,
+            error,
+        } => format!("pull of {} failed ({reason}): {error}", Quoted(image)),
     }
 }

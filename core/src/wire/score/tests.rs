@@ -13,6 +13,7 @@ fn service(name: &str) -> PodmanService {
         env: BTreeMap::new(),
         volumes: vec![],
         ports: vec![],
+        pull_policy: None,
     }
 }
 
@@ -24,6 +25,7 @@ fn init(name: &str) -> InitContainer {
         env: BTreeMap::new(),
         volumes: vec![],
         timeout: DEFAULT_INIT_CONTAINER_TIMEOUT,
+        pull_policy: None,
     }
 }
 
@@ -138,4 +140,29 @@ fn every_case_gets_the_agents_verdict_and_message() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn the_default_pull_policy_follows_the_reference_as_in_kubernetes() {
+    let cases = [
+        ("localhost/app:1.2", PullPolicy::IfNotPresent),
+        ("localhost:5000/app:1", PullPolicy::IfNotPresent),
+        ("localhost:5000/app", PullPolicy::Always),
+        ("app", PullPolicy::Always),
+        ("app:latest", PullPolicy::Always),
+        ("registry.example:443/team/app:latest", PullPolicy::Always),
+        ("app@sha256:0123abcd", PullPolicy::IfNotPresent),
+        ("app:latest@sha256:0123abcd", PullPolicy::IfNotPresent),
+    ];
+    for (image, want) in cases {
+        assert_eq!(PullPolicy::default_for(image), want, "{image}");
+    }
+    let set = br#"{"services":[{"name":"web","image":"app:latest","pull_policy":"never"}],
+                   "init_containers":[{"name":"m","image":"m:1","pull_policy":"always"}]}"#;
+    let parsed = PodmanV0Score::from_json(set).unwrap();
+    assert_eq!(parsed.services[0].pull_policy(), PullPolicy::Never);
+    assert_eq!(parsed.init_containers[0].pull_policy(), PullPolicy::Always);
+    let bad = br#"{"services":[{"name":"web","image":"app:1","pull_policy":"sometimes"}]}"#;
+    let error = PodmanV0Score::from_json(bad).unwrap_err().to_string();
+    assert!(error.contains("sometimes"), "{error}");
 }
