@@ -1497,6 +1497,45 @@ mod tests {
     }
 
     #[test]
+    fn image_gc_thresholds_are_percentages_with_low_below_high() {
+        let settings = Settings::resolve(
+            &args(&[
+                "--device-id",
+                "rpi-01",
+                "--image-gc-high-percent",
+                "60",
+                "--image-gc=false",
+            ]),
+            FileConfig::default(),
+        )
+        .unwrap();
+        // The low mark follows a high mark set below its default.
+        assert_eq!(
+            (
+                settings.image_gc.high_percent,
+                settings.image_gc.low_percent
+            ),
+            (60, 60)
+        );
+        assert!(!settings.image_gc.enabled);
+        let device = ["--device-id", "rpi-01"];
+        let with = |extra: &[&str]| error(&[&device[..], extra].concat());
+        assert_eq!(
+            with(&["--image-gc-high-percent", "0"]),
+            "invalid image_gc_high_percent \"0\": must be a percentage from 1 to 100"
+        );
+        assert_eq!(
+            with(&[
+                "--image-gc-high-percent",
+                "80",
+                "--image-gc-low-percent",
+                "90"
+            ]),
+            "invalid image_gc_low_percent \"90\": must not exceed image_gc_high_percent (80)"
+        );
+    }
+
+    #[test]
     fn durations_take_a_unit() {
         let ok = |t| positive_duration("x", t).unwrap();
         assert_eq!(ok("500ms"), Duration::from_millis(500));
