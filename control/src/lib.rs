@@ -9,9 +9,12 @@
 //!   and the controller process: buckets, reads, writes, watches, device
 //!   commands.
 //! - [`run`]: the long-running `podfleet controller`.
+//! - [`registry`]: resolving image tags to digests over the registries'
+//!   HTTP API, and finding the logins to ask with.
 //! - [`cli`]: the `podfleet` verbs and how their output reads.
 
 pub mod cli;
 pub mod client;
 pub mod context;
+pub mod registry;
 pub mod run;

@@ -95,3 +95,45 @@ fn the_controller_refuses_knobs_that_cannot_work() {
         stderr(&output)
     );
 }
+
+#[test]
+fn an_unusable_registry_auth_file_exits_1_before_connecting() {
+    let manifest = "\
+apiVersion: podfleet.io/v1alpha1
+kind: FleetDeployment
+metadata: {name: web}
+spec:
+  target: {devices: [rpi-01]}
+  score: {services: [{name: app, image: registry.example/web:1}]}
+";
+    let args = [
+        "apply",
+        "-f",
+        "-",
+        "--registry-auth-file",
+        "/nonexistent/auth.json",
+    ];
+    let output = podfleet(&args, manifest);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output)
+            .starts_with("error: the registry auth file /nonexistent/auth.json is unusable: "),
+        "{}",
+        stderr(&output)
+    );
+    // Nothing to resolve, nothing read: the failure is the connection's.
+    let local = manifest.replace("registry.example/web:1", "localhost/web:1");
+    let output = podfleet(&args, &local);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    let output = podfleet(
+        &[
+            "apply",
+            "-f",
+            "-",
+            "--insecure-registry",
+            "http://127.0.0.1:5000",
+        ],
+        manifest,
+    );
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+}

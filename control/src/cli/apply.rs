@@ -1,19 +1,29 @@
-//! `podfleet apply -f FILE [--dry-run]`: reading manifests, what each
-//! apply did, and what a dry run would do.
+//! `podfleet apply -f FILE [--dry-run]`: reading manifests, which images
+//! are pinned to digests, what each apply did, and what a dry run would do.
 //!
 //! A file is JSON when it starts with `{`, YAML otherwise; YAML may hold
 //! several documents (`---`). Every document is checked before anything is
 //! written: one bad document and nothing is applied.
+//!
+//! Image tags are resolved to digests at apply time ([`images_to_pin`],
+//! then [`pin_images`] with the digests the shell got from the registries,
+//! `crate::registry`): the written manifest names `image:tag@sha256:...`,
+//! so a tag pushed again reaches no device until someone applies again. An
+//! image that cannot be resolved fails its manifest alone
+//! ([`unresolved`]); the file's other manifests still apply.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use podfleet_core::fleet::controller::{Input, Output};
 use podfleet_core::fleet::{Controller, FleetDeployment};
-use podfleet_core::wire::DeploymentKey;
+use podfleet_core::image::{self, ImageReference};
+use podfleet_core::wire::{DeploymentKey, PullPolicy};
 use podfleet_core::Timestamp;
 use serde::Deserialize;
 
 use crate::cli::Failure;
+use crate::registry::ResolveError;
 
 /// Reads every manifest of `text`, the contents of `file` (a name for
 /// messages: `web.yaml`, or `<stdin>`).
@@ -69,6 +79,149 @@ fn documents(text: &str) -> Result<Vec<serde_json::Value>, String> {
     Ok(values)
 }
 
+/// A container of a score, as messages name it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Container {
+    /// `service "web"`.
+    Service(String),
+    /// `init container "migrate"`.
+    Init(String),
+}
+
+impl fmt::Display for Container {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Container::Service(name) => write!(f, "service {name:?}"),
+            Container::Init(name) => write!(f, "init container {name:?}"),
+        }
+    }
+}
+
+/// An image of a manifest that `apply` resolves to a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageToPin {
+    /// The container that names it.
+    pub container: Container,
+    /// The image, as written.
+    pub image: String,
+}
+
+/// An image `apply` pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedImage {
+    /// The container that names it.
+    pub container: Container,
+    /// What the file says: `registry.example/web:1`.
+    pub written: String,
+    /// What is written instead: `registry.example/web:1@sha256:...`.
+    pub pinned: String,
+}
+
+/// The images of `manifest` that `apply` resolves to digests, init
+/// containers first, in the score's order. Left as written are images
+/// that
+/// - already pin a digest (`...@sha256:...`);
+/// - are local-only (`localhost/...`, built or loaded on the device; no
+///   registry has them);
+/// - belong to a container whose pull policy is `never`: the device never
+///   asks a registry for them, and an image loaded into its store may not
+///   know its registry digest.
+///
+/// A text that is not an image reference is listed: resolving it fails
+/// with the reason.
+pub fn images_to_pin(manifest: &FleetDeployment) -> Vec<ImageToPin> {
+    let score = &manifest.spec.score;
+    let inits = score.init_containers.iter().map(|init| {
+        (
+            Container::Init(init.name.to_string()),
+            &init.image,
+            init.pull_policy(),
+        )
+    });
+    let services = score.services.iter().map(|service| {
+        (
+            Container::Service(service.name.to_string()),
+            &service.image,
+            service.pull_policy(),
+        )
+    });
+    inits
+        .chain(services)
+        .filter(|(_, image, policy)| {
+            let resolvable = ImageReference::parse(image)
+                .map_or(true, |r| r.digest().is_none() && !r.is_local_only());
+            resolvable && *policy != PullPolicy::Never
+        })
+        .map(|(container, image, _)| ImageToPin {
+            container,
+            image: image.clone(),
+        })
+        .collect()
+}
+
+/// `manifest` with every image of [`images_to_pin`] pinned to its digest
+/// in `digests` (by image as written), keeping its name and tag
+/// ([`image::pin`]); and what was pinned.
+///
+/// # Errors
+///
+/// A [`Failure`] naming the manifest and the container when an image to
+/// pin has no digest in `digests`, or cannot be pinned to it.
+pub fn pin_images(
+    manifest: &FleetDeployment,
+    digests: &BTreeMap<String, String>,
+) -> Result<(FleetDeployment, Vec<PinnedImage>), Failure> {
+    let mut pinned_manifest = manifest.clone();
+    let mut pinned = Vec::new();
+    for ImageToPin { container, image } in images_to_pin(manifest) {
+        let failure = |why: String| {
+            Failure::failed(format!(
+                "fleetdeployment/{}: {container}: {why}; nothing of fleetdeployment/{} was written",
+                manifest.metadata.name, manifest.metadata.name
+            ))
+        };
+        let digest = digests
+            .get(&image)
+            .ok_or_else(|| failure(format!("image {image:?} was not resolved")))?;
+        let reference = image::pin(&image, digest).map_err(|e| failure(e.to_string()))?;
+        let score = &mut pinned_manifest.spec.score;
+        let slot = match &container {
+            Container::Service(name) => score
+                .services
+                .iter_mut()
+                .find(|s| s.name.as_str() == name)
+                .map(|s| &mut s.image),
+            Container::Init(name) => score
+                .init_containers
+                .iter_mut()
+                .find(|i| i.name.as_str() == name)
+                .map(|i| &mut i.image),
+        };
+        if let Some(slot) = slot {
+            *slot = reference.clone();
+        }
+        pinned.push(PinnedImage {
+            container,
+            written: image,
+            pinned: reference,
+        });
+    }
+    Ok((pinned_manifest, pinned))
+}
+
+/// The error `apply` prints when `container`'s image of `manifest` could
+/// not be resolved.
+pub fn unresolved(
+    manifest: &FleetDeployment,
+    container: &Container,
+    error: &ResolveError,
+) -> Failure {
+    let name = &manifest.metadata.name;
+    Failure::failed(format!(
+        "fleetdeployment/{name}: {container}: {error}; nothing of fleetdeployment/{name} was written"
+    ))
+}
+
 /// What `apply` did to one deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -118,6 +271,8 @@ pub struct DryRun {
     pub holding: Vec<DeploymentKey>,
     /// Targeted devices that are offline (`true`: never seen at all).
     pub offline: BTreeMap<DeploymentKey, bool>,
+    /// The images pinned to digests, as they would be written.
+    pub pinned: Vec<PinnedImage>,
 }
 
 impl DryRun {
@@ -171,6 +326,12 @@ impl DryRun {
             Outcome::Unchanged => "is unchanged",
         };
         let mut out = format!("fleetdeployment/{name} {verb} (dry run)\n");
+        for image in &self.pinned {
+            out.push_str(&format!(
+                "  image   {}: {}\n",
+                image.container, image.pinned
+            ));
+        }
         let offline = |key: &DeploymentKey| match self.offline.get(key) {
             Some(true) => "never seen: its agent applies it when it first connects",
             Some(false) => "offline: its agent applies it when it is back",
@@ -281,6 +442,147 @@ spec:
         );
     }
 
+    /// Every kind of image a score may name.
+    fn mixed() -> FleetDeployment {
+        FleetDeployment::from_value(json!({
+            "apiVersion": "podfleet.io/v1alpha1",
+            "kind": "FleetDeployment",
+            "metadata": {"name": "mixed"},
+            "spec": {"target": {"devices": ["rpi-01"]}, "score": {
+                "init_containers": [
+                    {"name": "migrate", "image": "registry.example/team/migrate:2"},
+                    {"name": "local", "image": "localhost/seed:1"},
+                ],
+                "services": [
+                    {"name": "web", "image": "registry.example/team/web:1"},
+                    {"name": "hub", "image": "alpine"},
+                    {"name": "pinned", "image": format!("ghcr.io/x/y:3@{DIGEST_A}")},
+                    {"name": "loaded", "image": "registry.example/team/big:1", "pull_policy": "never"},
+                    {"name": "port", "image": "localhost:5000/web:1"},
+                    {"name": "again", "image": "registry.example/team/web:1"},
+                ],
+            }},
+        }))
+        .unwrap()
+    }
+
+    const DIGEST_A: &str =
+        "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const DIGEST_B: &str =
+        "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn tags_are_pinned_but_digests_local_images_and_never_pulled_ones_are_not() {
+        let manifest = mixed();
+        let to_pin: Vec<String> = images_to_pin(&manifest)
+            .iter()
+            .map(|i| format!("{}={}", i.container, i.image))
+            .collect();
+        assert_eq!(
+            to_pin,
+            [
+                "init container \"migrate\"=registry.example/team/migrate:2",
+                "service \"web\"=registry.example/team/web:1",
+                "service \"hub\"=alpine",
+                "service \"port\"=localhost:5000/web:1",
+                "service \"again\"=registry.example/team/web:1",
+            ]
+        );
+        let digests: BTreeMap<String, String> = [
+            ("registry.example/team/migrate:2", DIGEST_A),
+            ("registry.example/team/web:1", DIGEST_B),
+            ("alpine", DIGEST_A),
+            ("localhost:5000/web:1", DIGEST_B),
+        ]
+        .into_iter()
+        .map(|(i, d)| (i.to_owned(), d.to_owned()))
+        .collect();
+        let (pinned, images) = pin_images(&manifest, &digests).unwrap();
+        let score = &pinned.spec.score;
+        let services: Vec<&str> = score.services.iter().map(|s| s.image.as_str()).collect();
+        assert_eq!(
+            services,
+            [
+                format!("registry.example/team/web:1@{DIGEST_B}").as_str(),
+                &format!("alpine:latest@{DIGEST_A}"),
+                &format!("ghcr.io/x/y:3@{DIGEST_A}"),
+                "registry.example/team/big:1",
+                &format!("localhost:5000/web:1@{DIGEST_B}"),
+                &format!("registry.example/team/web:1@{DIGEST_B}"),
+            ]
+        );
+        assert_eq!(
+            score.init_containers[0].image,
+            format!("registry.example/team/migrate:2@{DIGEST_A}")
+        );
+        assert_eq!(score.init_containers[1].image, "localhost/seed:1");
+        assert_eq!(images.len(), 5);
+        assert_eq!(images[2].written, "alpine");
+        // The pinned manifest is one the controller accepts.
+        assert_eq!(
+            FleetDeployment::from_json(&pinned.to_json()).unwrap(),
+            pinned
+        );
+        // Nothing else changed.
+        let mut unpinned = pinned.clone();
+        for (service, original) in unpinned
+            .spec
+            .score
+            .services
+            .iter_mut()
+            .zip(&manifest.spec.score.services)
+        {
+            service.image.clone_from(&original.image);
+        }
+        for (init, original) in unpinned
+            .spec
+            .score
+            .init_containers
+            .iter_mut()
+            .zip(&manifest.spec.score.init_containers)
+        {
+            init.image.clone_from(&original.image);
+        }
+        assert_eq!(unpinned, manifest);
+    }
+
+    #[test]
+    fn the_same_digest_again_is_unchanged_and_a_moved_tag_is_configured() {
+        let manifest = mixed();
+        let digests = |digest: &str| -> BTreeMap<String, String> {
+            images_to_pin(&manifest)
+                .into_iter()
+                .map(|i| (i.image, digest.to_owned()))
+                .collect()
+        };
+        let (first, _) = pin_images(&manifest, &digests(DIGEST_A)).unwrap();
+        let (again, _) = pin_images(&manifest, &digests(DIGEST_A)).unwrap();
+        let (moved, _) = pin_images(&manifest, &digests(DIGEST_B)).unwrap();
+        assert_eq!(Outcome::of(Some(&first), &again), Outcome::Unchanged);
+        assert_eq!(Outcome::of(Some(&first), &moved), Outcome::Configured);
+    }
+
+    #[test]
+    fn an_unresolved_image_names_the_manifest_the_container_and_the_image() {
+        let manifest = mixed();
+        let error = ResolveError::NotFound {
+            image: "registry.example/team/web:1".into(),
+            registry: "registry.example".into(),
+            repository: "team/web".into(),
+            tag: "1".into(),
+        };
+        let failure = unresolved(&manifest, &Container::Service("web".into()), &error);
+        assert_eq!(failure.exit, Exit::Failed);
+        assert_eq!(
+            failure.message,
+            "fleetdeployment/mixed: service \"web\": image \"registry.example/team/web:1\": \
+             not found: the registry registry.example has no manifest \"1\" in \"team/web\"; \
+             nothing of fleetdeployment/mixed was written"
+        );
+        let missing = pin_images(&manifest, &BTreeMap::new()).unwrap_err();
+        assert!(missing.message.contains("was not resolved"), "{missing}");
+    }
+
     #[test]
     fn dry_run() {
         let fleet = Fleet::sample();
@@ -305,6 +607,22 @@ spec:
         let plan = DryRun::plan(&fleet.controller, NOW, &new);
         let created = plan.render(&new, Outcome::of(None, &new));
         insta::assert_snapshot!(format!("{changed}\n{same}\n{created}"));
+        // Pinned images are listed before the devices.
+        let mut plan = DryRun::plan(&fleet.controller, NOW, &new);
+        plan.pinned = vec![PinnedImage {
+            container: Container::Service("app".into()),
+            written: "registry.example/probe:1".into(),
+            pinned: format!("registry.example/probe:1@{DIGEST_A}"),
+        }];
+        let pinned = plan.render(&new, Outcome::of(None, &new));
+        assert_eq!(
+            pinned.lines().take(3).collect::<Vec<_>>(),
+            [
+                "fleetdeployment/probe would be created (dry run)",
+                &format!("  image   service \"app\": registry.example/probe:1@{DIGEST_A}"),
+                "  put     ghost  (never seen: its agent applies it when it first connects)",
+            ]
+        );
         // The snapshot itself is untouched.
         assert_eq!(
             fleet.controller.status(&new.metadata.name),

@@ -153,15 +153,47 @@ pub enum Command {
     Controller(ControllerArgs),
 }
 
-/// `apply -f FILE [--dry-run]`.
+/// `apply -f FILE [--dry-run] [--keep-tags] [--registry-auth-file FILE]
+/// [--insecure-registry HOST[:PORT]]...`.
 #[derive(Debug, Clone, Args)]
 pub struct ApplyArgs {
     /// A YAML or JSON file of one or more FleetDeployment manifests; `-` reads stdin
     #[arg(short = 'f', long = "filename", value_name = "FILE")]
     pub file: PathBuf,
-    /// Show which devices would change; write nothing
+    /// Show which devices would change and the pinned images; write nothing
     #[arg(long)]
     pub dry_run: bool,
+    /// Write image tags as given instead of pinning them to digests: each device then pulls whatever the tag names when its pull policy says to
+    #[arg(long)]
+    pub keep_tags: bool,
+    /// The registry logins (containers-auth.json) [default: $REGISTRY_AUTH_FILE, $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json, ~/.docker/config.json]
+    #[arg(long, value_name = "FILE")]
+    pub registry_auth_file: Option<PathBuf>,
+    /// A registry to ask over plain HTTP, as image references name it (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]", value_parser = parse_registry_host)]
+    pub insecure_registries: Vec<String>,
+}
+
+/// A registry as image references name it: `host` or `host:port`.
+///
+/// # Errors
+/// A message with the accepted form.
+pub fn parse_registry_host(text: &str) -> Result<String, String> {
+    let host = text.trim();
+    let valid = !host.is_empty()
+        && !host.contains('/')
+        && !host.chars().any(char::is_whitespace)
+        && host
+            .rsplit_once(':')
+            .is_none_or(|(name, port)| !name.is_empty() && port.parse::<u16>().is_ok());
+    if valid {
+        Ok(host.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is not a registry: use host or host:port, as image references name it \
+             (registry.example.com, 127.0.0.1:5000), without a scheme or a path"
+        ))
+    }
 }
 
 /// The kinds `delete` takes.
@@ -405,6 +437,8 @@ pub fn format_duration(duration: Duration) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::path::Path;
+
     use clap::CommandFactory;
 
     use super::*;
@@ -466,6 +500,47 @@ mod tests {
         };
         assert_eq!(exec.argv, ["ls", "-l", "/"]);
         assert_eq!(exec.timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn apply_takes_registry_flags() {
+        let cli = parse(&[
+            "apply",
+            "-f",
+            "web.yaml",
+            "--insecure-registry",
+            "127.0.0.1:5000",
+            "--insecure-registry",
+            "registry.lan",
+            "--registry-auth-file",
+            "/etc/podfleet/auth.json",
+        ])
+        .unwrap();
+        let Command::Apply(apply) = cli.command else {
+            panic!("not apply");
+        };
+        assert_eq!(
+            apply.insecure_registries,
+            ["127.0.0.1:5000", "registry.lan"]
+        );
+        assert_eq!(
+            apply.registry_auth_file.as_deref(),
+            Some(Path::new("/etc/podfleet/auth.json"))
+        );
+        assert!(!apply.keep_tags);
+        for bad in [
+            "http://127.0.0.1:5000",
+            "host:port",
+            "host/path",
+            ":5000",
+            "",
+        ] {
+            assert!(
+                parse(&["apply", "-f", "x", "--insecure-registry", bad]).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(parse(&["apply", "-f", "x", "--keep-tags"]).is_ok());
     }
 
     #[test]

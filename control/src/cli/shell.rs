@@ -2,14 +2,16 @@
 //! decision about what to print and how to exit is made by the pure
 //! functions of the sibling modules; this module only carries them out.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use podfleet_core::fleet::FleetDeployment;
 use podfleet_core::wire::{DeploymentName, DeviceId, ExecReply, LogsReply, PingReply, Verb};
 
-use crate::cli::apply::{self, DryRun, Outcome};
+use crate::cli::apply::{self, DryRun, Outcome, PinnedImage};
 use crate::cli::args::{
     format_duration, ApplyArgs, Command, DeleteArgs, DescribeArgs, DescribeKind, ExecArgs, GetArgs,
     GlobalArgs, Kind, LabelArgs, LogsArgs, OutputFormat, PingArgs, RolloutAction,
@@ -20,6 +22,7 @@ use crate::cli::rollout::{RolloutWatch, Verdict};
 use crate::cli::{describe, label, table, Exit, Failure};
 use crate::client::{BucketPlan, ClientError, FleetClient};
 use crate::context;
+use crate::registry::{self, ResolveError, Resolver};
 
 /// How often `get -w` reads the buckets again.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -102,31 +105,105 @@ fn read_input(file: &Path) -> Result<(String, String), Failure> {
 async fn apply(global: &GlobalArgs, args: ApplyArgs) -> Result<Exit, Failure> {
     let (label, text) = read_input(&args.file)?;
     let manifests = apply::parse_manifests(&label, &text)?;
+    let pins = !args.keep_tags
+        && manifests
+            .iter()
+            .any(|m| !apply::images_to_pin(m).is_empty());
+    let resolver = if pins {
+        Some(resolver(global, &args)?)
+    } else {
+        None
+    };
     let client = connect(global).await?;
     let snapshot = if args.dry_run {
         Some(client.snapshot().await.map_err(failed)?)
     } else {
         None
     };
+    // An image named by several manifests is resolved once: one digest for all.
+    let mut digests = BTreeMap::new();
+    let mut exit = Exit::Success;
     for manifest in &manifests {
+        let (manifest, pinned) = match &resolver {
+            None => (manifest.clone(), Vec::new()),
+            Some(resolver) => match pin(resolver, &mut digests, manifest).await {
+                Ok(pinned) => pinned,
+                // One deployment's image never stops the others.
+                Err(failure) => {
+                    err(&format!("error: {failure}\n"));
+                    exit = Exit::Failed;
+                    continue;
+                }
+            },
+        };
+        for image in &pinned {
+            tracing::info!(deployment = %manifest.metadata.name, container = %image.container, image = %image.pinned, "pinned");
+        }
         let stored = client
             .deployment(&manifest.metadata.name)
             .await
             .map_err(failed)?;
-        let outcome = Outcome::of(stored.as_ref().map(|(_, m)| m), manifest);
+        let outcome = Outcome::of(stored.as_ref().map(|(_, m)| m), &manifest);
         match &snapshot {
             Some((controller, now)) => {
-                out(&DryRun::plan(controller, *now, manifest).render(manifest, outcome));
+                let mut plan = DryRun::plan(controller, *now, &manifest);
+                plan.pinned = pinned;
+                out(&plan.render(&manifest, outcome));
             }
             None => {
                 if outcome.writes() {
-                    client.put_deployment(manifest).await.map_err(failed)?;
+                    client.put_deployment(&manifest).await.map_err(failed)?;
                 }
-                out(&outcome.line(manifest));
+                out(&outcome.line(&manifest));
             }
         }
     }
-    Ok(Exit::Success)
+    Ok(exit)
+}
+
+/// The resolver `apply` pins with: the logins of `--registry-auth-file`,
+/// or of podman's search path; plain HTTP for `--insecure-registry` hosts;
+/// `--request-timeout` for each request.
+fn resolver(global: &GlobalArgs, args: &ApplyArgs) -> Result<Resolver, Failure> {
+    let auth = match &args.registry_auth_file {
+        Some(file) => registry::read_auth_file(file),
+        None => {
+            registry::read_auth_files(&registry::default_auth_files(|name| std::env::var_os(name)))
+                .map(|(auth, read)| {
+                    tracing::debug!(files = ?read, "registry logins read");
+                    auth
+                })
+        }
+    }
+    .map_err(|e| Failure::failed(e.to_string()))?;
+    let mut resolver = Resolver::new(auth).request_timeout(global.request_timeout);
+    for host in &args.insecure_registries {
+        resolver = resolver.insecure_registry(host);
+    }
+    Ok(resolver)
+}
+
+/// `manifest` with its images pinned, each resolved once per `apply`
+/// (`digests` keeps every answer, failures too).
+async fn pin(
+    resolver: &Resolver,
+    digests: &mut BTreeMap<String, Result<String, ResolveError>>,
+    manifest: &FleetDeployment,
+) -> Result<(FleetDeployment, Vec<PinnedImage>), Failure> {
+    let mut resolved = BTreeMap::new();
+    for image in apply::images_to_pin(manifest) {
+        let digest = match digests.get(&image.image) {
+            Some(answer) => answer.clone(),
+            None => {
+                let answer = resolver.resolve(&image.image).await;
+                digests.insert(image.image.clone(), answer.clone());
+                answer
+            }
+        };
+        let digest = digest.map_err(|e| apply::unresolved(manifest, &image.container, &e))?;
+        resolved.insert(image.image, digest);
+    }
+    apply::pin_images(manifest, &resolved)
 }
 
 async fn delete(global: &GlobalArgs, args: DeleteArgs) -> Result<Exit, Failure> {
