@@ -229,18 +229,12 @@ pub fn deployment(
     if !status.failures.is_empty() {
         let _ = writeln!(out, "Failures:");
         for group in &status.failures {
-            let devices: Vec<&str> = group.devices.iter().map(DeviceId::as_str).collect();
-            let more = (group.count as usize)
-                .checked_sub(devices.len())
-                .filter(|n| *n > 0)
-                .map(|n| format!(" and {n} more"))
-                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  {} device(s): {} ({}{more})",
+                "  {} device(s): {} ({})",
                 group.count,
                 group.message,
-                devices.join(", ")
+                some_devices(&group.devices, group.count)
             );
         }
     }
@@ -254,18 +248,12 @@ pub fn deployment(
                 .unwrap_or_default();
             let _ = writeln!(out, "  service {}{pinned}:", skew.service);
             for group in &skew.digests {
-                let devices: Vec<&str> = group.devices.iter().map(DeviceId::as_str).collect();
-                let more = (group.count as usize)
-                    .checked_sub(devices.len())
-                    .filter(|n| *n > 0)
-                    .map(|n| format!(" and {n} more"))
-                    .unwrap_or_default();
                 let _ = writeln!(
                     out,
-                    "    {}: {} device(s) ({}{more})",
+                    "    {}: {} device(s) ({})",
                     group.digest.as_deref().unwrap_or("not reported"),
                     group.count,
-                    devices.join(", ")
+                    some_devices(&group.devices, group.count)
                 );
             }
         }
@@ -320,6 +308,18 @@ fn device_row(row: &DeviceRollout<'_>, now: Timestamp) -> Vec<String> {
     ]
 }
 
+/// The first devices of a group of `count`, and how many more there are:
+/// `rpi-01, rpi-02 and 8 more`.
+fn some_devices(devices: &[DeviceId], count: u32) -> String {
+    let named: Vec<&str> = devices.iter().map(DeviceId::as_str).collect();
+    let more = (count as usize)
+        .checked_sub(named.len())
+        .filter(|n| *n > 0)
+        .map(|n| format!(" and {n} more"))
+        .unwrap_or_default();
+    format!("{}{more}", named.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -351,5 +351,47 @@ mod tests {
         insta::assert_snapshot!(format!("{text}\n{explicit}"));
         let missing = deployment(&fleet.controller, NOW, &name("nope"), None, 120).unwrap_err();
         assert_eq!(missing.message, "fleetdeployment \"nope\" not found");
+    }
+
+    #[test]
+    fn describe_deployment_shows_devices_off_the_pinned_digest() {
+        let pinned = format!("registry.local/web:2@sha256:{}", "a".repeat(64));
+        let other = format!("sha256:{}", "b".repeat(64));
+        let mut fleet = Fleet::new();
+        for device in ["rpi-01", "rpi-02", "rpi-03"] {
+            fleet.label(device, &[("site", "lyon")]);
+            fleet.heartbeat(device, "0.1.0", 60, 2);
+        }
+        fleet.apply(crate::cli::fixtures::manifest(
+            "web",
+            serde_json::json!({"selector": "site=lyon"}),
+            &pinned,
+        ));
+        let running = |digest: Option<&str>| {
+            let mut state =
+                serde_json::json!({"phase": "running", "container_ids": {"app": "3f2a"}});
+            if let Some(digest) = digest {
+                state["image_digests"] = serde_json::json!({"app": digest});
+            }
+            state
+        };
+        let wanted = pinned.split_once('@').unwrap().1.to_owned();
+        fleet.report("rpi-01", "web", running(Some(&wanted)), None);
+        fleet.report("rpi-02", "web", running(Some(&other)), None);
+        fleet.report("rpi-03", "web", running(None), None);
+        let web = name("web");
+        let text =
+            deployment(&fleet.controller, NOW, &web, fleet.manifests.get(&web), 120).unwrap();
+        let skew = text
+            .split_once("Image skew:\n")
+            .map(|(_, rest)| rest.split_once("Devices:").map_or(rest, |(skew, _)| skew))
+            .unwrap_or_else(|| panic!("no skew shown:\n{text}"));
+        assert_eq!(
+            skew,
+            format!(
+                // Largest group first; among equals, unreported first.
+                "  service app (the score pins {wanted}):\n    not reported: 1 device(s) (rpi-03)\n    {wanted}: 1 device(s) (rpi-01)\n    {other}: 1 device(s) (rpi-02)\n"
+            )
+        );
     }
 }
