@@ -349,7 +349,7 @@ pub struct Rates {
     #[serde(default)]
     pub oversize: u64,
     /// Registry and disk faults (down, slow, credentials refused, disk
-    /// full), drawn from their own stream ([`registry_steps`]).
+    /// full), drawn from their own stream (`registry_steps`).
     #[serde(default)]
     pub registry: u64,
 }
