@@ -286,8 +286,12 @@ where
 
     loop {
         let now = clock.now();
+        let mut progress = Vec::new();
         while let Some(output) = reconciler.poll_output() {
             match output {
+                Output::QueryPullProgress { id, image } => {
+                    progress.push((id, runtime.pull_progress(&image)));
+                }
                 Output::Runtime { id, op } => {
                     stats.runtime_ops += 1;
                     tracing::debug!(id = id.get(), op = op.name(), container = ?op.container(), "runtime op");
@@ -315,6 +319,14 @@ where
                 }
                 other => tracing::error!(?other, "an output this loop does not carry out; dropped"),
             }
+        }
+        if !progress.is_empty() {
+            // Answered at once: the figures are in memory. Their reports
+            // come out of the next round of outputs.
+            for (id, progress) in progress {
+                reconciler.handle(now, Input::PullProgress { id, progress });
+            }
+            continue;
         }
         if publishing.is_none() {
             // A state whose deployment is being torn down no longer holds;

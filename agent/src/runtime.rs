@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use podfleet_core::runtime::{RuntimeError, RuntimeOp, RuntimeResult};
+use podfleet_core::runtime::{PullProgress, RuntimeError, RuntimeOp, RuntimeResult};
 
 /// Output of [`ContainerRuntime::logs`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,13 @@ pub struct ExecOutput {
 pub trait ContainerRuntime: Clone + Send + Sync + 'static {
     /// Executes one primitive operation.
     fn execute(&self, op: RuntimeOp) -> impl Future<Output = RuntimeResult> + Send;
+
+    /// How far the pull of `image` (as the [`RuntimeOp::Pull`] in flight
+    /// names it) has got, if the runtime can tell; `None` by default.
+    fn pull_progress(&self, image: &str) -> Option<PullProgress> {
+        let _ = image;
+        None
+    }
 
     /// The runtime's version as it states it (podman's `/version` answer's
     /// `Version`, e.g. `"4.3.1"`), for the heartbeat.

@@ -314,6 +314,19 @@ pub enum RuntimeReply {
     ImageRemoved,
 }
 
+/// How far a pull has got, as the runtime tells it while the pull runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullProgress {
+    /// Bytes downloaded so far.
+    pub downloaded: u64,
+    /// Bytes to download, as far as known (0 when not known yet).
+    pub total: u64,
+    /// Layers fully downloaded.
+    pub layers_done: u32,
+    /// Layers the runtime has reported on.
+    pub layers: u32,
+}
+
 /// One row of a [`RuntimeOp::ListImages`] answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageSummary {

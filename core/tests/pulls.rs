@@ -7,10 +7,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use podfleet_core::reconciler::{Config, Input, Output, Reconciler};
+use podfleet_core::reconciler::{CommandId, Config, Input, Output, Reconciler};
 use podfleet_core::runtime::{
-    ContainerState, ContainerSummary, ImageInfo, RuntimeError, RuntimeErrorKind, RuntimeOp,
-    RuntimeReply, RuntimeResult, StopOutcome, LABEL_IMAGE_DIGEST,
+    ContainerState, ContainerSummary, ImageInfo, PullProgress, RuntimeError, RuntimeErrorKind,
+    RuntimeOp, RuntimeReply, RuntimeResult, StopOutcome, LABEL_IMAGE_DIGEST,
 };
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::{
@@ -30,6 +30,12 @@ struct Device {
     ops: Vec<RuntimeOp>,
     /// Images in the store.
     images: Vec<String>,
+    /// What the runtime says of a pull's progress when asked, and how
+    /// often it was asked.
+    progress: Option<PullProgress>,
+    progress_queries: usize,
+    /// The last pull left hanging.
+    hanging: Option<CommandId>,
 }
 
 impl Device {
@@ -40,6 +46,9 @@ impl Device {
             containers: BTreeMap::new(),
             ops: Vec::new(),
             images: vec!["img/web:1".into()],
+            progress: None,
+            progress_queries: 0,
+            hanging: None,
         };
         device.settle(|_| None);
         device
@@ -49,6 +58,13 @@ impl Device {
     /// hanging), the rest from the table.
     fn settle(&mut self, mut on_pull: impl FnMut(&str) -> Answer) {
         while let Some(output) = self.r.poll_output() {
+            if let Output::QueryPullProgress { id, .. } = output {
+                self.progress_queries += 1;
+                let progress = self.progress;
+                self.r
+                    .handle(self.now, Input::PullProgress { id, progress });
+                continue;
+            }
             let Output::Runtime { id, op } = output else {
                 continue;
             };
@@ -63,8 +79,9 @@ impl Device {
                 }
                 other => Some(self.answer(other)),
             };
-            if let Some(result) = answer {
-                self.r.handle(self.now, Input::RuntimeResult { id, result });
+            match answer {
+                Some(result) => self.r.handle(self.now, Input::RuntimeResult { id, result }),
+                None => self.hanging = Some(id),
             }
         }
     }
@@ -256,6 +273,45 @@ fn the_report_says_what_is_being_pulled() {
     );
     // The image of revision 1 was built on the device: no digest known.
     assert!(s.image_digests.is_empty(), "{s:?}");
+}
+
+#[test]
+fn the_report_says_how_far_the_pull_has_got() {
+    let mut d = running_v1();
+    d.put(2, "img/web:2", None);
+    d.settle(|_| None);
+    d.progress = Some(PullProgress {
+        downloaded: 12_345_678,
+        total: 40_100_000,
+        layers_done: 2,
+        layers: 5,
+    });
+    // Asked every 2 s while the pull runs.
+    d.run_for(Duration::from_millis(1_900), |_| None);
+    assert_eq!(d.progress_queries, 0);
+    d.run_for(Duration::from_millis(100), |_| None);
+    assert_eq!(d.progress_queries, 1);
+    let message = d.state().message;
+    assert!(
+        message.ends_with("pulling \"img/web:2\" (12.3 MB of 40.1 MB, 2/5 layers)"),
+        "{message}"
+    );
+    d.run_for(Duration::from_secs(10), |_| None);
+    assert_eq!(d.progress_queries, 6);
+    // A runtime that cannot tell leaves the last figures.
+    d.progress = None;
+    d.run_for(Duration::from_secs(2), |_| None);
+    assert!(d.state().message.contains("2/5 layers"));
+    // Once the pull is done, nobody asks.
+    let queries = d.progress_queries;
+    let id = d.hanging.take().unwrap();
+    d.images.push("img/web:2".into());
+    let result = pulled("img/web:2").unwrap();
+    d.r.handle(d.now, Input::RuntimeResult { id, result });
+    d.settle(pulled);
+    d.run_for(Duration::from_secs(10), pulled);
+    assert_eq!(d.progress_queries, queries);
+    assert_eq!(d.state().phase, Phase::Running);
 }
 
 #[test]

@@ -145,6 +145,13 @@ fn first_deploy_pulls_and_an_upgrade_pulls_before_stopping() {
             })
             .await;
         assert_eq!(pulling.phase, Phase::Pending, "{pulling:?}");
+        // podman's progress stream, as the report shows it while the pull runs.
+        let progress = broker
+            .wait_state(&dev, &dep, SETTLE, |s| {
+                s.revision == rev2 && is_pulling(s, &v2) && s.message.contains(" MB")
+            })
+            .await;
+        eprintln!("while pulling: {}", progress.message);
         let ps = device.containers(&dep);
         assert!(
             ps.iter().any(|c| c.id == old && c.state == "running"),

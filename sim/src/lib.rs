@@ -648,6 +648,7 @@ pub const NO_BUGS: Bugs = Bugs {
     skip_graceful_stop: false,
     create_before_remove: false,
     pull_after_stop: false,
+    gc_ignores_keep: false,
     report_running_early: false,
     report_before_observing: false,
     head_of_line_reports: false,

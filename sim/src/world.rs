@@ -369,6 +369,10 @@ impl FaultyRuntime {
 }
 
 impl ContainerRuntime for FaultyRuntime {
+    fn pull_progress(&self, image: &str) -> Option<podfleet_core::runtime::PullProgress> {
+        self.device.fake.pull_progress(image)
+    }
+
     async fn execute(&self, op: RuntimeOp) -> RuntimeResult {
         let d = &self.device;
         let now = self.clock.now();

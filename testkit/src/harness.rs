@@ -325,6 +325,13 @@ impl Harness {
                     self.heartbeats.push(hb);
                 }
                 Output::PersistCache(cache) => self.cache = Some(cache),
+                Output::QueryPullProgress { id, image } => {
+                    // Answered at once from the fake's pulls; the reports
+                    // it leads to are in the transcript.
+                    let progress = self.runtime.pull_progress(&image);
+                    self.reconciler
+                        .handle(self.now, Input::PullProgress { id, progress });
+                }
                 other => panic!("the harness does not know the output {other:?}"),
             }
         }

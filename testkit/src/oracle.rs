@@ -287,6 +287,10 @@ impl Oracle {
         use podfleet_core::runtime::{
             LABEL_DEPLOYMENT, LABEL_GRACE, LABEL_INIT, LABEL_REVISION, LABEL_SERVICE,
         };
+        if let RuntimeOp::RemoveImage { id } = op {
+            self.check_image_removal(now, id, runtime, violations);
+            return;
+        }
         let (spec, running) = match op {
             RuntimeOp::Create { spec } => (spec, false),
             RuntimeOp::Start { container }
@@ -464,6 +468,48 @@ impl Oracle {
             }
         }
         absent
+    }
+
+    /// Image garbage collection (8): the image `id` is used by no container
+    /// and named by no deployment's newest valid spec.
+    fn check_image_removal(
+        &self,
+        now: Timestamp,
+        id: &str,
+        runtime: &FakeRuntime,
+        violations: &mut Vec<Violation>,
+    ) {
+        let Some((_, names, _)) = runtime.images().list().into_iter().find(|(i, ..)| i == id)
+        else {
+            return;
+        };
+        let mut violation = |detail: String| {
+            violations.push(Violation::at(now, Invariant::ImageGcKeepsNeeded, detail));
+        };
+        if let Some(c) = runtime
+            .containers()
+            .values()
+            .find(|c| runtime.image(&c.spec.image).is_some_and(|i| i.id == id))
+        {
+            violation(format!(
+                "remove_image of {} ({id}), which container {} uses",
+                names.join(", "),
+                c.spec.name
+            ));
+        }
+        for (deployment, seen) in &self.seen {
+            let Some(valid) = &seen.valid else {
+                continue;
+            };
+            let wanted: Vec<&str> = valid.score.images().collect();
+            if podfleet_core::reconciler::gc::named_by(wanted.iter().copied(), &names) {
+                violation(format!(
+                    "remove_image of {} ({id}), which revision {} of {deployment} names",
+                    names.join(", "),
+                    valid.revision
+                ));
+            }
+        }
     }
 
     /// Checks the runtime's state: never two containers for one service (4).

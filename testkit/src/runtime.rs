@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use podfleet_core::runtime::{
     ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, DiskUsage, ImageInfo,
-    ImageSummary, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult,
-    StopOutcome, LABEL_MANAGED,
+    ImageSummary, PullProgress, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply,
+    RuntimeResult, StopOutcome, LABEL_MANAGED,
 };
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::{PullFailure, Signal};
@@ -169,6 +169,7 @@ pub enum Completion {
 /// A pull under way: where its image lands, and when.
 #[derive(Debug, Clone)]
 struct PullInFlight {
+    started_at: Timestamp,
     done_at: Timestamp,
     image: String,
     stored: StoredImage,
@@ -249,6 +250,25 @@ impl FakeRuntime {
     /// make refuse the device's credentials.
     pub fn registry_mut(&mut self) -> &mut FakeRegistry {
         &mut self.registry
+    }
+
+    /// How far the pull of `image` has got: its bytes arrive evenly until
+    /// it lands, as one layer.
+    pub fn pull_progress(&self, image: &str) -> Option<PullProgress> {
+        let pull = self.pulls.iter().find(|p| p.image == image)?;
+        let span = pull.done_at.saturating_since(pull.started_at).as_millis();
+        let gone = self.now.saturating_since(pull.started_at).as_millis();
+        let total = pull.stored.size;
+        let downloaded = match span {
+            0 => total,
+            span => u64::try_from(u128::from(total) * gone.min(span) / span).unwrap_or(total),
+        };
+        Some(PullProgress {
+            downloaded,
+            total,
+            layers_done: u32::from(downloaded == total),
+            layers: 1,
+        })
     }
 
     /// Pulls under way: the image and when it lands.
@@ -454,6 +474,7 @@ impl FakeRuntime {
         let at = self.now + self.registry.transfer_time(bytes);
         let info = stored.info.clone();
         self.pulls.push(PullInFlight {
+            started_at: self.now,
             done_at: at,
             image: image.to_owned(),
             stored,

@@ -10,7 +10,9 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use podfleet_core::runtime::{RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeResult};
+use podfleet_core::runtime::{
+    PullProgress, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeResult,
+};
 use podfleet_core::time::Timestamp;
 use tokio::sync::Notify;
 
@@ -99,6 +101,10 @@ impl<C: Clock + Clone> SharedFake<C> {
 }
 
 impl<C: Clock + Clone> ContainerRuntime for SharedFake<C> {
+    fn pull_progress(&self, image: &str) -> Option<PullProgress> {
+        self.with(|fake| fake.pull_progress(image))
+    }
+
     async fn execute(&self, op: RuntimeOp) -> RuntimeResult {
         match self.with(|fake| fake.execute(&op)) {
             Completion::Ready(result) => result,

@@ -26,6 +26,9 @@ pub enum Invariant {
     /// image the newest revision creates containers from is in the store
     /// ("download, then kill"): a pull that fails stops nothing.
     DownloadBeforeKill,
+    /// Image garbage collection never asks to remove an image a container
+    /// uses, or one the newest valid revision of a deployment names.
+    ImageGcKeepsNeeded,
     /// A service never has two containers at once (a replace that is not
     /// graceful leaves two, so it is reported under that name).
     OneContainerPerService,
@@ -55,6 +58,7 @@ impl Invariant {
             Invariant::InitContainersFirst => "init containers first",
             Invariant::GracefulReplace | Invariant::OneContainerPerService => "graceful replace",
             Invariant::DownloadBeforeKill => "download before kill",
+            Invariant::ImageGcKeepsNeeded => "image gc keeps what is needed",
             Invariant::TruthfulReports => "truthful reports",
             Invariant::Isolation => "isolation",
             Invariant::Liveness => "liveness",

@@ -8,12 +8,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use podfleet_core::reconciler::{Config, ImageGcPolicy};
+use podfleet_core::reconciler::{Bugs, Config, ImageGcPolicy};
 use podfleet_core::runtime::{ContainerSpec, ImageInfo, RuntimeOp};
 use podfleet_core::wire::{DeploymentName, DeviceId, Phase, Signal};
-use podfleet_testkit::images::{self, APP_1, A_1, A_2};
+use podfleet_testkit::images::{self, APP_1, A_1, A_2, INIT_OK};
 use podfleet_testkit::registry::StoredImage;
-use podfleet_testkit::{Harness, ImageStore};
+use podfleet_testkit::{Harness, ImageStore, Invariant};
 
 fn score(image: &str) -> String {
     format!(r#"{{"services":[{{"name":"web","image":"{image}"}}]}}"#)
@@ -144,4 +144,40 @@ fn switched_off_it_removes_nothing() {
         .ops
         .iter()
         .any(|(_, op)| matches!(op, RuntimeOp::ListImages | RuntimeOp::RemoveImage { .. })));
+}
+
+#[test]
+fn removing_an_image_the_current_revision_names_is_caught() {
+    let with_init = format!(
+        r#"{{"services":[{{"name":"web","image":"{A_1}"}}],"init_containers":[{{"name":"setup","image":"{INIT_OK}"}}]}}"#
+    );
+    for (bugs, caught) in [
+        (Bugs::default(), false),
+        (
+            Bugs {
+                gc_ignores_keep: true,
+                ..Bugs::default()
+            },
+            true,
+        ),
+    ] {
+        let config = Config::new(DeviceId::new("dev-0").unwrap(), "test").inject_bugs(bugs);
+        let mut h = Harness::new(config);
+        h.runtime = images::runtime();
+        *h.runtime.images_mut() = ImageStore::empty();
+        h.run_for(Duration::from_secs(1));
+        // The init container's image is unused once it has run, but the
+        // revision still names it.
+        h.put("shop", 1, &with_init);
+        h.run_for(Duration::from_secs(30));
+        h.put("shop", 2, &score(A_2));
+        h.run_for(Duration::from_secs(30));
+        h.put("shop", 3, &with_init);
+        h.run_for(Duration::from_secs(30));
+        let found = h
+            .violations
+            .iter()
+            .any(|v| v.invariant == Invariant::ImageGcKeepsNeeded);
+        assert_eq!(found, caught, "{:?}\n{}", h.violations, h.transcript);
+    }
 }

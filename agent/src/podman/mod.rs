@@ -56,8 +56,8 @@ use bollard::{ClientVersion, Docker};
 use futures_util::StreamExt;
 use podfleet_core::runtime::{
     ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, DiskUsage, ImageInfo,
-    ImageSummary, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult,
-    StopOutcome, LABEL_MANAGED,
+    ImageSummary, PullProgress, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply,
+    RuntimeResult, StopOutcome, LABEL_MANAGED,
 };
 use podfleet_core::wire::{PortMapping, Protocol, PullFailure, VolumeMount};
 use serde::de::DeserializeOwned;
@@ -73,7 +73,6 @@ use http::{get, percent_encode, post_streaming};
 use pull::{pull_failure, PullMessage, PullsUnderWay};
 use registry::{ImageReference, RegistryAuthHeader};
 
-pub use pull::PullProgress;
 pub use registry::{LoginSource, RegistryAuth, RegistryLogin, DEFAULT_REGISTRY};
 
 /// Where a rootful podman serves its API when `podman.socket` is enabled.
@@ -195,13 +194,6 @@ impl PodmanRuntime {
     pub fn with_registry_auth(mut self, auth: RegistryAuth) -> Self {
         self.registry_auth = auth;
         self
-    }
-
-    /// How far the pull of `image` (as the [`RuntimeOp::Pull`] names it)
-    /// has got, while it runs; `None` when no such pull is under way.
-    #[must_use]
-    pub fn pull_progress(&self, image: &str) -> Option<PullProgress> {
-        self.pulls.get(image)
     }
 
     /// Bounds ordinary API calls by `timeout` instead of
@@ -553,6 +545,12 @@ impl PodmanRuntime {
 }
 
 impl ContainerRuntime for PodmanRuntime {
+    /// What podman's progress stream said so far of the pull of `image`
+    /// (as the [`RuntimeOp::Pull`] names it).
+    fn pull_progress(&self, image: &str) -> Option<PullProgress> {
+        self.pulls.get(image)
+    }
+
     async fn execute(&self, op: RuntimeOp) -> RuntimeResult {
         match &op {
             RuntimeOp::List => self.list().await,
@@ -759,6 +757,10 @@ impl LazyPodmanRuntime {
 }
 
 impl ContainerRuntime for LazyPodmanRuntime {
+    fn pull_progress(&self, image: &str) -> Option<PullProgress> {
+        self.connected.get()?.pull_progress(image)
+    }
+
     async fn execute(&self, op: RuntimeOp) -> RuntimeResult {
         self.runtime().await?.execute(op).await
     }

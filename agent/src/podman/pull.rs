@@ -5,18 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use podfleet_core::runtime::PullProgress;
 use podfleet_core::wire::PullFailure;
 use serde::Deserialize;
-
-/// How far a pull has got: the sums over the layers podman has reported on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PullProgress {
-    /// Bytes downloaded so far.
-    pub downloaded: u64,
-    /// Bytes to download, as far as known (a layer of unknown size counts
-    /// for nothing until it reports one).
-    pub total: u64,
-}
 
 /// The progress of the pulls under way, by image reference as the
 /// operation names it. Shared by the clones of a runtime.
@@ -50,31 +41,50 @@ impl PullsUnderWay {
 pub(super) struct PullTracker {
     pulls: PullsUnderWay,
     image: String,
-    /// Per layer id: (downloaded, total).
-    layers: BTreeMap<String, (u64, u64)>,
+    /// Per layer id: (downloaded, total, done). A layer of unknown size
+    /// counts for nothing in the total until it reports one.
+    layers: BTreeMap<String, (u64, u64, bool)>,
 }
 
 impl PullTracker {
     /// Takes in one line of the stream's progress.
     pub(super) fn record(&mut self, message: &PullMessage) {
-        let (Some(id), Some(detail)) = (&message.id, &message.progress_detail) else {
+        let Some(id) = &message.id else {
             return;
         };
-        let Some(current) = detail.current.and_then(|c| u64::try_from(c).ok()) else {
+        let done = matches!(
+            message.status.as_deref(),
+            Some("Download complete" | "Pull complete" | "Already exists")
+        );
+        let current = message
+            .progress_detail
+            .as_ref()
+            .and_then(|d| d.current)
+            .and_then(|c| u64::try_from(c).ok());
+        let total = message
+            .progress_detail
+            .as_ref()
+            .and_then(|d| d.total)
+            .and_then(|t| u64::try_from(t).ok());
+        if current.is_none() && !done {
+            // "Pulling fs layer", "Waiting", the image's own lines.
             return;
-        };
-        let total = detail
-            .total
-            .and_then(|t| u64::try_from(t).ok())
-            .unwrap_or_default();
-        self.layers.insert(id.clone(), (current, total));
+        }
+        let layer = self.layers.entry(id.clone()).or_default();
+        if let Some(current) = current {
+            layer.0 = current;
+            layer.1 = total.unwrap_or_default();
+        }
+        layer.2 |= done;
         let progress =
             self.layers
                 .values()
-                .fold(PullProgress::default(), |sum, (current, total)| {
+                .fold(PullProgress::default(), |sum, (current, total, done)| {
                     PullProgress {
                         downloaded: sum.downloaded.saturating_add(*current),
                         total: sum.total.saturating_add(*total),
+                        layers_done: sum.layers_done + u32::from(*done),
+                        layers: sum.layers + 1,
                     }
                 });
         self.pulls.lock().insert(self.image.clone(), progress);
@@ -93,6 +103,9 @@ pub(super) struct PullMessage {
     /// The layer (or, at the end, the image) the line is about.
     #[serde(default)]
     id: Option<String>,
+    /// What happens to it: `Downloading`, `Download complete`...
+    #[serde(default)]
+    status: Option<String>,
     #[serde(default, rename = "progressDetail")]
     progress_detail: Option<ProgressDetail>,
     #[serde(default)]
@@ -269,6 +282,7 @@ mod tests {
             r#"{"status":"Downloading","progressDetail":{"current":50,"total":-1},"id":"bbbbbbbbbbbb"}"#,
             r#"{"status":"Downloading","progressDetail":{"current":400,"total":1000},"id":"aaaaaaaaaaaa"}"#,
             r#"{"status":"Pulling fs layer","progressDetail":{},"id":"cccccccccccc"}"#,
+            r#"{"status":"Download complete","progressDetail":{},"id":"dddddddddddd"}"#,
         ] {
             tracker.record(&serde_json::from_str(line).unwrap());
         }
@@ -276,7 +290,9 @@ mod tests {
             pulls.get("h/x:1"),
             Some(PullProgress {
                 downloaded: 450,
-                total: 1000
+                total: 1000,
+                layers_done: 1,
+                layers: 3,
             })
         );
         drop(tracker);

@@ -38,6 +38,9 @@ pub struct Bugs {
     /// created, after the old containers were stopped ("kill, then
     /// download").
     pub pull_after_stop: bool,
+    /// Image garbage collection ignores what the deployments keep: an
+    /// unused image of the current revision (an init container's) goes.
+    pub gc_ignores_keep: bool,
     /// Reports say Running as soon as a rollout starts.
     pub report_running_early: bool,
     /// A restarted agent reports its cached deployments before it has

@@ -103,8 +103,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::{
-    ContainerSummary, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult,
-    LABEL_DEPLOYMENT,
+    ContainerSummary, PullProgress, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply,
+    RuntimeResult, LABEL_DEPLOYMENT,
 };
 use crate::time::{Backoff, Timestamp};
 use crate::wire::report::FACT_MAX_BYTES;
@@ -159,6 +159,7 @@ pub struct Config {
     runtime_backoff: Backoff,
     libpod_race_retry: Duration,
     pull_timeout: Duration,
+    pull_progress_interval: Duration,
     image_gc: ImageGcPolicy,
     #[cfg(feature = "bugs")]
     bugs: Bugs,
@@ -170,7 +171,8 @@ impl Config {
     /// services restarted after 10 s doubling to 5 min (reset after 10 min
     /// of running), an unreachable runtime retried after 1 s doubling to 30 s,
     /// the libpod wait/inspect race retried once after 200 ms, a pull
-    /// given up after 15 min, and image garbage collection as
+    /// given up after 15 min (its progress asked for every 2 s), and image
+    /// garbage collection as
     /// [`ImageGcPolicy::default`]. No
     /// device facts: heartbeats leave them out until
     /// [`device_facts`](Self::device_facts) hands them in.
@@ -187,6 +189,7 @@ impl Config {
             runtime_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
             libpod_race_retry: Duration::from_millis(200),
             pull_timeout: Duration::from_secs(900),
+            pull_progress_interval: Duration::from_secs(2),
             image_gc: ImageGcPolicy::default(),
             #[cfg(feature = "bugs")]
             bugs: Bugs::default(),
@@ -241,6 +244,15 @@ impl Config {
     /// retried with the revision's backoff).
     pub fn pull_timeout(mut self, timeout: Duration) -> Self {
         self.pull_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often the runtime is asked how far a pull has got
+    /// ([`Output::QueryPullProgress`]); each answer that changes the
+    /// progress is a report, so this also bounds how often a pulling
+    /// deployment reports.
+    pub fn pull_progress_interval(mut self, every: Duration) -> Self {
+        self.pull_progress_interval = every.max(Duration::from_millis(1));
         self
     }
 
@@ -366,6 +378,15 @@ pub enum Input<'a> {
         /// The version, or the runtime's error.
         result: Result<String, RuntimeError>,
     },
+    /// The runtime's answer to [`Output::QueryPullProgress`]: how far the
+    /// pull `id` has got, or `None` when it cannot tell. The deployment's
+    /// report says it while the pull runs.
+    PullProgress {
+        /// The id the query named.
+        id: CommandId,
+        /// The runtime's figures.
+        progress: Option<PullProgress>,
+    },
     /// Time has passed: act on every deadline at or before `now`.
     Timeout,
 }
@@ -401,6 +422,16 @@ pub enum Output {
     /// unanswered. Best effort: an ask left unanswered only keeps the
     /// version out of heartbeats.
     QueryRuntimeVersion,
+    /// Ask the runtime how far the pull `id` (still in flight) has got and
+    /// hand the answer back as [`Input::PullProgress`]; asked every
+    /// [`Config::pull_progress_interval`] while the pull runs. Best effort:
+    /// a query left unanswered only keeps the figures out of the report.
+    QueryPullProgress {
+        /// The pull's command.
+        id: CommandId,
+        /// Its image.
+        image: String,
+    },
     /// Put this heartbeat in the heartbeat bucket.
     Heartbeat(Heartbeat),
     /// Write this cache to disk, atomically, replacing the previous one.
@@ -423,6 +454,13 @@ pub enum WakeReason {
         deployment: DeploymentName,
         /// The init container.
         init: InitName,
+    },
+    /// Time to ask how far a pull has got ([`Config::pull_progress_interval`]).
+    PullProgress {
+        /// The deployment.
+        deployment: DeploymentName,
+        /// The image.
+        image: String,
     },
     /// A pull's deadline ([`Config::pull_timeout`]).
     PullDeadline {
@@ -691,6 +729,7 @@ impl Reconciler {
             Input::DesiredResync { present } => self.desired_resync(now, present),
             Input::RuntimeResult { id, result } => self.runtime_result(now, id, result),
             Input::RuntimeVersion { result } => self.on_runtime_version(now, result),
+            Input::PullProgress { id, progress } => self.on_pull_progress(now, id, progress),
             Input::Timeout => self.timeout(now),
         }
         self.start_image_gc();
@@ -821,6 +860,17 @@ impl Reconciler {
         }
     }
 
+    fn on_pull_progress(&mut self, now: Timestamp, id: CommandId, progress: Option<PullProgress>) {
+        let Some((Owner::Deployment(name), _)) = self.effects.owners.get(&id) else {
+            return;
+        };
+        let name = name.clone();
+        if let Some(entry) = self.deployments.get_mut(&name) {
+            entry.on_pull_progress(id, progress);
+        }
+        self.drive(now, &name);
+    }
+
     fn ask_runtime_version(&mut self) {
         if self.version_probe == VersionProbe::Wanted {
             self.version_probe = VersionProbe::Asked { stale: false };
@@ -849,6 +899,12 @@ impl Reconciler {
             if let Some(entry) = self.deployments.get_mut(&name) {
                 if entry.on_timeout(now) {
                     self.liveness_wanted = true;
+                }
+                let interval = self.config.pull_progress_interval;
+                if let Some((id, image)) = entry.due_progress_query(now, interval) {
+                    self.effects
+                        .outputs
+                        .push_back(Output::QueryPullProgress { id, image });
                 }
             }
             self.drive(now, &name);
@@ -1020,6 +1076,9 @@ impl Reconciler {
 
     /// The images no deployment may lose.
     fn images_to_keep(&self) -> Vec<&str> {
+        if bug!(self.config, gc_ignores_keep) {
+            return Vec::new();
+        }
         self.deployments
             .values()
             .flat_map(Deployment::images_to_keep)

@@ -28,6 +28,10 @@ pub(super) enum Call {
         image: String,
         started: Timestamp,
         deadline: Timestamp,
+        /// When to ask the runtime how far it has got next.
+        progress_at: Timestamp,
+        /// What it said last, for the report.
+        progress: Option<PullProgress>,
     },
     /// Remove a container by name or id; "not found" is success.
     RemoveIfPresent {
@@ -106,6 +110,17 @@ pub(super) enum Step {
 }
 
 impl Call {
+    /// A pull of `image` starting at `now`.
+    fn pull(image: String, now: Timestamp, config: &Config) -> Self {
+        Call::Pull {
+            image,
+            started: now,
+            deadline: now + config.pull_timeout,
+            progress_at: now + config.pull_progress_interval,
+            progress: None,
+        }
+    }
+
     /// The runtime operation this call is.
     pub(super) fn op(&self) -> RuntimeOp {
         match self {
@@ -220,11 +235,7 @@ impl Deployment {
                 }
                 Step::EnsureImage { image, policy } => {
                     let call = match policy {
-                        PullPolicy::Always => Call::Pull {
-                            image,
-                            started: now,
-                            deadline: now + config.pull_timeout,
-                        },
+                        PullPolicy::Always => Call::pull(image, now, config),
                         PullPolicy::IfNotPresent | PullPolicy::Never => {
                             Call::InspectImage { image, policy }
                         }
@@ -344,11 +355,7 @@ impl Deployment {
                 Call::InspectImage { image, .. },
                 Ok(RuntimeReply::ImageInspected { image: None }),
             ) => {
-                self.push_front(Call::Pull {
-                    image,
-                    started: now,
-                    deadline: now + config.pull_timeout,
-                });
+                self.push_front(Call::pull(image, now, config));
             }
             (Call::Pull { image, .. }, Ok(RuntimeReply::Pulled { image: info })) => {
                 if let Some(job) = self.job.as_mut() {

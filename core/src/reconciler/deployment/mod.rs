@@ -23,7 +23,7 @@ use super::spec::{service_container_spec, service_spec_hash};
 use super::{CachedDeployment, CommandId, Config, Effects, Owner, Wake, WakeReason};
 use crate::runtime::{
     init_container_name, service_container_name, ContainerSpec, ContainerState, ContainerSummary,
-    ImageInfo, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, LABEL_GRACE,
+    ImageInfo, PullProgress, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, LABEL_GRACE,
     LABEL_IMAGE_DIGEST, LABEL_INIT, LABEL_SERVICE, LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
 };
 use crate::time::Timestamp;
@@ -474,6 +474,24 @@ impl Deployment {
                     Some((
                         _,
                         Call::Pull {
+                            image,
+                            deadline,
+                            progress_at,
+                            ..
+                        },
+                    )),
+                    _,
+                ) if progress_at < deadline => Some(Wake {
+                    at: *progress_at,
+                    reason: WakeReason::PullProgress {
+                        deployment: name(),
+                        image: image.clone(),
+                    },
+                }),
+                (
+                    Some((
+                        _,
+                        Call::Pull {
                             image, deadline, ..
                         },
                     )),
@@ -538,6 +556,41 @@ impl Deployment {
             .is_some_and(|o| o.state == ContainerState::Running)
     }
 
+    /// The pull in flight, if it is time to ask the runtime how far it has
+    /// got: its command and image. The next ask is due `interval` later.
+    pub(super) fn due_progress_query(
+        &mut self,
+        now: Timestamp,
+        interval: Duration,
+    ) -> Option<(CommandId, String)> {
+        let (id, call) = self.job.as_mut()?.in_flight.as_mut()?;
+        match call {
+            Call::Pull {
+                image,
+                deadline,
+                progress_at,
+                ..
+            } if now >= *progress_at && now < *deadline => {
+                *progress_at = now + interval;
+                Some((*id, image.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The runtime's answer on how far the pull `id` has got; an answer
+    /// for a pull no longer in flight is dropped.
+    pub(super) fn on_pull_progress(&mut self, id: CommandId, answer: Option<PullProgress>) {
+        let Some(job) = self.job.as_mut() else {
+            return;
+        };
+        if let Some((in_flight, Call::Pull { progress, .. })) = job.in_flight.as_mut() {
+            if *in_flight == id && answer.is_some() {
+                *progress = answer;
+            }
+        }
+    }
+
     /// Acts on due deadlines. Returns true when a liveness `list` is wanted.
     pub(super) fn on_timeout(&mut self, now: Timestamp) -> bool {
         let Some(job) = self.job.as_ref() else {
@@ -549,6 +602,7 @@ impl Deployment {
                 image,
                 started,
                 deadline,
+                ..
             },
         )) = &job.in_flight
         {

@@ -111,10 +111,17 @@ impl Deployment {
                 "rolling out revision {revision} (attempt {})",
                 self.attempts
             );
-            if let Some((_, Call::Pull { image, .. })) =
-                self.job.as_ref().and_then(|j| j.in_flight.as_ref())
+            if let Some((
+                _,
+                Call::Pull {
+                    image, progress, ..
+                },
+            )) = self.job.as_ref().and_then(|j| j.in_flight.as_ref())
             {
                 let _ = write!(message, ": pulling {}", Quoted(image));
+                if let Some(p) = progress {
+                    let _ = write!(message, " ({})", describe_progress(p));
+                }
             }
             return Some(base(Phase::Pending, revision, message, None));
         }
@@ -213,4 +220,18 @@ fn describe(cause: &FailureCause) -> String {
             error,
         } => format!("pull of {} failed ({reason}): {error}", Quoted(image)),
     }
+}
+
+/// A pull's progress as people read it: `12.3 MB of 40.1 MB, 2/5 layers`
+/// (decimal megabytes; the total only once the runtime knows it).
+pub(super) fn describe_progress(p: &PullProgress) -> String {
+    let mb = |bytes: u64| format!("{}.{} MB", bytes / 1_000_000, bytes % 1_000_000 / 100_000);
+    let mut text = mb(p.downloaded);
+    if p.total > 0 {
+        let _ = write!(text, " of {}", mb(p.total));
+    }
+    if p.layers > 0 {
+        let _ = write!(text, ", {}/{} layers", p.layers_done, p.layers);
+    }
+    text
 }
