@@ -226,7 +226,9 @@ impl Vm {
             .args(["-device", "virtio-blk-pci,drive=root"])
             .arg("-netdev")
             .arg(format!("user,id=net,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"))
-            .args(["-device", "virtio-net-pci,netdev=net"])
+            // No option ROM: it is only for booting from the network, and
+            // the ROM files (ipxe-qemu) are only a Recommends of QEMU.
+            .args(["-device", "virtio-net-pci,netdev=net,romfile="])
             .args(["-device", "virtio-rng-pci"])
             .stdin(Stdio::null())
             .stdout(log_file(&dir.join("qemu.log")))

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use crate::{run, LeaseOptions, Options};
 use clap::{Args, Parser, Subcommand};
-use podfleet_control::cli::args::{parse_duration, ControllerArgs, GlobalArgs};
+use podfleet_control::cli::args::{
+    parse_duration, parse_registry_host, ControllerArgs, GlobalArgs,
+};
 use podfleet_control::context;
 use tracing_subscriber::EnvFilter;
 
@@ -83,6 +85,12 @@ struct OperatorArgs {
     /// Publish no events
     #[arg(long)]
     no_events: bool,
+    /// The Secret (in --namespace, of type kubernetes.io/dockerconfigjson) whose logins image tags are resolved to digests with; without it registries are asked anonymously
+    #[arg(long, env = "PODFLEET_REGISTRY_AUTH_SECRET", value_name = "NAME")]
+    registry_auth_secret: Option<String>,
+    /// A registry to ask over plain HTTP, as image references name it (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]", value_parser = parse_registry_host)]
+    insecure_registries: Vec<String>,
 }
 
 /// Runs `podfleet-operator` with the process's arguments; returns its exit
@@ -151,6 +159,9 @@ async fn operate(cli: Cli) -> anyhow::Result<()> {
     options.plan = cli.controller.plan(options.plan);
     options.metrics_addr = metrics_addr;
     options.events = !args.no_events;
+    options.registry.auth_secret = args.registry_auth_secret.filter(|name| !name.is_empty());
+    options.registry.insecure = args.insecure_registries;
+    options.registry.request_timeout = cli.nats.request_timeout;
     if let Some(identity) = args.identity {
         options.identity = identity;
     }

@@ -11,7 +11,12 @@
 //! - A FleetDeployment is handed in once it carries the
 //!   [`FINALIZER`] (so nothing is written for
 //!   an object that could vanish without its keys being removed), as the
-//!   manifest `podfleet apply` would store, at its `metadata.generation`.
+//!   manifest `podfleet apply` would store, at its `metadata.generation`,
+//!   with its image tags pinned to the digests of `status.resolvedImages`
+//!   ([`images::feed`]). Until the reconciler has recorded them for the
+//!   current generation it is not handed in: the controller keeps the
+//!   generation it was handed before, and a new controller (after a lost
+//!   connection) is handed that one again. Nothing here asks a registry.
 //!   One with a deletion timestamp, or gone, is a deleted deployment.
 //! - A Device is handed in as a device record with its `metadata.labels`.
 //! - Every `device_status_every`, each Device's status is worked out from
@@ -28,11 +33,12 @@ use kube::ResourceExt;
 use podfleet_control::client::{wall_clock, Bucket};
 use podfleet_control::run::Side;
 use podfleet_core::fleet::controller::{Input, Output};
-use podfleet_core::fleet::{Controller, DeviceRecord, API_VERSION, FLEET_DEPLOYMENT_KIND};
+use podfleet_core::fleet::{Controller, DeviceRecord};
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::{DeploymentName, DeviceId};
 use tokio::sync::{mpsc, Notify};
 
+use crate::images::{self, Feed};
 use crate::metrics::Metrics;
 use crate::resources::{Device, DeviceStatus, FleetDeployment, FINALIZER};
 use crate::status::{device_deployment, device_status, Known};
@@ -189,6 +195,9 @@ pub struct EngineOptions {
     pub create_devices: bool,
 }
 
+/// A generation and the manifest handed in for it.
+type Fed = (i64, Vec<u8>);
+
 /// [`Side`] of the operator: see the [module docs](self).
 pub struct KubeSide {
     options: EngineOptions,
@@ -204,10 +213,13 @@ pub struct KubeSide {
     sweep_due: bool,
     /// Deleted deployments whose keys may still exist.
     deleting: BTreeSet<DeploymentName>,
-    /// The generation of each FleetDeployment handed to this pass's
-    /// controller: a status patch or a label change on the object makes
-    /// no new generation and is not handed in again.
-    fed: HashMap<String, i64>,
+    /// The generation and manifest of each FleetDeployment handed to this
+    /// pass's controller: a status patch or a label change on the object
+    /// changes neither and is not handed in again.
+    fed: HashMap<String, Fed>,
+    /// The same, handed to any pass's controller: what a new controller is
+    /// handed while the current generation's images are not pinned yet.
+    held: HashMap<String, Fed>,
     /// Statuses handed out by the controller and not yet published.
     statuses: Vec<DeploymentName>,
     /// The Device statuses last sent, by name.
@@ -245,6 +257,7 @@ impl KubeSide {
             sweep_due: false,
             deleting: BTreeSet::new(),
             fed: HashMap::new(),
+            held: HashMap::new(),
             statuses: Vec::new(),
             sent: HashMap::new(),
             created: HashSet::new(),
@@ -276,22 +289,27 @@ impl KubeSide {
                     return;
                 }
                 let generation = fd.metadata.generation.unwrap_or(0);
-                if self.fed.get(name) == Some(&generation) && !self.deleting.contains(&id) {
+                let next = match images::feed(&fd) {
+                    Feed::Manifest(manifest) => (generation, manifest),
+                    // The reconciler is resolving its images (or failing
+                    // to): the controller keeps what it was handed.
+                    Feed::Unpinned => match self.held.get(name) {
+                        Some(held) if !self.fed.contains_key(name) => held.clone(),
+                        _ => return,
+                    },
+                };
+                if self.fed.get(name) == Some(&next) && !self.deleting.contains(&id) {
                     return;
                 }
-                self.fed.insert(name.to_owned(), generation);
-                let manifest = serde_json::json!({
-                    "apiVersion": API_VERSION,
-                    "kind": FLEET_DEPLOYMENT_KIND,
-                    "metadata": {"name": name},
-                    "spec": fd.spec.0,
-                });
+                self.fed.insert(name.to_owned(), next.clone());
+                self.held.insert(name.to_owned(), next.clone());
+                let (generation, value) = next;
                 controller.handle(
                     now,
                     Input::DeploymentPut {
                         name: id.clone(),
                         generation: u64::try_from(generation).unwrap_or(0),
-                        value: manifest.to_string().into_bytes(),
+                        value,
                     },
                 );
                 self.deleting.remove(&id);
@@ -300,6 +318,7 @@ impl KubeSide {
             }
             Some(_) | None => {
                 self.fed.remove(name);
+                self.held.remove(name);
                 if object.is_none() {
                     self.hub.forget(name);
                 }

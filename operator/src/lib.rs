@@ -12,6 +12,9 @@
 //!   that reads the resources and hands statuses to the reconciler.
 //! - [`reconcile`]: the kube-runtime reconciler (finalizer, status,
 //!   events, error policy) and the Device writer.
+//! - [`images`]: which image tags are pinned to digests, and what the
+//!   fleet controller is handed once they are (pure; the reconciler asks
+//!   the registries).
 //! - [`status`]: what the statuses and events say (pure).
 //! - [`lease`]: leader election over a Lease.
 //! - [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
@@ -35,6 +38,7 @@
 pub mod cli;
 pub mod crd;
 pub mod engine;
+pub mod images;
 pub mod lease;
 pub mod metrics;
 pub mod reconcile;

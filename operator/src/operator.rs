@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use crate::engine::{EngineOptions, Hub, KubeSide, Touched};
 use crate::lease::{self, Election};
 use crate::metrics::{self, Metrics};
-use crate::reconcile::{error_policy, reconcile, write_devices, Context};
+use crate::reconcile::{error_policy, reconcile, write_devices, Context, RegistryOptions};
 use crate::resources::{Device, FleetDeployment};
 
 /// How the operator runs.
@@ -43,12 +43,16 @@ pub struct Options {
     pub device_writers: usize,
     /// The identity in events and the Lease (the pod name).
     pub identity: String,
+    /// How image tags are resolved to digests: the Secret of registry
+    /// logins, plain-HTTP registries.
+    pub registry: RegistryOptions,
 }
 
 impl Options {
     /// The defaults for FleetDeployments in `namespace`: Device statuses
     /// every 10 s with `lastSeen` to 5 min, no Device creation, no leader
-    /// election, no metrics endpoint, events on.
+    /// election, no metrics endpoint, events on, registries asked
+    /// anonymously over HTTPS.
     pub fn new(namespace: &str) -> Self {
         Self {
             engine: EngineOptions {
@@ -66,6 +70,7 @@ impl Options {
             events: true,
             device_writers: 16,
             identity: default_identity(),
+            registry: RegistryOptions::default(),
         }
     }
 }
@@ -270,13 +275,15 @@ async fn lead(
             },
         )
     });
-    let context = Arc::new(Context::new(
+    let mut context = Context::new(
         client.clone(),
         namespace.clone(),
         Arc::clone(&hub),
         recorder,
         Arc::clone(&metrics),
-    ));
+    );
+    context.registry = options.registry.clone();
+    let context = Arc::new(context);
     let reconciler = controller
         .run(reconcile, error_policy, context)
         .for_each(|result| {

@@ -23,6 +23,10 @@ pub const VERSION: &str = "v1alpha1";
 /// The finalizer a FleetDeployment carries while its per-device desired
 /// keys may exist.
 pub const FINALIZER: &str = "podfleet.io/desired-keys";
+/// The annotation that makes a FleetDeployment deploy its image tags as
+/// written, as `podfleet apply --keep-tags` does: its value `"true"`. Any
+/// other value, or none, pins every tag to its digest.
+pub const KEEP_TAGS: &str = "podfleet.io/keep-tags";
 
 /// A workload for many devices: which devices run which score.
 ///
@@ -109,6 +113,42 @@ pub struct FleetDeploymentStatus {
     /// pinned one, or do not say which (an error, never a pass).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skew: Vec<DigestSkew>,
+    /// The digests the image tags of one generation were resolved to: the
+    /// images the devices are handed. Resolved once per generation and
+    /// kept here, so that neither a restart nor a resync asks a registry
+    /// again: a tag pushed anew reaches no device until the spec changes.
+    /// Absent when no image is pinned (local or digest-pinned images only,
+    /// or the `podfleet.io/keep-tags` annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_images: Option<ResolvedImages>,
+}
+
+/// The images of one generation, each pinned to the digest its registry
+/// served when that generation was first reconciled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedImages {
+    /// The `metadata.generation` whose spec named these images.
+    pub generation: i64,
+    /// One entry per container whose image was pinned, init containers
+    /// first, in the score's order.
+    pub images: Vec<ResolvedImage>,
+}
+
+/// One container's image, as written and as pinned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedImage {
+    /// The container's name: a service's, or an init container's.
+    pub container: String,
+    /// The container is an init container (its name is one of
+    /// `score.init_containers`, not of `score.services`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init_container: bool,
+    /// The image as the spec writes it: `registry.example/web:1`.
+    pub image: String,
+    /// What the devices are handed: `registry.example/web:1@sha256:...`.
+    pub pinned: String,
 }
 
 /// A condition, in the shape of Kubernetes' `metav1.Condition`.

@@ -8,7 +8,9 @@ use podfleet_core::fleet::{describe_cause, FleetDeploymentStatus as Aggregate};
 use podfleet_core::wire::report::{DeploymentState, RuntimeHealth};
 use podfleet_core::wire::Phase;
 
-use crate::resources::{Condition, DeviceDeployment, DeviceStatus, FleetDeploymentStatus};
+use crate::resources::{
+    Condition, DeviceDeployment, DeviceStatus, FleetDeploymentStatus, ResolvedImages,
+};
 
 /// The condition saying whether every targeted device runs the current
 /// generation.
@@ -43,19 +45,7 @@ pub fn fleet_status(
     now: &str,
 ) -> FleetDeploymentStatus {
     let condition = |type_: &str, status: bool, reason: &str, message: String, generation| {
-        let status = if status { "True" } else { "False" };
-        let since = previous
-            .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
-            .filter(|c| c.status == status)
-            .map_or_else(|| now.to_owned(), |c| c.last_transition_time.clone());
-        Condition {
-            type_: type_.to_owned(),
-            status: status.to_owned(),
-            reason: reason.to_owned(),
-            message,
-            last_transition_time: since,
-            observed_generation: generation,
-        }
+        condition(previous, now, type_, status, reason, message, generation)
     };
     let (read, status) = match known {
         Known::InvalidName(why) => {
@@ -186,7 +176,108 @@ pub fn fleet_status(
         offline: status.offline,
         failures: status.failures.clone(),
         skew: status.skew.clone(),
+        resolved_images: None,
     }
+}
+
+/// A condition of `type_`, keeping its transition time from `previous`
+/// while its status stays the same.
+fn condition(
+    previous: Option<&FleetDeploymentStatus>,
+    now: &str,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let since = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map_or_else(|| now.to_owned(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        last_transition_time: since,
+        observed_generation: generation,
+    }
+}
+
+/// Where the images of a FleetDeployment's current generation stand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Images {
+    /// Nothing is pinned: the spec reaches the devices as written.
+    AsWritten,
+    /// Pinned, as this record of the current generation says.
+    Pinned(ResolvedImages),
+    /// The current generation's images could not be pinned.
+    Unresolved {
+        /// The current generation.
+        generation: i64,
+        /// The record of an older generation: what the devices were
+        /// handed, kept.
+        running: Option<ResolvedImages>,
+        /// What failed, with the rule ([`crate::images::unresolved_message`]).
+        message: String,
+    },
+}
+
+/// The Degraded reason of a generation whose images could not be pinned.
+pub const IMAGE_RESOLVE_FAILED: &str = "ImageResolveFailed";
+
+/// `status` (from [`fleet_status`]; `None` when the fleet controller has
+/// not read the FleetDeployment yet) with what `images` says: the record
+/// of pinned images, and a Degraded condition when they could not be
+/// pinned. Without a status of its own it builds on `previous`. `None`:
+/// nothing to show yet.
+pub fn with_images(
+    status: Option<FleetDeploymentStatus>,
+    images: &Images,
+    previous: Option<&FleetDeploymentStatus>,
+    now: &str,
+) -> Option<FleetDeploymentStatus> {
+    let mut status = match (status, images) {
+        (Some(status), _) => status,
+        (None, Images::AsWritten) => return None,
+        (None, _) => previous.cloned().unwrap_or_default(),
+    };
+    match images {
+        Images::AsWritten => status.resolved_images = None,
+        Images::Pinned(record) => status.resolved_images = Some(record.clone()),
+        Images::Unresolved {
+            generation,
+            running,
+            message,
+        } => {
+            status.resolved_images = running.clone();
+            let generation = Some(*generation);
+            let mut set = |type_: &str, value: bool, message: String| {
+                let next = condition(
+                    previous,
+                    now,
+                    type_,
+                    value,
+                    IMAGE_RESOLVE_FAILED,
+                    message,
+                    generation,
+                );
+                match status.conditions.iter_mut().find(|c| c.type_ == type_) {
+                    Some(slot) => *slot = next,
+                    None => status.conditions.push(next),
+                }
+            };
+            if status.observed_generation.is_none() {
+                let nothing = "nothing is deployed: the images are not pinned to digests yet";
+                set(AVAILABLE, false, nothing.to_owned());
+                set(PROGRESSING, false, nothing.to_owned());
+            }
+            set(DEGRADED, true, message.clone());
+        }
+    }
+    Some(status)
 }
 
 /// An event for `kubectl describe`.
@@ -247,15 +338,36 @@ pub fn notes(previous: Option<&FleetDeploymentStatus>, next: &FleetDeploymentSta
     }
     if let Some((reason, message)) = &degraded {
         let was = reason_of(previous, DEGRADED).map(|(r, _)| r);
-        if (reason == "SpecRefused" || reason == "InvalidName") && was.as_ref() != Some(reason) {
+        let warned = ["SpecRefused", "InvalidName", IMAGE_RESOLVE_FAILED]
+            .into_iter()
+            .find(|r| r == reason);
+        if let Some(reason) = warned.filter(|r| was.as_deref() != Some(*r)) {
             notes.push(Note {
                 warning: true,
-                reason: if reason == "SpecRefused" {
-                    "SpecRefused"
-                } else {
-                    "InvalidName"
-                },
+                reason,
                 message: message.clone(),
+            });
+        }
+    }
+    if let Some(record) = &next.resolved_images {
+        let was = previous.resolved_images.as_ref().map(|r| r.generation);
+        if was != Some(record.generation) {
+            let pins: Vec<String> = record
+                .images
+                .iter()
+                .map(|i| {
+                    let kind = if i.init_container {
+                        "init container"
+                    } else {
+                        "service"
+                    };
+                    format!("{kind} {:?}: {}", i.container, i.pinned)
+                })
+                .collect();
+            notes.push(Note {
+                warning: false,
+                reason: "ImagesPinned",
+                message: format!("generation {} pins {}", record.generation, pins.join(", ")),
             });
         }
     }

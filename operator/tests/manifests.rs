@@ -75,6 +75,44 @@ fn the_kustomization_renders_and_hangs_together() {
         .unwrap()
         .iter()
         .any(|v| v["secret"]["secretName"] == secret));
+    // The Secret of registry logins the operator is told to read is the one
+    // Secret the Role lets it get, and only get.
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let registry_secret = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--registry-auth-secret="))
+        .expect("deployment.yaml names --registry-auth-secret");
+    let secret_rules: Vec<&serde_json::Value> = named("Role")
+        .into_iter()
+        .flat_map(|role| role["rules"].as_array().unwrap())
+        .filter(|rule| {
+            rule["resources"]
+                .as_array()
+                .unwrap()
+                .contains(&"secrets".into())
+        })
+        .collect();
+    assert_eq!(secret_rules.len(), 1, "{secret_rules:#?}");
+    assert_eq!(
+        secret_rules[0]["resourceNames"],
+        serde_json::json!([registry_secret])
+    );
+    assert_eq!(secret_rules[0]["verbs"], serde_json::json!(["get"]));
+    for role in named("ClusterRole") {
+        let rules = role["rules"].as_array().unwrap();
+        assert!(
+            rules.iter().all(|r| !r["resources"]
+                .as_array()
+                .unwrap()
+                .contains(&"secrets".into())),
+            "a ClusterRole grants Secrets"
+        );
+    }
     // crds.yaml is the generated file (the test above); kustomize only
     // includes it.
     let mut crds: Vec<&str> = named("CustomResourceDefinition")

@@ -150,3 +150,124 @@ fn notes_tell_rollouts_failures_and_target_changes() {
     assert_eq!(reasons(notes(Some(&failed), &done)), ["RolloutComplete"]);
     assert!(notes(Some(&done), &done).is_empty());
 }
+
+fn record(generation: i64) -> ResolvedImages {
+    ResolvedImages {
+        generation,
+        images: vec![crate::resources::ResolvedImage {
+            container: "web".into(),
+            init_container: false,
+            image: "registry.example/web:1".into(),
+            pinned: format!("registry.example/web:1@sha256:{}", "a".repeat(64)),
+        }],
+    }
+}
+
+#[test]
+fn a_pinned_record_rides_along_with_every_status() {
+    // Before the fleet controller has read it, the record alone: the
+    // engine reads it back from the status.
+    let first = with_images(None, &Images::Pinned(record(1)), None, "T1").unwrap();
+    assert_eq!(first.resolved_images, Some(record(1)));
+    assert!(first.conditions.is_empty());
+    assert_eq!(
+        reasons(notes(None, &first)),
+        ["ImagesPinned"],
+        "one event when a generation's images are pinned"
+    );
+    assert_eq!(
+        notes(None, &first)[0].message,
+        format!(
+            "generation 1 pins service \"web\": registry.example/web:1@sha256:{}",
+            "a".repeat(64)
+        )
+    );
+    // Nothing to show and nothing known: no status.
+    assert_eq!(with_images(None, &Images::AsWritten, None, "T1"), None);
+    // With an aggregate, the record is in the same apply (one field
+    // manager: a status without it would remove it).
+    let base = fleet_status(&known(aggregate(1, 1, [0, 1, 0], 0)), Some(&first), "T2");
+    let next = with_images(Some(base), &Images::Pinned(record(1)), Some(&first), "T2").unwrap();
+    assert_eq!(next.resolved_images, Some(record(1)));
+    assert_eq!(condition(&next, AVAILABLE).reason, "AllRunning");
+    assert!(!reasons(notes(Some(&first), &next)).contains(&"ImagesPinned"));
+    // Keeping tags (or nothing left to pin) drops it.
+    let base = fleet_status(&known(aggregate(1, 1, [0, 1, 0], 0)), Some(&next), "T3");
+    let kept = with_images(Some(base), &Images::AsWritten, Some(&next), "T3").unwrap();
+    assert_eq!(kept.resolved_images, None);
+}
+
+#[test]
+fn unresolved_images_degrade_and_keep_the_running_record() {
+    let running = with_images(
+        Some(fleet_status(
+            &known(aggregate(2, 2, [0, 2, 0], 0)),
+            None,
+            "T1",
+        )),
+        &Images::Pinned(record(3)),
+        None,
+        "T1",
+    )
+    .unwrap();
+    let unresolved = Images::Unresolved {
+        generation: 5,
+        running: Some(record(3)),
+        message: "service \"web\": image \"registry.example/web:2\": not found".into(),
+    };
+    // The fleet controller still aggregates generation 3 (read 4).
+    let base = fleet_status(&known(aggregate(2, 2, [0, 2, 0], 0)), Some(&running), "T2");
+    let next = with_images(Some(base), &unresolved, Some(&running), "T2").unwrap();
+    let degraded = condition(&next, DEGRADED);
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", IMAGE_RESOLVE_FAILED)
+    );
+    assert_eq!(degraded.observed_generation, Some(5));
+    assert_eq!(degraded.last_transition_time, "T2");
+    assert!(degraded.message.contains("web:2"), "{}", degraded.message);
+    assert_eq!(next.resolved_images, Some(record(3)), "what runs stays");
+    assert_eq!(condition(&next, AVAILABLE).reason, "AllRunning");
+    assert_eq!(next.observed_generation, Some(4));
+    let told = notes(Some(&running), &next);
+    assert_eq!(reasons(told.clone()), [IMAGE_RESOLVE_FAILED]);
+    assert!(told[0].warning);
+    // The same failure again: no new event, no new transition.
+    let again = with_images(
+        Some(fleet_status(
+            &known(aggregate(2, 2, [0, 2, 0], 0)),
+            Some(&next),
+            "T3",
+        )),
+        &unresolved,
+        Some(&next),
+        "T3",
+    )
+    .unwrap();
+    assert_eq!(again, next);
+    assert!(notes(Some(&next), &again).is_empty());
+
+    // Nothing ever deployed: not available, not progressing, degraded.
+    let first = with_images(
+        None,
+        &Images::Unresolved {
+            generation: 1,
+            running: None,
+            message:
+                "registry logins: the Secret podfleet/regcred has no \".dockerconfigjson\" key"
+                    .into(),
+        },
+        None,
+        "T1",
+    )
+    .unwrap();
+    assert_eq!(condition(&first, AVAILABLE).status, "False");
+    assert_eq!(condition(&first, PROGRESSING).status, "False");
+    assert_eq!(condition(&first, DEGRADED).reason, IMAGE_RESOLVE_FAILED);
+    assert_eq!(first.resolved_images, None);
+    assert_eq!(first.observed_generation, None);
+}
+
+fn reasons(notes: Vec<Note>) -> Vec<&'static str> {
+    notes.into_iter().map(|n| n.reason).collect()
+}
