@@ -276,6 +276,22 @@ fn the_report_says_what_is_being_pulled() {
 }
 
 #[test]
+fn a_pinned_image_is_named_readably_while_it_is_pulled() {
+    let mut d = running_v1();
+    let pinned = format!(
+        "registry.example:5000/team/web:2@sha256:{}",
+        "4b825dc642cb".repeat(5)
+    );
+    d.put(2, &pinned, None);
+    d.settle(|_| None);
+    let message = d.state().message;
+    assert!(
+        message.ends_with("pulling \"registry.example:5000/team/web:2@sha256:4b825dc642cb…\""),
+        "{message}"
+    );
+}
+
+#[test]
 fn the_report_says_how_far_the_pull_has_got() {
     let mut d = running_v1();
     d.put(2, "img/web:2", None);

@@ -53,6 +53,8 @@ pub struct Registry {
     proxy: Option<Proxy>,
     /// Bytes per second from the registry to its clients; 0 is unlimited.
     rate: Arc<AtomicU64>,
+    /// When the registry last sent a client a byte, in ns since the epoch.
+    last_answer: Arc<AtomicU64>,
     dir: TempDir,
 }
 
@@ -106,6 +108,7 @@ impl Registry {
             backend,
             proxy: None,
             rate: Arc::new(AtomicU64::new(0)),
+            last_answer: Arc::new(AtomicU64::new(0)),
             dir,
         };
         registry.spawn(&program);
@@ -212,6 +215,14 @@ impl Registry {
         }
     }
 
+    /// When the registry last sent a client a byte (the end of the last
+    /// transfer), in nanoseconds since the Unix epoch as podman's events
+    /// count them; 0 before the first.
+    #[must_use]
+    pub fn last_answer_at(&self) -> u128 {
+        u128::from(self.last_answer.load(Ordering::SeqCst))
+    }
+
     /// Limits what the registry sends to `bytes_per_second` per connection
     /// from now on (`None`: unlimited), to make a pull last.
     pub fn throttle(&self, bytes_per_second: Option<u64>) {
@@ -272,7 +283,12 @@ impl Registry {
             thread::sleep(POLL_INTERVAL);
         }
         self.child = Some(child);
-        self.proxy = Some(Proxy::start(self.port, self.backend, self.rate.clone()));
+        self.proxy = Some(Proxy::start(
+            self.port,
+            self.backend,
+            self.rate.clone(),
+            self.last_answer.clone(),
+        ));
     }
 }
 
@@ -293,7 +309,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(port: u16, backend: u16, rate: Arc<AtomicU64>) -> Self {
+    fn start(port: u16, backend: u16, rate: Arc<AtomicU64>, last: Arc<AtomicU64>) -> Self {
         // std sets SO_REUSEADDR: the port binds again after a stop.
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
             .unwrap_or_else(|e| panic!("the registry's proxy cannot listen on {port}: {e}"));
@@ -314,7 +330,7 @@ impl Proxy {
                                 let _ = client.shutdown(Shutdown::Both);
                                 continue;
                             };
-                            let started = connect_pumps(client, server, &stopped, &rate);
+                            let started = connect_pumps(client, server, &stopped, &rate, &last);
                             pumps
                                 .lock()
                                 .unwrap_or_else(PoisonError::into_inner)
@@ -350,6 +366,7 @@ fn connect_pumps(
     server: TcpStream,
     stopped: &Arc<AtomicBool>,
     rate: &Arc<AtomicU64>,
+    last: &Arc<AtomicU64>,
 ) -> Vec<JoinHandle<()>> {
     let streams = (|| {
         for stream in [&client, &server] {
@@ -364,18 +381,26 @@ fn connect_pumps(
     };
     let unlimited = Arc::new(AtomicU64::new(0));
     vec![
-        pump(client, server_writer, stopped.clone(), unlimited),
-        pump(server, client_writer, stopped.clone(), rate.clone()),
+        pump(client, server_writer, stopped.clone(), unlimited, None),
+        pump(
+            server,
+            client_writer,
+            stopped.clone(),
+            rate.clone(),
+            Some(last.clone()),
+        ),
     ]
 }
 
 /// Copies `from` to `to` until either end closes or the proxy stops,
-/// sleeping after each chunk as long as `rate` asks.
+/// sleeping after each chunk as long as `rate` asks, and noting in `last`
+/// when it last wrote.
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
     stopped: Arc<AtomicBool>,
     rate: Arc<AtomicU64>,
+    last: Option<Arc<AtomicU64>>,
 ) -> JoinHandle<()> {
     thread::spawn(move || {
         let mut buffer = vec![0_u8; 16 * 1024];
@@ -396,6 +421,9 @@ fn pump(
             };
             if to.write_all(&buffer[..n]).is_err() {
                 break;
+            }
+            if let Some(last) = &last {
+                last.store(unix_nanos(), Ordering::SeqCst);
             }
             let n = u64::try_from(n).unwrap_or(u64::MAX);
             if let Some(micros) = n.saturating_mul(1_000_000).checked_div(rate) {
@@ -520,6 +548,13 @@ fn bcrypt_htpasswd(user: &str, password: &str) -> String {
 pub fn base64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -118,7 +118,7 @@ impl Deployment {
                 },
             )) = self.job.as_ref().and_then(|j| j.in_flight.as_ref())
             {
-                let _ = write!(message, ": pulling {}", Quoted(image));
+                let _ = write!(message, ": pulling {}", Quoted(&short_image(image)));
                 if let Some(p) = progress {
                     let _ = write!(message, " ({})", describe_progress(p));
                 }
@@ -234,4 +234,14 @@ pub(super) fn describe_progress(p: &PullProgress) -> String {
         let _ = write!(text, ", {}/{} layers", p.layers_done, p.layers);
     }
     text
+}
+
+/// An image reference for a message: a pinned digest cut to its first 12
+/// hex digits, so that the name and tag stay readable within the quote
+/// bound (the typed cause carries the reference whole).
+pub(super) fn short_image(image: &str) -> String {
+    match image.split_once("@sha256:") {
+        Some((name, hex)) if hex.len() > 12 => format!("{name}@sha256:{}…", &hex[..12]),
+        _ => image.to_owned(),
+    }
 }
