@@ -35,20 +35,18 @@
 #![allow(clippy::unwrap_used)]
 
 use std::future::IntoFuture;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::push::OrderedConfig;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::Context as JetStream;
 use e2e::agent::tokio_runtime;
-use e2e::kube_fake::FakeApi;
+use e2e::kube_fake::{FakeApi, RunningOperator};
 use e2e::NatsServer;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use kube::api::{Api, PostParams};
 use podfleet_agent::buckets::{ensure_bucket, BucketSettings, DESIRED_HISTORY};
-use podfleet_control::context::Connection;
 use podfleet_core::fleet::{API_VERSION, FLEET_DEPLOYMENT_KIND};
 use podfleet_core::wire::names::{DESIRED_BUCKET, HEARTBEAT_BUCKET, STATE_BUCKET};
 use podfleet_operator::resources::{Device, DeviceSpec, FleetDeployment, FleetDeploymentSpec};
@@ -94,52 +92,12 @@ fn device_name(n: usize) -> String {
     format!("rpi-{n:05}")
 }
 
-/// The operator in a runtime of its own (two workers), stopped on drop.
-struct Operator {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Operator {
-    fn start(fake: &FakeApi, nats: &str) -> Self {
-        let fake = fake.clone();
-        let mut options = Options::new(NS);
-        // The first sweep runs at start; the next one after the bench.
-        options.engine.device_status_every = Duration::from_secs(3600);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let connection = Connection::new(vec![nats.to_owned()]);
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            // The client's buffer task lives in this runtime.
-            let client = runtime.block_on(async { fake.client_as("operator") });
-            runtime.block_on(podfleet_operator::run(client, connection, options, async {
-                let _ = stopped.await;
-            }))
-        });
-        Self {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            match thread.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => eprintln!("the operator ended with: {error:#}"),
-                Err(_) => eprintln!("the operator panicked"),
-            }
-        }
-    }
+/// The operator against `fake`, its first Device sweep at start and the
+/// next only after the bench.
+fn operator(fake: &FakeApi, nats: &str) -> RunningOperator {
+    let mut options = Options::new(NS);
+    options.engine.device_status_every = Duration::from_secs(3600);
+    RunningOperator::start(fake, "operator", nats, options)
 }
 
 /// Publishes `(subject, payload)` pairs with at most [`IN_FLIGHT`]
@@ -313,7 +271,7 @@ fn round(index: usize) -> Round {
     fake.clear_requests();
 
     let started = Instant::now();
-    let operator = Operator::start(&fake, &nats.url());
+    let operator = operator(&fake, &nats.url());
     let figures = runtime.block_on(async {
         let nats_client = async_nats::connect(nats.url()).await.unwrap();
         let js = async_nats::jetstream::new(nats_client.clone());

@@ -542,3 +542,73 @@ fn status_with(code: u16, reason: &str, message: &str) -> Value {
 fn not_found(key: &Key) -> Value {
     status_with(404, "NotFound", &format!("{} {:?} not found", key.0, key.1))
 }
+/// The operator in a tokio runtime of its own (two workers, as in
+/// production) on a thread, with a client of a [`FakeApi`]; stopped (as by
+/// SIGTERM) by [`stop`](Self::stop) or on drop.
+pub struct RunningOperator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningOperator {
+    /// Runs it with a client of `fake` logged as `identity`, on the NATS
+    /// server at `nats`.
+    pub fn start(
+        fake: &FakeApi,
+        identity: &str,
+        nats: &str,
+        options: podfleet_operator::Options,
+    ) -> Self {
+        let fake = fake.clone();
+        let identity = identity.to_owned();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let connection = podfleet_control::context::Connection::new(vec![nats.to_owned()]);
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime for the operator");
+            // The client's buffer task lives in this runtime.
+            let client = runtime.block_on(async { fake.client_as(&identity) });
+            runtime.block_on(podfleet_operator::run(client, connection, options, async {
+                let _ = stopped.await;
+            }))
+        });
+        Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops it and returns how it ended.
+    ///
+    /// # Errors
+    ///
+    /// The operator's own, if it ended with one.
+    ///
+    /// # Panics
+    ///
+    /// If the operator panicked.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(thread) => thread.join().expect("the operator panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningOperator {
+    fn drop(&mut self) {
+        if let Err(error) = self.halt() {
+            eprintln!("the operator ended with: {error:#}");
+        }
+    }
+}

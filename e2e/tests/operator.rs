@@ -7,16 +7,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use e2e::agent::{tokio_runtime, Device as AgentDevice};
-use e2e::kube_fake::FakeApi;
+use e2e::kube_fake::{FakeApi, RunningOperator as Operator};
 use e2e::{eventually, NatsServer, TEST_IMAGE};
 use futures_util::StreamExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use podfleet_control::context::Connection;
 use podfleet_core::wire::names::{DESIRED_BUCKET, HEARTBEAT_BUCKET, STATE_BUCKET};
 use podfleet_operator::resources::{Device, DeviceSpec, FleetDeployment, FleetDeploymentSpec};
 use podfleet_operator::{LeaseOptions, Options};
@@ -26,59 +24,6 @@ const NS: &str = "podfleet";
 const FDS: &str = "/apis/podfleet.io/v1alpha1/namespaces/podfleet/fleetdeployments";
 /// Generous: two cores shared with compilers.
 const SETTLE: Duration = Duration::from_secs(60);
-
-/// The operator in a runtime of its own, stopped (as by SIGTERM) on drop.
-struct Operator {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Operator {
-    /// Runs it with a client of `fake` logged as `identity`.
-    fn start(fake: &FakeApi, identity: &str, nats: &str, options: Options) -> Self {
-        let fake = fake.clone();
-        let identity = identity.to_owned();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let connection = Connection::new(vec![nats.to_owned()]);
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            // The client's buffer task lives in this runtime.
-            let client = runtime.block_on(async { fake.client_as(&identity) });
-            runtime.block_on(podfleet_operator::run(client, connection, options, async {
-                let _ = stopped.await;
-            }))
-        });
-        Self {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops it and returns how it ended.
-    fn stop(mut self) -> anyhow::Result<()> {
-        self.halt()
-    }
-
-    fn halt(&mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.thread.take() {
-            Some(thread) => thread.join().unwrap(),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.halt();
-    }
-}
 
 fn options() -> Options {
     let mut options = Options::new(NS);

@@ -12,19 +12,17 @@
 //! tests need no registry.
 
 use std::collections::BTreeMap;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use e2e::agent::tokio_runtime;
-use e2e::kube_fake::{FakeApi, Logged};
+use e2e::kube_fake::{FakeApi, Logged, RunningOperator};
 use e2e::registry::{base64, variant_image, Registry, REGISTRY_PASSWORD, REGISTRY_USER};
 use e2e::{eventually, NatsServer};
 use futures_util::StreamExt;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
-use podfleet_control::context::Connection;
 use podfleet_core::wire::names::DESIRED_BUCKET;
 use podfleet_operator::resources::{Device, DeviceSpec, FleetDeployment, FleetDeploymentSpec};
 use podfleet_operator::Options;
@@ -38,62 +36,16 @@ const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/podfleet/events";
 /// Generous: two cores shared with compilers.
 const SETTLE: Duration = Duration::from_secs(60);
 
-/// The operator in a runtime of its own, stopped (as by SIGTERM) on drop.
-struct Operator {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Operator {
-    /// Runs it with a client of `fake` logged as `identity`, resolving with
-    /// the logins of the Secret [`SECRET`] and `registry` as plain HTTP.
-    fn start(fake: &FakeApi, identity: &str, nats: &str, registry: &Registry) -> Self {
-        let mut options = Options::new(NS);
-        options.engine.device_status_every = Duration::from_millis(300);
-        options.controller.config.status_interval = Duration::from_millis(100);
-        options.registry.auth_secret = Some(SECRET.into());
-        options.registry.insecure = vec![registry.host()];
-        options.identity = identity.to_owned();
-        let fake = fake.clone();
-        let identity = identity.to_owned();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let connection = Connection::new(vec![nats.to_owned()]);
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            let client = runtime.block_on(async { fake.client_as(&identity) });
-            runtime.block_on(podfleet_operator::run(client, connection, options, async {
-                let _ = stopped.await;
-            }))
-        });
-        Self {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) -> anyhow::Result<()> {
-        self.halt()
-    }
-
-    fn halt(&mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.thread.take() {
-            Some(thread) => thread.join().unwrap(),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.halt();
-    }
+/// The operator against `fake` as `identity`, resolving with the logins
+/// of the Secret [`SECRET`] and `registry` as plain HTTP.
+fn operator(fake: &FakeApi, identity: &str, nats: &str, registry: &Registry) -> RunningOperator {
+    let mut options = Options::new(NS);
+    options.engine.device_status_every = Duration::from_millis(300);
+    options.controller.config.status_interval = Duration::from_millis(100);
+    options.registry.auth_secret = Some(SECRET.into());
+    options.registry.insecure = vec![registry.host()];
+    options.identity = identity.to_owned();
+    RunningOperator::start(fake, identity, nats, options)
 }
 
 /// A service `web` of `image`, with `args`.
@@ -241,7 +193,7 @@ fn a_tag_is_pinned_once_per_generation_and_a_repush_rolls_out_nothing() {
             .await
             .unwrap();
     });
-    let first = Operator::start(&fake, "operator", &nats.url(), &registry);
+    let first = operator(&fake, "operator", &nats.url(), &registry);
     let pinned_1 = format!("{image}@{d1}");
     let desired = runtime.block_on(async {
         let desired = kv_store(&nats.url(), DESIRED_BUCKET).await;
@@ -342,7 +294,7 @@ fn a_tag_is_pinned_once_per_generation_and_a_repush_rolls_out_nothing() {
     // A restart reads the record back: no registry, no Secret, and a new
     // device still gets the recorded digest.
     first.stop().unwrap();
-    let second = Operator::start(&fake, "operator-2", &nats.url(), &registry);
+    let second = operator(&fake, "operator-2", &nats.url(), &registry);
     runtime.block_on(async {
         devices
             .create(&PostParams::default(), &device("rpi-03"))
@@ -418,7 +370,7 @@ fn a_refused_login_degrades_only_its_own_fleet_deployment_until_the_secret_is_fi
             .await
             .unwrap();
     });
-    let _operator = Operator::start(&fake, "operator", &nats.url(), &registry);
+    let _operator = operator(&fake, "operator", &nats.url(), &registry);
     runtime.block_on(async {
         let desired = kv_store(&nats.url(), DESIRED_BUCKET).await;
         fds.create(&PostParams::default(), &fleet_deployment("locked", &image))
