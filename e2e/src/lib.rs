@@ -543,21 +543,13 @@ impl NatsServer {
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start nats-server: {e}"));
-        let deadline = Instant::now() + NATS_START_DEADLINE;
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("nats-server exited with {status}:\n{}", self.log());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "nats-server did not accept connections on port {} within {NATS_START_DEADLINE:?}:\n{}",
-                    self.port,
-                    self.log()
-                );
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        await_listening(
+            &mut child,
+            "nats-server",
+            self.port,
+            NATS_START_DEADLINE,
+            || self.log(),
+        );
         self.child = Some(child);
     }
 
@@ -806,6 +798,36 @@ pub(crate) fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
         .unwrap_or_else(|e| panic!("cannot find a free TCP port: {e}"))
+}
+
+/// Waits until `child`, the program `what`, accepts connections on the
+/// loopback `port`.
+///
+/// # Panics
+///
+/// If it exits first, or does not listen `within` (then it is killed),
+/// with `log()`.
+pub(crate) fn await_listening(
+    child: &mut Child,
+    what: &str,
+    port: u16,
+    within: Duration,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + within;
+    while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status}:\n{}", log());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "{what} did not accept connections on port {port} within {within:?}:\n{}",
+                log()
+            );
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
 }
 
 #[cfg(test)]

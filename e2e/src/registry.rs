@@ -17,11 +17,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{find_program, free_port, log_file, podman, read_log, temp_dir, test_image};
+use crate::{
+    await_listening, find_program, free_port, log_file, podman, read_log, temp_dir, test_image,
+};
 
 /// The user the registry accepts.
 pub const REGISTRY_USER: &str = "podfleet";
@@ -33,7 +35,6 @@ pub const VARIANT_REPOSITORY: &str = "localhost/podfleet-variant";
 
 /// How long the registry may take to accept connections.
 const START_DEADLINE: Duration = Duration::from_secs(15);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How often the proxy's threads look at their stop flag.
 const PROXY_TICK: Duration = Duration::from_millis(20);
 
@@ -267,21 +268,13 @@ impl Registry {
             .stderr(log_file(&log))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        let deadline = Instant::now() + START_DEADLINE;
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, self.backend)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("docker-registry exited with {status}:\n{}", self.log());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "docker-registry did not accept connections on port {} within {START_DEADLINE:?}:\n{}",
-                    self.backend,
-                    self.log()
-                );
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        await_listening(
+            &mut child,
+            "docker-registry",
+            self.backend,
+            START_DEADLINE,
+            || self.log(),
+        );
         self.child = Some(child);
         self.proxy = Some(Proxy::start(
             self.port,
