@@ -1040,9 +1040,12 @@ impl Reconciler {
         if entry.take_images_changed() {
             self.image_gc.wanted = true;
         }
-        self.image_gc
-            .referenced
-            .extend(entry.images_referenced().map(str::to_owned));
+        // Called on every input: allocate only for an image not seen yet.
+        for image in entry.images_referenced() {
+            if !self.image_gc.referenced.contains(image) {
+                self.image_gc.referenced.insert(image.to_owned());
+            }
+        }
         if entry.is_gone() {
             self.image_gc.wanted = true;
             // Never lower a tombstone: a deployment the orphan sweep found
@@ -1089,13 +1092,13 @@ impl Reconciler {
     /// being rolled out or torn down (a pass never races a rollout for an
     /// image).
     fn start_image_gc(&mut self) {
-        let idle = !self.deployments.values().any(Deployment::is_busy);
+        // Called after every input: the walk over the deployments comes last.
         if !self.config.image_gc.enabled
             || !self.image_gc.wanted
             || self.image_gc.pass.is_some()
             || !self.inventory_ready
             || self.runtime_health != RuntimeHealth::Ok
-            || !idle
+            || self.deployments.values().any(Deployment::is_busy)
         {
             return;
         }
