@@ -16,15 +16,13 @@
 //!
 //! Needs nats-server (Debian's `nats-server`), started here on a free port.
 
-use std::future::IntoFuture;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::push::OrderedConfig;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use e2e::NatsServer;
-use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use podfleet_agent::buckets::{ensure_bucket, BucketSettings};
 use podfleet_control::client::{BucketPlan, FleetClient};
 use podfleet_control::context::Connection;
@@ -47,33 +45,6 @@ fn manifest(name: &str, image: &str) -> FleetDeployment {
             {"name": "worker", "image": "localhost/worker:3"}]}},
     });
     FleetDeployment::from_value(value).expect("a valid manifest")
-}
-
-/// Publishes `(subject, payload)` pairs with at most [`IN_FLIGHT`]
-/// acknowledgements outstanding.
-async fn pipelined(js: &async_nats::jetstream::Context, items: Vec<(String, Vec<u8>)>) {
-    let mut acks: FuturesUnordered<
-        futures_util::future::BoxFuture<
-            'static,
-            Result<
-                async_nats::jetstream::publish::PublishAck,
-                async_nats::jetstream::context::PublishError,
-            >,
-        >,
-    > = FuturesUnordered::new();
-    for (subject, payload) in items {
-        if acks.len() >= IN_FLIGHT {
-            acks.next().await.expect("an ack").expect("stored");
-        }
-        let ack = js
-            .publish(subject, payload.into())
-            .await
-            .expect("published");
-        acks.push(ack.into_future().boxed());
-    }
-    while let Some(ack) = acks.next().await {
-        ack.expect("stored");
-    }
 }
 
 async fn messages(js: &async_nats::jetstream::Context, bucket: &str) -> u64 {
@@ -157,7 +128,7 @@ async fn main() {
             heartbeat.to_string().into_bytes(),
         ));
     }
-    pipelined(&js, setup).await;
+    e2e::pipelined_puts(&js, setup, IN_FLIGHT).await;
     assert_eq!(messages(&js, HEARTBEAT_BUCKET).await, DEVICES as u64);
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -192,7 +163,7 @@ async fn main() {
             .map(|n| (format!("$KV.{bucket}.rpi-{n:05}.web"), payload.clone()))
             .collect();
         let started = Instant::now();
-        pipelined(&js, items).await;
+        e2e::pipelined_puts(&js, items, IN_FLIGHT).await;
         raw.push(started.elapsed());
 
         // The controller: one apply, a new image each round.

@@ -34,7 +34,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::push::OrderedConfig;
@@ -43,8 +42,7 @@ use async_nats::jetstream::Context as JetStream;
 use e2e::agent::tokio_runtime;
 use e2e::kube_fake::{FakeApi, RunningOperator};
 use e2e::NatsServer;
-use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use kube::api::{Api, PostParams};
 use podfleet_agent::buckets::{ensure_bucket, BucketSettings, DESIRED_HISTORY};
 use podfleet_core::fleet::{API_VERSION, FLEET_DEPLOYMENT_KIND};
@@ -100,27 +98,6 @@ fn operator(fake: &FakeApi, nats: &str) -> RunningOperator {
     RunningOperator::start(fake, "operator", nats, options)
 }
 
-/// Publishes `(subject, payload)` pairs with at most [`IN_FLIGHT`]
-/// acknowledgements outstanding.
-async fn pipelined(js: &JetStream, items: Vec<(String, Vec<u8>)>) {
-    let mut acks = FuturesUnordered::new();
-    for (subject, payload) in items {
-        if acks.len() >= IN_FLIGHT {
-            let ack: Result<_, async_nats::jetstream::context::PublishError> =
-                acks.next().await.expect("an ack");
-            ack.expect("stored");
-        }
-        let ack = js
-            .publish(subject, payload.into())
-            .await
-            .expect("published");
-        acks.push(ack.into_future().boxed());
-    }
-    while let Some(ack) = acks.next().await {
-        ack.expect("stored");
-    }
-}
-
 /// Times [`pipelined`] puts of `payload` to `<device>.web` of a fresh
 /// bucket `bucket` (with the desired bucket's settings), from a client of
 /// its own in a runtime of its own: current-thread for `workers` 0, else a
@@ -156,7 +133,7 @@ fn raw_puts(url: &str, bucket: &str, payload: &[u8], workers: usize) -> Duration
             })
             .collect();
         let started = Instant::now();
-        pipelined(&js, items).await;
+        e2e::pipelined_puts(&js, items, IN_FLIGHT).await;
         let elapsed = started.elapsed();
         assert_eq!(stream_state(&js, bucket).await.0, DEVICES as u64);
         elapsed
@@ -435,7 +412,7 @@ fn round(index: usize) -> Round {
         // 3. Aggregation: 10,000 reports, one status.
         fake.clear_requests();
         let aggregation_started = Instant::now();
-        pipelined(&js, reports).await;
+        e2e::pipelined_puts(&js, reports, IN_FLIGHT).await;
         let reports_written = aggregation_started.elapsed();
         wait_for("running == 10000", Duration::from_millis(5), || async {
             let fd = fake.object(FDS, "web")?;

@@ -830,6 +830,39 @@ pub(crate) fn await_listening(
     }
 }
 
+/// Publishes `(subject, payload)` pairs to JetStream with at most
+/// `in_flight` acknowledgements outstanding: the raw-puts baseline the
+/// control plane's benchmarks compare against.
+///
+/// # Panics
+///
+/// If a publish or its acknowledgement fails.
+pub async fn pipelined_puts(
+    js: &async_nats::jetstream::Context,
+    items: Vec<(String, Vec<u8>)>,
+    in_flight: usize,
+) {
+    use futures_util::stream::FuturesUnordered;
+    use futures_util::{FutureExt, StreamExt};
+    use std::future::IntoFuture;
+    let mut acks = FuturesUnordered::new();
+    for (subject, payload) in items {
+        if acks.len() >= in_flight {
+            let ack: Result<_, async_nats::jetstream::context::PublishError> =
+                acks.next().await.expect("an ack");
+            ack.expect("stored");
+        }
+        let ack = js
+            .publish(subject, payload.into())
+            .await
+            .expect("published");
+        acks.push(ack.into_future().boxed());
+    }
+    while let Some(ack) = acks.next().await {
+        ack.expect("stored");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
