@@ -5,11 +5,13 @@
 //! One name, one behaviour, defined here only: a driver that wants another
 //! behaviour uses another image. [`runtime`] is a fake with the whole
 //! catalogue installed: every image but [`MISSING`] preloaded in its store
-//! and pushed to its registry ([`SIZE`] bytes each); the named groups are
-//! what the generators pick from.
+//! and pushed to its registry ([`SIZE`] bytes each, [`BASE_SIZE`] of them a
+//! base layer all share, as images built from one distribution do); the
+//! named groups are what the generators pick from.
 
 use std::time::Duration;
 
+use crate::registry::Layer;
 use crate::runtime::{Behaviour, FakeRuntime};
 
 /// Runs until stopped, and stops at once on its signal.
@@ -48,8 +50,21 @@ pub const INIT_HANG: &str = "img/init-hang:1";
 pub const MISSING: &str = "img/missing:1";
 
 /// The size of every catalogue image in the registry: two seconds of
-/// transfer at the fake registry's default speed.
+/// transfer at the fake registry's default speed into an empty store.
 pub const SIZE: u64 = 20_000_000;
+
+/// The size of the base layer every catalogue image starts from: a store
+/// that holds one catalogue image fetches only the other
+/// `SIZE - BASE_SIZE` bytes of the next.
+pub const BASE_SIZE: u64 = 16_000_000;
+
+/// The layers of the catalogue image `image`: the shared base, then its own.
+pub fn layers(image: &str) -> Vec<Layer> {
+    vec![
+        Layer::named("catalogue base", BASE_SIZE),
+        Layer::named(image, SIZE - BASE_SIZE),
+    ]
+}
 
 /// Every image of the catalogue.
 pub const ALL: [&str; 14] = [
@@ -116,7 +131,7 @@ pub fn install(runtime: &mut FakeRuntime) {
             runtime.set_behaviour(image, behaviour);
         }
         if image != MISSING {
-            runtime.registry_mut().push(image, SIZE);
+            runtime.registry_mut().push_layers(image, layers(image));
         }
     }
     runtime.remove_image(MISSING);

@@ -6,6 +6,12 @@
 //! begins, from the registry's state then, and lands in the store after its
 //! transfer time ([`FakeRegistry::transfer_time`]): the runtime keeps the
 //! pull in flight until its time comes.
+//!
+//! Images are made of [`Layer`]s, named by digest as registries name blobs.
+//! Images that share a layer (a common base) share it in the store: a pull
+//! fetches only the layers the store does not hold yet, the disk counts each
+//! layer once, and removing an image frees only the layers no other image
+//! still uses, as containers/storage does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -47,14 +53,43 @@ fn sha256_like(seed: &str) -> String {
     format!("sha256:{a:016x}{b:016x}{a:016x}{b:016x}")
 }
 
+/// One layer of an image: a blob the registry serves and the store keeps
+/// once, however many images use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// Its digest (`sha256:...`).
+    pub digest: String,
+    /// Its size, in bytes.
+    pub size: u64,
+}
+
+impl Layer {
+    /// The layer called `name` of `size` bytes: the same name and size give
+    /// the same digest, so images built on one base share it.
+    pub fn named(name: &str, size: u64) -> Self {
+        Self {
+            digest: sha256_like(&format!("layer {name} {size}")),
+            size,
+        }
+    }
+}
+
 /// An image in the local store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredImage {
     /// Its id and the digest it was pulled by.
     pub info: ImageInfo,
-    /// Its size on disk, in bytes (0 for a preloaded image: it is not
-    /// counted against the disk budget).
-    pub size: u64,
+    /// Its layers (none for a preloaded image: it is not counted against the
+    /// disk budget).
+    pub layers: Vec<Layer>,
+}
+
+impl StoredImage {
+    /// Its size, as `podman images` states it: every layer it uses, shared
+    /// or not.
+    pub fn size(&self) -> u64 {
+        self.layers.iter().map(|l| l.size).sum()
+    }
 }
 
 /// The device's local image store.
@@ -128,7 +163,7 @@ impl ImageStore {
                         id: sha256_like(reference),
                         digest: None,
                     },
-                    size: 0,
+                    layers: Vec::new(),
                 },
             );
         }
@@ -141,7 +176,8 @@ impl ImageStore {
     }
 
     /// The images put in or pulled (preloaded ones are not listed), one
-    /// per id: `(id, every reference to it, size)`, by id.
+    /// per id: `(id, every reference to it, size)`, by id. The size counts
+    /// shared layers in full, as podman's does.
     pub fn list(&self) -> Vec<(String, Vec<String>, u64)> {
         let mut by_id: BTreeMap<&str, (Vec<String>, u64)> = BTreeMap::new();
         for (reference, image) in &self.held {
@@ -153,7 +189,7 @@ impl ImageStore {
                     names.push(pinned);
                 }
             }
-            *size = (*size).max(image.size);
+            *size = (*size).max(image.size());
         }
         by_id
             .into_iter()
@@ -176,9 +212,22 @@ impl ImageStore {
         !references.is_empty()
     }
 
-    /// Bytes taken by pulled images.
+    /// Bytes taken by pulled images: each layer once, however many images
+    /// share it.
     pub fn used(&self) -> u64 {
-        self.held.values().map(|i| i.size).sum()
+        let mut layers: BTreeMap<&str, u64> = BTreeMap::new();
+        for layer in self.held.values().flat_map(|i| &i.layers) {
+            layers.insert(&layer.digest, layer.size);
+        }
+        layers.values().sum()
+    }
+
+    /// Whether the store holds the layer `digest` (for any image).
+    pub fn has_layer(&self, digest: &str) -> bool {
+        self.held
+            .values()
+            .flat_map(|i| &i.layers)
+            .any(|l| l.digest == digest)
     }
 
     /// How many bytes pulled images may take; `None`: no limit.
@@ -204,8 +253,15 @@ impl ImageStore {
 pub struct Manifest {
     /// Its digest (`sha256:...`).
     pub digest: String,
-    /// The image's size, in bytes.
-    pub size: u64,
+    /// The image's layers, base first.
+    pub layers: Vec<Layer>,
+}
+
+impl Manifest {
+    /// The image's size: all its layers, in bytes.
+    pub fn size(&self) -> u64 {
+        self.layers.iter().map(|l| l.size).sum()
+    }
 }
 
 /// The registry the device pulls from.
@@ -251,14 +307,21 @@ impl Default for FakeRegistry {
 }
 
 impl FakeRegistry {
-    /// Pushes `reference` (`size` bytes), moving its tag to a new digest,
-    /// which it returns.
+    /// Pushes `reference` as one layer of `size` bytes that no other image
+    /// shares, moving its tag to a new digest, which it returns.
     pub fn push(&mut self, reference: &str, size: u64) -> String {
+        let layer = Layer::named(&format!("{reference}#{}", self.pushes + 1), size);
+        self.push_layers(reference, vec![layer])
+    }
+
+    /// Pushes `reference` made of `layers` (base first), moving its tag to a
+    /// new digest, which it returns.
+    pub fn push_layers(&mut self, reference: &str, layers: Vec<Layer>) -> String {
         self.pushes += 1;
         let digest = sha256_like(&format!("{reference}@{}", self.pushes));
         let manifest = Manifest {
             digest: digest.clone(),
-            size,
+            layers,
         };
         self.hosts.insert(host_of(reference).to_owned());
         self.digests
@@ -355,7 +418,7 @@ impl FakeRegistry {
                 id: sha256_like(&format!("config of {}", manifest.digest)),
                 digest: Some(manifest.digest.clone()),
             },
-            size: manifest.size,
+            layers: manifest.layers.clone(),
         }
     }
 }
@@ -383,8 +446,11 @@ mod tests {
         let first = r.push("img/a:1", 10);
         let second = r.push("img/a:1", 20);
         assert_ne!(first, second);
-        assert_eq!(r.resolve("img/a:1").map(|m| m.size), Ok(20));
-        assert_eq!(r.resolve(&format!("img/a@{first}")).map(|m| m.size), Ok(10));
+        assert_eq!(r.resolve("img/a:1").map(Manifest::size), Ok(20));
+        assert_eq!(
+            r.resolve(&format!("img/a@{first}")).map(Manifest::size),
+            Ok(10)
+        );
         assert_eq!(
             r.resolve("img/b:1").map_err(|(f, _)| f),
             Err(PullFailure::NotFound)
@@ -427,5 +493,29 @@ mod tests {
         assert!(empty.contains("img/a:1"));
         empty.set_capacity(Some(100));
         assert!(empty.fits(60, 40) && !empty.fits(61, 40));
+    }
+
+    #[test]
+    fn shared_layers_count_once_and_go_with_their_last_image() {
+        let base = Layer::named("base", 50);
+        let mut r = FakeRegistry::default();
+        r.push_layers("img/a:1", vec![base.clone(), Layer::named("a", 10)]);
+        r.push_layers("img/b:1", vec![base.clone(), Layer::named("b", 20)]);
+        let mut s = ImageStore::empty();
+        for reference in ["img/a:1", "img/b:1"] {
+            let manifest = r.resolve(reference).unwrap().clone();
+            s.insert(reference, FakeRegistry::pulled(&manifest));
+        }
+        // podman states each image's full size; the disk holds the base once.
+        let sizes: Vec<u64> = s.list().into_iter().map(|(_, _, size)| size).collect();
+        assert_eq!(sizes.iter().sum::<u64>(), 130);
+        assert_eq!(s.used(), 80);
+        let a = s.get("img/a:1").unwrap().id;
+        assert!(s.remove_id(&a));
+        assert_eq!(s.used(), 70, "the base stays with img/b");
+        assert!(s.has_layer(&base.digest));
+        s.remove("img/b:1");
+        assert_eq!(s.used(), 0);
+        assert!(!s.has_layer(&base.digest));
     }
 }

@@ -25,7 +25,7 @@ use podfleet_core::runtime::{
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::{PullFailure, Signal};
 
-use crate::registry::{FakeRegistry, ImageStore, StoredImage};
+use crate::registry::{FakeRegistry, ImageStore, Layer, StoredImage};
 
 /// How the program inside a container behaves, chosen by its argv
 /// ([`FakeRuntime::set_program`]) or else by its image
@@ -169,10 +169,19 @@ pub enum Completion {
 /// A pull under way: where its image lands, and when.
 #[derive(Debug, Clone)]
 struct PullInFlight {
-    started_at: Timestamp,
+    /// When its first layer byte comes (after the manifest's round trip).
+    bytes_from: Timestamp,
     done_at: Timestamp,
     image: String,
     stored: StoredImage,
+    /// The layers it fetches, in order; the others were in the store.
+    missing: Vec<Layer>,
+}
+
+impl PullInFlight {
+    fn bytes(&self) -> u64 {
+        self.missing.iter().map(|l| l.size).sum()
+    }
 }
 
 /// The version a [`FakeRuntime`] states until told otherwise.
@@ -252,22 +261,36 @@ impl FakeRuntime {
         &mut self.registry
     }
 
-    /// How far the pull of `image` has got: its bytes arrive evenly until
-    /// it lands, as one layer.
+    /// How far the pull of `image` has got, as podman's progress stream
+    /// tells it: the layers it fetches arrive one after the other, their
+    /// bytes evenly from the manifest's round trip until the pull lands;
+    /// layers the store already held count as done from the start, with
+    /// no bytes.
     pub fn pull_progress(&self, image: &str) -> Option<PullProgress> {
         let pull = self.pulls.iter().find(|p| p.image == image)?;
-        let span = pull.done_at.saturating_since(pull.started_at).as_millis();
-        let gone = self.now.saturating_since(pull.started_at).as_millis();
-        let total = pull.stored.size;
+        let span = pull.done_at.saturating_since(pull.bytes_from).as_millis();
+        let gone = self.now.saturating_since(pull.bytes_from).as_millis();
+        let total = pull.bytes();
         let downloaded = match span {
             0 => total,
             span => u64::try_from(u128::from(total) * gone.min(span) / span).unwrap_or(total),
         };
+        let mut fetched = 0;
+        let fetched_layers = pull
+            .missing
+            .iter()
+            .take_while(|l| {
+                fetched += l.size;
+                fetched <= downloaded
+            })
+            .count();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let layers = pull.stored.layers.len();
         Some(PullProgress {
             downloaded,
             total,
-            layers_done: u32::from(downloaded == total),
-            layers: 1,
+            layers_done: count(layers - pull.missing.len() + fetched_layers),
+            layers: count(layers),
         })
     }
 
@@ -456,28 +479,37 @@ impl FakeRuntime {
         };
         let stored = FakeRegistry::pulled(&manifest);
         let have = self.images.get(image).and_then(|i| i.digest);
-        // The same digest already in the store: only the manifest is fetched.
-        let bytes = if have.as_ref() == Some(&manifest.digest) {
-            0
+        // Only the layers the store lacks are fetched ("Already exists" for
+        // the others); with the same digest in the store, only the manifest.
+        let missing: Vec<Layer> = if have.as_ref() == Some(&manifest.digest) {
+            Vec::new()
         } else {
-            let reserved = self.pulls.iter().map(|p| p.stored.size).sum();
-            if !self.images.fits(manifest.size, reserved) {
-                return failed(
-                    PullFailure::NoSpace,
-                    format!(
-                        "writing blob: storing blob to file: write /var/lib/containers/storage: no space left on device ({image})"
-                    ),
-                );
-            }
-            manifest.size
+            manifest
+                .layers
+                .iter()
+                .filter(|l| !self.images.has_layer(&l.digest))
+                .cloned()
+                .collect()
         };
+        let bytes = missing.iter().map(|l| l.size).sum();
+        let reserved = self.pulls.iter().map(PullInFlight::bytes).sum();
+        if bytes > 0 && !self.images.fits(bytes, reserved) {
+            return failed(
+                PullFailure::NoSpace,
+                format!(
+                    "writing blob: storing blob to file: write /var/lib/containers/storage: no space left on device ({image})"
+                ),
+            );
+        }
+        let (_, round_trip) = self.registry.speed();
         let at = self.now + self.registry.transfer_time(bytes);
         let info = stored.info.clone();
         self.pulls.push(PullInFlight {
-            started_at: self.now,
+            bytes_from: self.now + round_trip,
             done_at: at,
             image: image.to_owned(),
             stored,
+            missing,
         });
         Completion::At {
             at,
@@ -874,6 +906,88 @@ mod tests {
         );
         rt.images_mut().set_capacity(None);
         assert!(matches!(pull(&mut rt, "img/c:1"), Completion::At { .. }));
+    }
+
+    #[test]
+    fn a_pull_fetches_only_the_layers_the_store_lacks_and_reports_them() {
+        let mut rt = FakeRuntime::new();
+        *rt.images_mut() = ImageStore::empty();
+        rt.images_mut().set_capacity(Some(100_000_000));
+        let base = Layer::named("debian", 40_000_000);
+        let app = |v: &str| Layer::named(&format!("app {v}"), 10_000_000);
+        rt.registry_mut()
+            .push_layers("img/a:1", vec![base.clone(), app("1")]);
+        rt.registry_mut()
+            .push_layers("img/a:2", vec![base.clone(), app("2"), app("2 config")]);
+        // The first image brings the base: 100 ms + 50 MB at 10 MB/s.
+        let Completion::At { at, .. } = pull(&mut rt, "img/a:1") else {
+            panic!("a pull takes time");
+        };
+        assert_eq!(at, Timestamp::from_millis(5_100));
+        // Halfway through the base: no layer done yet.
+        rt.advance(Timestamp::from_millis(2_100));
+        assert_eq!(
+            rt.pull_progress("img/a:1"),
+            Some(PullProgress {
+                downloaded: 20_000_000,
+                total: 50_000_000,
+                layers_done: 0,
+                layers: 2,
+            })
+        );
+        rt.advance(Timestamp::from_millis(4_600));
+        assert_eq!(
+            rt.pull_progress("img/a:1")
+                .map(|p| (p.downloaded, p.layers_done)),
+            Some((45_000_000, 1))
+        );
+        rt.advance(at);
+        assert_eq!(rt.pull_progress("img/a:1"), None);
+        assert_eq!(rt.images().used(), 50_000_000);
+        // The upgrade shares the base: only its two own layers travel, and
+        // the base counts as done from the start.
+        let Completion::At { at: upgraded, .. } = pull(&mut rt, "img/a:2") else {
+            panic!("a pull takes time");
+        };
+        assert_eq!(upgraded, at + Duration::from_millis(2_100));
+        assert_eq!(
+            rt.pull_progress("img/a:2"),
+            Some(PullProgress {
+                downloaded: 0,
+                total: 20_000_000,
+                layers_done: 1,
+                layers: 3,
+            })
+        );
+        rt.advance(upgraded);
+        assert_eq!(rt.images().used(), 70_000_000, "the base is held once");
+        // 10 MB of room left: a 50 MB image on the same base fits, since
+        // only its own 10 MB layer travels.
+        rt.images_mut().set_capacity(Some(80_000_000));
+        rt.registry_mut()
+            .push_layers("img/b:1", vec![base.clone(), app("b")]);
+        let Completion::At { at: b, .. } = pull(&mut rt, "img/b:1") else {
+            panic!("the base is shared, so 10 MB fit");
+        };
+        rt.advance(b);
+        assert_eq!(rt.images().used(), 80_000_000);
+        // Removing an image frees only what no other image uses.
+        let one = rt.image("img/a:1").unwrap().id;
+        assert!(matches!(
+            rt.execute(&RuntimeOp::RemoveImage { id: one }),
+            Completion::Ready(Ok(RuntimeReply::ImageRemoved))
+        ));
+        assert_eq!(rt.images().used(), 70_000_000);
+        let listed = match rt.execute(&RuntimeOp::ListImages) {
+            Completion::Ready(Ok(RuntimeReply::ImagesListed { images, disk })) => {
+                assert_eq!(disk.map(|d| d.used), Some(70_000_000));
+                images
+            }
+            other => panic!("list images answered {other:?}"),
+        };
+        // podman states each image's full size, shared layers included.
+        let sizes: Vec<u64> = listed.iter().map(|i| i.size).collect();
+        assert_eq!(sizes.iter().sum::<u64>(), 110_000_000, "{listed:?}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use podfleet_core::reconciler::{Bugs, Config, ImageGcPolicy};
 use podfleet_core::runtime::{ContainerSpec, ImageInfo, RuntimeOp};
 use podfleet_core::wire::{DeploymentName, DeviceId, Phase, Signal};
 use podfleet_testkit::images::{self, APP_1, A_1, A_2, INIT_OK};
-use podfleet_testkit::registry::StoredImage;
+use podfleet_testkit::registry::{Layer, StoredImage};
 use podfleet_testkit::{Harness, ImageStore, Invariant};
 
 fn score(image: &str) -> String {
@@ -105,16 +105,18 @@ fn a_full_disk_loses_unused_images_of_others_oldest_first() {
             id: format!("sha256:{name}"),
             digest: None,
         },
-        size: 30_000_000,
+        layers: vec![Layer::named(name, 32_000_000)],
     };
     h.runtime.images_mut().set_capacity(Some(100_000_000));
     h.runtime.images_mut().insert("other/tool:1", tool("tool1"));
     h.runtime.images_mut().insert("other/tool:2", tool("tool2"));
-    // 60 MB of others', then 20 MB of A_1: 80 %, below the high mark.
+    // 64 MB of others', then 20 MB of A_1: 84 %, below the high mark.
     roll_out(&mut h, 1, A_1);
     assert!(h.runtime.image("other/tool:1").is_some());
-    // 20 MB more: 100 %. The others' images go until below 70 %; A_1 is
-    // the previous revision and stays.
+    assert_eq!(h.runtime.images().used(), 84_000_000);
+    // A_2 shares A_1's base layer: 4 MB more, 88 %. The others' images go,
+    // oldest first, until below 70 %: one is enough. A_1 is the previous
+    // revision and stays.
     roll_out(&mut h, 2, A_2);
     assert!(
         h.runtime.image("other/tool:1").is_none(),
@@ -122,12 +124,12 @@ fn a_full_disk_loses_unused_images_of_others_oldest_first() {
         h.transcript
     );
     assert!(
-        h.runtime.image("other/tool:2").is_none(),
+        h.runtime.image("other/tool:2").is_some(),
         "{}",
         h.transcript
     );
     assert!(h.runtime.image(A_1).is_some() && h.runtime.image(A_2).is_some());
-    assert_eq!(h.runtime.images().used(), 40_000_000);
+    assert_eq!(h.runtime.images().used(), 56_000_000);
 }
 
 #[test]
