@@ -280,6 +280,8 @@ mod tests {
                 attempt: 2,
                 restarts: BTreeMap::new(),
                 image_digests: BTreeMap::new(),
+                exit_codes: BTreeMap::new(),
+                verified: BTreeMap::new(),
                 summarised: false,
             },
         }

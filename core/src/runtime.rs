@@ -135,6 +135,27 @@ pub enum RuntimeOp {
         /// The image id, as [`ImageSummary::id`] gives it.
         id: String,
     },
+    /// Write one file into a container (created or running), making its
+    /// parent directories: how a setup script is delivered.
+    CopyFile {
+        /// Id or name.
+        container: String,
+        /// Absolute path inside the container.
+        path: String,
+        /// The file's bytes, as text.
+        content: String,
+        /// Its permission bits, e.g. `0o700`.
+        mode: u32,
+    },
+    /// Run `argv` inside a running container, stdin from `/dev/null`, and
+    /// wait for it to exit. The core keeps the deadline: it walks away from
+    /// an exec that runs too long.
+    Exec {
+        /// Id or name.
+        container: String,
+        /// The program and its arguments.
+        argv: Vec<String>,
+    },
 }
 
 impl RuntimeOp {
@@ -152,6 +173,8 @@ impl RuntimeOp {
             RuntimeOp::Pull { .. } => RuntimeOperation::Pull,
             RuntimeOp::ListImages => RuntimeOperation::ListImages,
             RuntimeOp::RemoveImage { .. } => RuntimeOperation::RemoveImage,
+            RuntimeOp::CopyFile { .. } => RuntimeOperation::CopyFile,
+            RuntimeOp::Exec { .. } => RuntimeOperation::Exec,
         }
     }
 
@@ -174,7 +197,9 @@ impl RuntimeOp {
             | RuntimeOp::Wait { container }
             | RuntimeOp::Inspect { container }
             | RuntimeOp::Stop { container, .. }
-            | RuntimeOp::Remove { container, .. } => Some(container),
+            | RuntimeOp::Remove { container, .. }
+            | RuntimeOp::CopyFile { container, .. }
+            | RuntimeOp::Exec { container, .. } => Some(container),
         }
     }
 
@@ -186,8 +211,8 @@ impl RuntimeOp {
         }
     }
 
-    /// Whether the operation can change a container's state (a pull adds
-    /// to the image store and touches no container).
+    /// Whether the operation can change a container's state or contents
+    /// (a pull adds to the image store and touches no container).
     pub fn is_mutation(&self) -> bool {
         matches!(
             self,
@@ -195,6 +220,8 @@ impl RuntimeOp {
                 | RuntimeOp::Start { .. }
                 | RuntimeOp::Stop { .. }
                 | RuntimeOp::Remove { .. }
+                | RuntimeOp::CopyFile { .. }
+                | RuntimeOp::Exec { .. }
         )
     }
 }
@@ -246,6 +273,9 @@ pub struct ContainerStatus {
     pub state: ContainerState,
     /// The exit code once the container has exited.
     pub exit_code: Option<i64>,
+    /// The id of the image it was created from, when the runtime said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
 }
 
 /// How a [`RuntimeOp::Stop`] ended.
@@ -312,7 +342,21 @@ pub enum RuntimeReply {
     },
     /// Answer to `remove_image`.
     ImageRemoved,
+    /// Answer to `copy_file`.
+    FileCopied,
+    /// Answer to `exec`: the command ran and exited.
+    Executed {
+        /// Its exit code.
+        exit_code: i64,
+        /// The end of its output, stdout and stderr interleaved, at most
+        /// [`EXEC_OUTPUT_MAX_BYTES`].
+        output: String,
+    },
 }
+
+/// The most bytes of an exec's output a [`RuntimeReply::Executed`] keeps
+/// (its end).
+pub const EXEC_OUTPUT_MAX_BYTES: usize = 4096;
 
 /// How far a pull has got, as the runtime tells it while the pull runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -390,6 +434,9 @@ pub enum RuntimeErrorKind {
     Pull(PullFailure),
     /// `remove_image` refused: a container uses the image.
     ImageInUse,
+    /// This runtime does not offer the operation: a refusal, never a
+    /// failure of the container.
+    Unsupported,
     /// Anything else.
     Other,
 }

@@ -40,6 +40,8 @@ fn full_score() -> PodmanV0Score {
                     protocol: Protocol::Tcp,
                 }],
                 pull_policy: None,
+                container: None,
+                setup_script: None,
             },
             PodmanService {
                 name: "worker".into(),
@@ -53,6 +55,8 @@ fn full_score() -> PodmanV0Score {
                 }],
                 ports: vec![],
                 pull_policy: None,
+                container: None,
+                setup_script: None,
             },
         ],
         init_containers: vec![
@@ -79,6 +83,7 @@ fn full_score() -> PodmanV0Score {
             stop_signal: Signal::Int,
             grace_period_secs: 10,
         }),
+        lifetime: None,
     }
 }
 
@@ -112,6 +117,8 @@ fn running_state() -> DeploymentState {
             "web".into(),
             "sha256:4b825dc642cb6eb9a060e54bf8d69288fbee4904b825dc642cb6eb9a060e54bf".into(),
         )]),
+        exit_codes: BTreeMap::new(),
+        verified: BTreeMap::new(),
         summarised: false,
     }
 }
@@ -141,6 +148,21 @@ fn failure_causes() -> Vec<FailureCause> {
             service: "worker".into(),
             restarts: 5,
             last_exit_code: Some(1),
+        },
+        FailureCause::Unverified {
+            service: "web".into(),
+            container: "nginx".into(),
+            status: VerifiedStatus::Drifted,
+            evidence: "runs image sha256:1111, the score's image names sha256:2222".into(),
+        },
+        FailureCause::RunFailed {
+            service: "worker".into(),
+            exit_code: 2,
+        },
+        FailureCause::SetupScriptFailed {
+            service: "web".into(),
+            exit_code: Some(127),
+            output: "setup.sh: line 3: apt-get: not found".into(),
         },
     ]
 }
@@ -192,10 +214,46 @@ fn deployment_state_json_is_stable() {
         attempt: 3,
         restarts: BTreeMap::new(),
         image_digests: BTreeMap::new(),
+        exit_codes: BTreeMap::new(),
+        verified: BTreeMap::new(),
         summarised: false,
     };
     round_trip(&failed);
     insta::assert_json_snapshot!("state_failed", failed);
+    // A per_run revision that ran to completion, and a no_launch one whose
+    // container was found stopped.
+    let succeeded = DeploymentState {
+        phase: Phase::Succeeded,
+        message: "2 services ran to completion".into(),
+        cause: None,
+        container_ids: BTreeMap::new(),
+        exit_codes: BTreeMap::from([("web".into(), 0), ("worker".into(), 0)]),
+        ..failed.clone()
+    };
+    round_trip(&succeeded);
+    insta::assert_json_snapshot!("state_succeeded", succeeded);
+    let verified = DeploymentState {
+        phase: Phase::Failed,
+        message: "service \"web\": container \"nginx\" is stopped: exited with code 0".into(),
+        cause: Some(FailureCause::Unverified {
+            service: "web".into(),
+            container: "nginx".into(),
+            status: VerifiedStatus::Stopped,
+            evidence: "exited with code 0".into(),
+        }),
+        container_ids: BTreeMap::new(),
+        verified: BTreeMap::from([(
+            "web".into(),
+            Verification {
+                container: "nginx".into(),
+                status: VerifiedStatus::Stopped,
+                evidence: "exited with code 0".into(),
+            },
+        )]),
+        ..failed.clone()
+    };
+    round_trip(&verified);
+    insta::assert_json_snapshot!("state_verified", verified);
     let pending: DeploymentState =
         serde_json::from_str(r#"{"phase":"pending","revision":1}"#).unwrap();
     assert!(pending.container_ids.is_empty() && pending.cause.is_none() && pending.attempt == 0);

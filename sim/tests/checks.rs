@@ -78,6 +78,8 @@ impl World {
                 cause,
                 attempt: 1,
                 image_digests: BTreeMap::new(),
+                exit_codes: BTreeMap::new(),
+                verified: BTreeMap::new(),
                 restarts: BTreeMap::new(),
                 summarised: false,
             };

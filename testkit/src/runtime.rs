@@ -87,6 +87,8 @@ pub struct FakeContainer {
     pub exit_code: Option<i64>,
     /// How often it has been started.
     pub starts: u32,
+    /// The id of the image it was created from, as the store had it then.
+    pub image_id: Option<String>,
     /// When it will exit, with which code, and whether by the kill.
     exit_at: Option<(Timestamp, i64, bool)>,
     /// Inspect says "running" until then.
@@ -438,6 +440,7 @@ impl FakeRuntime {
                 format!("the container name {:?} is already in use", spec.name),
             ));
         }
+        let image_id = self.images.get(&spec.image).map(|i| i.id);
         self.next_id += 1;
         let id = format!("{:012x}", self.next_id * 0x9e37_79b9);
         self.events.push((
@@ -455,6 +458,7 @@ impl FakeRuntime {
                 state: ContainerState::Created,
                 exit_code: None,
                 starts: 0,
+                image_id,
                 exit_at: None,
                 lagging_until: None,
                 stopping: None,
@@ -575,6 +579,10 @@ impl FakeRuntime {
         match op {
             RuntimeOp::ListImages => ready(Ok(self.list_images())),
             RuntimeOp::RemoveImage { id } => ready(self.remove_image_by_id(id)),
+            RuntimeOp::CopyFile { .. } | RuntimeOp::Exec { .. } => ready(Err(RuntimeError::new(
+                RuntimeErrorKind::Unsupported,
+                format!("{} is not modelled yet", op.name()),
+            ))),
             RuntimeOp::List => ready(Ok(RuntimeReply::Listed {
                 containers: self
                     .containers
@@ -635,6 +643,7 @@ impl FakeRuntime {
                             c.state
                         },
                         exit_code: if lagging { None } else { c.exit_code },
+                        image_id: c.image_id.clone(),
                     },
                 }
             })),

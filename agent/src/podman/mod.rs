@@ -291,6 +291,7 @@ impl PodmanRuntime {
                 } else {
                     None
                 },
+                image_id: answer.image.filter(|i| !i.is_empty()),
             },
             oom_killed: answer.state.oom_killed,
         })
@@ -576,6 +577,10 @@ impl ContainerRuntime for PodmanRuntime {
             RuntimeOp::Pull { image } => self.pull(image).await,
             RuntimeOp::ListImages => self.list_images().await,
             RuntimeOp::RemoveImage { id } => self.remove_image(id).await,
+            RuntimeOp::CopyFile { .. } | RuntimeOp::Exec { .. } => Err(RuntimeError::new(
+                RuntimeErrorKind::Unsupported,
+                format!("{} is not implemented yet", op.name()),
+            )),
         }
     }
 
@@ -864,6 +869,10 @@ struct InspectAnswer {
     id: String,
     #[serde(rename = "State")]
     state: InspectState,
+    /// The id of the image it was created from (Docker's and podman's
+    /// compat answer: `sha256:<hex>`).
+    #[serde(rename = "Image", default)]
+    image: Option<String>,
 }
 
 #[derive(Deserialize)]

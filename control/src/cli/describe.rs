@@ -26,6 +26,7 @@ pub fn phase_word(phase: Phase) -> &'static str {
         Phase::Pending => "Pending",
         Phase::Running => "Running",
         Phase::Failed => "Failed",
+        Phase::Succeeded => "Succeeded",
     }
 }
 

@@ -174,6 +174,7 @@ mod tests {
                 pending,
                 running,
                 failed,
+                succeeded: 0,
             },
             offline: u32::from(pending > 1),
             failures: Vec::new(),

@@ -434,6 +434,14 @@ pub struct PhaseCounts {
     pub running: u32,
     /// Failed on the current revision.
     pub failed: u32,
+    /// `per_run`: ran the current revision to completion, every service
+    /// exiting 0. Left out of the JSON when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub succeeded: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl PhaseCounts {
@@ -442,6 +450,7 @@ impl PhaseCounts {
             Phase::Pending => self.pending += 1,
             Phase::Running => self.running += 1,
             Phase::Failed => self.failed += 1,
+            Phase::Succeeded => self.succeeded += 1,
         }
     }
 }
@@ -474,6 +483,9 @@ pub fn cause_reason(cause: &FailureCause) -> &'static str {
         FailureCause::Runtime { .. } => "runtime",
         FailureCause::CrashLoop { .. } => "crash_loop",
         FailureCause::ImagePull { .. } => "image_pull",
+        FailureCause::Unverified { .. } => "unverified",
+        FailureCause::RunFailed { .. } => "run_failed",
+        FailureCause::SetupScriptFailed { .. } => "setup_script_failed",
     }
 }
 
@@ -511,6 +523,27 @@ pub fn describe_cause(cause: &FailureCause) -> String {
             reason,
             error,
         } => format!("image {image:?} could not be pulled ({reason}): {error}; the previous revision keeps running"),
+        FailureCause::Unverified {
+            service,
+            container,
+            status,
+            evidence,
+        } => format!("service {service:?}: container {container:?} is {status}: {evidence}"),
+        FailureCause::RunFailed { service, exit_code } => {
+            format!("service {service:?} ran and exited with code {exit_code}")
+        }
+        FailureCause::SetupScriptFailed {
+            service,
+            exit_code,
+            output,
+        } => match exit_code {
+            Some(code) => format!(
+                "the setup script of service {service:?} exited with code {code}; its container was removed; output: {output}"
+            ),
+            None => format!(
+                "the setup script of service {service:?} ran past its timeout; its container was removed; output: {output}"
+            ),
+        },
     }
 }
 

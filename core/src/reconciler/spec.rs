@@ -112,6 +112,8 @@ mod tests {
             volumes: vec![],
             ports: vec![],
             pull_policy: None,
+            container: None,
+            setup_script: None,
         }
     }
 

@@ -20,11 +20,12 @@ pub use ids::{InitName, Revision, ServiceName};
 pub use names::{CommandSubject, DeploymentKey, DeploymentName, DeviceId, NameError, Verb};
 pub use report::{
     DeploymentState, FailureCause, Heartbeat, Phase, PullFailure, RestartRecord, RuntimeHealth,
-    RuntimeOperation,
+    RuntimeOperation, Verification, VerifiedStatus,
 };
 pub use score::{
-    InitContainer, LifecyclePolicy, PodmanService, PodmanV0Score, PortMapping, Protocol,
-    PullPolicy, ScoreError, Signal, VolumeMount, DEFAULT_INIT_CONTAINER_TIMEOUT,
+    InitContainer, Lifetime, LifecyclePolicy, PodmanService, PodmanV0Score, PortMapping,
+    Protocol, PullPolicy, ScoreError, Signal, VolumeMount, DEFAULT_INIT_CONTAINER_TIMEOUT,
+    SETUP_SCRIPT_MAX_BYTES,
 };
 
 /// The JSON Schema of [`PodmanV0Score`], as checked into docs/score.schema.json.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::ids::{InitName, Revision, ServiceName};
 use crate::wire::names::DeviceId;
-use crate::wire::text::bounded;
+use crate::wire::text::{bounded, bounded_tail};
 
 /// Where a deployment stands on its device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -25,6 +25,8 @@ pub enum Phase {
     Running,
     /// The revision failed; `cause` says why. Nothing older is restored.
     Failed,
+    /// A `per_run` revision ran to completion: every service exited 0.
+    Succeeded,
 }
 
 /// A container runtime call, as named in [`FailureCause::Runtime`].
@@ -55,6 +57,10 @@ pub enum RuntimeOperation {
     ListImages,
     /// Removing an image from the device's store.
     RemoveImage,
+    /// Copying a file into a container.
+    CopyFile,
+    /// Running a command inside a container.
+    Exec,
     /// A call this version does not know (from a newer agent).
     #[serde(other)]
     Other,
@@ -75,6 +81,8 @@ impl RuntimeOperation {
             RuntimeOperation::Pull => "pull",
             RuntimeOperation::ListImages => "list_images",
             RuntimeOperation::RemoveImage => "remove_image",
+            RuntimeOperation::CopyFile => "copy_file",
+            RuntimeOperation::Exec => "exec",
             RuntimeOperation::Other => "other",
         }
     }
@@ -117,6 +125,13 @@ pub struct DeploymentState {
     /// created by an older agent) is absent.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub image_digests: BTreeMap<ServiceName, String>,
+    /// `per_run`: service name -> the exit code of its run, for every
+    /// service whose run has ended.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exit_codes: BTreeMap<ServiceName, i64>,
+    /// `no_launch`: service name -> what the last verification found.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub verified: BTreeMap<ServiceName, Verification>,
     /// This is a [summary](DeploymentState::summarised): the full report was
     /// over the broker's limit, so `container_ids`, `restarts` and
     /// `image_digests` are left out and the texts are cut.
@@ -153,9 +168,62 @@ impl DeploymentState {
             cause,
             attempt: self.attempt,
             image_digests: BTreeMap::new(),
+            exit_codes: BTreeMap::new(),
+            verified: BTreeMap::new(),
             restarts: BTreeMap::new(),
             summarised: true,
         }
+    }
+}
+
+/// What verifying a `no_launch` service's container found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Verification {
+    /// The container verified, by name.
+    pub container: String,
+    /// What was found.
+    pub status: VerifiedStatus,
+    /// What shows it, for people: the state, the exit code, the image ids
+    /// compared, the runtime's error.
+    pub evidence: String,
+}
+
+/// What verifying a `no_launch` container found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifiedStatus {
+    /// It exists, runs, and runs the expected image.
+    Running,
+    /// No container has that name.
+    Missing,
+    /// It exists and runs the expected image, but does not run (exited,
+    /// created, paused).
+    Stopped,
+    /// It runs another image than the score names, or the score's image
+    /// cannot be read in the device's store (an unreadable tag is never a
+    /// pass).
+    Drifted,
+    /// The runtime could not be asked: nothing is known, and nothing is
+    /// assumed.
+    Unknown,
+}
+
+impl VerifiedStatus {
+    /// The status's name on the wire: `"running"`, `"missing"`...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifiedStatus::Running => "running",
+            VerifiedStatus::Missing => "missing",
+            VerifiedStatus::Stopped => "stopped",
+            VerifiedStatus::Drifted => "drifted",
+            VerifiedStatus::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for VerifiedStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -219,6 +287,37 @@ pub enum FailureCause {
         /// The runtime's or the registry's own words.
         error: String,
     },
+    /// A `no_launch` service's container is not as the score says; the
+    /// first such service in score order (`verified` has them all).
+    Unverified {
+        /// The service.
+        service: ServiceName,
+        /// Its container, by name.
+        container: String,
+        /// What was found.
+        status: VerifiedStatus,
+        /// What shows it.
+        evidence: String,
+    },
+    /// A `per_run` service's run exited non-zero; the first such service in
+    /// score order (`exit_codes` has every one).
+    RunFailed {
+        /// The service.
+        service: ServiceName,
+        /// Its exit code.
+        exit_code: i64,
+    },
+    /// A service's `setup_script` failed in its fresh container, which was
+    /// removed; retried with the usual capped backoff.
+    SetupScriptFailed {
+        /// The service.
+        service: ServiceName,
+        /// The script's exit code; absent when it ran past its timeout.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i64>,
+        /// The end of its output (stdout and stderr together).
+        output: String,
+    },
     /// A service keeps exiting; it is restarted with a capped backoff and
     /// never given up on. Does not block a newer revision.
     CrashLoop {
@@ -246,7 +345,25 @@ impl FailureCause {
             FailureCause::InitContainerExited { name, .. }
             | FailureCause::InitContainerTimedOut { name, .. }
             | FailureCause::StillRunningAfterWait { name } => *name = bounded(name, max).into(),
-            FailureCause::CrashLoop { service, .. } => *service = bounded(service, max).into(),
+            FailureCause::CrashLoop { service, .. } | FailureCause::RunFailed { service, .. } => {
+                *service = bounded(service, max).into();
+            }
+            FailureCause::Unverified {
+                service,
+                container,
+                evidence,
+                ..
+            } => {
+                *service = bounded(service, max).into();
+                *container = bounded(container, max);
+                *evidence = bounded(evidence, max);
+            }
+            FailureCause::SetupScriptFailed {
+                service, output, ..
+            } => {
+                *service = bounded(service, max).into();
+                *output = bounded_tail(output, max);
+            }
             FailureCause::ImagePull { image, error, .. } => {
                 *image = bounded(image, max);
                 *error = bounded(error, max);

@@ -61,7 +61,61 @@ pub struct PodmanV0Score {
     /// How service containers are stopped; `None` means SIGTERM and 30 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<LifecyclePolicy>,
+    /// What podfleet does with the deployment's containers over time:
+    /// `persistent`, `per_run` or `no_launch`. Absent and `null` both mean
+    /// `persistent`, what every score meant before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<Lifetime>,
 }
+
+/// What podfleet does with a deployment's containers over time
+/// (docs/lifetimes.md has the whole truth table).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifetime {
+    /// Long-running services: created once per revision, adopted across
+    /// agent restarts and reboots, restarted when they exit, never
+    /// recreated while their spec is unchanged.
+    #[default]
+    Persistent,
+    /// A run to completion: each service runs once per revision, its exit
+    /// code is reported (`succeeded` when every one exited 0), and its
+    /// container is removed once it has exited.
+    PerRun,
+    /// podfleet never creates, starts, stops or removes anything: it
+    /// verifies that each service's existing container runs the expected
+    /// image, and reports what it found.
+    NoLaunch,
+}
+
+impl Lifetime {
+    /// The lifetime's name on the wire: `"persistent"`, `"per_run"`, `"no_launch"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifetime::Persistent => "persistent",
+            Lifetime::PerRun => "per_run",
+            Lifetime::NoLaunch => "no_launch",
+        }
+    }
+}
+
+impl fmt::Display for Lifetime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The most bytes a service's `setup_script` may have.
+///
+/// A score travels whole in one broker message (1 MiB by default) to every
+/// device it targets and is kept in the agent's cache; docs/lifetimes.md
+/// gives the measurements behind this figure.
+pub const SETUP_SCRIPT_MAX_BYTES: usize = 64 * 1024;
+
+/// The most bytes of an existing container's name (`container`).
+pub const CONTAINER_NAME_MAX_BYTES: usize = 253;
 
 /// One long-running service container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -91,9 +145,28 @@ pub struct PodmanService {
     /// the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_policy: Option<PullPolicy>,
+    /// `no_launch` only: the name of the existing container this service
+    /// verifies (podman's rule: a letter or digit, then letters, digits,
+    /// `_`, `.` or `-`); absent means the service's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = CONTAINER_NAME_PATTERN), length(max = 253))]
+    pub container: Option<String>,
+    /// A script run inside each freshly created container of the service,
+    /// after it starts and before the service counts as running: delivered
+    /// as a file and run by `/bin/sh` with `-e -o pipefail` and stdin from
+    /// `/dev/null`. Never run on a container adopted as it was. At most
+    /// 65,536 bytes; not with `no_launch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub setup_script: Option<String>,
 }
 
 impl PodmanService {
+    /// The name of the container a `no_launch` service verifies.
+    pub fn container_name(&self) -> &str {
+        self.container.as_deref().unwrap_or(self.name.as_str())
+    }
+
     /// The pull policy in force: the one set, else the image's default.
     pub fn pull_policy(&self) -> PullPolicy {
         self.pull_policy
@@ -465,6 +538,32 @@ pub enum ScoreError {
         /// The service.
         service: String,
     },
+    /// A field the score's lifetime does not take.
+    #[error("{} sets {field}, which lifetime {lifetime} does not take{}", if .container.is_empty() { "the score".to_owned() } else { Quoted(.container).to_string() }, lifetime_hint(.field, *.lifetime))]
+    NotWithLifetime {
+        /// The service or init container, or empty for a score-wide field.
+        container: String,
+        /// The field.
+        field: &'static str,
+        /// The score's lifetime.
+        lifetime: Lifetime,
+    },
+    /// A `no_launch` service's `container` is not a podman container name.
+    #[error("service {} names container {}: a container name is a letter or digit, then letters, digits, '_', '.' or '-', at most 253 bytes", Quoted(.service), Quoted(.name))]
+    InvalidContainerName {
+        /// The service.
+        service: String,
+        /// The name given.
+        name: String,
+    },
+    /// A `setup_script` is empty or too large.
+    #[error("service {} has a setup_script of {bytes} bytes: it must be 1 to 65536 bytes", Quoted(.service))]
+    SetupScriptSize {
+        /// The service.
+        service: String,
+        /// The script's size.
+        bytes: usize,
+    },
     /// Two services publish the same host port and protocol.
     #[error("host port {port}/{protocol} is published by both {} and {}: a host port can be published once", Quoted(.first), Quoted(.second))]
     PortConflict {
@@ -477,6 +576,17 @@ pub enum ScoreError {
         /// The second service publishing it.
         second: String,
     },
+}
+
+/// Why a lifetime refuses a field, for [`ScoreError::NotWithLifetime`].
+fn lifetime_hint(field: &str, lifetime: Lifetime) -> &'static str {
+    match (lifetime, field) {
+        (Lifetime::NoLaunch, _) => {
+            ": podfleet never creates a no_launch deployment's containers, so what would create them is refused"
+        }
+        (_, "container") => ": only a no_launch service names an existing container",
+        _ => "",
+    }
 }
 
 impl ScoreError {
@@ -528,6 +638,19 @@ impl ScoreError {
                 container: name, ..
             } => container(name, "volumes"),
             ScoreError::ZeroPort { service: name } => container(name, "ports"),
+            ScoreError::NotWithLifetime {
+                container: name,
+                field,
+                ..
+            } => match (*field, name.is_empty()) {
+                ("init_containers", _) => init(name)
+                    .map(|i| format!("init_containers[{i}]"))
+                    .unwrap_or_default(),
+                (field, true) => field.to_owned(),
+                (field, false) => container(name, field),
+            },
+            ScoreError::InvalidContainerName { service: name, .. } => container(name, "container"),
+            ScoreError::SetupScriptSize { service: name, .. } => container(name, "setup_script"),
             ScoreError::PortConflict { second, .. } => container(second, "ports"),
         }
     }
@@ -570,6 +693,11 @@ impl PodmanV0Score {
         self.lifecycle.clone().unwrap_or_default()
     }
 
+    /// The lifetime in force: [`Lifetime::Persistent`] unless set.
+    pub fn lifetime(&self) -> Lifetime {
+        self.lifetime.unwrap_or_default()
+    }
+
     /// Checks every rule a score must follow.
     ///
     /// # Errors
@@ -593,6 +721,7 @@ impl PodmanV0Score {
                 &service.env,
                 &service.volumes,
             )?;
+            validate_lifetime_fields(self.lifetime(), service)?;
             for port in &service.ports {
                 if port.host_port == 0 || port.container_port == 0 {
                     return Err(ScoreError::ZeroPort {
@@ -609,6 +738,22 @@ impl PodmanV0Score {
                         second: service.name.to_string(),
                     });
                 }
+            }
+        }
+        if self.lifetime() == Lifetime::NoLaunch {
+            if let Some(init) = self.init_containers.first() {
+                return Err(ScoreError::NotWithLifetime {
+                    container: init.name.to_string(),
+                    field: "init_containers",
+                    lifetime: Lifetime::NoLaunch,
+                });
+            }
+            if self.lifecycle.is_some() {
+                return Err(ScoreError::NotWithLifetime {
+                    container: String::new(),
+                    field: "lifecycle",
+                    lifetime: Lifetime::NoLaunch,
+                });
             }
         }
         let mut inits = BTreeSet::new();
@@ -649,6 +794,56 @@ const ENV_NAME_PATTERN: &str = r"^[^=\x00]+$";
 const VOLUME_SOURCE_PATTERN: &str = "^[^:]+$";
 /// Starts with '/', no ':'.
 const VOLUME_TARGET_PATTERN: &str = "^/[^:]*$";
+
+/// podman's rule for a container name.
+const CONTAINER_NAME_PATTERN: &str = "^[a-zA-Z0-9][a-zA-Z0-9_.-]*$";
+
+/// The rules of the fields that only some lifetimes take.
+fn validate_lifetime_fields(lifetime: Lifetime, service: &PodmanService) -> Result<(), ScoreError> {
+    let refuse = |field: &'static str| ScoreError::NotWithLifetime {
+        container: service.name.to_string(),
+        field,
+        lifetime,
+    };
+    if lifetime == Lifetime::NoLaunch {
+        // What creates a container means nothing for one podfleet never
+        // creates: refused rather than silently ignored.
+        let creating = [
+            ("args", !service.args.is_empty()),
+            ("env", !service.env.is_empty()),
+            ("volumes", !service.volumes.is_empty()),
+            ("ports", !service.ports.is_empty()),
+            ("pull_policy", service.pull_policy.is_some()),
+            ("setup_script", service.setup_script.is_some()),
+        ];
+        if let Some((field, _)) = creating.into_iter().find(|(_, set)| *set) {
+            return Err(refuse(field));
+        }
+    } else if service.container.is_some() {
+        return Err(refuse("container"));
+    }
+    if let Some(name) = &service.container {
+        let mut chars = name.chars();
+        let valid = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            && name.len() <= CONTAINER_NAME_MAX_BYTES;
+        if !valid {
+            return Err(ScoreError::InvalidContainerName {
+                service: service.name.to_string(),
+                name: name.clone(),
+            });
+        }
+    }
+    if let Some(script) = &service.setup_script {
+        if script.is_empty() || script.len() > SETUP_SCRIPT_MAX_BYTES {
+            return Err(ScoreError::SetupScriptSize {
+                service: service.name.to_string(),
+                bytes: script.len(),
+            });
+        }
+    }
+    Ok(())
+}
 
 fn validate_container(
     name: &str,

@@ -58,6 +58,24 @@ pub fn bounded(text: &str, max: usize) -> String {
     out
 }
 
+/// The end of `text` in at most `max` bytes, cut on a character boundary:
+/// a cut text starts with `(N bytes in all) …` (counted within `max`). For
+/// output, whose end says most.
+pub fn bounded_tail(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let head = format!("({} bytes in all) …", text.len());
+    let mut from = text.len() - max.saturating_sub(head.len()).min(text.len());
+    while from < text.len() && !text.is_char_boundary(from) {
+        from += 1;
+    }
+    let mut out = String::with_capacity(head.len() + text.len() - from);
+    out.push_str(&head);
+    out.push_str(&text[from..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +105,16 @@ mod tests {
         let cut = bounded(&long, 51);
         assert!(cut.len() <= 51, "{cut}");
         assert!(cut.ends_with("(200 bytes in all)"));
+    }
+
+    #[test]
+    fn tails_keep_the_end() {
+        assert_eq!(bounded_tail("short", 10), "short");
+        let long = format!("{}last line é", "z".repeat(5000));
+        let cut = bounded_tail(&long, 100);
+        assert!(cut.len() <= 100, "{cut}");
+        assert!(cut.starts_with("(5012 bytes in all) …"), "{cut}");
+        assert!(cut.ends_with("last line é"));
     }
 
     #[test]

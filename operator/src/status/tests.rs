@@ -13,6 +13,7 @@ fn aggregate(targeted: u32, updated: u32, phases: [u32; 3], offline: u32) -> Agg
             pending: phases[0],
             running: phases[1],
             failed: phases[2],
+            succeeded: 0,
         },
         offline,
         failures: Vec::new(),

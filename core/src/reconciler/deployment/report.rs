@@ -77,6 +77,8 @@ impl Deployment {
             cause,
             attempt: self.attempts,
             restarts: restarts.clone(),
+            exit_codes: BTreeMap::new(),
+            verified: BTreeMap::new(),
             summarised: false,
         };
         if let Some((revision, error)) = &self.invalid {
@@ -219,6 +221,34 @@ fn describe(cause: &FailureCause) -> String {
             reason,
             error,
         } => format!("pull of {} failed ({reason}): {error}", Quoted(image)),
+        FailureCause::Unverified {
+            service,
+            container,
+            status,
+            evidence,
+        } => format!(
+            "service {}: container {} is {status}: {evidence}",
+            Quoted(service),
+            Quoted(container)
+        ),
+        FailureCause::RunFailed { service, exit_code } => format!(
+            "service {} ran and exited with code {exit_code}",
+            Quoted(service)
+        ),
+        FailureCause::SetupScriptFailed {
+            service,
+            exit_code,
+            output,
+        } => {
+            let ended = match exit_code {
+                Some(code) => format!("exited with code {code}"),
+                None => "ran past its timeout".to_owned(),
+            };
+            format!(
+                "setup script of {} {ended}; its container was removed; output: {output}",
+                Quoted(service)
+            )
+        }
     }
 }
 

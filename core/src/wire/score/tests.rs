@@ -14,6 +14,8 @@ fn service(name: &str) -> PodmanService {
         volumes: vec![],
         ports: vec![],
         pull_policy: None,
+        container: None,
+        setup_script: None,
     }
 }
 
@@ -34,6 +36,7 @@ fn score(services: Vec<PodmanService>, inits: Vec<InitContainer>) -> PodmanV0Sco
         services,
         init_containers: inits,
         lifecycle: None,
+        lifetime: None,
     }
 }
 

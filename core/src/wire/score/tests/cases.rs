@@ -336,6 +336,62 @@ pub(super) const CASES: &[(&str, &str, Verdict)] = &[
         r#"{"services":[{"name":"web","image":"i"}],"lifecycle":{"grace_period_secs":18446744073709551616}}"#,
         AgentOnly("malformed score: invalid type: floating point `1.8446744073709552e+19`, expected u64"),
     ),
+    // Lifetimes.
+    (
+        "every lifetime, and null for the default",
+        r#"{"services":[{"name":"web","image":"i"}],"lifetime":null}"#,
+        Valid,
+    ),
+    (
+        "a per_run score with a setup script",
+        r#"{"services":[{"name":"job","image":"i","args":["run"],"setup_script":"apk add curl\n"}],"lifetime":"per_run"}"#,
+        Valid,
+    ),
+    (
+        "a no_launch score naming an existing container",
+        r#"{"services":[{"name":"proxy","image":"docker.io/library/nginx@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","container":"systemd-nginx_1.2"}],"lifetime":"no_launch"}"#,
+        Valid,
+    ),
+    (
+        "an unknown lifetime",
+        r#"{"services":[{"name":"web","image":"i"}],"lifetime":"forever"}"#,
+        Invalid("malformed score: unknown variant `forever`, expected one of `persistent`, `per_run`, `no_launch`"),
+    ),
+    (
+        "no_launch with arguments",
+        r#"{"services":[{"name":"web","image":"i","args":["x"]}],"lifetime":"no_launch"}"#,
+        AgentOnly("\"web\" sets args, which lifetime no_launch does not take: podfleet never creates a no_launch deployment's containers, so what would create them is refused"),
+    ),
+    (
+        "no_launch with a setup script",
+        r#"{"services":[{"name":"web","image":"i","setup_script":"true"}],"lifetime":"no_launch"}"#,
+        AgentOnly("\"web\" sets setup_script, which lifetime no_launch does not take: podfleet never creates a no_launch deployment's containers, so what would create them is refused"),
+    ),
+    (
+        "no_launch with init containers",
+        r#"{"services":[{"name":"web","image":"i"}],"init_containers":[{"name":"m","image":"m"}],"lifetime":"no_launch"}"#,
+        AgentOnly("\"m\" sets init_containers, which lifetime no_launch does not take: podfleet never creates a no_launch deployment's containers, so what would create them is refused"),
+    ),
+    (
+        "no_launch with a stop policy",
+        r#"{"services":[{"name":"web","image":"i"}],"lifecycle":{"grace_period_secs":5},"lifetime":"no_launch"}"#,
+        AgentOnly("the score sets lifecycle, which lifetime no_launch does not take: podfleet never creates a no_launch deployment's containers, so what would create them is refused"),
+    ),
+    (
+        "an existing container named by a persistent service",
+        r#"{"services":[{"name":"web","image":"i","container":"nginx"}]}"#,
+        AgentOnly("\"web\" sets container, which lifetime persistent does not take: only a no_launch service names an existing container"),
+    ),
+    (
+        "a container name with a slash",
+        r#"{"services":[{"name":"web","image":"i","container":"a/b"}],"lifetime":"no_launch"}"#,
+        Invalid("service \"web\" names container \"a/b\": a container name is a letter or digit, then letters, digits, '_', '.' or '-', at most 253 bytes"),
+    ),
+    (
+        "an empty setup script",
+        r#"{"services":[{"name":"web","image":"i","setup_script":""}]}"#,
+        Invalid("service \"web\" has a setup_script of 0 bytes: it must be 1 to 65536 bytes"),
+    ),
     // Rejected by the schema only.
     ("a score written as arrays of field values", r#"[[["web","i"]]]"#, SchemaOnly),
 ];
