@@ -291,6 +291,7 @@ impl Oracle {
             self.check_image_removal(now, id, runtime, violations);
             return;
         }
+        self.check_ownership(now, op, runtime, violations);
         let (spec, running) = match op {
             RuntimeOp::Create { spec } => (spec, false),
             RuntimeOp::Start { container }
@@ -567,6 +568,57 @@ impl Oracle {
         self.check_report(now, deployment, state, runtime, violations);
     }
 
+    /// Only own containers: a mutation of an existing container needs
+    /// podfleet's labels on it, and a `no_launch` deployment mutates
+    /// nothing but its own leftovers, which it only stops and removes.
+    fn check_ownership(
+        &self,
+        now: Timestamp,
+        op: &RuntimeOp,
+        runtime: &FakeRuntime,
+        violations: &mut Vec<Violation>,
+    ) {
+        use podfleet_core::runtime::{LABEL_DEPLOYMENT, LABEL_MANAGED};
+        use podfleet_core::wire::Lifetime;
+        let Some(container) = op.container().filter(|_| op.is_mutation()) else {
+            return;
+        };
+        let found = runtime
+            .containers()
+            .get(container)
+            .or_else(|| runtime.by_name(container));
+        let labels = match (op, found) {
+            (RuntimeOp::Create { spec }, _) => &spec.labels,
+            (_, Some(c)) => &c.spec.labels,
+            (_, None) => return,
+        };
+        let mut violation = |detail: String| {
+            violations.push(Violation::at(now, Invariant::OnlyOwnContainers, detail))
+        };
+        if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true") {
+            violation(format!(
+                "{} of {container}, a container without podfleet's labels",
+                op.name()
+            ));
+            return;
+        }
+        let Some(deployment) = labels.get(LABEL_DEPLOYMENT) else {
+            return;
+        };
+        let no_launch = self
+            .seen
+            .get(deployment)
+            .and_then(|s| s.valid.as_ref())
+            .is_some_and(|v| v.score.lifetime() == Lifetime::NoLaunch);
+        let retires = matches!(op, RuntimeOp::Stop { .. } | RuntimeOp::Remove { .. });
+        if no_launch && !retires {
+            violation(format!(
+                "{} of {container} for {deployment}, whose lifetime is no_launch",
+                op.name()
+            ));
+        }
+    }
+
     /// Checks a state as it is published or stored: a Running report names only
     /// containers that were created, started and not removed (6). A
     /// container may have exited since (a crash races the report); it may
@@ -589,6 +641,31 @@ impl Oracle {
             .filter(|v| v.revision == state.revision.get())
             // A summary leaves the ids out by design.
             .filter(|_| !state.summarised);
+        if let Some(valid) =
+            valid.filter(|v| v.score.lifetime() == podfleet_core::wire::Lifetime::NoLaunch)
+        {
+            // Verified, not launched: each id is the named container's, which
+            // runs the score's image.
+            for service in &valid.score.services {
+                let named = runtime.by_name(service.container_name());
+                let id = state.container_ids.get(service.name.as_str());
+                let truthful = named.is_some_and(|c| {
+                    Some(&c.id) == id
+                        && runtime.is_running(&c.id)
+                        && c.image_id.is_some()
+                        && c.image_id == runtime.image(&service.image).map(|i| i.id)
+                });
+                if !truthful {
+                    violations.push(Violation::at(now, Invariant::TruthfulReports, format!(
+                        "{deployment} reported Running at revision {} but container {} of service {} is not running the score's image as {id:?}",
+                        state.revision,
+                        service.container_name(),
+                        service.name
+                    )));
+                }
+            }
+            return;
+        }
         if let Some(valid) = valid {
             for (service, hash) in &valid.hashes {
                 let id = state.container_ids.get(service.as_str());

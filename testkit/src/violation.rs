@@ -29,6 +29,11 @@ pub enum Invariant {
     /// Image garbage collection never asks to remove an image a container
     /// uses, or one the newest valid revision of a deployment names.
     ImageGcKeepsNeeded,
+    /// A runtime mutation (create, start, stop, remove, copy, exec) only
+    /// ever touches a container with podfleet's labels, and a `no_launch`
+    /// deployment never creates, starts or provisions one: it only retires
+    /// its own from an earlier lifetime.
+    OnlyOwnContainers,
     /// A service never has two containers at once (a replace that is not
     /// graceful leaves two, so it is reported under that name).
     OneContainerPerService,
@@ -59,6 +64,7 @@ impl Invariant {
             Invariant::GracefulReplace | Invariant::OneContainerPerService => "graceful replace",
             Invariant::DownloadBeforeKill => "download before kill",
             Invariant::ImageGcKeepsNeeded => "image gc keeps what is needed",
+            Invariant::OnlyOwnContainers => "only own containers",
             Invariant::TruthfulReports => "truthful reports",
             Invariant::Isolation => "isolation",
             Invariant::Liveness => "liveness",

@@ -41,6 +41,9 @@ pub struct Bugs {
     /// Image garbage collection ignores what the deployments keep: an
     /// unused image of the current revision (an init container's) goes.
     pub gc_ignores_keep: bool,
+    /// A `no_launch` deployment starts the stopped container it verifies,
+    /// as the seed's attach path would.
+    pub start_unverified: bool,
     /// Reports say Running as soon as a rollout starts.
     pub report_running_early: bool,
     /// A restarted agent reports its cached deployments before it has

@@ -8,6 +8,8 @@ pub(super) enum JobKind {
     Rollout,
     Heal,
     Teardown,
+    /// `no_launch`: verifying again; touches nothing.
+    Verify,
 }
 
 /// A runtime call of a job: each maps to exactly one [`RuntimeOp`].
@@ -85,6 +87,19 @@ pub(super) enum Call {
         service: ServiceName,
         id: String,
     },
+    /// `no_launch`: inspect a service's existing container, by name.
+    VerifyContainer {
+        service: ServiceName,
+        container: String,
+    },
+    /// `no_launch`: look the score's image up, to compare it with what the
+    /// inspected container runs.
+    VerifyImage {
+        service: ServiceName,
+        container: String,
+        image: String,
+        status: ContainerStatus,
+    },
 }
 
 /// One step of a job: a runtime call, or a marker the job acts on itself.
@@ -146,6 +161,12 @@ impl Call {
             },
             Call::InspectInit { id, .. } | Call::InspectExited { id, .. } => RuntimeOp::Inspect {
                 container: id.clone(),
+            },
+            Call::VerifyContainer { container, .. } => RuntimeOp::Inspect {
+                container: container.clone(),
+            },
+            Call::VerifyImage { image, .. } => RuntimeOp::InspectImage {
+                image: image.clone(),
             },
             Call::RemoveInit { id, .. } | Call::RemoveService { id, .. } => RuntimeOp::Remove {
                 container: id.clone(),
@@ -488,6 +509,18 @@ impl Deployment {
                 }
             }
             (Call::InspectExited { .. }, Err(_)) => {}
+            (Call::VerifyContainer { service, container }, result) => {
+                self.on_verify_container(service, container, result);
+            }
+            (
+                Call::VerifyImage {
+                    service,
+                    container,
+                    image,
+                    status,
+                },
+                result,
+            ) => self.on_verify_image(config, service, container, &image, status, result),
             (step, Err(error)) if kind == JobKind::Heal => {
                 // A failed restart is retried by a later tick, with backoff.
                 let _ = (step, error);
@@ -550,7 +583,11 @@ impl Deployment {
         self.job = None;
         self.lifecycle = Lifecycle::Applied;
         self.failure = None;
-        let images = self.target.as_ref().map(|t| super::score_images(&t.score));
+        let images = self
+            .target
+            .as_ref()
+            .filter(|_| !self.verifies_only())
+            .map(|t| super::score_images(&t.score));
         if let Some(images) = images.filter(|i| *i != self.applied_images) {
             self.previous_images = std::mem::replace(&mut self.applied_images, images);
             self.images_changed = true;

@@ -22,6 +22,10 @@ impl Deployment {
             return;
         }
         self.refresh_observed(mine);
+        if self.verifies_only() {
+            self.reverify(mine);
+            return;
+        }
         // No job of this deployment waits on an init container now, so any
         // left here belongs to an attempt that was walked away from (an
         // agent crash mid-init, then nothing valid to roll out): remove it.

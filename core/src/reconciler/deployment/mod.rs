@@ -14,6 +14,7 @@ mod job;
 mod liveness;
 mod plan;
 mod report;
+mod verify;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -22,9 +23,10 @@ use std::time::Duration;
 use super::spec::{service_container_spec, service_spec_hash};
 use super::{CachedDeployment, CommandId, Config, Effects, Owner, Wake, WakeReason};
 use crate::runtime::{
-    init_container_name, service_container_name, ContainerSpec, ContainerState, ContainerSummary,
-    ImageInfo, PullProgress, RuntimeErrorKind, RuntimeOp, RuntimeReply, RuntimeResult, LABEL_GRACE,
-    LABEL_IMAGE_DIGEST, LABEL_INIT, LABEL_SERVICE, LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
+    init_container_name, service_container_name, ContainerSpec, ContainerState, ContainerStatus,
+    ContainerSummary, ImageInfo, PullProgress, RuntimeErrorKind, RuntimeOp, RuntimeReply,
+    RuntimeResult, LABEL_GRACE, LABEL_IMAGE_DIGEST, LABEL_INIT, LABEL_SERVICE, LABEL_SPEC_HASH,
+    LABEL_STOP_SIGNAL,
 };
 use crate::time::Timestamp;
 use crate::wire::text::{bounded, Quoted, TEXT_MAX_BYTES};
@@ -191,6 +193,8 @@ pub(super) struct Deployment {
     previous_images: Vec<String>,
     /// `applied_images` changed since the reconciler last looked.
     images_changed: bool,
+    /// `no_launch`: what the last verification found, per service.
+    verified: BTreeMap<ServiceName, verify::Found>,
 }
 
 impl Deployment {
@@ -214,6 +218,7 @@ impl Deployment {
             applied_images: Vec::new(),
             previous_images: Vec::new(),
             images_changed: false,
+            verified: BTreeMap::new(),
         }
     }
 
@@ -297,6 +302,7 @@ impl Deployment {
                     return;
                 }
                 self.target = Some(Target::new(revision, bytes.to_vec(), score));
+                self.verified.clear();
                 self.cache_dirty = true;
                 self.lifecycle = Lifecycle::Converging;
                 self.attempts = 0;
@@ -398,9 +404,13 @@ impl Deployment {
     }
 
     /// Every image this deployment ever asked for, as far as it remembers.
+    /// A `no_launch` target asks for none: it only looks at what someone
+    /// else runs, so garbage collection never counts its image as
+    /// podfleet's to retire.
     pub(super) fn images_referenced(&self) -> impl Iterator<Item = &str> {
         self.target
             .iter()
+            .filter(|t| t.score.lifetime() != crate::wire::Lifetime::NoLaunch)
             .flat_map(|t| t.score.images())
             .chain(self.applied_images.iter().map(String::as_str))
             .chain(self.previous_images.iter().map(String::as_str))
@@ -679,6 +689,10 @@ impl Deployment {
         }
         let mine = self.mine(containers);
         self.refresh_observed(&mine);
+        if self.verifies_only() {
+            self.plan_verification(&mine);
+            return;
+        }
         let Some(target) = self.target.as_ref() else {
             return;
         };

@@ -183,11 +183,17 @@ pub(super) fn ensure(image: &str, policy: PullPolicy) -> Step {
 /// The teardown of every container in `mine`, then forgetting the
 /// deployment.
 pub(super) fn teardown(mine: &[&ContainerSummary]) -> Vec<Step> {
+    let mut steps = retire_all(mine);
+    steps.push(Step::Forget);
+    steps
+}
+
+/// Stopping (gracefully) and removing every container in `mine`.
+pub(super) fn retire_all(mine: &[&ContainerSummary]) -> Vec<Step> {
     let mut steps = Vec::new();
     for c in mine {
         retire(c, &mut steps);
     }
-    steps.push(Step::Forget);
     steps
 }
 

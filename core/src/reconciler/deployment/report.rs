@@ -18,7 +18,7 @@ impl Deployment {
                 && last.revision == report.revision
                 && last.attempt == report.attempt
                 && (job.kind != JobKind::Rollout || last.message == report.message);
-            if job.kind == JobKind::Heal || same_stage {
+            if matches!(job.kind, JobKind::Heal | JobKind::Verify) || same_stage {
                 return None;
             }
         }
@@ -144,6 +144,11 @@ impl Deployment {
             let message = format!("revision {revision} is waiting to be rolled out");
             return Some(base(Phase::Pending, revision, message, None));
         }
+        if self.verifies_only() {
+            return self.verification_report(target, |phase, message, cause| {
+                base(phase, revision, message, cause)
+            });
+        }
         let down = target.score.services.iter().find(|s| {
             self.observed
                 .get(&s.name)
@@ -182,7 +187,7 @@ impl Deployment {
 }
 
 /// A failure cause in words, for report messages.
-fn describe(cause: &FailureCause) -> String {
+pub(super) fn describe(cause: &FailureCause) -> String {
     match cause {
         FailureCause::InvalidScore { error } => format!("invalid score: {error}"),
         FailureCause::InitContainerExited { name, exit_code } => format!(
