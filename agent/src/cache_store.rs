@@ -113,6 +113,7 @@ mod tests {
                 container_ids: BTreeMap::from([("web".into(), "abc".into())]),
                 applied_images: Vec::new(),
                 previous_images: Vec::new(),
+                exit_codes: BTreeMap::new(),
             },
         );
         cache

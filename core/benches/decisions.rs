@@ -107,6 +107,7 @@ fn main() {
                 container_ids: BTreeMap::new(),
                 applied_images: Vec::new(),
                 previous_images: Vec::new(),
+                exit_codes: BTreeMap::new(),
             },
         )]),
         tombstones: BTreeMap::new(),

@@ -161,6 +161,7 @@ pub struct Config {
     pull_timeout: Duration,
     pull_progress_interval: Duration,
     image_gc: ImageGcPolicy,
+    run_retention: Duration,
     #[cfg(feature = "bugs")]
     bugs: Bugs,
 }
@@ -171,8 +172,9 @@ impl Config {
     /// services restarted after 10 s doubling to 5 min (reset after 10 min
     /// of running), an unreachable runtime retried after 1 s doubling to 30 s,
     /// the libpod wait/inspect race retried once after 200 ms, a pull
-    /// given up after 15 min (its progress asked for every 2 s), and image
-    /// garbage collection as
+    /// given up after 15 min (its progress asked for every 2 s), the
+    /// exited containers of a `per_run` revision kept 24 h for their logs,
+    /// and image garbage collection as
     /// [`ImageGcPolicy::default`]. No
     /// device facts: heartbeats leave them out until
     /// [`device_facts`](Self::device_facts) hands them in.
@@ -191,9 +193,18 @@ impl Config {
             pull_timeout: Duration::from_secs(900),
             pull_progress_interval: Duration::from_secs(2),
             image_gc: ImageGcPolicy::default(),
+            run_retention: Duration::from_secs(24 * 3600),
             #[cfg(feature = "bugs")]
             bugs: Bugs::default(),
         }
+    }
+
+    /// How long the exited containers of a `per_run` revision are kept
+    /// after the run (so `podfleet logs` still reads them) before they are
+    /// removed; a newer revision removes them at once.
+    pub fn run_retention(mut self, keep: Duration) -> Self {
+        self.run_retention = keep;
+        self
     }
 
     /// The device's architecture, OS and kernel, as the shell read them,
@@ -543,6 +554,9 @@ pub struct CachedDeployment {
     /// collection keeps too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_images: Vec<String>,
+    /// `per_run`: the exit code of each service whose run has ended.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub exit_codes: BTreeMap<ServiceName, i64>,
 }
 
 impl AgentCache {

@@ -87,6 +87,20 @@ pub(super) enum Call {
         service: ServiceName,
         id: String,
     },
+    /// `per_run`: wait for a service's run to end; walked away from when
+    /// a newer revision arrives.
+    WaitRun {
+        service: ServiceName,
+        id: String,
+        /// Whether this is the wait after the libpod race.
+        retried: bool,
+    },
+    /// `per_run`: read the exit code of a service's run.
+    InspectRun {
+        service: ServiceName,
+        id: String,
+        retried: bool,
+    },
     /// `no_launch`: inspect a service's existing container, by name.
     VerifyContainer {
         service: ServiceName,
@@ -156,10 +170,12 @@ impl Call {
             Call::StartInit { id, .. } | Call::StartService { id, .. } => RuntimeOp::Start {
                 container: id.clone(),
             },
-            Call::WaitInit { id, .. } => RuntimeOp::Wait {
+            Call::WaitInit { id, .. } | Call::WaitRun { id, .. } => RuntimeOp::Wait {
                 container: id.clone(),
             },
-            Call::InspectInit { id, .. } | Call::InspectExited { id, .. } => RuntimeOp::Inspect {
+            Call::InspectInit { id, .. }
+            | Call::InspectExited { id, .. }
+            | Call::InspectRun { id, .. } => RuntimeOp::Inspect {
                 container: id.clone(),
             },
             Call::VerifyContainer { container, .. } => RuntimeOp::Inspect {
@@ -490,6 +506,7 @@ impl Deployment {
                         signal: lifecycle.stop_signal,
                         grace: lifecycle.grace_period(),
                         image_digest: spec.labels.get(LABEL_IMAGE_DIGEST).cloned(),
+                        revision: spec.labels.get(LABEL_REVISION).and_then(|r| r.parse().ok()),
                     },
                 );
                 self.cache_dirty = true;
@@ -502,7 +519,24 @@ impl Deployment {
                 if let Some(r) = self.restarts.get_mut(&service) {
                     r.running_since = Some(now);
                 }
+                self.after_run_started(service, id);
             }
+            (
+                Call::WaitRun {
+                    service,
+                    id,
+                    retried,
+                },
+                Ok(_),
+            ) => self.on_run_waited(service, id, retried),
+            (
+                Call::InspectRun {
+                    service,
+                    id,
+                    retried,
+                },
+                Ok(RuntimeReply::Inspected { status }),
+            ) => self.on_run_inspected(service, id, retried, &status),
             (Call::InspectExited { service, .. }, Ok(RuntimeReply::Inspected { status })) => {
                 if let Some(r) = self.restarts.get_mut(&service) {
                     r.last_exit_code = status.exit_code;

@@ -26,6 +26,10 @@ impl Deployment {
             self.reverify(mine);
             return;
         }
+        if self.runs_once() {
+            self.run_liveness(now, config);
+            return;
+        }
         // No job of this deployment waits on an init container now, so any
         // left here belongs to an attempt that was walked away from (an
         // agent crash mid-init, then nothing valid to roll out): remove it.

@@ -14,6 +14,7 @@ mod job;
 mod liveness;
 mod plan;
 mod report;
+mod run;
 mod verify;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -25,8 +26,8 @@ use super::{CachedDeployment, CommandId, Config, Effects, Owner, Wake, WakeReaso
 use crate::runtime::{
     init_container_name, service_container_name, ContainerSpec, ContainerState, ContainerStatus,
     ContainerSummary, ImageInfo, PullProgress, RuntimeErrorKind, RuntimeOp, RuntimeReply,
-    RuntimeResult, LABEL_GRACE, LABEL_IMAGE_DIGEST, LABEL_INIT, LABEL_SERVICE, LABEL_SPEC_HASH,
-    LABEL_STOP_SIGNAL,
+    RuntimeResult, LABEL_GRACE, LABEL_IMAGE_DIGEST, LABEL_INIT, LABEL_REVISION, LABEL_SERVICE,
+    LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
 };
 use crate::time::Timestamp;
 use crate::wire::text::{bounded, Quoted, TEXT_MAX_BYTES};
@@ -79,6 +80,8 @@ struct Observed {
     grace: Duration,
     /// The manifest digest of its image ([`LABEL_IMAGE_DIGEST`]).
     image_digest: Option<String>,
+    /// The revision it was created for ([`LABEL_REVISION`]).
+    revision: Option<u64>,
 }
 
 impl Observed {
@@ -88,6 +91,7 @@ impl Observed {
             state: c.state,
             spec_hash: c.label(LABEL_SPEC_HASH).map(str::to_owned),
             image_digest: c.label(LABEL_IMAGE_DIGEST).map(str::to_owned),
+            revision: c.label(LABEL_REVISION).and_then(|r| r.parse().ok()),
             signal: c
                 .label(LABEL_STOP_SIGNAL)
                 .and_then(|s| s.parse().ok())
@@ -195,6 +199,12 @@ pub(super) struct Deployment {
     images_changed: bool,
     /// `no_launch`: what the last verification found, per service.
     verified: BTreeMap<ServiceName, verify::Found>,
+    /// `per_run`: the exit code of each service whose run of the target
+    /// has ended.
+    exit_codes: BTreeMap<ServiceName, i64>,
+    /// `per_run`: when the run of the target ended, as far as this agent
+    /// saw it; its containers go `run_retention` later.
+    run_ended_at: Option<Timestamp>,
 }
 
 impl Deployment {
@@ -219,6 +229,8 @@ impl Deployment {
             previous_images: Vec::new(),
             images_changed: false,
             verified: BTreeMap::new(),
+            exit_codes: BTreeMap::new(),
+            run_ended_at: None,
         }
     }
 
@@ -244,6 +256,7 @@ impl Deployment {
             (images, _) => images.clone(),
         };
         d.previous_images = cached.previous_images.clone();
+        d.exit_codes = cached.exit_codes.clone();
         d.target = Some(Target::new(cached.revision, bytes, score));
         if cached.applied {
             d.lifecycle = Lifecycle::Applied;
@@ -265,6 +278,7 @@ impl Deployment {
                     signal: Signal::default(),
                     grace: Duration::from_secs(crate::wire::score::DEFAULT_GRACE_PERIOD_SECS),
                     image_digest: None,
+                    revision: None,
                 },
             );
         }
@@ -303,6 +317,8 @@ impl Deployment {
                 }
                 self.target = Some(Target::new(revision, bytes.to_vec(), score));
                 self.verified.clear();
+                self.exit_codes.clear();
+                self.run_ended_at = None;
                 self.cache_dirty = true;
                 self.lifecycle = Lifecycle::Converging;
                 self.attempts = 0;
@@ -341,10 +357,14 @@ impl Deployment {
         // A pending wait on an init container can be walked away from: the
         // next job lists the runtime and force-removes leftover init
         // containers. So can a pull: it touches no container, and the newer
-        // revision need not wait for an image it may not use.
+        // revision need not wait for an image it may not use. And a wait on
+        // a `per_run` service: the next rollout retires the old run.
         let waiting = matches!(
             job.in_flight,
-            Some((_, Call::WaitInit { .. } | Call::Pull { .. }))
+            Some((
+                _,
+                Call::WaitInit { .. } | Call::WaitRun { .. } | Call::Pull { .. }
+            ))
         );
         if job.in_flight.is_none() || waiting {
             self.job = None;
@@ -451,6 +471,7 @@ impl Deployment {
             attempt: self.attempts,
             applied_images: self.applied_images.clone(),
             previous_images: self.previous_images.clone(),
+            exit_codes: self.exit_codes.clone(),
             container_ids: self
                 .observed
                 .iter()

@@ -10,7 +10,7 @@ use crate::runtime::{
     init_container_name, service_container_name, ContainerState, ContainerSummary, LABEL_INIT,
     LABEL_SERVICE,
 };
-use crate::wire::{DeploymentName, PullPolicy, ServiceName};
+use crate::wire::{DeploymentName, Lifetime, PullPolicy, ServiceName};
 
 /// The rollout of `target` for deployment `name`, given its containers in
 /// the runtime (`mine`) and its service containers among them (`observed`):
@@ -50,21 +50,52 @@ pub(super) fn rollout(
         }
     }
     let lifecycle = target.score.lifecycle_or_default();
+    let per_run = target.score.lifetime() == Lifetime::PerRun;
+    // A `per_run` container is this revision's run only when it was created
+    // for a revision that put this very spec.
+    let this_run = |o: &Observed| {
+        !per_run
+            || o.revision
+                .is_some_and(|r| (target.since.get()..=target.revision.get()).contains(&r))
+    };
     let mut services = Vec::new();
+    let mut waits = Vec::new();
     let mut recreates = false;
     let mut images = Images::default();
     for service in &target.score.services {
         let hash = target.hashes.get(&service.name);
-        let needs_image = observed
-            .get(&service.name)
-            .is_none_or(|o| o.spec_hash.as_ref() != hash || bug!(config, recreate_on_tick));
+        let kept = |o: &&Observed| {
+            o.spec_hash.as_ref() == hash && this_run(o) && !bug!(config, recreate_on_tick)
+        };
+        let needs_image = observed.get(&service.name).filter(kept).is_none();
         if needs_image && !bug!(config, pull_after_stop) {
             images.add(&service.image, service.pull_policy());
         }
         let first_step = services.len();
         let spec = || service_container_spec(name.as_str(), service, &lifecycle, target.revision);
         match observed.get(&service.name) {
-            Some(o) if o.spec_hash.as_ref() == hash && !bug!(config, recreate_on_tick) => {
+            Some(o) if kept(&o) && per_run => {
+                // This revision's run, under way or over: never a second
+                // one. Waits come after every start, so the services of a
+                // run run side by side.
+                let (service, id) = (service.name.clone(), o.id.clone());
+                match o.state {
+                    ContainerState::Created => {
+                        services.push(Step::Call(Call::StartService { service, id }));
+                    }
+                    ContainerState::Exited => waits.push(Step::Call(Call::InspectRun {
+                        service,
+                        id,
+                        retried: true,
+                    })),
+                    _ => waits.push(Step::Call(Call::WaitRun {
+                        service,
+                        id,
+                        retried: false,
+                    })),
+                }
+            }
+            Some(o) if kept(&o) => {
                 if o.state != ContainerState::Running {
                     services.push(Step::Call(Call::StartService {
                         service: service.name.clone(),
@@ -140,6 +171,7 @@ pub(super) fn rollout(
     }
     steps.extend(drops);
     steps.extend(services);
+    steps.extend(waits);
     steps.push(Step::Finish);
     steps
 }

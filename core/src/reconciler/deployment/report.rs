@@ -149,6 +149,11 @@ impl Deployment {
                 base(phase, revision, message, cause)
             });
         }
+        if self.runs_once() {
+            return Some(self.run_report(target, |phase, message, cause| {
+                base(phase, revision, message, cause)
+            }));
+        }
         let down = target.score.services.iter().find(|s| {
             self.observed
                 .get(&s.name)
