@@ -454,8 +454,13 @@ impl Deployment {
         self.last_report.as_ref()
     }
 
+    /// The container of `service`: its own, or for `no_launch` the one
+    /// it verified.
     pub(super) fn container_id(&self, service: &str) -> Option<&str> {
-        self.observed.get(service).map(|o| o.id.as_str())
+        self.observed
+            .get(service)
+            .map(|o| o.id.as_str())
+            .or_else(|| self.verified.get(service)?.id.as_deref())
     }
 
     pub(super) fn cached(&self) -> Option<CachedDeployment> {
