@@ -129,6 +129,66 @@ mod tests {
     }
 
     #[test]
+    fn the_spec_hash_covers_every_field_of_the_service() {
+        use crate::wire::{PortMapping, Protocol, PullPolicy, VolumeMount};
+        let base = service_spec_hash(&web(), Signal::Term);
+        let changes: Vec<(&str, Box<dyn Fn(&mut PodmanService)>)> = vec![
+            ("image", Box::new(|s| s.image = "img:2".into())),
+            ("args", Box::new(|s| s.args = vec!["--x".into()])),
+            ("env", Box::new(|s| s.env.clear())),
+            (
+                "volumes",
+                Box::new(|s| {
+                    s.volumes = vec![VolumeMount {
+                        source: "/srv".into(),
+                        target: "/data".into(),
+                        read_only: false,
+                    }];
+                }),
+            ),
+            (
+                "volume read-only",
+                Box::new(|s| {
+                    s.volumes = vec![VolumeMount {
+                        source: "/srv".into(),
+                        target: "/data".into(),
+                        read_only: true,
+                    }];
+                }),
+            ),
+            (
+                "ports",
+                Box::new(|s| {
+                    s.ports = vec![PortMapping {
+                        host_port: 80,
+                        container_port: 8080,
+                        protocol: Protocol::Tcp,
+                    }];
+                }),
+            ),
+            (
+                "pull policy",
+                Box::new(|s| s.pull_policy = Some(PullPolicy::Always)),
+            ),
+            (
+                "setup script",
+                Box::new(|s| s.setup_script = Some("apk add curl".into())),
+            ),
+        ];
+        let mut seen = std::collections::BTreeSet::from([base]);
+        for (what, change) in changes {
+            let mut service = web();
+            change(&mut service);
+            let hash = service_spec_hash(&service, Signal::Term);
+            assert!(
+                seen.insert(hash),
+                "changing the {what} left the hash as it was"
+            );
+        }
+        assert_eq!(seen.len(), 9, "every change gives a hash of its own");
+    }
+
+    #[test]
     fn service_spec_carries_every_label() {
         let lifecycle = LifecyclePolicy {
             stop_signal: Signal::Int,
