@@ -117,6 +117,7 @@ use crate::wire::{
 #[cfg(feature = "bugs")]
 pub use bugs::Bugs;
 use deployment::Deployment;
+pub use deployment::{PROVISIONED_PATH, SETUP_SCRIPT_PATH};
 pub use gc::ImageGcPolicy;
 pub use spec::{fnv1a64, init_container_spec, service_container_spec, service_spec_hash};
 
@@ -162,6 +163,7 @@ pub struct Config {
     pull_progress_interval: Duration,
     image_gc: ImageGcPolicy,
     run_retention: Duration,
+    setup_timeout: Duration,
     #[cfg(feature = "bugs")]
     bugs: Bugs,
 }
@@ -171,7 +173,8 @@ impl Config {
     /// failed revisions retried after 10 s doubling to 5 min, crashed
     /// services restarted after 10 s doubling to 5 min (reset after 10 min
     /// of running), an unreachable runtime retried after 1 s doubling to 30 s,
-    /// the libpod wait/inspect race retried once after 200 ms, a pull
+    /// the libpod wait/inspect race retried once after 200 ms, a setup
+    /// script given 5 min, a pull
     /// given up after 15 min (its progress asked for every 2 s), the
     /// exited containers of a `per_run` revision kept 24 h for their logs,
     /// and image garbage collection as
@@ -194,9 +197,17 @@ impl Config {
             pull_progress_interval: Duration::from_secs(2),
             image_gc: ImageGcPolicy::default(),
             run_retention: Duration::from_secs(24 * 3600),
+            setup_timeout: Duration::from_secs(300),
             #[cfg(feature = "bugs")]
             bugs: Bugs::default(),
         }
+    }
+
+    /// How long a service's `setup_script` may run in its fresh container
+    /// before the container is removed and the revision fails.
+    pub fn setup_timeout(mut self, timeout: Duration) -> Self {
+        self.setup_timeout = timeout.max(Duration::from_millis(1));
+        self
     }
 
     /// How long the exited containers of a `per_run` revision are kept
@@ -486,6 +497,13 @@ pub enum WakeReason {
         deployment: DeploymentName,
         /// The init container.
         init: InitName,
+    },
+    /// A setup script's timeout.
+    SetupDeadline {
+        /// The deployment.
+        deployment: DeploymentName,
+        /// The service.
+        service: ServiceName,
     },
     /// The next attempt at a failed revision.
     RetryBackoff {
@@ -911,7 +929,7 @@ impl Reconciler {
         let names: Vec<DeploymentName> = self.deployments.keys().cloned().collect();
         for name in names {
             if let Some(entry) = self.deployments.get_mut(&name) {
-                if entry.on_timeout(now) {
+                if entry.on_timeout(now, &self.config) {
                     self.liveness_wanted = true;
                 }
                 let interval = self.config.pull_progress_interval;

@@ -132,7 +132,8 @@ mod tests {
     fn the_spec_hash_covers_every_field_of_the_service() {
         use crate::wire::{PortMapping, Protocol, PullPolicy, VolumeMount};
         let base = service_spec_hash(&web(), Signal::Term);
-        let changes: Vec<(&str, Box<dyn Fn(&mut PodmanService)>)> = vec![
+        type Change = Box<dyn Fn(&mut PodmanService)>;
+        let changes: Vec<(&str, Change)> = vec![
             ("image", Box::new(|s| s.image = "img:2".into())),
             ("args", Box::new(|s| s.args = vec!["--x".into()])),
             ("env", Box::new(|s| s.env.clear())),

@@ -101,6 +101,30 @@ pub(super) enum Call {
         id: String,
         retried: bool,
     },
+    /// Copy a service's setup script into its fresh container.
+    CopyScript {
+        service: ServiceName,
+        id: String,
+        script: String,
+    },
+    /// Run the copied setup script; walked away from at `deadline`.
+    RunScript {
+        service: ServiceName,
+        id: String,
+        deadline: Timestamp,
+    },
+    /// Write the marker of a finished provisioning.
+    MarkProvisioned {
+        service: ServiceName,
+        id: String,
+        hash: String,
+    },
+    /// Ask a container this agent did not provision for its marker.
+    ProbeProvisioned {
+        service: ServiceName,
+        id: String,
+        hash: String,
+    },
     /// `no_launch`: inspect a service's existing container, by name.
     VerifyContainer {
         service: ServiceName,
@@ -178,6 +202,28 @@ impl Call {
             | Call::InspectRun { id, .. } => RuntimeOp::Inspect {
                 container: id.clone(),
             },
+            Call::CopyScript { id, script, .. } => RuntimeOp::CopyFile {
+                container: id.clone(),
+                path: super::SETUP_SCRIPT_PATH.to_owned(),
+                content: script.clone(),
+                mode: 0o700,
+            },
+            Call::RunScript { id, .. } => RuntimeOp::Exec {
+                container: id.clone(),
+                argv: ["/bin/sh", "-e", "-o", "pipefail", super::SETUP_SCRIPT_PATH]
+                    .map(str::to_owned)
+                    .to_vec(),
+            },
+            Call::MarkProvisioned { id, hash, .. } => RuntimeOp::CopyFile {
+                container: id.clone(),
+                path: super::PROVISIONED_PATH.to_owned(),
+                content: format!("{hash}\n"),
+                mode: 0o600,
+            },
+            Call::ProbeProvisioned { id, .. } => RuntimeOp::Exec {
+                container: id.clone(),
+                argv: vec!["cat".to_owned(), super::PROVISIONED_PATH.to_owned()],
+            },
             Call::VerifyContainer { container, .. } => RuntimeOp::Inspect {
                 container: container.clone(),
             },
@@ -216,6 +262,8 @@ pub(super) struct Job {
     /// The images this job made sure of, by reference: containers created
     /// from them carry their digest as a label.
     pub(super) images: BTreeMap<String, ImageInfo>,
+    /// The containers this job created: only these are provisioned.
+    pub(super) fresh: std::collections::BTreeSet<String>,
 }
 
 impl Job {
@@ -227,6 +275,7 @@ impl Job {
             superseded: false,
             ran_init: false,
             images: BTreeMap::new(),
+            fresh: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -507,8 +556,13 @@ impl Deployment {
                         grace: lifecycle.grace_period(),
                         image_digest: spec.labels.get(LABEL_IMAGE_DIGEST).cloned(),
                         revision: spec.labels.get(LABEL_REVISION).and_then(|r| r.parse().ok()),
+                        provisioned: false,
+                        unprovisioned: self.setup_script(&service).is_some(),
                     },
                 );
+                if let Some(job) = self.job.as_mut() {
+                    job.fresh.insert(id.clone());
+                }
                 self.cache_dirty = true;
                 self.push_front(Call::StartService { service, id });
             }
@@ -519,7 +573,23 @@ impl Deployment {
                 if let Some(r) = self.restarts.get_mut(&service) {
                     r.running_since = Some(now);
                 }
+                if self.job.as_ref().is_some_and(|j| j.fresh.contains(&id)) {
+                    self.after_fresh_start(&service, &id);
+                }
                 self.after_run_started(service, id);
+            }
+            (Call::CopyScript { service, id, .. }, result) => {
+                self.on_script_copied(now, config, service, id, result);
+            }
+            (Call::RunScript { service, id, .. }, result) => {
+                self.on_script_ran(service, id, result)
+            }
+            (Call::MarkProvisioned { service, id, .. }, Ok(_)) => self.on_marked(&service, &id),
+            (Call::MarkProvisioned { service, id, .. }, Err(e)) => {
+                self.on_mark_failed(service, id, &e.message);
+            }
+            (Call::ProbeProvisioned { service, id, hash }, result) => {
+                self.on_probed(&service, &id, &hash, result);
             }
             (
                 Call::WaitRun {

@@ -56,9 +56,21 @@ impl Deployment {
                 .is_some_and(|o| o.spec_hash.as_ref() == hash);
             match observed {
                 Some(o) if o.state == ContainerState::Running => {
-                    if !matches || bug!(config, recreate_on_tick) {
-                        // Someone else changed it; only a rollout may replace it.
+                    if !matches || bug!(config, recreate_on_tick) || o.unprovisioned {
+                        // Someone else changed it, or it was never (fully)
+                        // provisioned; only a rollout may replace it.
                         self.demote();
+                        continue;
+                    }
+                    if let Some(script) = service.setup_script.as_deref().filter(|_| !o.provisioned)
+                    {
+                        // Not provisioned by this agent: it shows its marker
+                        // before it counts as running.
+                        steps.push(Step::Call(Call::ProbeProvisioned {
+                            service: service.name.clone(),
+                            id: o.id.clone(),
+                            hash: super::setup::script_hash(script),
+                        }));
                         continue;
                     }
                     if let Some(r) = self.restarts.get_mut(&service.name) {

@@ -15,7 +15,10 @@ mod liveness;
 mod plan;
 mod report;
 mod run;
+mod setup;
 mod verify;
+
+pub use setup::{PROVISIONED_PATH, SETUP_SCRIPT_PATH};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
@@ -82,6 +85,12 @@ struct Observed {
     image_digest: Option<String>,
     /// The revision it was created for ([`LABEL_REVISION`]).
     revision: Option<u64>,
+    /// Its setup script is known to have finished (this agent ran it, or
+    /// found its marker).
+    provisioned: bool,
+    /// Its setup script is known not to have finished: it was created and
+    /// not provisioned, or has no (or another script's) marker.
+    unprovisioned: bool,
 }
 
 impl Observed {
@@ -92,6 +101,8 @@ impl Observed {
             spec_hash: c.label(LABEL_SPEC_HASH).map(str::to_owned),
             image_digest: c.label(LABEL_IMAGE_DIGEST).map(str::to_owned),
             revision: c.label(LABEL_REVISION).and_then(|r| r.parse().ok()),
+            provisioned: false,
+            unprovisioned: false,
             signal: c
                 .label(LABEL_STOP_SIGNAL)
                 .and_then(|s| s.parse().ok())
@@ -279,6 +290,8 @@ impl Deployment {
                     grace: Duration::from_secs(crate::wire::score::DEFAULT_GRACE_PERIOD_SECS),
                     image_digest: None,
                     revision: None,
+                    provisioned: false,
+                    unprovisioned: false,
                 },
             );
         }
@@ -539,6 +552,21 @@ impl Deployment {
                         image: image.clone(),
                     },
                 }),
+                (
+                    Some((
+                        _,
+                        Call::RunScript {
+                            service, deadline, ..
+                        },
+                    )),
+                    _,
+                ) => Some(Wake {
+                    at: *deadline,
+                    reason: WakeReason::SetupDeadline {
+                        deployment: name(),
+                        service: service.clone(),
+                    },
+                }),
                 (None, Some(Step::RaceDelay { index, until, .. })) => Some(Wake {
                     at: *until,
                     reason: WakeReason::LibpodRaceRetry {
@@ -628,7 +656,7 @@ impl Deployment {
     }
 
     /// Acts on due deadlines. Returns true when a liveness `list` is wanted.
-    pub(super) fn on_timeout(&mut self, now: Timestamp) -> bool {
+    pub(super) fn on_timeout(&mut self, now: Timestamp, config: &Config) -> bool {
         let Some(job) = self.job.as_ref() else {
             return self.restart_wake().is_some_and(|w| now >= w.at);
         };
@@ -656,6 +684,21 @@ impl Deployment {
                     job.in_flight = None;
                 }
                 self.fail_job(cause);
+            }
+            return false;
+        }
+        if let Some((
+            _,
+            Call::RunScript {
+                service,
+                id,
+                deadline,
+            },
+        )) = &job.in_flight
+        {
+            if now >= *deadline {
+                let (service, id) = (service.clone(), id.clone());
+                self.on_setup_deadline(config, service, id);
             }
             return false;
         }
@@ -699,7 +742,13 @@ impl Deployment {
                 continue;
             };
             if c.name == service_container_name(self.name.as_str(), service) {
-                observed.insert(ServiceName::from(service), Observed::from_summary(c));
+                let mut o = Observed::from_summary(c);
+                // What is known of its provisioning stays with the container.
+                if let Some(known) = self.observed.get(service).filter(|k| k.id == o.id) {
+                    o.provisioned = known.provisioned;
+                    o.unprovisioned = known.unprovisioned;
+                }
+                observed.insert(ServiceName::from(service), o);
             }
         }
         if observed != self.observed {

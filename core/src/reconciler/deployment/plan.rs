@@ -64,8 +64,12 @@ pub(super) fn rollout(
     let mut images = Images::default();
     for service in &target.score.services {
         let hash = target.hashes.get(&service.name);
+        // A container known not to be provisioned is never adopted.
         let kept = |o: &&Observed| {
-            o.spec_hash.as_ref() == hash && this_run(o) && !bug!(config, recreate_on_tick)
+            o.spec_hash.as_ref() == hash
+                && this_run(o)
+                && !o.unprovisioned
+                && !bug!(config, recreate_on_tick)
         };
         let needs_image = observed.get(&service.name).filter(kept).is_none();
         if needs_image && !bug!(config, pull_after_stop) {

@@ -154,6 +154,18 @@ impl Deployment {
                 base(phase, revision, message, cause)
             }));
         }
+        let unconfirmed = target.score.services.iter().find(|s| {
+            self.observed.get(&s.name).is_some_and(|o| {
+                o.state == ContainerState::Running && self.awaits_provisioning(&s.name, o)
+            })
+        });
+        if let Some(service) = unconfirmed {
+            let message = format!(
+                "checking that the container of service {} finished its setup script",
+                Quoted(&service.name)
+            );
+            return Some(base(Phase::Pending, revision, message, None));
+        }
         let down = target.score.services.iter().find(|s| {
             self.observed
                 .get(&s.name)
