@@ -358,6 +358,38 @@ pub enum RuntimeReply {
 /// (its end).
 pub const EXEC_OUTPUT_MAX_BYTES: usize = 4096;
 
+/// `path` relative to `/`, when it can be the target of a
+/// [`RuntimeOp::CopyFile`]: absolute, and naming a file through plain
+/// components (none empty, `.` or `..`, no NUL).
+///
+/// # Errors
+///
+/// [`RuntimeErrorKind::Other`], naming the path, otherwise: runtimes
+/// refuse such a copy before touching the container.
+pub fn copy_file_target(path: &str) -> Result<&str, RuntimeError> {
+    let refused = |why: &str| {
+        RuntimeError::new(
+            RuntimeErrorKind::Other,
+            format!(
+                "cannot copy a file to {}: the path {why}",
+                crate::wire::text::Quoted(path)
+            ),
+        )
+    };
+    let relative = path
+        .strip_prefix('/')
+        .ok_or_else(|| refused("is not absolute"))?;
+    for component in relative.split('/') {
+        match component {
+            "" => return Err(refused("names no file or has an empty component")),
+            "." | ".." => return Err(refused("has a `.` or `..` component")),
+            _ if component.contains('\0') => return Err(refused("contains a NUL")),
+            _ => {}
+        }
+    }
+    Ok(relative)
+}
+
 /// How far a pull has got, as the runtime tells it while the pull runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullProgress {

@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used)]
 //! What the podman adapter does beyond the conformance suite: the wiring of
 //! a container spec into podman, reads that survive libpod's transient
-//! states, and an absent socket.
+//! states, what a file copy creates and an exec's output, and an absent
+//! socket.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,8 @@ use e2e::{podman, test_image, unique_prefix, PodmanService};
 use podfleet_agent::podman::PodmanRuntime;
 use podfleet_agent::runtime::ContainerRuntime;
 use podfleet_core::runtime::{
-    ContainerSpec, ContainerState, RuntimeErrorKind, RuntimeOp, RuntimeReply, LABEL_MANAGED,
+    ContainerSpec, ContainerState, RuntimeErrorKind, RuntimeOp, RuntimeReply,
+    EXEC_OUTPUT_MAX_BYTES, LABEL_MANAGED,
 };
 use podfleet_core::wire::{PortMapping, Protocol, Signal, VolumeMount};
 
@@ -222,4 +224,124 @@ fn an_absent_socket_is_unavailable() {
     let connected = block_on(PodmanRuntime::connect(dir.path().join("podman.sock")));
     let error = connected.unwrap_err();
     assert_eq!(error.kind, RuntimeErrorKind::Unavailable, "{error}");
+}
+
+/// What `copy_file` and `exec` do beyond the suite: the modes and owners
+/// of what a copy creates (and of what it leaves alone), a path too long
+/// for a plain tar name, an output cut to its end while it streams, an
+/// exec that outlasts the request timeout, and a program that is not there.
+#[test]
+fn copy_file_and_exec_beyond_the_suite() {
+    let service = PodmanService::start();
+    let name = format!("{}-web", unique_prefix("pfcopy"));
+    let deep = "d".repeat(120);
+    let long_path = format!("/{deep}/setup.sh");
+    let lines = 20_000;
+    let whole: usize = (0..lines).map(|i| format!("line {i}\n").len()).sum();
+    let (stat, long, output, slow, missing) = block_on(async {
+        let rt = PodmanRuntime::connect(service.socket()).await.unwrap();
+        let exec = |argv: &[&str]| RuntimeOp::Exec {
+            container: name.clone(),
+            argv: argv.iter().map(|&a| a.to_owned()).collect(),
+        };
+        let copy = |path: &str, content: &str, mode: u32| RuntimeOp::CopyFile {
+            container: name.clone(),
+            path: path.to_owned(),
+            content: content.to_owned(),
+            mode,
+        };
+        let created = rt
+            .execute(RuntimeOp::Create {
+                spec: spec(&name, &["sleep", "1000"]),
+            })
+            .await;
+        assert!(created.is_ok(), "{created:?}");
+        let start = RuntimeOp::Start {
+            container: name.clone(),
+        };
+        assert_eq!(rt.execute(start).await, Ok(RuntimeReply::Started));
+        let made = rt.execute(exec(&["mkdir", "-m", "1777", "/shared"])).await;
+        assert!(
+            matches!(made, Ok(RuntimeReply::Executed { exit_code: 0, .. })),
+            "{made:?}"
+        );
+        for (path, mode) in [
+            ("/shared/f", 0o640),
+            ("/.podfleet/deep/er/setup.sh", 0o700),
+            (long_path.as_str(), 0o700),
+        ] {
+            let copied = rt.execute(copy(path, "echo copied\n", mode)).await;
+            assert_eq!(copied, Ok(RuntimeReply::FileCopied), "{path}");
+        }
+        let stat = rt
+            .execute(exec(&[
+                "stat",
+                "-c",
+                "%a %u %g %n",
+                "/shared",
+                "/shared/f",
+                "/.podfleet",
+                "/.podfleet/deep",
+                "/.podfleet/deep/er/setup.sh",
+            ]))
+            .await;
+        let long = rt.execute(exec(&["/bin/sh", "-e", &long_path])).await;
+        let many = format!("i=0; while [ $i -lt {lines} ]; do echo line $i; i=$((i+1)); done");
+        let output = rt.execute(exec(&["sh", "-c", &many])).await;
+        let impatient = rt.clone().with_request_timeout(Duration::from_secs(1));
+        let slow = impatient
+            .execute(exec(&["sh", "-c", "sleep 2; echo out; echo err >&2"]))
+            .await;
+        let missing = rt.execute(exec(&["podfleet-no-such-program"])).await;
+        let _ = rt
+            .execute(RuntimeOp::Remove {
+                container: name.clone(),
+                force: true,
+            })
+            .await;
+        (stat, long, output, slow, missing)
+    });
+    // The existing /shared keeps its 1777; the missing parents are 0755.
+    let want = "1777 0 0 /shared\n\
+                640 0 0 /shared/f\n\
+                755 0 0 /.podfleet\n\
+                755 0 0 /.podfleet/deep\n\
+                700 0 0 /.podfleet/deep/er/setup.sh\n";
+    assert_eq!(
+        stat,
+        Ok(RuntimeReply::Executed {
+            exit_code: 0,
+            output: want.to_owned()
+        })
+    );
+    assert_eq!(
+        long,
+        Ok(RuntimeReply::Executed {
+            exit_code: 0,
+            output: "copied\n".to_owned()
+        })
+    );
+    let Ok(RuntimeReply::Executed { exit_code, output }) = output else {
+        panic!("a long output: {output:?}");
+    };
+    assert_eq!(exit_code, 0);
+    assert!(output.len() <= EXEC_OUTPUT_MAX_BYTES, "{}", output.len());
+    assert!(
+        output.starts_with(&format!("({whole} bytes in all) …")),
+        "{output}"
+    );
+    assert!(output.ends_with("line 19999\n"), "{output}");
+    let Ok(RuntimeReply::Executed { exit_code, output }) = slow else {
+        panic!("an exec outlasting the request timeout: {slow:?}");
+    };
+    assert_eq!(exit_code, 0);
+    assert!(
+        output.contains("out\n") && output.contains("err\n"),
+        "{output}"
+    );
+    let Ok(RuntimeReply::Executed { exit_code, output }) = missing else {
+        panic!("an exec of a missing program: {missing:?}");
+    };
+    assert_eq!(exit_code, 127, "{output}");
+    assert!(output.contains("executable file not found"), "{output}");
 }

@@ -40,6 +40,15 @@
 //! - The wait/inspect race (inspect still "running" just after `wait`
 //!   returned) was never observed on podman 4.3 in hundreds of tries, but the
 //!   reconciler retries it and so does this suite.
+//! - `copy_file` writes into a created, running or exited container, and
+//!   the file is there when it runs; an `exec` needs a running one
+//!   (podman 4.3: 500 "container state improper").
+//! - An `exec` reads `/dev/null`: a `cat` in a setup script reads nothing
+//!   and the script goes on, but a `read` fails, and under `sh -e` ends
+//!   the script with 1. busybox `sh` honours `-o pipefail`. A script that
+//!   cannot be opened ends `sh` with 2 (busybox and dash; bash says 127).
+//!   Stopping a container ends the execs running in it with 137 (after a
+//!   force remove, though, podman has forgotten the exec and its code).
 
 use std::collections::BTreeMap;
 use std::future::{poll_fn, Future};
@@ -174,6 +183,11 @@ checks![
     logs_keep_the_newest_lines,
     exec_returns_output_and_exit_code,
     exec_timeout_is_reported,
+    a_copied_script_runs_under_sh_e_pipefail,
+    a_script_reading_stdin_goes_on,
+    a_failing_command_stops_the_script,
+    a_file_is_copied_in_any_state_but_exec_needs_a_running_container,
+    a_stop_kills_a_running_script,
     the_runtime_states_its_version,
     inspect_image_answers_from_the_store,
     pull_from_an_unreachable_registry_is_a_network_failure,
@@ -373,6 +387,11 @@ async fn unknown_container_is_not_found<R: ContainerRuntime>(
         RuntimeOp::Remove {
             container: container.clone(),
             force: true,
+        },
+        copy_op(&container, SETUP_SCRIPT, "exit 0\n"),
+        RuntimeOp::Exec {
+            container: container.clone(),
+            argv: argv(&["cat", MARKER]),
         },
     ];
     for op in ops {
@@ -702,6 +721,207 @@ async fn exec_timeout_is_reported<R: ContainerRuntime>(
         out.timed_out && out.exit_code.is_none(),
         format!("exec past its timeout gave {out:?}"),
     )
+}
+
+/// Where the core puts a setup script, and how it runs one.
+const SETUP_SCRIPT: &str = "/.podfleet/setup.sh";
+const SETUP_ARGV: &[&str] = &["/bin/sh", "-e", "-o", "pipefail", SETUP_SCRIPT];
+/// Where the core leaves its marker once a container is provisioned.
+const MARKER: &str = "/.podfleet/provisioned";
+
+async fn a_copied_script_runs_under_sh_e_pipefail<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::SLEEP);
+    run(rt, &spec).await?;
+    let name = &spec.name;
+    let ran = setup(rt, name, "# provision\necho one\n\necho two\nexit 0\n").await?;
+    ensure(
+        ran == (0, "one\ntwo\n".to_owned()),
+        format!("a script echoing two lines gave {ran:?}"),
+    )?;
+    // Copying again replaces the script; pipefail fails the pipeline.
+    let ran = setup(rt, name, "echo start\nfalse | cat\necho never\n").await?;
+    ensure(
+        ran == (1, "start\n".to_owned()),
+        format!("a script whose pipeline fails under pipefail gave {ran:?}"),
+    )?;
+    let marker = "sha256:5e1f\n";
+    copy(rt, name, MARKER, marker, 0o600).await?;
+    let read = exec_to_exit(rt, name, &["cat", MARKER]).await?;
+    ensure(
+        read == (0, marker.to_owned()),
+        format!("cat of the marker gave {read:?}"),
+    )?;
+    let absent = exec_to_exit(rt, name, &["cat", "/.podfleet/absent"]).await?;
+    ensure(
+        absent.0 == 1 && absent.1.contains("No such file or directory"),
+        format!("cat of a missing file gave {absent:?}"),
+    )?;
+    let no_script = exec_to_exit(rt, name, &["/bin/sh", "-e", "/.podfleet/absent.sh"]).await?;
+    ensure(
+        no_script.0 == 2 && no_script.1.contains("can't open"),
+        format!("sh of a missing script gave {no_script:?}"),
+    )?;
+    for path in ["setup.sh", "/.podfleet/../etc/passwd", "/.podfleet/"] {
+        let what = format!("copy_file to {path:?}");
+        expect_error(
+            &what,
+            rt.execute(copy_op(name, path, "exit 0\n")).await,
+            RuntimeErrorKind::Other,
+        )?;
+    }
+    Ok(())
+}
+
+async fn a_script_reading_stdin_goes_on<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::SLEEP);
+    run(rt, &spec).await?;
+    // Were the script on stdin, `cat` would swallow the rest of it.
+    let ran = setup(rt, &spec.name, "cat\necho after\nexit 4\n").await?;
+    ensure(
+        ran.0 == 4 && ran.1.ends_with("after\n"),
+        format!("a script whose first command is `cat` gave {ran:?}"),
+    )?;
+    let ran = setup(rt, &spec.name, "read answer\necho never\n").await?;
+    ensure(
+        ran.0 == 1 && !ran.1.contains("never"),
+        format!("a script whose `read` meets the end of stdin gave {ran:?}"),
+    )
+}
+
+async fn a_failing_command_stops_the_script<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let spec = scope.spec("web", programs::SLEEP);
+    run(rt, &spec).await?;
+    let ran = setup(rt, &spec.name, "echo start\nfalse\necho never\n").await?;
+    ensure(
+        ran.0 == 1 && ran.1.contains("start") && !ran.1.contains("never"),
+        format!("a script with a failing command gave {ran:?}"),
+    )
+}
+
+async fn a_file_is_copied_in_any_state_but_exec_needs_a_running_container<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let mut spec = scope.spec("web", programs::SLEEP);
+    spec.stop_signal = Signal::Kill;
+    let name = &spec.name;
+    create(rt, &spec).await?;
+    copy(rt, name, MARKER, "created\n", 0o600).await?;
+    expect_error(
+        "exec in a created container",
+        exec_op(rt, name, &["cat", MARKER]).await,
+        RuntimeErrorKind::Other,
+    )?;
+    start(rt, name).await?;
+    let read = exec_to_exit(rt, name, &["cat", MARKER]).await?;
+    ensure(
+        read == (0, "created\n".to_owned()),
+        format!("a file copied before the start read {read:?}"),
+    )?;
+    stop(rt, name, Signal::Kill, SECOND).await?;
+    expect_error(
+        "exec in a stopped container",
+        exec_op(rt, name, &["cat", MARKER]).await,
+        RuntimeErrorKind::Other,
+    )?;
+    copy(rt, name, MARKER, "exited\n", 0o600).await?;
+    start(rt, name).await?;
+    let read = exec_to_exit(rt, name, &["cat", MARKER]).await?;
+    ensure(
+        read == (0, "exited\n".to_owned()),
+        format!("a file copied into the exited container read {read:?}"),
+    )
+}
+
+async fn a_stop_kills_a_running_script<R: ContainerRuntime>(
+    rt: &R,
+    scope: &mut Scope<'_>,
+) -> CheckResult {
+    let mut spec = scope.spec("web", programs::SLEEP);
+    spec.stop_signal = Signal::Kill;
+    run(rt, &spec).await?;
+    let name = &spec.name;
+    copy(rt, name, SETUP_SCRIPT, "echo waiting\nsleep 1000\n", 0o700).await?;
+    let running = exec_to_exit(rt, name, SETUP_ARGV);
+    let stopping = async {
+        // Let the exec start first.
+        scope.pause(Duration::from_millis(500)).await;
+        stop(rt, name, Signal::Kill, SECOND).await
+    };
+    let (ran, stopped) = both(running, stopping).await;
+    stopped?;
+    let ran = ran?;
+    ensure(
+        ran == (137, "waiting\n".to_owned()),
+        format!("a script running when its container stopped gave {ran:?}"),
+    )
+}
+
+fn copy_op(container: &str, path: &str, content: &str) -> RuntimeOp {
+    RuntimeOp::CopyFile {
+        container: container.to_owned(),
+        path: path.to_owned(),
+        content: content.to_owned(),
+        mode: 0o700,
+    }
+}
+
+async fn copy<R: ContainerRuntime>(
+    rt: &R,
+    name: &str,
+    path: &str,
+    content: &str,
+    mode: u32,
+) -> CheckResult {
+    let op = RuntimeOp::CopyFile {
+        container: name.to_owned(),
+        path: path.to_owned(),
+        content: content.to_owned(),
+        mode,
+    };
+    match rt.execute(op).await {
+        Ok(RuntimeReply::FileCopied) => Ok(()),
+        other => Err(unexpected(&format!("copy_file {path} into {name}"), other)),
+    }
+}
+
+async fn exec_op<R: ContainerRuntime>(rt: &R, name: &str, args: &[&str]) -> RuntimeResult {
+    rt.execute(RuntimeOp::Exec {
+        container: name.to_owned(),
+        argv: argv(args),
+    })
+    .await
+}
+
+/// Runs `args` in `name` with [`RuntimeOp::Exec`]: its exit code and output.
+async fn exec_to_exit<R: ContainerRuntime>(
+    rt: &R,
+    name: &str,
+    args: &[&str],
+) -> Result<(i64, String), String> {
+    match exec_op(rt, name, args).await {
+        Ok(RuntimeReply::Executed { exit_code, output }) => Ok((exit_code, output)),
+        other => Err(unexpected(&format!("exec {args:?} in {name}"), other)),
+    }
+}
+
+/// Copies `script` to [`SETUP_SCRIPT`] and runs it as the core does.
+async fn setup<R: ContainerRuntime>(
+    rt: &R,
+    name: &str,
+    script: &str,
+) -> Result<(i64, String), String> {
+    copy(rt, name, SETUP_SCRIPT, script, 0o700).await?;
+    exec_to_exit(rt, name, SETUP_ARGV).await
 }
 
 const SECOND: Duration = Duration::from_secs(1);

@@ -35,7 +35,10 @@ pub enum OpFault {
 struct Pending {
     id: CommandId,
     container: String,
+    /// Handed over once the container no longer runs.
     result: RuntimeResult,
+    /// Handed over at this time instead, if the container still runs then.
+    due: Option<(Timestamp, RuntimeResult)>,
 }
 
 /// Drives a [`Reconciler`] against a [`FakeRuntime`] in virtual time. See
@@ -215,6 +218,9 @@ impl Harness {
             if let Some((at, _, _)) = self.ready.front() {
                 next = next.min(*at);
             }
+            for (at, _) in self.pending.iter().filter_map(|p| p.due.as_ref()) {
+                next = next.min(*at);
+            }
             let next = next.max(self.now);
             self.now = next;
             self.runtime.advance(next);
@@ -248,10 +254,15 @@ impl Harness {
     fn resolve_pending(&mut self) {
         let mut still = Vec::new();
         for p in std::mem::take(&mut self.pending) {
-            if self.runtime.is_running(&p.container) {
-                still.push(p);
-            } else {
+            if !self.runtime.is_running(&p.container) {
                 schedule(&mut self.ready, self.now, p.id, p.result);
+                continue;
+            }
+            match p.due {
+                Some((at, result)) if at <= self.now => {
+                    schedule(&mut self.ready, self.now, p.id, result);
+                }
+                _ => still.push(p),
             }
         }
         self.pending = still;
@@ -374,6 +385,18 @@ impl Harness {
                 id,
                 container,
                 result,
+                due: None,
+            }),
+            Completion::AtUnlessStopped {
+                at,
+                result,
+                id: container,
+                stopped,
+            } => self.pending.push(Pending {
+                id,
+                container,
+                result: stopped,
+                due: Some((at, result)),
             }),
         }
     }

@@ -3,6 +3,8 @@
 //!
 //! - [`runtime`]: [`FakeRuntime`], a pure model of podman, and the
 //!   [`Behaviour`] of the programs it pretends to run.
+//! - [`shell`]: what an exec runs in the fake: a tiny model of busybox
+//!   `sh` and `cat` over the files copied into a container.
 //! - [`registry`]: the fake's [`ImageStore`] and [`FakeRegistry`]: which
 //!   images the device has, and what pulling one finds.
 //! - [`harness`]: [`Harness`], which drives a reconciler against the fake in
@@ -32,6 +34,7 @@ pub mod oracle;
 pub mod registry;
 pub mod runtime;
 pub mod shared;
+pub mod shell;
 pub mod violation;
 
 pub use harness::{describe_op, describe_result, Harness, OpFault};

@@ -11,6 +11,18 @@
 //! share). It has no clock of its own: time moves only when the caller says
 //! so.
 //!
+//! Containers hold the files `copy_file` wrote into them (created, running
+//! or exited), and nothing else. An `exec` in a running container is
+//! answered by [`crate::shell`]'s model of busybox `sh` and `cat` over
+//! those files: at once, or once the time its `sleep`s add up to has
+//! passed, or, for a script that hangs, never. An exec outlives no stop:
+//! one still running when its container stops ends with 137 then
+//! ([`Completion::AtUnlessStopped`], [`Completion::WhenStopped`]); podman
+//! does the same, but when the container is force-removed it answers the
+//! exec's inspect with "no such exec session", where this model still
+//! says 137. An exec in a container that is not running fails with
+//! podman's words.
+//!
 //! [`crate::conformance`] states podman's behaviour and runs against both
 //! real podman and this model; where they differ, this model is wrong.
 
@@ -18,14 +30,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use podfleet_core::runtime::{
-    ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, DiskUsage, ImageInfo,
-    ImageSummary, PullProgress, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply,
-    RuntimeResult, StopOutcome, LABEL_MANAGED,
+    copy_file_target, ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, DiskUsage,
+    ImageInfo, ImageSummary, PullProgress, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply,
+    RuntimeResult, StopOutcome, EXEC_OUTPUT_MAX_BYTES, LABEL_MANAGED,
 };
 use podfleet_core::time::Timestamp;
+use podfleet_core::wire::text::bounded_tail;
 use podfleet_core::wire::{PullFailure, Signal};
 
 use crate::registry::{FakeRegistry, ImageStore, Layer, StoredImage};
+use crate::shell::{self, ExecEnd, FakeFile};
 
 /// How the program inside a container behaves, chosen by its argv
 /// ([`FakeRuntime::set_program`]) or else by its image
@@ -97,6 +111,16 @@ pub struct FakeContainer {
     stopping: Option<(Signal, Duration)>,
     /// What its runs wrote, oldest first.
     logs: Vec<String>,
+    /// The files `copy_file` wrote, by absolute path.
+    files: BTreeMap<String, FakeFile>,
+}
+
+impl FakeContainer {
+    /// The files copied into it, by absolute path (the image's own files
+    /// are not modelled).
+    pub fn files(&self) -> &BTreeMap<String, FakeFile> {
+        &self.files
+    }
 }
 
 /// A mutation the fake performed, for invariant checks.
@@ -165,6 +189,19 @@ pub enum Completion {
         at: Timestamp,
         /// The result to hand over then.
         result: RuntimeResult,
+    },
+    /// At `at`, unless the container `id` stops running first (an exec
+    /// that takes time: stopping its container kills it).
+    AtUnlessStopped {
+        /// When, if the container still runs.
+        at: Timestamp,
+        /// The result to hand over then.
+        result: RuntimeResult,
+        /// The container.
+        id: String,
+        /// The result to hand over once it no longer runs, if that is
+        /// before `at`.
+        stopped: RuntimeResult,
     },
 }
 
@@ -463,6 +500,7 @@ impl FakeRuntime {
                 lagging_until: None,
                 stopping: None,
                 logs: Vec::new(),
+                files: BTreeMap::new(),
             },
         );
         Ok(id)
@@ -572,6 +610,66 @@ impl FakeRuntime {
         }
     }
 
+    /// `copy_file`: into a container in any state, replacing the file.
+    fn copy_file(
+        &mut self,
+        container: &str,
+        path: &str,
+        content: &str,
+        mode: u32,
+    ) -> RuntimeResult {
+        copy_file_target(path)?;
+        let id = self.find(container)?;
+        if let Some(c) = self.containers.get_mut(&id) {
+            let file = FakeFile {
+                content: content.to_owned(),
+                mode: mode & 0o7777,
+            };
+            c.files.insert(path.to_owned(), file);
+        }
+        Ok(RuntimeReply::FileCopied)
+    }
+
+    /// `exec`: as [`crate::shell`] models it, in a running container.
+    fn exec(&mut self, container: &str, argv: &[String]) -> Completion {
+        let id = match self.find(container) {
+            Ok(id) => id,
+            Err(e) => return Completion::Ready(Err(e)),
+        };
+        let c = &self.containers[&id];
+        if c.state != ContainerState::Running {
+            return Completion::Ready(Err(RuntimeError::new(
+                RuntimeErrorKind::Other,
+                "can only create exec sessions on running containers: container state improper",
+            )));
+        }
+        let run = shell::run(argv, &c.files);
+        let output = bounded_tail(&run.output, EXEC_OUTPUT_MAX_BYTES);
+        let killed = Ok(RuntimeReply::Executed {
+            exit_code: shell::KILLED,
+            output: output.clone(),
+        });
+        match run.end {
+            ExecEnd::Exits { code, after } => {
+                let result = Ok(RuntimeReply::Executed {
+                    exit_code: code,
+                    output,
+                });
+                if after.is_zero() {
+                    Completion::Ready(result)
+                } else {
+                    Completion::AtUnlessStopped {
+                        at: self.now + after,
+                        result,
+                        id,
+                        stopped: killed,
+                    }
+                }
+            }
+            ExecEnd::Hangs => Completion::WhenStopped { id, result: killed },
+        }
+    }
+
     /// Executes `op` at the fake's current time.
     pub fn execute(&mut self, op: &RuntimeOp) -> Completion {
         let now = self.now;
@@ -579,10 +677,13 @@ impl FakeRuntime {
         match op {
             RuntimeOp::ListImages => ready(Ok(self.list_images())),
             RuntimeOp::RemoveImage { id } => ready(self.remove_image_by_id(id)),
-            RuntimeOp::CopyFile { .. } | RuntimeOp::Exec { .. } => ready(Err(RuntimeError::new(
-                RuntimeErrorKind::Unsupported,
-                format!("{} is not modelled yet", op.name()),
-            ))),
+            RuntimeOp::CopyFile {
+                container,
+                path,
+                content,
+                mode,
+            } => ready(self.copy_file(container, path, content, *mode)),
+            RuntimeOp::Exec { container, argv } => self.exec(container, argv),
             RuntimeOp::List => ready(Ok(RuntimeReply::Listed {
                 containers: self
                     .containers
@@ -997,6 +1098,131 @@ mod tests {
         // podman states each image's full size, shared layers included.
         let sizes: Vec<u64> = listed.iter().map(|i| i.size).collect();
         assert_eq!(sizes.iter().sum::<u64>(), 110_000_000, "{listed:?}");
+    }
+
+    fn copy(rt: &mut FakeRuntime, container: &str, path: &str, content: &str) -> Completion {
+        rt.execute(&RuntimeOp::CopyFile {
+            container: container.to_owned(),
+            path: path.to_owned(),
+            content: content.to_owned(),
+            mode: 0o700,
+        })
+    }
+
+    fn exec(rt: &mut FakeRuntime, container: &str, argv: &[&str]) -> Completion {
+        rt.execute(&RuntimeOp::Exec {
+            container: container.to_owned(),
+            argv: argv.iter().map(|&a| a.to_owned()).collect(),
+        })
+    }
+
+    fn executed(code: i64, output: &str) -> RuntimeResult {
+        Ok(RuntimeReply::Executed {
+            exit_code: code,
+            output: output.to_owned(),
+        })
+    }
+
+    const SETUP: &[&str] = &["/bin/sh", "-e", "-o", "pipefail", "/.podfleet/setup.sh"];
+
+    #[test]
+    fn files_are_copied_into_a_container_in_any_state_and_execs_need_it_running() {
+        let mut rt = FakeRuntime::new();
+        let id = rt.create_quietly(spec("web", "img/a:1", &[]));
+        let copied = copy(&mut rt, "web", "/.podfleet/setup.sh", "echo hi\nexit 3\n");
+        assert_eq!(copied, Completion::Ready(Ok(RuntimeReply::FileCopied)));
+        let file = rt.containers()[&id]
+            .files()
+            .get("/.podfleet/setup.sh")
+            .cloned();
+        assert_eq!(file.map(|f| f.mode), Some(0o700));
+        let refused = |c: Completion| match c {
+            Completion::Ready(Err(e)) => Some(e.kind),
+            _ => None,
+        };
+        assert_eq!(
+            refused(exec(&mut rt, "web", SETUP)),
+            Some(RuntimeErrorKind::Other)
+        );
+        start(&mut rt, "web");
+        assert_eq!(
+            exec(&mut rt, "web", SETUP),
+            Completion::Ready(executed(3, "hi\n"))
+        );
+        assert_eq!(
+            refused(copy(&mut rt, "ghost", "/a", "")),
+            Some(RuntimeErrorKind::NotFound)
+        );
+        assert_eq!(
+            refused(exec(&mut rt, "ghost", SETUP)),
+            Some(RuntimeErrorKind::NotFound)
+        );
+        assert_eq!(
+            refused(copy(&mut rt, "web", "../a", "")),
+            Some(RuntimeErrorKind::Other)
+        );
+        rt.crash(Timestamp::ZERO, &id, 1);
+        assert_eq!(
+            refused(exec(&mut rt, "web", SETUP)),
+            Some(RuntimeErrorKind::Other)
+        );
+        assert!(matches!(
+            copy(&mut rt, "web", "/.podfleet/provisioned", "done\n"),
+            Completion::Ready(Ok(RuntimeReply::FileCopied))
+        ));
+    }
+
+    #[test]
+    fn an_exec_takes_its_sleeps_unless_its_container_stops_and_a_hang_waits_for_the_stop() {
+        let mut rt = FakeRuntime::new();
+        let id = rt.create_quietly(spec("web", "img/a:1", &[]));
+        start(&mut rt, "web");
+        copy(
+            &mut rt,
+            "web",
+            "/.podfleet/setup.sh",
+            "sleep 30\necho done\n",
+        );
+        assert_eq!(
+            exec(&mut rt, "web", SETUP),
+            Completion::AtUnlessStopped {
+                at: Timestamp::from_millis(30_000),
+                result: executed(0, "done\n"),
+                id: id.clone(),
+                stopped: executed(137, "done\n"),
+            }
+        );
+        copy(
+            &mut rt,
+            "web",
+            "/.podfleet/setup.sh",
+            "echo waiting\nhang\n",
+        );
+        assert_eq!(
+            exec(&mut rt, "web", SETUP),
+            Completion::WhenStopped {
+                id,
+                result: executed(137, "waiting\n"),
+            }
+        );
+    }
+
+    #[test]
+    fn an_execs_output_keeps_its_end() {
+        let mut rt = FakeRuntime::new();
+        rt.create_quietly(spec("web", "img/a:1", &[]));
+        start(&mut rt, "web");
+        let script: String = (0..1000).map(|i| format!("echo line {i}\n")).collect();
+        copy(&mut rt, "web", "/.podfleet/setup.sh", &script);
+        let Completion::Ready(Ok(RuntimeReply::Executed { exit_code, output })) =
+            exec(&mut rt, "web", SETUP)
+        else {
+            panic!("a script without sleeps answers at once");
+        };
+        assert_eq!(exit_code, 0);
+        assert!(output.len() <= EXEC_OUTPUT_MAX_BYTES, "{}", output.len());
+        assert!(output.starts_with("(8890 bytes in all) …"), "{output}");
+        assert!(output.ends_with("line 999\n"));
     }
 
     #[test]

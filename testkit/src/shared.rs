@@ -4,7 +4,8 @@
 //! Time comes from the loop's [`Clock`]: before every operation the fake is
 //! advanced to `clock.now()`, and a `wait` (or a `stop` in its grace period)
 //! sleeps on that clock until the container's exit is due, or until another
-//! operation changes something; a pull sleeps until its transfer is done. Under turmoil that clock is simulated, so
+//! operation changes something; a pull sleeps until its transfer is done,
+//! and an exec until its time or its container's stop, whichever is first. Under turmoil that clock is simulated, so
 //! an hour-long container costs nothing.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -114,6 +115,18 @@ impl<C: Clock + Clone> ContainerRuntime for SharedFake<C> {
                 // Lands the pull (and anything else due) before the answer.
                 self.with(|_| ());
                 result
+            }
+            Completion::AtUnlessStopped {
+                at,
+                result,
+                id,
+                stopped,
+            } => {
+                tokio::select! {
+                    biased;
+                    stopped = self.until_stopped(id, stopped) => stopped,
+                    () = self.clock.sleep_until(at) => result,
+                }
             }
         }
     }

@@ -12,9 +12,10 @@ use podfleet_testkit::conformance::{programs, run_check, Fixture, CHECKS, EXEC_C
 use podfleet_testkit::SharedFake;
 use podfleet_testkit::{FakeRuntime, ImageStore};
 
-/// The checks the fake declares unsupported: it runs no programs, so it has
-/// nothing to exec in. Each must still fail against it, so that this list
-/// cannot outlive its reason.
+/// The checks the fake declares unsupported: it runs no programs, so the
+/// `exec` command has nothing to run (the `exec` runtime op answers from
+/// testkit::shell's model of a setup script instead). Each must still fail
+/// against it, so that this list cannot outlive its reason.
 const UNSUPPORTED: &[&str] = EXEC_CHECKS;
 
 fn tokio_pause(duration: Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> {

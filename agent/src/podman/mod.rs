@@ -35,12 +35,21 @@
 //! - `GET /images/{name}/json` resolves a short name to a local image
 //!   first (`app:1` finds `localhost/app:1`), and lists a digest in
 //!   `RepoDigests` for locally built images too.
+//! - `PUT /containers/{id}/archive` writes into a created, running or
+//!   exited container, creating missing parent directories (root, 0755);
+//!   a directory entry in the archive would reset an existing directory's
+//!   mode, so [`RuntimeOp::CopyFile`] sends the file's entry alone.
+//! - An exec created without `AttachStdin` reads `/dev/null`. Creating one
+//!   in a container that is not running is refused with 500 "container
+//!   state improper" (Docker answers 409). An exec of a program that does
+//!   not exist starts, writes runc's complaint to stderr and exits 127.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::time::Duration;
 
+use bollard::container::LogOutput;
 use bollard::errors::Error as ApiError;
 use bollard::exec::{StartExecOptions, StartExecResults};
 use bollard::models::{
@@ -50,21 +59,23 @@ use bollard::models::{
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
     RemoveImageOptionsBuilder, StartContainerOptions, StopContainerOptionsBuilder,
-    WaitContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::{ClientVersion, Docker};
 use futures_util::StreamExt;
 use podfleet_core::runtime::{
     ContainerSpec, ContainerState, ContainerStatus, ContainerSummary, DiskUsage, ImageInfo,
     ImageSummary, PullProgress, RuntimeError, RuntimeErrorKind, RuntimeOp, RuntimeReply,
-    RuntimeResult, StopOutcome, LABEL_MANAGED,
+    RuntimeResult, StopOutcome, EXEC_OUTPUT_MAX_BYTES, LABEL_MANAGED,
 };
+use podfleet_core::wire::text::bounded_tail_of;
 use podfleet_core::wire::{PortMapping, Protocol, PullFailure, VolumeMount};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::runtime::{ContainerRuntime, ExecOutput, LogsOutput};
 
+mod archive;
 mod http;
 mod pull;
 mod registry;
@@ -81,7 +92,8 @@ pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
 /// How long an ordinary API call may take before the runtime counts as
 /// unavailable. `wait` is not bounded by it (podman sends its headers at
 /// once and the answer when the container stops), `stop` gets its grace on
-/// top, and `exec` has its own timeout.
+/// top, the `exec` command has its own timeout, and the output of
+/// [`RuntimeOp::Exec`] is not bounded in time (the core keeps its deadline).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The exit status of a process ended by SIGKILL (128 + 9).
@@ -113,6 +125,12 @@ const SETTLE_INTERVAL: Duration = Duration::from_millis(25);
 ///   connection breaks ([`PullFailure::Network`]), or the caller drops it.
 ///   Its failures are [`RuntimeErrorKind::Pull`]; its progress can be read
 ///   meanwhile ([`pull_progress`](Self::pull_progress)).
+/// - [`RuntimeOp::CopyFile`] refuses a path that is not a plain absolute
+///   one before contacting podman, and writes the file alone, root-owned:
+///   existing directories keep their modes.
+/// - [`RuntimeOp::Exec`] runs with stdin from `/dev/null`, for as long as
+///   the process runs (the core keeps the deadline), and holds only the
+///   end of its output while it streams.
 /// - Registry passwords never appear in a log line, an error or `Debug`.
 /// - Socket and transport failures are [`RuntimeErrorKind::Unavailable`].
 #[derive(Debug, Clone)]
@@ -528,6 +546,90 @@ impl PodmanRuntime {
         get_json(&self.socket, &path, self.request_timeout, call).await
     }
 
+    /// Writes `content` into `container` as the file `path` with `mode`,
+    /// owned by root: [`RuntimeOp::CopyFile`].
+    async fn copy_file(
+        &self,
+        container: &str,
+        path: &str,
+        content: &str,
+        mode: u32,
+    ) -> RuntimeResult {
+        let mtime = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let archive = archive::single_file(path, content.as_bytes(), mode, mtime)?;
+        let options = UploadToContainerOptionsBuilder::new().path("/").build();
+        self.docker
+            .upload_to_container(container, Some(options), bollard::body_full(archive.into()))
+            .await
+            .map_err(|e| api_error(e, Call::Container))?;
+        Ok(RuntimeReply::FileCopied)
+    }
+
+    /// Runs `argv` in `container` until it exits, keeping the end of its
+    /// output: [`RuntimeOp::Exec`]. No timeout: the core keeps the deadline.
+    async fn exec_to_exit(&self, container: &str, argv: &[String]) -> RuntimeResult {
+        let exec_id = self.create_exec(container, argv).await?;
+        let mut output = NewestBytes::new(EXEC_OUTPUT_MAX_BYTES);
+        self.stream_exec(&exec_id, |chunk| match chunk {
+            LogOutput::StdIn { .. } => {}
+            chunk => output.push(chunk.as_ref()),
+        })
+        .await?;
+        let exit_code = self.exec_exit_code(&exec_id).await?.ok_or_else(|| {
+            RuntimeError::new(
+                RuntimeErrorKind::Other,
+                format!(
+                    "the output of an exec in {container} ended, but podman still says it runs"
+                ),
+            )
+        })?;
+        Ok(RuntimeReply::Executed {
+            exit_code,
+            output: output.finish_as_bounded_tail(),
+        })
+    }
+
+    /// Creates an exec of `argv` in `container` with stdout and stderr
+    /// attached and stdin not, so that the process reads end of file
+    /// (podman gives it `/dev/null`).
+    async fn create_exec(&self, container: &str, argv: &[String]) -> Result<String, RuntimeError> {
+        let config = ExecConfig {
+            attach_stdin: Some(false),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            cmd: Some(argv.to_vec()),
+            ..ExecConfig::default()
+        };
+        let created = self
+            .docker
+            .create_exec(container, config)
+            .await
+            .map_err(|e| api_error(e, Call::Container))?;
+        Ok(created.id)
+    }
+
+    /// Starts the exec `exec_id` and hands `sink` each chunk of its output
+    /// as it comes, until the process closes its output (it exits).
+    async fn stream_exec(
+        &self,
+        exec_id: &str,
+        mut sink: impl FnMut(LogOutput),
+    ) -> Result<(), RuntimeError> {
+        let started = self
+            .docker
+            .start_exec(exec_id, Some(StartExecOptions::default()))
+            .await
+            .map_err(|e| api_error(e, Call::Container))?;
+        if let StartExecResults::Attached { mut output, .. } = started {
+            while let Some(chunk) = output.next().await {
+                sink(chunk.map_err(|e| api_error(e, Call::Container))?);
+            }
+        }
+        Ok(())
+    }
+
     /// The exit code of a finished exec, once podman has recorded it.
     async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError> {
         for _ in 1..SETTLE_ATTEMPTS {
@@ -577,10 +679,13 @@ impl ContainerRuntime for PodmanRuntime {
             RuntimeOp::Pull { image } => self.pull(image).await,
             RuntimeOp::ListImages => self.list_images().await,
             RuntimeOp::RemoveImage { id } => self.remove_image(id).await,
-            RuntimeOp::CopyFile { .. } | RuntimeOp::Exec { .. } => Err(RuntimeError::new(
-                RuntimeErrorKind::Unsupported,
-                format!("{} is not implemented yet", op.name()),
-            )),
+            RuntimeOp::CopyFile {
+                container,
+                path,
+                content,
+                mode,
+            } => self.copy_file(container, path, content, *mode).await,
+            RuntimeOp::Exec { container, argv } => self.exec_to_exit(container, argv).await,
         }
     }
 
@@ -632,45 +737,20 @@ impl ContainerRuntime for PodmanRuntime {
         timeout: Duration,
         max_bytes: usize,
     ) -> Result<ExecOutput, RuntimeError> {
-        let config = ExecConfig {
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            cmd: Some(argv.to_vec()),
-            ..ExecConfig::default()
-        };
-        let exec_id = self
-            .docker
-            .create_exec(container, config)
-            .await
-            .map_err(|e| api_error(e, Call::Container))?
-            .id;
+        let exec_id = self.create_exec(container, argv).await?;
         let mut stdout = NewestBytes::new(max_bytes);
         let mut stderr = NewestBytes::new(max_bytes);
-        let run = async {
-            let started = self
-                .docker
-                .start_exec(&exec_id, Some(StartExecOptions::default()))
-                .await?;
-            if let StartExecResults::Attached { mut output, .. } = started {
-                while let Some(chunk) = output.next().await {
-                    match chunk? {
-                        bollard::container::LogOutput::StdErr { message } => {
-                            stderr.push(&message);
-                        }
-                        bollard::container::LogOutput::StdOut { message }
-                        | bollard::container::LogOutput::Console { message } => {
-                            stdout.push(&message);
-                        }
-                        bollard::container::LogOutput::StdIn { .. } => {}
-                    }
-                }
+        let run = self.stream_exec(&exec_id, |chunk| match chunk {
+            LogOutput::StdErr { message } => stderr.push(&message),
+            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                stdout.push(&message);
             }
-            Ok::<(), ApiError>(())
-        };
+            LogOutput::StdIn { .. } => {}
+        });
         // On timeout the exec's process keeps running: the API cannot kill it.
         let timed_out = match tokio::time::timeout(timeout, run).await {
             Ok(result) => {
-                result.map_err(|e| api_error(e, Call::Container))?;
+                result?;
                 false
             }
             Err(_elapsed) => true,
@@ -1099,11 +1179,13 @@ fn mount(volume: &VolumeMount) -> Mount {
     }
 }
 
-/// Keeps the newest `limit` bytes of a stream of output.
+/// Keeps the newest `limit` bytes of a stream of output, and counts them all.
 struct NewestBytes {
     bytes: Vec<u8>,
     limit: usize,
     cut: bool,
+    /// Every byte pushed, kept or not.
+    len: usize,
 }
 
 impl NewestBytes {
@@ -1112,10 +1194,12 @@ impl NewestBytes {
             bytes: Vec::new(),
             limit,
             cut: false,
+            len: 0,
         }
     }
 
     fn push(&mut self, chunk: &[u8]) {
+        self.len = self.len.saturating_add(chunk.len());
         self.bytes.extend_from_slice(chunk);
         // Trim in batches rather than on every chunk.
         if self.bytes.len() > self.limit.saturating_mul(2).saturating_add(64 * 1024) {
@@ -1145,6 +1229,15 @@ impl NewestBytes {
         };
         let text = String::from_utf8_lossy(self.bytes.get(start..).unwrap_or_default());
         (text.into_owned(), self.cut)
+    }
+
+    /// The kept bytes as [`bounded_tail`](podfleet_core::wire::text::bounded_tail)
+    /// of the whole stream, at most `limit` bytes, would give them: a cut
+    /// output starts with how long it was.
+    fn finish_as_bounded_tail(self) -> String {
+        let (len, limit) = (self.len, self.limit);
+        let (end, _) = self.finish();
+        bounded_tail_of(&end, len, limit)
     }
 }
 
@@ -1227,6 +1320,23 @@ mod tests {
         let mut kept = NewestBytes::new(10);
         kept.push(b"short");
         assert_eq!(kept.finish(), ("short".to_owned(), false));
+    }
+
+    #[test]
+    fn an_exec_output_kept_while_streaming_is_the_bounded_tail_of_all_of_it() {
+        let whole: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+        let mut kept = NewestBytes::new(EXEC_OUTPUT_MAX_BYTES);
+        for chunk in whole.as_bytes().chunks(1000) {
+            kept.push(chunk);
+        }
+        assert!(kept.bytes.len() < 3 * EXEC_OUTPUT_MAX_BYTES + 64 * 1024);
+        assert_eq!(
+            kept.finish_as_bounded_tail(),
+            podfleet_core::wire::text::bounded_tail(&whole, EXEC_OUTPUT_MAX_BYTES)
+        );
+        let mut short = NewestBytes::new(EXEC_OUTPUT_MAX_BYTES);
+        short.push(b"after\n");
+        assert_eq!(short.finish_as_bounded_tail(), "after\n");
     }
 
     #[test]

@@ -62,17 +62,25 @@ pub fn bounded(text: &str, max: usize) -> String {
 /// a cut text starts with `(N bytes in all) …` (counted within `max`). For
 /// output, whose end says most.
 pub fn bounded_tail(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
+    bounded_tail_of(text, text.len(), max)
+}
+
+/// [`bounded_tail`] of a text that was read as a stream and kept bounded
+/// while it came: `end` is its end (all of it, or at least its last `max`
+/// bytes) and `len` its whole length in bytes. Gives what `bounded_tail`
+/// of the whole text gives, without holding the whole text.
+pub fn bounded_tail_of(end: &str, len: usize, max: usize) -> String {
+    if len <= max && end.len() <= max {
+        return end.to_owned();
     }
-    let head = format!("({} bytes in all) …", text.len());
-    let mut from = text.len() - max.saturating_sub(head.len()).min(text.len());
-    while from < text.len() && !text.is_char_boundary(from) {
+    let head = format!("({len} bytes in all) …");
+    let mut from = end.len() - max.saturating_sub(head.len()).min(end.len());
+    while from < end.len() && !end.is_char_boundary(from) {
         from += 1;
     }
-    let mut out = String::with_capacity(head.len() + text.len() - from);
+    let mut out = String::with_capacity(head.len() + end.len() - from);
     out.push_str(&head);
-    out.push_str(&text[from..]);
+    out.push_str(&end[from..]);
     out
 }
 
@@ -115,6 +123,19 @@ mod tests {
         assert!(cut.len() <= 100, "{cut}");
         assert!(cut.starts_with("(5012 bytes in all) …"), "{cut}");
         assert!(cut.ends_with("last line é"));
+    }
+
+    #[test]
+    fn a_tail_kept_while_streaming_reads_as_the_tail_of_the_whole() {
+        let long = format!("{}last line é", "z".repeat(5000));
+        for kept in [100, 101, 300] {
+            let end = &long[long.len() - kept..];
+            assert_eq!(
+                bounded_tail_of(end, long.len(), 100),
+                bounded_tail(&long, 100)
+            );
+        }
+        assert_eq!(bounded_tail_of("short", 5, 10), "short");
     }
 
     #[test]
