@@ -232,3 +232,59 @@ fn persistent_containers_stopped_by_a_reboot_are_restarted_never_recreated() {
         assert_eq!(device.containers(&dep).len(), 1);
     });
 }
+
+#[test]
+fn a_setup_script_runs_from_a_file_in_each_fresh_container_and_its_failure_is_typed() {
+    tokio_runtime().block_on(async {
+        let nats = NatsServer::start();
+        let broker = Broker::connect(&nats.url(), ConnectOptions::new()).await;
+        let dev = unique_prefix("setup");
+        let mut device = Device::new(Path::new(AGENT), &dev, &nats.url(), &[]);
+        device.start_agent();
+        let dep = format!("{dev}-svc");
+        // `cat` reads stdin: fed on stdin, it would swallow the rest and
+        // the script would still exit 0 without writing /ran.
+        let script = "cat\necho provisioned > /ran\nfalse | true\n";
+        let score = json!({"services": [{
+            "name": "web", "image": TEST_IMAGE, "args": ["sleep", "1000"], "setup_script": script,
+        }]});
+        let rev = broker.put(&dev, &dep, score.to_string()).await;
+        let state = broker
+            .wait_state(&dev, &dep, SETTLE, |s| {
+                s.revision == rev && s.phase != Phase::Pending
+            })
+            .await;
+        // With pipefail, `false | true` fails the script.
+        match &state.cause {
+            Some(FailureCause::SetupScriptFailed { exit_code, .. }) => {
+                assert_eq!(*exit_code, Some(1), "{state:#?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        eventually!("the failed container to go", SETTLE, {
+            device.containers(&dep).is_empty().then_some(())
+        });
+
+        let script = "cat\necho provisioned > /ran\necho done\n";
+        let score = json!({"services": [{
+            "name": "web", "image": TEST_IMAGE, "args": ["sleep", "1000"], "setup_script": script,
+        }]});
+        let rev = broker.put(&dev, &dep, score.to_string()).await;
+        let state = broker
+            .wait_state(&dev, &dep, SETTLE, |s| {
+                s.revision == rev && s.phase == Phase::Running
+            })
+            .await;
+        let id = &state.container_ids["web"];
+        assert_eq!(podman(&device, &["exec", id, "cat", "/ran"]), "provisioned");
+        // The agent restarts: the container shows its marker and is kept.
+        device.agent().kill9();
+        device.start_agent();
+        std::thread::sleep(Duration::from_secs(5));
+        let state = broker
+            .wait_state(&dev, &dep, SETTLE, |s| s.phase == Phase::Running)
+            .await;
+        assert_eq!(&state.container_ids["web"], id);
+        assert_eq!(device.containers(&dep).len(), 1);
+    });
+}

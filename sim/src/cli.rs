@@ -309,6 +309,7 @@ fn union(a: Bugs, b: Bugs) -> Bugs {
         pull_after_stop: a.pull_after_stop || b.pull_after_stop,
         gc_ignores_keep: a.gc_ignores_keep || b.gc_ignores_keep,
         start_unverified: a.start_unverified || b.start_unverified,
+        trust_unprovisioned: a.trust_unprovisioned || b.trust_unprovisioned,
         report_running_early: a.report_running_early || b.report_running_early,
         report_before_observing: a.report_before_observing || b.report_before_observing,
         head_of_line_reports: a.head_of_line_reports || b.head_of_line_reports,

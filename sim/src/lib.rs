@@ -650,6 +650,7 @@ pub const NO_BUGS: Bugs = Bugs {
     pull_after_stop: false,
     gc_ignores_keep: false,
     start_unverified: false,
+    trust_unprovisioned: false,
     report_running_early: false,
     report_before_observing: false,
     head_of_line_reports: false,

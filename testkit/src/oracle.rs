@@ -408,7 +408,34 @@ impl Oracle {
             }
         }
         if running && !init && !matches!(op, RuntimeOp::Start { .. }) {
-            let healthy_target = valid.is_some_and(|v| v.runs_service(&deployment, &service, spec));
+            // Healthy: what the newest spec runs, provisioned if it has a
+            // setup script, and not a finished revision's run (`per_run`
+            // runs again for every revision).
+            let container = op
+                .container()
+                .and_then(|c| runtime.containers().get(c).or_else(|| runtime.by_name(c)));
+            let provisioned = |v: &ValidSpec| {
+                let script = v
+                    .score
+                    .services
+                    .iter()
+                    .find(|s| s.name == service.as_str())
+                    .and_then(|s| s.setup_script.as_deref());
+                script.is_none_or(|script| {
+                    let hash = format!(
+                        "{:016x}\n",
+                        podfleet_core::reconciler::fnv1a64(script.as_bytes())
+                    );
+                    container
+                        .and_then(|c| c.files().get(podfleet_core::reconciler::PROVISIONED_PATH))
+                        .is_some_and(|f| f.content == hash)
+                })
+            };
+            let healthy_target = valid.is_some_and(|v| {
+                v.runs_service(&deployment, &service, spec)
+                    && provisioned(v)
+                    && v.score.lifetime() != podfleet_core::wire::Lifetime::PerRun
+            });
             if healthy_target {
                 violation(
                     Invariant::HealthyContainerRecreated,
@@ -667,6 +694,29 @@ impl Oracle {
             return;
         }
         if let Some(valid) = valid {
+            // A service with a setup script is running only once its
+            // container holds the marker of that very script.
+            for service in &valid.score.services {
+                let Some(script) = &service.setup_script else {
+                    continue;
+                };
+                let hash = format!(
+                    "{:016x}\n",
+                    podfleet_core::reconciler::fnv1a64(script.as_bytes())
+                );
+                let marked = state
+                    .container_ids
+                    .get(service.name.as_str())
+                    .and_then(|id| runtime.containers().get(id))
+                    .and_then(|c| c.files().get(podfleet_core::reconciler::PROVISIONED_PATH))
+                    .is_some_and(|f| f.content == hash);
+                if !marked {
+                    violations.push(Violation::at(now, Invariant::TruthfulReports, format!(
+                        "{deployment} reported Running at revision {} but the container of service {} was never provisioned with its setup script",
+                        state.revision, service.name
+                    )));
+                }
+            }
             for (service, hash) in &valid.hashes {
                 let id = state.container_ids.get(service.as_str());
                 let created_with = id

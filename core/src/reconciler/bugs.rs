@@ -44,6 +44,9 @@ pub struct Bugs {
     /// A `no_launch` deployment starts the stopped container it verifies,
     /// as the seed's attach path would.
     pub start_unverified: bool,
+    /// A container the agent finds after a restart counts as provisioned
+    /// without showing its setup script's marker.
+    pub trust_unprovisioned: bool,
     /// Reports say Running as soon as a rollout starts.
     pub report_running_early: bool,
     /// A restarted agent reports its cached deployments before it has

@@ -56,14 +56,15 @@ impl Deployment {
                 .is_some_and(|o| o.spec_hash.as_ref() == hash);
             match observed {
                 Some(o) if o.state == ContainerState::Running => {
-                    if !matches || bug!(config, recreate_on_tick) || o.unprovisioned {
+                    let unprovisioned = o.unprovisioned && !bug!(config, trust_unprovisioned);
+                    if !matches || bug!(config, recreate_on_tick) || unprovisioned {
                         // Someone else changed it, or it was never (fully)
                         // provisioned; only a rollout may replace it.
                         self.demote();
                         continue;
                     }
-                    if let Some(script) = service.setup_script.as_deref().filter(|_| !o.provisioned)
-                    {
+                    let probe = self.awaits_provisioning(config, &service.name, &o);
+                    if let Some(script) = service.setup_script.as_deref().filter(|_| probe) {
                         // Not provisioned by this agent: it shows its marker
                         // before it counts as running.
                         steps.push(Step::Call(Call::ProbeProvisioned {

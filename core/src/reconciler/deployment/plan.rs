@@ -68,7 +68,7 @@ pub(super) fn rollout(
         let kept = |o: &&Observed| {
             o.spec_hash.as_ref() == hash
                 && this_run(o)
-                && !o.unprovisioned
+                && (!o.unprovisioned || bug!(config, trust_unprovisioned))
                 && !bug!(config, recreate_on_tick)
         };
         let needs_image = observed.get(&service.name).filter(kept).is_none();

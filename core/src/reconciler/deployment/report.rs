@@ -156,7 +156,7 @@ impl Deployment {
         }
         let unconfirmed = target.score.services.iter().find(|s| {
             self.observed.get(&s.name).is_some_and(|o| {
-                o.state == ContainerState::Running && self.awaits_provisioning(&s.name, o)
+                o.state == ContainerState::Running && self.awaits_provisioning(config, &s.name, o)
             })
         });
         if let Some(service) = unconfirmed {

@@ -147,7 +147,19 @@ impl Deployment {
             exit_code,
             output: crate::wire::text::bounded_tail(&output, EXEC_OUTPUT_MAX_BYTES),
         };
+        // Its service's process runs: stopped as any replaced container is.
+        let lifecycle = self
+            .target
+            .as_ref()
+            .map(|t| t.score.lifecycle_or_default())
+            .unwrap_or_default();
         self.replace_steps(vec![
+            Step::Call(Call::Stop {
+                service: service.clone(),
+                id: id.clone(),
+                signal: lifecycle.stop_signal,
+                grace: lifecycle.grace_period(),
+            }),
             Step::Call(Call::RemoveService { service, id }),
             Step::Fail(cause),
         ]);
@@ -191,7 +203,7 @@ impl Deployment {
 
     /// Whether `o`, a container of `service`, still has to show it was
     /// provisioned before it counts as running.
-    pub(super) fn awaits_provisioning(&self, service: &str, o: &Observed) -> bool {
-        self.setup_script(service).is_some() && !o.provisioned
+    pub(super) fn awaits_provisioning(&self, config: &Config, service: &str, o: &Observed) -> bool {
+        self.setup_script(service).is_some() && !o.provisioned && !bug!(config, trust_unprovisioned)
     }
 }
