@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use podfleet_core::reconciler::ImageGcPolicy;
+use podfleet_core::reconciler::{ImageGcPolicy, DEFAULT_RUN_RETENTION, DEFAULT_SETUP_TIMEOUT};
 use podfleet_core::time::Backoff;
 use podfleet_core::wire::DeviceId;
 use podfleet_core::Config;
@@ -231,6 +231,16 @@ pub struct Args {
     #[arg(long, env = "PODFLEET_IMAGE_GC_INTERVAL", value_name = "DURATION")]
     pub image_gc_interval: Option<String>,
 
+    /// How long a service's setup script may run in its fresh container
+    /// [default: 5m].
+    #[arg(long, env = "PODFLEET_SETUP_TIMEOUT", value_name = "DURATION")]
+    pub setup_timeout: Option<String>,
+
+    /// How long a finished `per_run` revision's exited containers are kept
+    /// for their logs [default: 24h].
+    #[arg(long, env = "PODFLEET_RUN_RETENTION", value_name = "DURATION")]
+    pub run_retention: Option<String>,
+
     /// Allow the `exec` command to run programs in service containers [default: false].
     #[arg(long, env = "PODFLEET_ALLOW_EXEC", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub allow_exec: Option<bool>,
@@ -292,6 +302,8 @@ struct FileConfig {
     image_gc_high_percent: Option<u8>,
     image_gc_low_percent: Option<u8>,
     image_gc_interval: Option<String>,
+    setup_timeout: Option<String>,
+    run_retention: Option<String>,
     allow_exec: Option<bool>,
     exec_max_timeout: Option<String>,
     exec_max_bytes: Option<usize>,
@@ -420,6 +432,10 @@ pub struct Settings {
     pub runtime_backoff: Backoff,
     /// When and how hard unused images are removed.
     pub image_gc: ImageGcPolicy,
+    /// How long a setup script may run.
+    pub setup_timeout: Duration,
+    /// How long a finished `per_run` revision's containers are kept.
+    pub run_retention: Duration,
     /// The loop's command limits and publish backoff.
     pub loop_options: LoopOptions,
     /// How logs are written.
@@ -712,6 +728,18 @@ impl Settings {
                 gc_default.interval,
             )?,
         };
+        let setup_timeout = duration(
+            "setup_timeout",
+            &args.setup_timeout,
+            file.setup_timeout,
+            DEFAULT_SETUP_TIMEOUT,
+        )?;
+        let run_retention = duration(
+            "run_retention",
+            &args.run_retention,
+            file.run_retention,
+            DEFAULT_RUN_RETENTION,
+        )?;
 
         nats.urls = urls;
         nats.credentials = credentials;
@@ -732,6 +760,8 @@ impl Settings {
             restart_reset_after,
             runtime_backoff,
             image_gc,
+            setup_timeout,
+            run_retention,
             loop_options,
             log_format,
             log_level,
@@ -750,6 +780,8 @@ impl Settings {
             .restart_reset_after(self.restart_reset_after)
             .runtime_backoff(self.runtime_backoff)
             .image_gc(self.image_gc)
+            .setup_timeout(self.setup_timeout)
+            .run_retention(self.run_retention)
     }
 }
 
@@ -804,6 +836,8 @@ impl fmt::Display for Settings {
         writeln!(f, "image_gc_high_percent = {}", self.image_gc.high_percent)?;
         writeln!(f, "image_gc_low_percent = {}", self.image_gc.low_percent)?;
         duration(f, "image_gc_interval", self.image_gc.interval)?;
+        duration(f, "setup_timeout", self.setup_timeout)?;
+        duration(f, "run_retention", self.run_retention)?;
         writeln!(f, "allow_exec = {}", self.loop_options.exec_enabled)?;
         duration(f, "exec_max_timeout", self.loop_options.exec_max_timeout)?;
         writeln!(f, "exec_max_bytes = {}", self.loop_options.exec_max_bytes)?;

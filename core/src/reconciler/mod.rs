@@ -118,6 +118,12 @@ use crate::wire::{
 pub use bugs::Bugs;
 use deployment::Deployment;
 pub use deployment::{PROVISIONED_PATH, SETUP_SCRIPT_PATH};
+
+/// How long a setup script may run unless [`Config::setup_timeout`] says.
+pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a finished `per_run` revision's containers are kept unless
+/// [`Config::run_retention`] says.
+pub const DEFAULT_RUN_RETENTION: Duration = Duration::from_secs(24 * 3600);
 pub use gc::ImageGcPolicy;
 pub use spec::{fnv1a64, init_container_spec, service_container_spec, service_spec_hash};
 
@@ -196,8 +202,8 @@ impl Config {
             pull_timeout: Duration::from_secs(900),
             pull_progress_interval: Duration::from_secs(2),
             image_gc: ImageGcPolicy::default(),
-            run_retention: Duration::from_secs(24 * 3600),
-            setup_timeout: Duration::from_secs(300),
+            run_retention: DEFAULT_RUN_RETENTION,
+            setup_timeout: DEFAULT_SETUP_TIMEOUT,
             #[cfg(feature = "bugs")]
             bugs: Bugs::default(),
         }
