@@ -139,6 +139,22 @@ pub fn device(controller: &Controller, now: Timestamp, id: &DeviceId) -> Result<
                 let _ = writeln!(out, "      {service}: {container}");
             }
         }
+        if !state.exit_codes.is_empty() {
+            let _ = writeln!(out, "    Exit codes:");
+            for (service, code) in &state.exit_codes {
+                let _ = writeln!(out, "      {service}: {code}");
+            }
+        }
+        if !state.verified.is_empty() {
+            let _ = writeln!(out, "    Verified:");
+            for (service, v) in &state.verified {
+                let _ = writeln!(
+                    out,
+                    "      {service}: container {} {} ({})",
+                    v.container, v.status, v.evidence
+                );
+            }
+        }
         if !state.restarts.is_empty() {
             let _ = writeln!(out, "    Restarts:");
             for (service, record) in &state.restarts {
@@ -352,6 +368,49 @@ mod tests {
         insta::assert_snapshot!(format!("{text}\n{explicit}"));
         let missing = deployment(&fleet.controller, NOW, &name("nope"), None, 120).unwrap_err();
         assert_eq!(missing.message, "fleetdeployment \"nope\" not found");
+    }
+
+    #[test]
+    fn describe_device_shows_exit_codes_and_verifications() {
+        let mut fleet = Fleet::new();
+        fleet.label("rpi-01", &[("site", "lyon")]);
+        fleet.heartbeat("rpi-01", "0.1.0", 60, 2);
+        for deployment in ["batch", "edge"] {
+            fleet.apply(crate::cli::fixtures::manifest(
+                deployment,
+                serde_json::json!({"selector": "site=lyon"}),
+                "localhost/job:1",
+            ));
+        }
+        fleet.report(
+            "rpi-01",
+            "batch",
+            serde_json::json!({"phase": "failed", "exit_codes": {"fetch": 0, "index": 3},
+                "cause": {"kind": "run_failed", "service": "index", "exit_code": 3}}),
+            None,
+        );
+        fleet.report(
+            "rpi-01",
+            "edge",
+            serde_json::json!({"phase": "running", "container_ids": {"proxy": "9c1d"},
+                "verified": {"proxy": {"container": "base_proxy", "status": "running", "evidence": "running sha256:11"}}}),
+            None,
+        );
+        let text = device(&fleet.controller, NOW, &id("rpi-01")).unwrap();
+        assert!(
+            text.contains("    Exit codes:\n      fetch: 0\n      index: 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("service \"index\" ran and exited with code 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "    Verified:\n      proxy: container base_proxy running (running sha256:11)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
