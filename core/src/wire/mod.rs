@@ -23,8 +23,8 @@ pub use report::{
     RuntimeOperation, Verification, VerifiedStatus,
 };
 pub use score::{
-    InitContainer, Lifetime, LifecyclePolicy, PodmanService, PodmanV0Score, PortMapping,
-    Protocol, PullPolicy, ScoreError, Signal, VolumeMount, DEFAULT_INIT_CONTAINER_TIMEOUT,
+    InitContainer, LifecyclePolicy, Lifetime, PodmanService, PodmanV0Score, PortMapping, Protocol,
+    PullPolicy, ScoreError, Signal, VolumeMount, DEFAULT_INIT_CONTAINER_TIMEOUT,
     SETUP_SCRIPT_MAX_BYTES,
 };
 

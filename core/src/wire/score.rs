@@ -70,9 +70,7 @@ pub struct PodmanV0Score {
 
 /// What podfleet does with a deployment's containers over time
 /// (docs/lifetimes.md has the whole truth table).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Lifetime {
     /// Long-running services: created once per revision, adopted across
