@@ -179,6 +179,7 @@ mod tests {
             offline: u32::from(pending > 1),
             failures: Vec::new(),
             skew: Vec::new(),
+            placement: None,
         }
     }
 

@@ -18,6 +18,7 @@ fn aggregate(targeted: u32, updated: u32, phases: [u32; 3], offline: u32) -> Agg
         offline,
         failures: Vec::new(),
         skew: Vec::new(),
+        placement: None,
     }
 }
 
