@@ -118,6 +118,15 @@ pub enum ClientError {
         /// How many compare-and-set attempts were made.
         attempts: u32,
     },
+    /// The fleet deployment was changed (or deleted) since the generation
+    /// the change was made against; nothing was written.
+    #[error("fleetdeployment/{name} changed since generation {generation} was read; nothing was written")]
+    Changed {
+        /// The deployment.
+        name: DeploymentName,
+        /// The generation the change was made against.
+        generation: u64,
+    },
     /// Nobody listens on the device's command subject.
     #[error("device {device}'s agent is not connected (no responders on {subject})")]
     AgentNotConnected {
@@ -417,6 +426,35 @@ impl FleetClient {
             .put(name, manifest.to_json().into())
             .await
             .map_err(|e| self.kv_error(DEPLOYMENTS_BUCKET, name, "put", e))
+    }
+
+    /// Stores a fleet deployment (validated by the caller) only if its key
+    /// is still at `generation`: a compare-and-set, so that a change made
+    /// meanwhile is never overwritten. Returns the new generation.
+    ///
+    /// # Errors
+    /// [`ClientError::Changed`] when the key moved on (or was deleted)
+    /// since `generation`.
+    pub async fn update_deployment(
+        &self,
+        manifest: &FleetDeployment,
+        generation: u64,
+    ) -> Result<u64, ClientError> {
+        let name = manifest.metadata.name.as_str();
+        self.store(DEPLOYMENTS_BUCKET)
+            .await?
+            .update(name, manifest.to_json().into(), generation)
+            .await
+            .map_err(|e| {
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                    ClientError::Changed {
+                        name: manifest.metadata.name.clone(),
+                        generation,
+                    }
+                } else {
+                    self.kv_error(DEPLOYMENTS_BUCKET, name, "update", e)
+                }
+            })
     }
 
     /// Deletes a fleet deployment; `Ok(false)` when there was none.

@@ -393,3 +393,191 @@ async fn the_controller_converges_survives_restarts_and_writes_statuses() {
     });
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_made_against_an_old_generation_is_refused() {
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let web = manifest("web", json!({"devices": ["d1"]}));
+    let first = client.put_deployment(&web).await.unwrap();
+    let second = client.update_deployment(&web, first).await.unwrap();
+    assert!(second > first);
+    let error = client.update_deployment(&web, first).await.unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Changed { name, generation } if name.as_str() == "web" && *generation == first),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "fleetdeployment/web changed since generation {first} was read; nothing was written"
+        )
+    );
+    client.delete_deployment(&name("web")).await.unwrap();
+    assert!(matches!(
+        client.update_deployment(&web, second).await,
+        Err(ClientError::Changed { .. })
+    ));
+}
+
+/// Three fake devices (heartbeats and reports written directly) under an
+/// all-or-nothing deployment, through the controller process and the
+/// `rollout force` verb: none runs it (cold start), all run it (attach),
+/// some run it (refused, nothing written), forced (written everywhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_all_or_nothing_deployment_goes_to_every_device_or_none_until_forced() {
+    use podfleet_control::cli::args::{Command, GlobalArgs, RolloutAction, RolloutArgs};
+    use podfleet_control::cli::{shell, Exit};
+    use podfleet_core::fleet::{Placement, PlacementReason};
+
+    let server = NatsServer::start();
+    let client = connect(&server).await;
+    let heartbeats = store(&server, HEARTBEAT_BUCKET).await;
+    let states = store(&server, STATE_BUCKET).await;
+    let desired = store(&server, DESIRED_BUCKET).await;
+    let devices = ["d1", "d2", "d3"];
+    let beat = || async {
+        for device in devices {
+            heartbeats
+                .put(device, heartbeat(device).into())
+                .await
+                .unwrap();
+        }
+    };
+    beat().await;
+    let running = Running::start(&server);
+    let cluster = |image: &str| {
+        let mut manifest = manifest("cluster", json!({"devices": devices}));
+        manifest.spec.placement = Placement::AllOrNothing;
+        manifest.spec.score.services[0].image = image.into();
+        manifest
+    };
+    let images = || async {
+        let mut images = BTreeSet::new();
+        for (key, _) in live_keys(&desired).await {
+            let entry = desired.get(key).await.unwrap().unwrap();
+            let score: serde_json::Value = serde_json::from_slice(&entry).unwrap();
+            images.insert(score["services"][0]["image"].as_str().unwrap().to_owned());
+        }
+        images
+    };
+    // The key listing may name a key twice while it is written: by name.
+    let live = || async {
+        live_keys(&desired)
+            .await
+            .into_iter()
+            .collect::<std::collections::BTreeMap<String, u64>>()
+    };
+    let report = |keys: std::collections::BTreeMap<String, u64>, on: &'static [&'static str]| {
+        let states = states.clone();
+        async move {
+            for (key, revision) in keys {
+                if on.iter().any(|d| key.starts_with(&format!("{d}."))) {
+                    let state = json!({"phase": "running", "revision": revision});
+                    states.put(key, state.to_string().into()).await.unwrap();
+                }
+            }
+        }
+    };
+
+    // None runs it: cold start.
+    client.put_deployment(&cluster("web:1")).await.unwrap();
+    let keys = eventually!("the cold start", SETTLE, {
+        let keys = live().await;
+        (keys.len() == 3).then_some(keys)
+    });
+    // All run it: a new image is attached everywhere.
+    report(keys, &["d1", "d2", "d3"]).await;
+    eventually!("three running", SETTLE, {
+        client
+            .status(&name("cluster"))
+            .await
+            .unwrap()
+            .filter(|s| s.phases.running == 3)
+    });
+    client.put_deployment(&cluster("web:2")).await.unwrap();
+    let keys = eventually!("web:2 everywhere", SETTLE, {
+        let keys = live().await;
+        (images().await == BTreeSet::from(["web:2".to_owned()])).then_some(keys)
+    });
+    // Some run it: web:3 is refused and nothing is written. (d3 still
+    // runs web:1 until it says otherwise: it fails on web:2.)
+    report(keys.clone(), &["d1", "d2"]).await;
+    let d3 = keys["d3.cluster"];
+    let failed = json!({"phase": "failed", "revision": d3,
+        "cause": {"kind": "crash_loop", "service": "app", "restarts": 3, "last_exit_code": 1}});
+    states
+        .put("d3.cluster", failed.to_string().into())
+        .await
+        .unwrap();
+    beat().await;
+    eventually!("two running, one failed", SETTLE, {
+        client
+            .status(&name("cluster"))
+            .await
+            .unwrap()
+            .filter(|s| s.phases.running == 2 && s.phases.failed == 1)
+    });
+    client.put_deployment(&cluster("web:3")).await.unwrap();
+    let status = eventually!("the refusal", SETTLE, {
+        client
+            .status(&name("cluster"))
+            .await
+            .unwrap()
+            .filter(|s| s.placement.is_some())
+    });
+    let refusal = status.placement.unwrap();
+    assert_eq!(refusal.reason, PlacementReason::PartialPlacement);
+    assert_eq!(refusal.not_running.devices, [id("d3")]);
+    assert_eq!(live().await, keys, "a key was written");
+
+    // Forced with the CLI verb: written everywhere.
+    let global = GlobalArgs {
+        config: None,
+        context: None,
+        server: Some(server.url()),
+        user: None,
+        password: None,
+        creds: None,
+        request_timeout: TIMEOUT,
+        verbose: 0,
+    };
+    let force = || {
+        Command::Rollout(RolloutArgs {
+            action: RolloutAction::Force {
+                name: name("cluster"),
+            },
+        })
+    };
+    assert_eq!(shell::run(&global, force()).await, Ok(Exit::Success));
+    let (_, stored) = client.deployment(&name("cluster")).await.unwrap().unwrap();
+    assert!(stored.spec.is_forced());
+    eventually!("web:3 everywhere", SETTLE, {
+        (images().await == BTreeSet::from(["web:3".to_owned()])).then_some(())
+    });
+    eventually!("no refusal", SETTLE, {
+        client
+            .status(&name("cluster"))
+            .await
+            .unwrap()
+            .filter(|s| s.placement.is_none())
+    });
+    // Forcing again writes nothing.
+    let generation = client
+        .deployment(&name("cluster"))
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    assert_eq!(shell::run(&global, force()).await, Ok(Exit::Success));
+    assert_eq!(
+        client
+            .deployment(&name("cluster"))
+            .await
+            .unwrap()
+            .unwrap()
+            .0,
+        generation
+    );
+    running.stop().await;
+}

@@ -580,6 +580,114 @@ fn agents_follow_fleet_deployments_and_device_labels_through_the_operator() {
 /// One FleetDeployment over two thousand Devices: every key written, and
 /// the reports aggregated into a handful of status patches, not one per
 /// device.
+/// An all-or-nothing FleetDeployment over three fake devices (heartbeats
+/// and reports written to NATS directly): the cold start writes every key;
+/// a new generation while one device does not run it is refused
+/// (Degraded, PartialPlacement, the devices listed, no key written); the
+/// `podfleet.io/force-generation` annotation naming that generation writes
+/// it everywhere.
+#[test]
+fn an_all_or_nothing_rollout_is_refused_on_a_partial_placement_until_forced() {
+    let nats = NatsServer::start();
+    let fake = FakeApi::new();
+    let runtime = tokio_runtime();
+    let client = runtime.block_on(async { fake.client() });
+    let fds = Api::<FleetDeployment>::namespaced(client.clone(), NS);
+    let _operator = Operator::start(&fake, "operator", &nats.url(), options());
+    runtime.block_on(async {
+        let desired = kv_store(&nats.url(), DESIRED_BUCKET).await;
+        let heartbeats = kv_store(&nats.url(), HEARTBEAT_BUCKET).await;
+        let states = kv_store(&nats.url(), STATE_BUCKET).await;
+        let devices = ["rpi-01", "rpi-02", "rpi-03"];
+        let beat = || async {
+            for device in devices {
+                let heartbeat =
+                    json!({"device_id": device, "agent_version": "0.1.0", "uptime_s": 5});
+                heartbeats
+                    .put(device, heartbeat.to_string().into())
+                    .await
+                    .unwrap();
+            }
+        };
+        beat().await;
+        fds.create(
+            &PostParams::default(),
+            &FleetDeployment::new(
+                "cluster",
+                FleetDeploymentSpec(json!({
+                    "target": {"devices": devices},
+                    "placement": "AllOrNothing",
+                    "score": score("localhost/web:1"),
+                })),
+            ),
+        )
+        .await
+        .unwrap();
+        let held = eventually!("the cold start", SETTLE, {
+            let held = live(&desired).await;
+            (held.len() == 3).then_some(held)
+        });
+        // rpi-01 and rpi-02 run it; rpi-03 never reports.
+        for device in ["rpi-01", "rpi-02"] {
+            let key = format!("{device}.cluster");
+            let state = json!({"phase": "running", "revision": held[&key].0});
+            states.put(key, state.to_string().into()).await.unwrap();
+        }
+        eventually!("two running", SETTLE, {
+            (fake.object(FDS, "cluster").unwrap()["status"]["running"] == 2).then_some(())
+        });
+        beat().await;
+        fds.patch(
+            "cluster",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"score": score("localhost/web:2")}})),
+        )
+        .await
+        .unwrap();
+        let refused = eventually!("the refusal", SETTLE, {
+            let fd = fake.object(FDS, "cluster").unwrap();
+            (condition(&fd, "Degraded") == Some(("True".into(), "PartialPlacement".into())))
+                .then_some(fd)
+        });
+        assert_eq!(refused["metadata"]["generation"], 2);
+        let placement = &refused["status"]["placement"];
+        assert_eq!(placement["reason"], "partial_placement", "{placement:#}");
+        assert_eq!(placement["running"]["devices"], json!(["rpi-01", "rpi-02"]));
+        assert_eq!(placement["notRunning"]["devices"], json!(["rpi-03"]));
+        assert_eq!(
+            condition(&refused, "Progressing"),
+            Some(("False".into(), "PartialPlacement".into()))
+        );
+        assert_eq!(live(&desired).await, held, "a key was written");
+
+        // Forced: the annotation names generation 2.
+        beat().await;
+        fds.patch(
+            "cluster",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"podfleet.io/force-generation": "2"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+        eventually!("web:2 on every device", SETTLE, {
+            let now = live(&desired).await;
+            (now.len() == 3
+                && now
+                    .values()
+                    .all(|(_, v)| String::from_utf8_lossy(v).contains("localhost/web:2")))
+            .then_some(())
+        });
+        eventually!("no refusal any more", SETTLE, {
+            let fd = fake.object(FDS, "cluster").unwrap();
+            (fd["status"]["placement"].is_null()
+                && condition(&fd, "Degraded").is_some_and(|(s, _)| s == "False"))
+            .then_some(())
+        });
+    });
+}
+
 #[test]
 fn one_fleet_deployment_fans_out_to_two_thousand_devices_with_few_status_patches() {
     const DEVICES: usize = 2_000;

@@ -15,6 +15,11 @@
 //! controller the spec with those digests, and nothing while the record is
 //! of another generation. This module never asks a registry, reads a
 //! Secret or looks at a clock.
+//!
+//! [`feed`] also carries the one other annotation that changes what the
+//! controller is handed: `podfleet.io/force-generation` ([`FORCE_GENERATION`])
+//! naming the current generation hands the spec in forced, as `podfleet
+//! rollout force` stores it ([`forces`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,7 +33,9 @@ use podfleet_core::fleet::{
 };
 use podfleet_core::image::{self, InvalidAuthFile, RegistryAuth};
 
-use crate::resources::{FleetDeployment, ResolvedImage, ResolvedImages, KEEP_TAGS};
+use crate::resources::{
+    FleetDeployment, ResolvedImage, ResolvedImages, FORCE_GENERATION, KEEP_TAGS,
+};
 
 /// The type of Secret the registry logins are read from.
 pub const DOCKER_CONFIG_JSON_TYPE: &str = "kubernetes.io/dockerconfigjson";
@@ -126,10 +133,40 @@ pub enum Feed {
     Unpinned,
 }
 
+/// Whether `fd` is annotated to force its current generation: its
+/// [`FORCE_GENERATION`] annotation names its `metadata.generation`.
+pub fn forces(fd: &FleetDeployment) -> bool {
+    let named = fd
+        .annotations()
+        .get(FORCE_GENERATION)
+        .and_then(|value| value.trim().parse::<i64>().ok());
+    named.is_some() && named == fd.metadata.generation
+}
+
+/// `manifest` (JSON) with `spec.force` set to its spec's fingerprint; as
+/// it was when it does not parse (the controller refuses it anyway).
+fn forced(manifest: Vec<u8>) -> Vec<u8> {
+    match Manifest::from_json(&manifest) {
+        Ok(mut parsed) => {
+            parsed.spec = parsed.spec.forced();
+            parsed.to_json()
+        }
+        Err(_) => manifest,
+    }
+}
+
 /// What the engine hands the fleet controller for `fd`: the manifest with
 /// the images of `status.resolvedImages` when they are of its generation;
-/// the manifest as written when no image needs a digest.
+/// the manifest as written when no image needs a digest; forced when
+/// [`forces`] says so.
 pub fn feed(fd: &FleetDeployment) -> Feed {
+    match unforced_feed(fd) {
+        Feed::Manifest(manifest) if forces(fd) => Feed::Manifest(forced(manifest)),
+        feed => feed,
+    }
+}
+
+fn unforced_feed(fd: &FleetDeployment) -> Feed {
     match plan(fd) {
         Plan::AsWritten => Feed::Manifest(manifest_value(fd).to_string().into_bytes()),
         Plan::Pin { manifest, images } => {

@@ -11,7 +11,9 @@
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
-use podfleet_core::fleet::{DigestSkew, FailureGroup, FleetDeploymentSpec as ModelSpec};
+use podfleet_core::fleet::{
+    DigestSkew, FailureGroup, FleetDeploymentSpec as ModelSpec, PlacementRefusal,
+};
 use podfleet_core::wire::Phase;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,13 @@ pub const FINALIZER: &str = "podfleet.io/desired-keys";
 /// written, as `podfleet apply --keep-tags` does: its value `"true"`. Any
 /// other value, or none, pins every tag to its digest.
 pub const KEEP_TAGS: &str = "podfleet.io/keep-tags";
+/// The annotation that forces one rollout of an all-or-nothing
+/// FleetDeployment past the fleet controller's refusal, as `podfleet
+/// rollout force` does: its value is the `metadata.generation` to force.
+/// While it names the current generation, the controller writes that
+/// generation to every targeted device whatever they run; the next change
+/// of the spec makes a new generation, which it does not name.
+pub const FORCE_GENERATION: &str = "podfleet.io/force-generation";
 
 /// A workload for many devices: which devices run which score.
 ///
@@ -110,9 +119,16 @@ pub struct FleetDeploymentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<FailureGroup>,
     /// Services whose devices run different image digests, or not the
-    /// pinned one, or do not say which (an error, never a pass).
+    /// pinned one, or do not say which, or do not run the current
+    /// generation (an error, never a pass).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skew: Vec<DigestSkew>,
+    /// Why the fleet controller writes nothing of an all-or-nothing
+    /// FleetDeployment: the targeted devices that run it, that do not, and
+    /// that cannot be asked (each at most 10 named, with counts). Absent
+    /// while nothing is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementRefusal>,
     /// The digests the image tags of one generation were resolved to: the
     /// images the devices are handed. Resolved once per generation and
     /// kept here, so that neither a restart nor a resync asks a registry

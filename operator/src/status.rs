@@ -4,12 +4,15 @@
 //! reconciler carries out what they return.
 
 use podfleet_core::fleet::controller::DeviceView;
-use podfleet_core::fleet::{describe_cause, FleetDeploymentStatus as Aggregate};
+use podfleet_core::fleet::{
+    describe_cause, FleetDeploymentStatus as Aggregate, PlacementReason, PlacementRefusal,
+};
 use podfleet_core::wire::report::{DeploymentState, RuntimeHealth};
 use podfleet_core::wire::Phase;
 
 use crate::resources::{
     Condition, DeviceDeployment, DeviceStatus, FleetDeploymentStatus, ResolvedImages,
+    FORCE_GENERATION,
 };
 
 /// The condition saying whether every targeted device runs the current
@@ -18,7 +21,8 @@ pub const AVAILABLE: &str = "Available";
 /// The condition saying whether devices are still on their way.
 pub const PROGRESSING: &str = "Progressing";
 /// The condition saying whether something needs a person: failed devices,
-/// a refused spec, an unusable name.
+/// a refused spec, an unusable name, an all-or-nothing FleetDeployment
+/// whose devices do not agree.
 pub const DEGRADED: &str = "Degraded";
 
 /// What the fleet controller knows of one FleetDeployment.
@@ -97,7 +101,18 @@ pub fn fleet_status(
         )
     };
     let settled = status.updated == status.targeted && phases.pending == 0;
-    let progressing = if settled {
+    let refused = status.placement.as_ref().map(|refusal| {
+        (
+            placement_reason(refusal),
+            format!(
+                "{}; to write generation {read} to every targeted device anyway, annotate the FleetDeployment {FORCE_GENERATION}: \"{read}\"",
+                refusal.message(),
+            ),
+        )
+    });
+    let progressing = if let Some((reason, message)) = &refused {
+        condition(PROGRESSING, false, reason, message.clone(), generation)
+    } else if settled {
         condition(
             PROGRESSING,
             false,
@@ -130,6 +145,8 @@ pub fn fleet_status(
             format!("{error}; the devices stay on {shown}"),
             generation,
         )
+    } else if let Some((reason, message)) = refused {
+        condition(DEGRADED, true, reason, message, generation)
     } else if let Some(group) = status.failures.first() {
         let more = if status.failures.len() > 1 {
             format!(" (and {} more causes)", status.failures.len() - 1)
@@ -176,9 +193,30 @@ pub fn fleet_status(
         offline: status.offline,
         failures: status.failures.clone(),
         skew: status.skew.clone(),
+        placement: status.placement.clone(),
         resolved_images: None,
     }
 }
+
+/// The Degraded (and Progressing) reason of a refused all-or-nothing
+/// FleetDeployment.
+pub fn placement_reason(refusal: &PlacementRefusal) -> &'static str {
+    match refusal.reason {
+        PlacementReason::PartialPlacement => PARTIAL_PLACEMENT,
+        PlacementReason::UnknownDevices => UNKNOWN_DEVICES,
+        _ => PLACEMENT_REFUSED,
+    }
+}
+
+/// Degraded: some targeted devices run the all-or-nothing FleetDeployment
+/// and some do not; nothing is written.
+pub const PARTIAL_PLACEMENT: &str = "PartialPlacement";
+/// Degraded: some targeted devices of the all-or-nothing FleetDeployment
+/// cannot be asked; nothing is written.
+pub const UNKNOWN_DEVICES: &str = "UnknownDevices";
+/// Degraded: the all-or-nothing FleetDeployment is refused for a reason
+/// this operator does not know by name.
+pub const PLACEMENT_REFUSED: &str = "PlacementRefused";
 
 /// A condition of `type_`, keeping its transition time from `previous`
 /// while its status stays the same.
@@ -338,9 +376,16 @@ pub fn notes(previous: Option<&FleetDeploymentStatus>, next: &FleetDeploymentSta
     }
     if let Some((reason, message)) = &degraded {
         let was = reason_of(previous, DEGRADED).map(|(r, _)| r);
-        let warned = ["SpecRefused", "InvalidName", IMAGE_RESOLVE_FAILED]
-            .into_iter()
-            .find(|r| r == reason);
+        let warned = [
+            "SpecRefused",
+            "InvalidName",
+            IMAGE_RESOLVE_FAILED,
+            PARTIAL_PLACEMENT,
+            UNKNOWN_DEVICES,
+            PLACEMENT_REFUSED,
+        ]
+        .into_iter()
+        .find(|r| r == reason);
         if let Some(reason) = warned.filter(|r| was.as_deref() != Some(*r)) {
             notes.push(Note {
                 warning: true,

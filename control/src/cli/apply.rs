@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use podfleet_core::fleet::controller::{Input, Output};
-use podfleet_core::fleet::{Controller, FleetDeployment};
+use podfleet_core::fleet::{Controller, FleetDeployment, PlacementRefusal};
 use podfleet_core::image::{self, ImageReference};
 use podfleet_core::wire::{DeploymentKey, PullPolicy};
 use podfleet_core::Timestamp;
@@ -273,6 +273,8 @@ pub struct DryRun {
     pub offline: BTreeMap<DeploymentKey, bool>,
     /// The images pinned to digests, as they would be written.
     pub pinned: Vec<PinnedImage>,
+    /// Why an all-or-nothing deployment would be written to no device.
+    pub refused: Option<PlacementRefusal>,
 }
 
 impl DryRun {
@@ -314,6 +316,7 @@ impl DryRun {
         }
         plan.put.sort();
         plan.delete.sort();
+        plan.refused = controller.status(name).placement;
         plan
     }
 
@@ -353,6 +356,16 @@ impl DryRun {
                 "already holds it"
             };
             out.push_str(&format!("  keep    {}  ({note})\n", key.device));
+        }
+        if let Some(refused) = &self.refused {
+            out.push_str(&format!(
+                "  refused ({}): {}\n",
+                refused.reason.as_str(),
+                refused.message()
+            ));
+            out.push_str(&format!(
+                "  once applied, `podfleet rollout force {name}` writes it to every targeted device anyway\n"
+            ));
         }
         out.push_str(&format!(
             "{} to put, {} to delete, {} already up to date\n",
@@ -623,6 +636,27 @@ spec:
                 "  put     ghost  (never seen: its agent applies it when it first connects)",
             ]
         );
+        // An all-or-nothing deployment rpi-01 runs and rpi-02 does not: the
+        // plan says nothing would be written, and why.
+        let sample = Fleet::sample();
+        let mut aon = manifest(
+            "web",
+            json!({"selector": "site=lyon,!canary"}),
+            "localhost/web:3",
+        );
+        aon.spec.placement = podfleet_core::fleet::Placement::AllOrNothing;
+        let plan = DryRun::plan(&sample.controller, NOW, &aon);
+        assert!(plan.put.is_empty(), "{plan:?}");
+        let text = plan.render(&aon, Outcome::Configured);
+        assert!(
+            text.contains("  refused (partial_placement): of 2 targeted devices, 1 runs it (rpi-01), 1 does not (rpi-02)"),
+            "{text}"
+        );
+        assert!(text.contains("`podfleet rollout force web`"), "{text}");
+        aon.spec = aon.spec.forced();
+        let plan = DryRun::plan(&sample.controller, NOW, &aon);
+        assert_eq!(plan.put.len(), 2, "{plan:?}");
+        assert_eq!(plan.refused, None);
         // The snapshot itself is untouched.
         assert_eq!(
             fleet.controller.status(&new.metadata.name),

@@ -299,7 +299,7 @@ pub struct LabelArgs {
     pub overwrite: bool,
 }
 
-/// `rollout status NAME`.
+/// `rollout status NAME`, `rollout force NAME`.
 #[derive(Debug, Clone, Args)]
 pub struct RolloutArgs {
     /// What to do with the rollout.
@@ -317,6 +317,11 @@ pub enum RolloutAction {
         /// How long to wait before exiting with 2 (30s, 5m, 1h)
         #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
         timeout: Duration,
+    },
+    /// Write an all-or-nothing deployment's current spec to every targeted device, whatever they run
+    Force {
+        /// The fleet deployment
+        name: DeploymentName,
     },
 }
 
@@ -492,6 +497,14 @@ mod tests {
             panic!("not rollout status");
         };
         assert_eq!((name.as_str(), timeout), ("web", Duration::from_secs(90)));
+        let cli = parse(&["rollout", "force", "web"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Rollout(RolloutArgs {
+                action: RolloutAction::Force { name },
+            }) if name.as_str() == "web"
+        ));
+        assert!(parse(&["rollout", "force", "Web_1"]).is_err());
         assert_eq!(cli.global.request_timeout, Duration::from_secs(5));
 
         let cli = parse(&["exec", "rpi-01", "web", "app", "--", "ls", "-l", "/"]).unwrap();

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use podfleet_core::fleet::controller::DeviceRollout;
-use podfleet_core::fleet::{describe_cause, Controller, FleetDeployment};
+use podfleet_core::fleet::{describe_cause, Controller, FleetDeployment, Placement};
 use podfleet_core::wire::{DeploymentName, DeploymentState, DeviceId, Phase};
 use podfleet_core::Timestamp;
 
@@ -212,6 +212,19 @@ pub fn deployment(
     if let Some((_, manifest)) = stored {
         field(&mut out, 0, "Target", &manifest.spec.target);
         field(&mut out, 0, "Strategy", strategy_name(manifest));
+        let spec = &manifest.spec;
+        let placement = match (spec.placement, &spec.force) {
+            (Placement::AllOrNothing, Some(_)) if spec.is_forced() => {
+                "AllOrNothing (forced: written to every targeted device, whatever they run)"
+                    .to_owned()
+            }
+            (Placement::AllOrNothing, Some(_)) => {
+                "AllOrNothing (its force token is stale: the spec changed since it was forced)"
+                    .to_owned()
+            }
+            (placement, _) => placement.to_string(),
+        };
+        field(&mut out, 0, "Placement", placement);
         let score = &manifest.spec.score;
         let _ = writeln!(out, "Services:");
         for service in &score.services {
@@ -243,6 +256,39 @@ pub fn deployment(
     if let Some(error) = held.and_then(|(_, e)| e) {
         field(&mut out, 0, "Error", error);
     }
+    if let Some(refusal) = &status.placement {
+        field(
+            &mut out,
+            0,
+            "Refused",
+            format!(
+                "{}: nothing is written until every targeted device runs it, or none does and each can be asked",
+                refusal.reason.as_str()
+            ),
+        );
+        for (what, group) in [
+            ("running", &refusal.running),
+            ("not running", &refusal.not_running),
+            ("unknown", &refusal.unknown),
+        ] {
+            let pad = 12usize.saturating_sub(what.len());
+            let devices = if group.count == 0 {
+                String::new()
+            } else {
+                format!(" ({})", group.listed())
+            };
+            let _ = writeln!(
+                out,
+                "  {what}:{:pad$} {} device(s){devices}",
+                "", group.count
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  to write generation {} to every targeted device anyway: podfleet rollout force {name}",
+            status.observed_generation
+        );
+    }
     if !status.failures.is_empty() {
         let _ = writeln!(out, "Failures:");
         for group in &status.failures {
@@ -268,7 +314,11 @@ pub fn deployment(
                 let _ = writeln!(
                     out,
                     "    {}: {} device(s) ({})",
-                    group.digest.as_deref().unwrap_or("not reported"),
+                    match (&group.digest, group.missing) {
+                        (Some(digest), _) => digest.as_str(),
+                        (None, false) => "not reported",
+                        (None, true) => "not running the current revision",
+                    },
                     group.count,
                     some_devices(&group.devices, group.count)
                 );
@@ -453,5 +503,54 @@ mod tests {
                 "  service app (the score pins {wanted}):\n    not reported: 1 device(s) (rpi-03)\n    {wanted}: 1 device(s) (rpi-01)\n    {other}: 1 device(s) (rpi-02)\n"
             )
         );
+    }
+
+    #[test]
+    fn describe_deployment_shows_a_refused_all_or_nothing_rollout() {
+        let mut fleet = Fleet::new();
+        for device in ["rpi-01", "rpi-02", "rpi-03"] {
+            fleet.label(device, &[("site", "lyon")]);
+            fleet.heartbeat(device, "0.1.0", 60, 2);
+        }
+        let all_or_nothing = |image: &str, force: bool| {
+            let mut manifest = crate::cli::fixtures::manifest(
+                "web",
+                serde_json::json!({"selector": "site=lyon"}),
+                image,
+            );
+            manifest.spec.placement = Placement::AllOrNothing;
+            if force {
+                manifest.spec = manifest.spec.forced();
+            }
+            manifest
+        };
+        fleet.apply(all_or_nothing("localhost/web:1", false));
+        fleet.report(
+            "rpi-01",
+            "web",
+            serde_json::json!({"phase": "running"}),
+            None,
+        );
+        fleet.report(
+            "rpi-02",
+            "web",
+            serde_json::json!({"phase": "running"}),
+            None,
+        );
+        fleet.heartbeat("rpi-03", "0.1.0", 60, 3600);
+        fleet.apply(all_or_nothing("localhost/web:2", false));
+        let web = name("web");
+        let refused =
+            deployment(&fleet.controller, NOW, &web, fleet.manifests.get(&web), 120).unwrap();
+        let mut stale = all_or_nothing("localhost/web:2", true);
+        stale.spec.score.services[0].image = "localhost/web:3".into();
+        fleet.apply(stale);
+        let stale =
+            deployment(&fleet.controller, NOW, &web, fleet.manifests.get(&web), 120).unwrap();
+        fleet.apply(all_or_nothing("localhost/web:3", true));
+        let forced =
+            deployment(&fleet.controller, NOW, &web, fleet.manifests.get(&web), 120).unwrap();
+        assert!(!forced.contains("Refused:"), "{forced}");
+        insta::assert_snapshot!(format!("{refused}\n{stale}\n{forced}"));
     }
 }

@@ -134,7 +134,8 @@ pub fn strategy_name(manifest: &FleetDeployment) -> String {
 
 /// The deployments table: NAME, TARGET, READY (running/targeted),
 /// UP-TO-DATE, FAILED, OFFLINE, GENERATION (observed/current); `wide` adds
-/// STRATEGY and MESSAGE (the refusal, or the largest failure group).
+/// STRATEGY and MESSAGE (the manifest's refusal, an all-or-nothing
+/// deployment's refusal, or the largest failure group).
 pub fn deployments_table(controller: &Controller, manifests: &Manifests, wide: bool) -> Table {
     let mut headers = vec![
         "NAME",
@@ -171,10 +172,19 @@ pub fn deployments_table(controller: &Controller, manifests: &Manifests, wide: b
         ];
         if wide {
             row.push(manifest.map_or_else(|| "<unknown>".to_owned(), |(_, m)| strategy_name(m)));
-            let message = match (&status.error, status.failures.first()) {
-                (Some(error), _) => error.clone(),
-                (None, Some(group)) => format!("{} device(s): {}", group.count, group.message),
-                (None, None) => String::new(),
+            let message = match (&status.error, &status.placement, status.failures.first()) {
+                (Some(error), _, _) => error.clone(),
+                (None, Some(refusal), _) => {
+                    format!(
+                        "refused ({}): {}",
+                        refusal.reason.as_str(),
+                        refusal.message()
+                    )
+                }
+                (None, None, Some(group)) => {
+                    format!("{} device(s): {}", group.count, group.message)
+                }
+                (None, None, None) => String::new(),
             };
             row.push(message);
         }

@@ -1,16 +1,23 @@
 //! `podfleet rollout status NAME`: a progress line per status change, and
-//! when to stop.
+//! when to stop; `podfleet rollout force NAME`: what it writes.
 //!
 //! The rollout is complete when the controller has observed the stored
 //! manifest's generation (or a newer one) and every targeted device runs
 //! it ([`FleetDeploymentStatus::is_complete`]): exit 0. It has failed when
-//! a device failed on that generation, or the manifest was refused: exit
-//! 1. The shell exits 2 when `--timeout` runs out first.
+//! a device failed on that generation, the manifest was refused, or the
+//! controller refuses to write an all-or-nothing deployment whose devices
+//! do not agree: exit 1. The shell exits 2 when `--timeout` runs out first.
+//!
+//! `rollout force` sets the stored manifest's `spec.force` to the spec's
+//! fingerprint ([`force`]): the controller then writes that spec to every
+//! targeted device, whatever they run, until the spec changes.
 
 use std::fmt::Write as _;
 
-use podfleet_core::fleet::FleetDeploymentStatus;
+use podfleet_core::fleet::{FleetDeployment, FleetDeploymentStatus, Placement};
 use podfleet_core::wire::DeploymentName;
+
+use crate::cli::Failure;
 
 /// The progress bar's width in characters.
 const BAR: u32 = 10;
@@ -68,11 +75,21 @@ pub fn progress(
             status.observed_generation
         );
     }
+    if let Some(refusal) = &status.placement {
+        let _ = write!(line, ", refused: {}", refusal.reason.as_str());
+    }
     let verdict = if let Some(error) = &status.error {
         Verdict::Failed(format!("rollout of {name} cannot proceed: {error}"))
     } else if status.observed_generation < generation {
         Verdict::Waiting(format!(
             "the controller to take up generation {generation} of {name} (it is on {})",
+            status.observed_generation
+        ))
+    } else if let Some(refusal) = &status.placement {
+        Verdict::Failed(format!(
+            "rollout of {name} is refused ({}): {}\n  to write generation {} to every targeted device anyway: podfleet rollout force {name}",
+            refusal.reason.as_str(),
+            refusal.message(),
             status.observed_generation
         ))
     } else if p.failed > 0 {
@@ -117,6 +134,57 @@ pub fn progress(
     (line, verdict)
 }
 
+/// What `rollout force` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Force {
+    /// Store this manifest, made against the stored generation.
+    Write(Box<FleetDeployment>),
+    /// The stored spec is forced already: nothing to write.
+    AlreadyForced,
+}
+
+/// What `rollout force NAME` does with the stored manifest and its
+/// generation.
+///
+/// # Errors
+/// [`Failure`] when there is no such deployment, or its placement is not
+/// `AllOrNothing` (nothing is ever refused there, so nothing to force).
+pub fn force(
+    name: &DeploymentName,
+    stored: Option<&(u64, FleetDeployment)>,
+) -> Result<Force, Failure> {
+    let Some((_, manifest)) = stored else {
+        return Err(Failure::failed(format!(
+            "fleetdeployment \"{name}\" not found"
+        )));
+    };
+    if manifest.spec.placement != Placement::AllOrNothing {
+        return Err(Failure::failed(format!(
+            "fleetdeployment/{name} has placement {}: each device takes it on its own and \
+             nothing is refused, so there is nothing to force (force is for placement AllOrNothing)",
+            manifest.spec.placement
+        )));
+    }
+    if manifest.spec.is_forced() {
+        return Ok(Force::AlreadyForced);
+    }
+    let mut forced = manifest.clone();
+    forced.spec = forced.spec.forced();
+    Ok(Force::Write(Box::new(forced)))
+}
+
+/// The line `rollout force` prints: what was written, or that nothing was.
+pub fn forced_line(name: &DeploymentName, outcome: &Force, generation: u64) -> String {
+    match outcome {
+        Force::Write(_) => format!(
+            "fleetdeployment/{name} forced: generation {generation} is written to every targeted device, whatever they run\n"
+        ),
+        Force::AlreadyForced => format!(
+            "fleetdeployment/{name} already forced: generation {generation} is written to every targeted device\n"
+        ),
+    }
+}
+
 /// Follows one rollout: prints a line only when it changes.
 #[derive(Debug, Clone)]
 pub struct RolloutWatch {
@@ -159,7 +227,9 @@ impl RolloutWatch {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use podfleet_core::fleet::{FailureGroup, PhaseCounts};
+    use podfleet_core::fleet::{
+        DeviceGroup, FailureGroup, PhaseCounts, PlacementReason, PlacementRefusal,
+    };
     use podfleet_core::wire::DeviceId;
 
     use super::*;
@@ -179,7 +249,12 @@ mod tests {
             offline: u32::from(pending > 1),
             failures: Vec::new(),
             skew: Vec::new(),
+            placement: None,
         }
+    }
+
+    fn ids(names: &[&str]) -> Vec<DeviceId> {
+        names.iter().map(|n| DeviceId::new(*n).unwrap()).collect()
     }
 
     fn transcript(statuses: &[Option<FleetDeploymentStatus>]) -> String {
@@ -228,7 +303,58 @@ mod tests {
             Some("generation 7 was refused: spec.target: unknown variant `nodes`".into());
         let refused = transcript(&[Some(refused)]);
         let stuck = transcript(&[Some(status(7, 3, 2, 0))]);
-        insta::assert_snapshot!(format!("{complete}\n{failed}\n{refused}\n{stuck}"));
+        let mut held = status(7, 3, 2, 0);
+        held.placement = Some(PlacementRefusal {
+            reason: PlacementReason::PartialPlacement,
+            running: DeviceGroup::of(&ids(&["rpi-01", "rpi-02", "rpi-03"])),
+            not_running: DeviceGroup::of(&ids(&["rpi-04", "rpi-05"])),
+            unknown: DeviceGroup::default(),
+        });
+        let held = transcript(&[Some(status(7, 3, 2, 0)), Some(held)]);
+        insta::assert_snapshot!(format!("{complete}\n{failed}\n{refused}\n{stuck}\n{held}"));
+    }
+
+    #[test]
+    fn force_writes_the_fingerprint_of_an_all_or_nothing_spec_once() {
+        let web = DeploymentName::new("web").unwrap();
+        let manifest = |placement: Placement| {
+            let mut manifest = crate::cli::fixtures::manifest(
+                "web",
+                serde_json::json!({"devices": ["rpi-01"]}),
+                "localhost/web:1",
+            );
+            manifest.spec.placement = placement;
+            manifest
+        };
+        let missing = force(&web, None).unwrap_err();
+        assert_eq!(missing.message, "fleetdeployment \"web\" not found");
+        let independent = force(&web, Some(&(3, manifest(Placement::Independent)))).unwrap_err();
+        assert!(
+            independent.message.contains("placement Independent"),
+            "{independent}"
+        );
+        let stored = (3, manifest(Placement::AllOrNothing));
+        let outcome = force(&web, Some(&stored)).unwrap();
+        let Force::Write(forced) = &outcome else {
+            panic!("nothing to write: {outcome:?}");
+        };
+        assert!(forced.spec.is_forced());
+        assert_eq!(forced.spec.score, stored.1.spec.score);
+        assert_eq!(
+            forced_line(&web, &outcome, 4),
+            "fleetdeployment/web forced: generation 4 is written to every targeted device, whatever they run\n"
+        );
+        // Forcing it again writes nothing.
+        let again = force(&web, Some(&(4, (**forced).clone()))).unwrap();
+        assert_eq!(again, Force::AlreadyForced);
+        assert!(forced_line(&web, &again, 4).contains("already forced"));
+        // A changed spec carries a stale token: forcing it writes anew.
+        let mut changed = (**forced).clone();
+        changed.spec.score.services[0].image = "localhost/web:2".into();
+        assert!(matches!(
+            force(&web, Some(&(5, changed))).unwrap(),
+            Force::Write(_)
+        ));
     }
 
     #[test]

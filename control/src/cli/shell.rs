@@ -18,7 +18,7 @@ use crate::cli::args::{
 };
 use crate::cli::command::{self, Printed};
 use crate::cli::get::{self, Manifests, Watch};
-use crate::cli::rollout::{RolloutWatch, Verdict};
+use crate::cli::rollout::{self, Force, RolloutWatch, Verdict};
 use crate::cli::{describe, label, table, Exit, Failure};
 use crate::client::{BucketPlan, ClientError, FleetClient};
 use crate::context;
@@ -46,6 +46,7 @@ pub async fn run(global: &GlobalArgs, command: Command) -> Result<Exit, Failure>
         Command::Label(args) => label(global, args).await,
         Command::Rollout(args) => match args.action {
             RolloutAction::Status { name, timeout } => rollout_status(global, name, timeout).await,
+            RolloutAction::Force { name } => rollout_force(global, name).await,
         },
         Command::Ping(args) => ping(global, args).await,
         Command::Logs(args) => logs(global, args).await,
@@ -402,6 +403,21 @@ async fn rollout_status(
             }
         }
     }
+}
+
+async fn rollout_force(global: &GlobalArgs, name: DeploymentName) -> Result<Exit, Failure> {
+    let client = connect(global).await?;
+    let stored = client.deployment(&name).await.map_err(failed)?;
+    let outcome = rollout::force(&name, stored.as_ref())?;
+    let generation = match (&outcome, &stored) {
+        (Force::Write(forced), Some((generation, _))) => client
+            .update_deployment(forced, *generation)
+            .await
+            .map_err(failed)?,
+        (_, stored) => stored.as_ref().map_or(0, |(g, _)| *g),
+    };
+    out(&rollout::forced_line(&name, &outcome, generation));
+    Ok(Exit::Success)
 }
 
 async fn ping(global: &GlobalArgs, args: PingArgs) -> Result<Exit, Failure> {

@@ -38,14 +38,30 @@
 //! match (no record: no labels); a [`Target::Devices`] list picks its
 //! devices whether known or not. An offline device stays targeted: its
 //! agent converges when it is back.
+//!
+//! # All or nothing
+//! A deployment whose [`Placement`] is [`Placement::AllOrNothing`] is
+//! written to all its targeted devices or to none. Before it puts or
+//! deletes any of its keys, the controller sorts the targeted devices into
+//! those that run it (a report of `running` on any revision; `succeeded`
+//! too for a `per_run` score), those that do not (a fresh heartbeat and no
+//! report, or `pending` or `failed`) and those it cannot ask (no fresh
+//! heartbeat, or never seen). All run it: it writes (attach). None does
+//! and none is unknown: it writes (cold start). Otherwise it writes and
+//! deletes nothing of the deployment and the status says why
+//! ([`PlacementRefusal`]); it looks again whenever a report or a device's
+//! heartbeat changes, and a spec whose `force` token is its own
+//! fingerprint is written whatever the devices run. A write the broker
+//! refused is retried without asking again: the rollout it belongs to was
+//! let through. Deleting the deployment is never refused.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fleet::model::{
-    digest_skew, group_failures, pinned_digest, FleetDeployment, FleetDeploymentStatus,
-    PhaseCounts, Target,
+    digest_skew, group_failures, pinned_digest, DeviceGroup, FleetDeployment,
+    FleetDeploymentStatus, PhaseCounts, Placement, PlacementReason, PlacementRefusal, Target,
 };
 use crate::fleet::selector::Labels;
 use crate::fleet::DeviceRecord;
@@ -53,6 +69,7 @@ use crate::session::Change;
 use crate::time::{Backoff, Timestamp};
 use crate::wire::names::{DeploymentKey, DeploymentName, DeviceId};
 use crate::wire::report::{DeploymentState, FailureCause, Heartbeat, Phase};
+use crate::wire::score::Lifetime;
 use crate::wire::{PodmanV0Score, Revision, ServiceName};
 
 /// The controller's knobs.
@@ -257,6 +274,9 @@ struct Cell {
     orphan_since: Option<Timestamp>,
     /// The report's deletion was asked for.
     state_delete_sent: bool,
+    /// The write the broker refused, due again at `retry_at`: it was let
+    /// through once, so an all-or-nothing deployment does not ask again.
+    retrying: Option<Write>,
 }
 
 impl Cell {
@@ -264,6 +284,7 @@ impl Cell {
         self.desired.is_none()
             && self.write.is_none()
             && self.retry_at.is_none()
+            && self.retrying.is_none()
             && self.state.is_none()
     }
 
@@ -299,6 +320,20 @@ struct Deployment {
 struct Spec {
     target: Target,
     payload: Arc<[u8]>,
+    /// All or nothing, and not forced: writes wait for the devices to agree.
+    gated: bool,
+    /// The score runs to completion: `succeeded` counts as having run it.
+    per_run: bool,
+}
+
+/// Whether the writes of an all-or-nothing deployment may go out, asked at
+/// most once per pass over its devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Gate {
+    #[default]
+    Unasked,
+    Open,
+    Shut,
 }
 
 /// A device as the controller knows it.
@@ -340,6 +375,9 @@ pub struct Controller {
     retries: BTreeSet<(Timestamp, DeploymentName, DeviceId)>,
     /// What the status bucket holds (or is being written), by deployment.
     statuses: BTreeMap<DeploymentName, FleetDeploymentStatus>,
+    /// All-or-nothing deployments a write of which was refused: looked at
+    /// again when a report or a device's heartbeat changes.
+    held: BTreeSet<DeploymentName>,
     outputs: VecDeque<Output>,
 }
 
@@ -358,6 +396,7 @@ impl Controller {
             offline_at: BTreeSet::new(),
             retries: BTreeSet::new(),
             statuses: BTreeMap::new(),
+            held: BTreeSet::new(),
             outputs: VecDeque::new(),
         }
     }
@@ -439,6 +478,9 @@ impl Controller {
                 name.as_str()
             )),
             Ok(manifest) => Ok(Spec {
+                gated: manifest.spec.placement == Placement::AllOrNothing
+                    && !manifest.spec.is_forced(),
+                per_run: manifest.spec.score.lifetime() == Lifetime::PerRun,
                 target: manifest.spec.target,
                 payload: manifest.spec.score.to_json().into(),
             }),
@@ -475,6 +517,7 @@ impl Controller {
 
     fn deployment_deleted(&mut self, name: DeploymentName) {
         self.deployments.remove(&name);
+        self.held.remove(&name);
         self.tombstones.insert(name.clone());
         if self.synced {
             self.converge_deployment(&name);
@@ -559,6 +602,7 @@ impl Controller {
         }
         if was_online != is_online {
             self.mark_device_dirty(&id);
+            self.reconsider_held();
         }
         if is_online {
             self.collect_orphans(&id);
@@ -608,7 +652,7 @@ impl Controller {
         }
         self.mark_dirty(&deployment);
         if self.synced {
-            self.settle(&deployment, &device);
+            self.settle(&deployment, &device, &mut Gate::Unasked);
         }
         self.prune(&deployment, &device);
     }
@@ -633,6 +677,9 @@ impl Controller {
         cell.state = state;
         self.mark_dirty(&deployment);
         self.prune(&deployment, &device);
+        if self.synced && self.held.contains(&deployment) {
+            self.converge_deployment(&deployment);
+        }
     }
 
     fn write_failed(&mut self, key: DeploymentKey) {
@@ -640,9 +687,10 @@ impl Controller {
         let now = self.now;
         let backoff = self.config.write_backoff;
         let cell = self.cell(&deployment, &device);
-        if cell.write.take().is_none() {
+        let Some(write) = cell.write.take() else {
             return;
-        }
+        };
+        cell.retrying = Some(write);
         let at = now + backoff.delay(cell.refused);
         cell.refused = cell.refused.saturating_add(1);
         cell.retry_at = Some(at);
@@ -685,6 +733,7 @@ impl Controller {
 
     fn timeout(&mut self) {
         let now = self.now;
+        let mut went_offline = false;
         while let Some((at, id)) = self.offline_at.first().cloned() {
             if at > now {
                 break;
@@ -694,6 +743,10 @@ impl Controller {
                 device.online_until = None;
             }
             self.mark_device_dirty(&id);
+            went_offline = true;
+        }
+        if went_offline {
+            self.reconsider_held();
         }
         while let Some((at, name, id)) = self.retries.first().cloned() {
             if at > now {
@@ -706,7 +759,7 @@ impl Controller {
                 }
             }
             if self.synced {
-                self.settle(&name, &id);
+                self.settle(&name, &id, &mut Gate::Unasked);
             }
             self.prune(&name, &id);
         }
@@ -714,8 +767,9 @@ impl Controller {
 
     // ---- decisions ----
 
-    /// Settles every device the deployment `name` may have a key on.
-    fn converge_deployment(&mut self, name: &DeploymentName) {
+    /// Every device the deployment `name` may have a key on: those with a
+    /// cell, and those it targets.
+    fn devices_of(&self, name: &DeploymentName) -> BTreeSet<DeviceId> {
         let mut devices: BTreeSet<DeviceId> = self
             .cells
             .range((name.clone(), min_device())..)
@@ -743,11 +797,30 @@ impl Controller {
             }
             None => {}
         }
-        for device in devices {
-            self.settle(name, &device);
+        devices
+    }
+
+    /// Settles every device the deployment `name` may have a key on.
+    fn converge_deployment(&mut self, name: &DeploymentName) {
+        self.held.remove(name);
+        let mut gate = Gate::Unasked;
+        for device in self.devices_of(name) {
+            self.settle(name, &device, &mut gate);
             self.prune(name, &device);
         }
         self.mark_dirty(name);
+    }
+
+    /// Looks again at every all-or-nothing deployment a write of which was
+    /// refused: a device's heartbeat came or went.
+    fn reconsider_held(&mut self) {
+        if !self.synced {
+            return;
+        }
+        let held: Vec<DeploymentName> = self.held.iter().cloned().collect();
+        for name in held {
+            self.converge_deployment(&name);
+        }
     }
 
     /// Settles every deployment's key on device `id`.
@@ -762,10 +835,13 @@ impl Controller {
             .cloned()
             .collect();
         for name in names {
-            self.settle(&name, id);
+            self.settle(&name, id, &mut Gate::Unasked);
             self.prune(&name, id);
             self.mark_dirty(&name);
         }
+        // What the device is targeted by changed, and with it which
+        // devices a refused deployment waits for.
+        self.reconsider_held();
     }
 
     fn intent(&self, name: &DeploymentName, id: &DeviceId) -> Intent {
@@ -806,30 +882,16 @@ impl Controller {
         }
     }
 
-    /// Writes the key `<id>.<name>` if it differs from the intent.
-    fn settle(&mut self, name: &DeploymentName, id: &DeviceId) {
-        let intent = self.intent(name, id);
-        if intent == Intent::LeaveAlone {
-            return;
-        }
-        let key = (name.clone(), id.clone());
-        let Some(cell) = self.cells.get(&key) else {
-            if let Intent::Hold(payload) = intent {
-                self.cell(name, id).write = Some(Write::Put(payload.clone()));
-                self.outputs.push_back(Output::PutDesired {
-                    key: deployment_key(name, id),
-                    payload,
-                });
-            }
-            return;
-        };
-        if cell.retry_at.is_some() {
-            return;
-        }
-        let write = match intent {
+    /// The write that would bring the key `<id>.<name>` to the intent, if
+    /// it differs from it; a write in flight counts as done.
+    fn change(&self, name: &DeploymentName, id: &DeviceId) -> Option<Write> {
+        let cell = self.cells.get(&(name.clone(), id.clone()));
+        let in_flight = cell.and_then(|c| c.write.as_ref());
+        let held = cell.and_then(|c| c.desired.as_ref()).map(|(_, p)| p);
+        match self.intent(name, id) {
+            Intent::LeaveAlone => None,
             Intent::Hold(payload) => {
-                let held = cell.desired.as_ref().map(|(_, p)| p);
-                let done = match &cell.write {
+                let done = match in_flight {
                     Some(Write::Put(sent)) => *sent == payload,
                     Some(Write::Delete) => false,
                     None => held == Some(&payload),
@@ -837,16 +899,30 @@ impl Controller {
                 (!done).then_some(Write::Put(payload))
             }
             Intent::Absent => {
-                let done = match &cell.write {
+                let done = match in_flight {
                     Some(Write::Delete) => true,
                     Some(Write::Put(_)) => false,
-                    None => cell.desired.is_none(),
+                    None => held.is_none(),
                 };
                 (!done).then_some(Write::Delete)
             }
-            Intent::LeaveAlone => None,
+        }
+    }
+
+    /// Writes the key `<id>.<name>` if it differs from the intent and, for
+    /// an all-or-nothing deployment, the devices let it (`gate` keeps the
+    /// answer for the rest of the pass).
+    fn settle(&mut self, name: &DeploymentName, id: &DeviceId, gate: &mut Gate) {
+        let key = (name.clone(), id.clone());
+        if self.cells.get(&key).is_some_and(|c| c.retry_at.is_some()) {
+            return;
+        }
+        let Some(write) = self.change(name, id) else {
+            return;
         };
-        let Some(write) = write else { return };
+        if !self.may_write(name, id, &write, gate) {
+            return;
+        }
         self.outputs.push_back(match &write {
             Write::Put(payload) => Output::PutDesired {
                 key: deployment_key(name, id),
@@ -856,7 +932,108 @@ impl Controller {
                 key: deployment_key(name, id),
             },
         });
-        self.cell(name, id).write = Some(write);
+        let cell = self.cell(name, id);
+        cell.write = Some(write);
+        cell.retrying = None;
+    }
+
+    /// Whether `write` of the key `<id>.<name>` may go out: always, unless
+    /// the deployment is all or nothing and its devices do not agree. A
+    /// refused write being retried was let through already.
+    fn may_write(
+        &mut self,
+        name: &DeploymentName,
+        id: &DeviceId,
+        write: &Write,
+        gate: &mut Gate,
+    ) -> bool {
+        let Some(spec) = self.gated_spec(name) else {
+            return true;
+        };
+        let retrying = self
+            .cells
+            .get(&(name.clone(), id.clone()))
+            .and_then(|c| c.retrying.as_ref());
+        if retrying == Some(write) {
+            return true;
+        }
+        if *gate == Gate::Unasked {
+            *gate = match self.refusal(name, spec) {
+                None => Gate::Open,
+                Some(_) => Gate::Shut,
+            };
+        }
+        if *gate == Gate::Shut {
+            self.held.insert(name.clone());
+            self.mark_dirty(name);
+            return false;
+        }
+        true
+    }
+
+    /// The spec of `name` when it is all or nothing and not forced.
+    fn gated_spec(&self, name: &DeploymentName) -> Option<&Spec> {
+        self.deployments
+            .get(name)
+            .and_then(|d| d.spec.as_ref())
+            .map(|(_, spec)| spec)
+            .filter(|spec| spec.gated)
+    }
+
+    /// The targeted devices of `name` each way, when they refuse the
+    /// deployment's writes: some run it and some do not, or some cannot be
+    /// asked. `None`: all run it, or none does and each can be asked.
+    fn refusal(&self, name: &DeploymentName, spec: &Spec) -> Option<PlacementRefusal> {
+        let mut running = Vec::new();
+        let mut not_running = Vec::new();
+        let mut unknown = Vec::new();
+        for row in self.rows(name, spec) {
+            let runs = row.report.is_some_and(|r| {
+                r.phase == Phase::Running || (spec.per_run && r.phase == Phase::Succeeded)
+            });
+            if !row.online {
+                unknown.push(row.device);
+            } else if runs {
+                running.push(row.device);
+            } else {
+                not_running.push(row.device);
+            }
+        }
+        let reason = if !running.is_empty() && !not_running.is_empty() {
+            PlacementReason::PartialPlacement
+        } else if !unknown.is_empty() {
+            PlacementReason::UnknownDevices
+        } else {
+            return None;
+        };
+        Some(PlacementRefusal {
+            reason,
+            running: DeviceGroup::of(running),
+            not_running: DeviceGroup::of(not_running),
+            unknown: DeviceGroup::of(unknown),
+        })
+    }
+
+    /// Why the writes of the deployment `name` are refused, when it is all
+    /// or nothing, a write is due (not counting retries) and its devices do
+    /// not agree.
+    fn placement(&self, name: &DeploymentName, spec: &Spec) -> Option<PlacementRefusal> {
+        if !spec.gated {
+            return None;
+        }
+        let due = self.devices_of(name).iter().any(|id| {
+            self.change(name, id).is_some_and(|write| {
+                self.cells
+                    .get(&(name.clone(), id.clone()))
+                    .and_then(|c| c.retrying.as_ref())
+                    != Some(&write)
+            })
+        });
+        if due {
+            self.refusal(name, spec)
+        } else {
+            None
+        }
     }
 
     /// Deletes the reports of device `id` that outlived their desired key
@@ -957,12 +1134,16 @@ impl Controller {
         status.observed_generation = *generation;
         let mut phases = PhaseCounts::default();
         let mut failures: Vec<(&DeviceId, &FailureCause)> = Vec::new();
-        let mut running: Vec<(&DeviceId, &DeploymentState)> = Vec::new();
+        // Every targeted device, with its report when it runs the current
+        // revision, but those that ran it to completion: their containers
+        // are gone, and with them any digest to compare.
+        let mut targeted: Vec<(&DeviceId, Option<&DeploymentState>)> = Vec::new();
         for row in self.rows(name, spec) {
             status.targeted += 1;
             if !row.online {
                 status.offline += 1;
             }
+            let mut runs = None;
             match row.report.filter(|_| row.updated) {
                 Some(report) => {
                     status.updated += 1;
@@ -970,16 +1151,20 @@ impl Controller {
                     if let Some(cause) = &report.cause {
                         failures.push((row.device, cause));
                     }
-                    if report.phase == Phase::Running {
-                        running.push((row.device, report));
+                    match report.phase {
+                        Phase::Running => runs = Some(report),
+                        Phase::Succeeded => continue,
+                        Phase::Pending | Phase::Failed => {}
                     }
                 }
                 None => phases.pending += 1,
             }
+            targeted.push((row.device, runs));
         }
         status.phases = phases;
         status.failures = group_failures(failures);
-        if !running.is_empty() {
+        status.placement = self.placement(name, spec);
+        if targeted.iter().any(|(_, runs)| runs.is_some()) {
             let services: Vec<(ServiceName, Option<String>)> =
                 PodmanV0Score::from_json(&spec.payload)
                     .map(|score| {
@@ -999,7 +1184,7 @@ impl Controller {
                             .collect()
                     })
                     .unwrap_or_default();
-            status.skew = digest_skew(&services, running);
+            status.skew = digest_skew(&services, targeted);
         }
         status
     }

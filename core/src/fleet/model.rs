@@ -16,6 +16,7 @@
 //!     selector: "site=lyon,!canary"   # or: devices: [rpi-01, rpi-02]
 //!   strategy:
 //!     type: AllAtOnce                 # the default; rollout waves come later
+//!   placement: Independent            # the default; or AllOrNothing
 //!   score:                            # the PodmanV0Score every device runs
 //!     services:
 //!       - name: web
@@ -74,8 +75,95 @@ pub struct FleetDeploymentSpec {
     /// How a new revision reaches them.
     #[serde(default)]
     pub strategy: Strategy,
+    /// Whether the targeted devices take the score each on its own
+    /// (`Independent`), or all of them or none (`AllOrNothing`). Absent:
+    /// `Independent`, what every fleet deployment did before the field
+    /// existed.
+    #[serde(default, skip_serializing_if = "Placement::is_independent")]
+    pub placement: Placement,
+    /// Forces one rollout of an `AllOrNothing` deployment past the
+    /// controller's refusal: the fingerprint of this very spec
+    /// (`FleetDeploymentSpec::fingerprint`), as `podfleet rollout force`
+    /// (or the operator's `podfleet.io/force-generation` annotation)
+    /// writes it. While it matches, the controller writes the score to
+    /// every targeted device whatever they run; any change of the spec
+    /// leaves it stale, and a stale token forces nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force: Option<String>,
     /// What every targeted device runs.
     pub score: PodmanV0Score,
+}
+
+impl FleetDeploymentSpec {
+    /// A short, stable name of everything in the spec but `force`: 16 hex
+    /// digits of FNV-1a over its canonical JSON. A `force` token that
+    /// equals it forces this spec and no other.
+    pub fn fingerprint(&self) -> String {
+        let unforced = Self {
+            force: None,
+            ..self.clone()
+        };
+        let canonical = serde_json::to_vec(&unforced)
+            .expect("a fleet deployment spec always serialises: its maps have string keys");
+        format!("{:016x}", crate::reconciler::fnv1a64(&canonical))
+    }
+
+    /// Whether `force` holds this spec's [`fingerprint`](Self::fingerprint).
+    pub fn is_forced(&self) -> bool {
+        self.force
+            .as_deref()
+            .is_some_and(|token| token == self.fingerprint())
+    }
+
+    /// The spec with `force` set to its own fingerprint.
+    #[must_use]
+    pub fn forced(mut self) -> Self {
+        self.force = Some(self.fingerprint());
+        self
+    }
+}
+
+/// Whether a fleet deployment's targeted devices take its score each on
+/// its own, or together. docs/lifetimes-placement.md has the truth table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[non_exhaustive]
+pub enum Placement {
+    /// Each targeted device converges on its own: the controller writes
+    /// its key whatever the others do.
+    #[default]
+    Independent,
+    /// For workloads that only make sense on every targeted device at once
+    /// (a distributed test, a cluster service). Before it writes or
+    /// deletes any key of the deployment, the controller looks at what
+    /// every targeted device reports: when all run it, it writes (attach);
+    /// when none does and each could be asked, it writes to all (cold
+    /// start); when some run it and some do not, or any device cannot be
+    /// asked (no fresh heartbeat), it writes and deletes nothing and says
+    /// why in the status ([`PlacementRefusal`]) until a person forces the
+    /// rollout ([`FleetDeploymentSpec::force`]). Deleting the deployment is
+    /// never refused.
+    AllOrNothing,
+}
+
+impl Placement {
+    /// The default, [`Placement::Independent`].
+    pub fn is_independent(&self) -> bool {
+        *self == Placement::Independent
+    }
+
+    /// The placement's name, as the manifest writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Independent => "Independent",
+            Placement::AllOrNothing => "AllOrNothing",
+        }
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Which devices a fleet deployment runs on.
@@ -327,13 +415,136 @@ pub struct FleetDeploymentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<FailureGroup>,
     /// Services whose running devices do not all run the same image
-    /// digest, or not the one the score pins, or do not say which they run.
+    /// digest, or not the one the score pins, or do not say which they run,
+    /// or whose targeted devices do not all run the current revision.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skew: Vec<DigestSkew>,
+    /// An [`Placement::AllOrNothing`] deployment the controller writes
+    /// nothing of, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementRefusal>,
 }
 
-/// The image digests one service runs with across the devices running the
-/// current revision, when they are not all the expected one.
+/// Why the controller writes and deletes no key of an
+/// [`Placement::AllOrNothing`] deployment: its targeted devices each way.
+/// It holds until the devices agree (all run it, or none does and each can
+/// be asked) or a person forces the rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementRefusal {
+    /// Which rule refused it.
+    pub reason: PlacementReason,
+    /// Targeted devices that run it: they report `running` (or, for a
+    /// `per_run` score, `succeeded`) on any revision.
+    pub running: DeviceGroup,
+    /// Targeted devices with a fresh heartbeat that report nothing of it,
+    /// or `pending` or `failed`.
+    pub not_running: DeviceGroup,
+    /// Targeted devices that cannot be asked: offline, or never seen.
+    /// Unknown is never taken as "not running".
+    pub unknown: DeviceGroup,
+}
+
+impl PlacementRefusal {
+    /// What was refused, in plain words, without the way out (which
+    /// differs between the CLI and the operator).
+    pub fn message(&self) -> String {
+        let each = |one: &str, many: &str, group: &DeviceGroup| {
+            let verb = if group.count == 1 { one } else { many };
+            (group.count > 0).then(|| format!("{} {verb} ({})", group.count, group.listed()))
+        };
+        let ways: Vec<String> = [
+            each("runs it", "run it", &self.running),
+            each("does not", "do not", &self.not_running),
+            each("cannot be asked", "cannot be asked", &self.unknown),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let rule = match self.reason {
+            PlacementReason::PartialPlacement => "is written to all of them or to none",
+            PlacementReason::UnknownDevices => {
+                "is written only when every targeted device can be asked"
+            }
+        };
+        let targeted = self
+            .running
+            .count
+            .saturating_add(self.not_running.count)
+            .saturating_add(self.unknown.count);
+        format!(
+            "of {targeted} targeted devices, {}: an all-or-nothing deployment {rule}, so nothing was written",
+            ways.join(", ")
+        )
+    }
+}
+
+/// The rule by which an [`Placement::AllOrNothing`] deployment was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum PlacementReason {
+    /// Some targeted devices run it and some do not: writing would leave
+    /// it on some devices only, or replace it on some and start it fresh
+    /// on others.
+    PartialPlacement,
+    /// No targeted device is known not to run it while others do, but
+    /// some cannot be asked: whether they run it is unknown.
+    UnknownDevices,
+}
+
+impl PlacementReason {
+    /// The reason as on the wire: `partial_placement`, `unknown_devices`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementReason::PartialPlacement => "partial_placement",
+            PlacementReason::UnknownDevices => "unknown_devices",
+        }
+    }
+}
+
+/// Some devices: how many, and the first [`FAILURE_GROUP_DEVICES`] of them
+/// in id order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeviceGroup {
+    /// How many devices.
+    pub count: u32,
+    /// The first [`FAILURE_GROUP_DEVICES`] of them, in id order.
+    pub devices: Vec<DeviceId>,
+}
+
+impl DeviceGroup {
+    /// A group of `devices` (in any order).
+    pub fn of<'a>(devices: impl IntoIterator<Item = &'a DeviceId>) -> Self {
+        let mut all: Vec<&DeviceId> = devices.into_iter().collect();
+        all.sort_unstable();
+        Self {
+            count: u32::try_from(all.len()).unwrap_or(u32::MAX),
+            devices: all
+                .into_iter()
+                .take(FAILURE_GROUP_DEVICES)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// `rpi-01, rpi-02 and 8 more`; `none` when empty.
+    pub fn listed(&self) -> String {
+        if self.count == 0 {
+            return "none".to_owned();
+        }
+        let named: Vec<&str> = self.devices.iter().map(DeviceId::as_str).collect();
+        let more = (self.count as usize).saturating_sub(named.len());
+        if more > 0 {
+            format!("{} and {more} more", named.join(", "))
+        } else {
+            named.join(", ")
+        }
+    }
+}
+
+/// The image digests one service runs with across the targeted devices,
+/// when they are not all the expected one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DigestSkew {
     /// The service.
@@ -342,15 +553,22 @@ pub struct DigestSkew {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<String>,
     /// The devices per digest, largest group first; `digest: None` groups
-    /// the devices that did not report one (an error, never a pass).
+    /// the devices that run the current revision and did not report one
+    /// (an error, never a pass), `missing: true` the targeted devices that
+    /// do not run it at all.
     pub digests: Vec<DigestGroup>,
 }
 
-/// Devices running one service with the same image digest.
+/// Devices running one service with the same image digest, or targeted
+/// devices that do not run it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DigestGroup {
-    /// The digest, or `None` for "not reported".
+    /// The digest, or `None` for "not reported" (and for `missing`).
     pub digest: Option<String>,
+    /// The devices are targeted and do not run the current revision: no
+    /// report says which image they run. Left out of the JSON when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub missing: bool,
     /// How many devices.
     pub count: u32,
     /// The first [`FAILURE_GROUP_DEVICES`] of them, in id order.
@@ -362,47 +580,77 @@ pub fn pinned_digest(image: &str) -> Option<&str> {
     image.split_once('@').map(|(_, digest)| digest)
 }
 
-/// The skew of each service from `(device, report)` of the devices that run
-/// the current revision, against the `pinned` digest of each service
-/// (services of the score in order; `None` when the score pins none).
+/// Where one targeted device stands on one service's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Seen<'a> {
+    /// It runs the current revision with this digest, or did not say
+    /// which (`None`).
+    Reported(Option<&'a str>),
+    /// It does not run the current revision.
+    Missing,
+}
+
+/// The skew of each service against the `pinned` digest of each service
+/// (services of the score in order; `None` when the score pins none),
+/// from every targeted device with its report when it runs the current
+/// revision (`None` when it does not).
+///
+/// Every targeted device is accounted for under every service: a device
+/// running the current revision whose report names no digest for the
+/// service (or does not list the service at all) is "not reported", a
+/// targeted device that does not run it is "missing"; neither is ever a
+/// pass. Nothing is compared before at least one device runs the current
+/// revision: until then the phases tell the whole story.
 pub(crate) fn digest_skew<'a>(
     services: &[(ServiceName, Option<String>)],
-    running: impl IntoIterator<Item = (&'a DeviceId, &'a DeploymentState)>,
+    targeted: impl IntoIterator<Item = (&'a DeviceId, Option<&'a DeploymentState>)>,
 ) -> Vec<DigestSkew> {
-    /// Per digest (`None`: not reported), the device count and the first devices.
-    type Groups<'a> = BTreeMap<Option<&'a str>, (u32, Vec<DeviceId>)>;
-    let mut seen: BTreeMap<&ServiceName, Groups<'_>> = BTreeMap::new();
-    for (device, report) in running {
-        for service in report.container_ids.keys() {
-            let digest = report.image_digests.get(service).map(String::as_str);
-            let (count, devices) = seen.entry(service).or_default().entry(digest).or_default();
+    /// Per service and what is seen, the device count and the first devices.
+    type Groups<'a> = BTreeMap<Seen<'a>, (u32, Vec<&'a DeviceId>)>;
+    let mut seen: Vec<Groups<'a>> = vec![Groups::new(); services.len()];
+    let mut any_runs = false;
+    for (device, report) in targeted {
+        any_runs |= report.is_some();
+        for ((service, _), groups) in services.iter().zip(&mut seen) {
+            let key = match report {
+                Some(report) => {
+                    Seen::Reported(report.image_digests.get(service).map(String::as_str))
+                }
+                None => Seen::Missing,
+            };
+            let (count, devices) = groups.entry(key).or_default();
             *count += 1;
-            if devices.len() < FAILURE_GROUP_DEVICES {
-                devices.push(device.clone());
-            }
+            devices.push(device);
         }
     }
+    if !any_runs {
+        return Vec::new();
+    }
     let mut skew = Vec::new();
-    for (service, pinned) in services {
-        let Some(groups) = seen.get(service) else {
-            continue;
-        };
+    for ((service, pinned), groups) in services.iter().zip(seen) {
         let agreed = match groups.keys().collect::<Vec<_>>()[..] {
-            [Some(one)] => pinned.as_deref().is_none_or(|p| p == *one),
+            [Seen::Reported(Some(one))] => pinned.as_deref().is_none_or(|p| p == *one),
             _ => false,
         };
         if agreed {
             continue;
         }
         let mut digests: Vec<DigestGroup> = groups
-            .iter()
-            .map(|(digest, (count, devices))| {
-                let mut devices = devices.clone();
-                devices.sort();
+            .into_iter()
+            .map(|(seen, (count, mut devices))| {
+                devices.sort_unstable();
                 DigestGroup {
-                    digest: digest.map(str::to_owned),
-                    count: *count,
-                    devices,
+                    digest: match seen {
+                        Seen::Reported(digest) => digest.map(str::to_owned),
+                        Seen::Missing => None,
+                    },
+                    missing: seen == Seen::Missing,
+                    count,
+                    devices: devices
+                        .into_iter()
+                        .take(FAILURE_GROUP_DEVICES)
+                        .cloned()
+                        .collect(),
                 }
             })
             .collect();
@@ -420,6 +668,7 @@ impl FleetDeploymentStatus {
     /// Every targeted device runs the current revision.
     pub fn is_complete(&self) -> bool {
         self.error.is_none()
+            && self.placement.is_none()
             && self.updated == self.targeted
             && self.phases.running == self.targeted
     }
@@ -771,7 +1020,8 @@ mod tests {
             report(None),
         ];
         let services = [("web".into(), None), ("db".into(), None)];
-        let skew = digest_skew(&services, ids.iter().zip(&reports));
+        let running = || ids.iter().zip(reports.iter().map(Some));
+        let skew = digest_skew(&services, running());
         assert_eq!(skew.len(), 1, "db agrees: {skew:?}");
         assert_eq!(skew[0].service.as_str(), "web");
         let groups: Vec<(Option<&str>, u32)> = skew[0]
@@ -784,15 +1034,158 @@ mod tests {
             [(Some("sha256:a"), 2), (None, 1), (Some("sha256:b"), 1)]
         );
         assert_eq!(skew[0].digests[2].devices, [ids[2].clone()]);
+        assert!(skew[0].digests.iter().all(|g| !g.missing));
 
         // All agree, but not on the digest the score pins.
         let pinned = [("db".into(), Some("sha256:other".to_owned()))];
-        let skew = digest_skew(&pinned, ids.iter().zip(&reports));
+        let skew = digest_skew(&pinned, running());
         assert_eq!(skew.len(), 1);
         assert_eq!(skew[0].pinned.as_deref(), Some("sha256:other"));
         let agreed = [("db".into(), Some("sha256:db".to_owned()))];
-        assert!(digest_skew(&agreed, ids.iter().zip(&reports)).is_empty());
+        assert!(digest_skew(&agreed, running()).is_empty());
         assert_eq!(pinned_digest("r/app:1@sha256:ab"), Some("sha256:ab"));
         assert_eq!(pinned_digest("r/app:1"), None);
+    }
+
+    #[test]
+    fn digest_skew_never_passes_a_device_it_cannot_account_for() {
+        let running = |digests: serde_json::Value, containers: serde_json::Value| {
+            serde_json::from_value::<DeploymentState>(serde_json::json!({
+                "phase": "running", "revision": 4,
+                "container_ids": containers,
+                "image_digests": digests,
+            }))
+            .unwrap()
+        };
+        let ids: Vec<DeviceId> = (1..=4)
+            .map(|n| DeviceId::new(format!("rpi-{n}")).unwrap())
+            .collect();
+        let services = [("web".into(), None), ("db".into(), None)];
+        // rpi-1 and rpi-2 agree on both; rpi-3's report leaves db out
+        // altogether; rpi-4 is targeted and does not run the revision.
+        let both = running(
+            serde_json::json!({"web": "sha256:w", "db": "sha256:d"}),
+            serde_json::json!({"web": "c1", "db": "c2"}),
+        );
+        let web_only = running(
+            serde_json::json!({"web": "sha256:w"}),
+            serde_json::json!({"web": "c1"}),
+        );
+        let targeted = [
+            (&ids[0], Some(&both)),
+            (&ids[1], Some(&both)),
+            (&ids[2], Some(&web_only)),
+            (&ids[3], None),
+        ];
+        let skew = digest_skew(&services, targeted);
+        /// Digest, missing, count.
+        type Shown<'a> = Vec<(Option<&'a str>, bool, u32)>;
+        let shown: Vec<(&str, Shown<'_>)> = skew
+            .iter()
+            .map(|s| {
+                (
+                    s.service.as_str(),
+                    s.digests
+                        .iter()
+                        .map(|g| (g.digest.as_deref(), g.missing, g.count))
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("web", vec![(Some("sha256:w"), false, 3), (None, true, 1)]),
+                (
+                    "db",
+                    vec![
+                        (Some("sha256:d"), false, 2),
+                        (None, false, 1),
+                        (None, true, 1)
+                    ]
+                ),
+            ]
+        );
+        assert_eq!(skew[1].digests[1].devices, [ids[2].clone()]);
+        assert_eq!(skew[1].digests[2].devices, [ids[3].clone()]);
+        // Nothing runs the revision yet: nothing to compare.
+        let none = [(&ids[0], None), (&ids[1], None)];
+        assert!(digest_skew(&services, none).is_empty());
+        // Every device agrees: no skew.
+        let all = [(&ids[0], Some(&both)), (&ids[1], Some(&both))];
+        assert!(digest_skew(&services, all).is_empty());
+    }
+
+    #[test]
+    fn placement_is_optional_and_force_names_one_spec() {
+        let value = manifest(serde_json::json!({"target": {"devices": ["a"]}, "score": score()}));
+        let parsed = FleetDeployment::from_value(value).unwrap();
+        assert_eq!(parsed.spec.placement, Placement::Independent);
+        assert_eq!(parsed.spec.force, None);
+        // Absent stays absent: a stored manifest reads back byte for byte.
+        let json = String::from_utf8(parsed.to_json()).unwrap();
+        assert!(
+            !json.contains("placement") && !json.contains("force"),
+            "{json}"
+        );
+
+        let value = manifest(serde_json::json!({
+            "target": {"devices": ["a"]}, "placement": "AllOrNothing", "score": score()
+        }));
+        let spec = FleetDeployment::from_value(value).unwrap().spec;
+        assert_eq!(spec.placement, Placement::AllOrNothing);
+        assert!(!spec.is_forced());
+        let forced = spec.clone().forced();
+        assert!(forced.is_forced());
+        assert_eq!(
+            forced.fingerprint(),
+            spec.fingerprint(),
+            "force is not fingerprinted"
+        );
+        assert_eq!(forced.fingerprint().len(), 16);
+        // Any change of the spec leaves the token stale.
+        let mut changed = forced.clone();
+        changed.score.services[0].image = "localhost/web:2".into();
+        assert!(!changed.is_forced());
+        let mut retargeted = forced.clone();
+        retargeted.target = Target::Devices(vec![DeviceId::new("b").unwrap()]);
+        assert!(!retargeted.is_forced());
+        let mut independent = forced;
+        independent.placement = Placement::Independent;
+        assert!(!independent.is_forced());
+
+        let error = FleetDeployment::from_value(manifest(serde_json::json!({
+            "target": {"devices": ["a"]}, "placement": "Some", "score": score()
+        })))
+        .unwrap_err();
+        assert_eq!(error.path, "spec.placement");
+        assert!(error.problem.contains("unknown variant"), "{error}");
+    }
+
+    #[test]
+    fn a_placement_refusal_names_the_devices_each_way() {
+        let ids: Vec<DeviceId> = (1..=13)
+            .map(|n| DeviceId::new(format!("rpi-{n:02}")).unwrap())
+            .collect();
+        let refusal = PlacementRefusal {
+            reason: PlacementReason::PartialPlacement,
+            running: DeviceGroup::of(ids[..12].iter().rev()),
+            not_running: DeviceGroup::of([&ids[12]]),
+            unknown: DeviceGroup::default(),
+        };
+        assert_eq!(refusal.running.count, 12);
+        assert_eq!(refusal.running.devices.len(), FAILURE_GROUP_DEVICES);
+        assert_eq!(refusal.running.devices[0].as_str(), "rpi-01");
+        assert_eq!(
+            refusal.message(),
+            "of 13 targeted devices, 12 run it (rpi-01, rpi-02, rpi-03, rpi-04, rpi-05, rpi-06, \
+             rpi-07, rpi-08, rpi-09, rpi-10 and 2 more), 1 does not (rpi-13): an all-or-nothing \
+             deployment is written to all of them or to none, so nothing was written"
+        );
+        let json = serde_json::to_value(&refusal).unwrap();
+        assert_eq!(json["reason"], "partial_placement");
+        assert_eq!(json["notRunning"]["count"], 1);
+        let back: PlacementRefusal = serde_json::from_value(json).unwrap();
+        assert_eq!(back, refusal);
     }
 }

@@ -336,3 +336,63 @@ fn a_failure_names_the_container_the_image_the_rule_and_what_runs() {
         "{message}"
     );
 }
+
+#[test]
+fn the_force_annotation_forces_the_generation_it_names() {
+    let manifest = |feed: Feed| -> podfleet_core::fleet::FleetDeployment {
+        let Feed::Manifest(bytes) = feed else {
+            panic!("nothing is fed: {feed:?}");
+        };
+        podfleet_core::fleet::FleetDeployment::from_json(&bytes).unwrap()
+    };
+    let mut web = fd(
+        4,
+        json!({"services": [{"name": "web", "image": "localhost/web:1"}]}),
+    );
+    web.spec.0["placement"] = json!("AllOrNothing");
+    assert!(!forces(&web));
+    assert!(!manifest(feed(&web)).spec.is_forced());
+    let annotate = |fd: &mut FleetDeployment, value: &str| {
+        fd.metadata.annotations = Some([(FORCE_GENERATION.to_owned(), value.to_owned())].into());
+    };
+    annotate(&mut web, "4");
+    assert!(forces(&web));
+    let forced = manifest(feed(&web));
+    assert!(forced.spec.is_forced());
+    assert_eq!(
+        forced.spec.placement,
+        podfleet_core::fleet::Placement::AllOrNothing
+    );
+    // The next change of the spec is a new generation: not forced.
+    web.metadata.generation = Some(5);
+    assert!(!forces(&web));
+    assert!(!manifest(feed(&web)).spec.is_forced());
+    for value in ["", "four", "-1", "true"] {
+        annotate(&mut web, value);
+        assert!(!forces(&web), "{value:?}");
+    }
+    annotate(&mut web, " 5 ");
+    assert!(forces(&web));
+
+    // Pinned images: forced with the digests in, as the controller sees it.
+    let mut pinned = with_record(
+        fd(2, mixed()),
+        record(
+            2,
+            &to_pin(&fd(2, mixed())),
+            &digests(&[
+                ("registry.example/migrate", D1),
+                ("registry.example/web:1", D2),
+            ]),
+        )
+        .unwrap(),
+    );
+    annotate(&mut pinned, "2");
+    let forced = manifest(feed(&pinned));
+    assert!(forced.spec.is_forced());
+    assert!(forced.spec.score.services[0].image.ends_with(D2));
+    // Not yet pinned: nothing is fed, forced or not.
+    let mut unpinned = fd(3, mixed());
+    annotate(&mut unpinned, "3");
+    assert_eq!(feed(&unpinned), Feed::Unpinned);
+}

@@ -1,5 +1,9 @@
-use podfleet_core::fleet::{FailureGroup, FleetDeploymentStatus as Aggregate, PhaseCounts};
+use podfleet_core::fleet::{
+    DeviceGroup, FailureGroup, FleetDeploymentStatus as Aggregate, PhaseCounts, PlacementReason,
+    PlacementRefusal,
+};
 use podfleet_core::wire::DeviceId;
+use serde_json::json;
 
 use super::*;
 
@@ -18,6 +22,7 @@ fn aggregate(targeted: u32, updated: u32, phases: [u32; 3], offline: u32) -> Agg
         offline,
         failures: Vec::new(),
         skew: Vec::new(),
+        placement: None,
     }
 }
 
@@ -271,4 +276,72 @@ fn unresolved_images_degrade_and_keep_the_running_record() {
 
 fn reasons(notes: Vec<Note>) -> Vec<&'static str> {
     notes.into_iter().map(|n| n.reason).collect()
+}
+
+fn ids(names: &[&str]) -> Vec<DeviceId> {
+    names.iter().map(|n| DeviceId::new(*n).unwrap()).collect()
+}
+
+#[test]
+fn a_refused_all_or_nothing_rollout_degrades_and_says_how_to_force_it() {
+    let healthy = fleet_status(&known(aggregate(3, 3, [0, 3, 0], 0)), None, "T1");
+    // Generation 4 (a new image) is refused: rpi-03 does not run it, and
+    // the devices stay on generation 3's keys.
+    let mut refused = aggregate(3, 0, [3, 0, 0], 1);
+    refused.observed_generation = 4;
+    refused.placement = Some(PlacementRefusal {
+        reason: PlacementReason::PartialPlacement,
+        running: DeviceGroup::of(&ids(&["rpi-02", "rpi-01"])),
+        not_running: DeviceGroup::of(&ids(&["rpi-03"])),
+        unknown: DeviceGroup::default(),
+    });
+    let status = fleet_status(&known(refused.clone()), Some(&healthy), "T2");
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", PARTIAL_PLACEMENT)
+    );
+    assert_eq!(
+        degraded.message,
+        "of 3 targeted devices, 2 run it (rpi-01, rpi-02), 1 does not (rpi-03): an all-or-nothing \
+         deployment is written to all of them or to none, so nothing was written; to write \
+         generation 4 to every targeted device anyway, annotate the FleetDeployment \
+         podfleet.io/force-generation: \"4\""
+    );
+    let progressing = condition(&status, PROGRESSING);
+    assert_eq!(
+        (progressing.status.as_str(), progressing.reason.as_str()),
+        ("False", PARTIAL_PLACEMENT)
+    );
+    assert_eq!(status.placement, refused.placement);
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["placement"]["reason"], "partial_placement");
+    assert_eq!(
+        json["placement"]["running"]["devices"],
+        json!(["rpi-01", "rpi-02"])
+    );
+    assert_eq!(json["placement"]["notRunning"]["count"], 1);
+    // One warning event when it starts, none while it lasts.
+    let told = notes(Some(&healthy), &status);
+    assert!(
+        told.iter()
+            .any(|n| n.warning && n.reason == PARTIAL_PLACEMENT),
+        "{told:?}"
+    );
+    let again = fleet_status(&known(refused.clone()), Some(&status), "T3");
+    assert!(!notes(Some(&status), &again)
+        .iter()
+        .any(|n| n.reason == PARTIAL_PLACEMENT));
+    // Unknown devices have their own reason.
+    let mut unknown = refused.clone();
+    if let Some(placement) = &mut unknown.placement {
+        placement.reason = PlacementReason::UnknownDevices;
+    }
+    let status = fleet_status(&known(unknown), Some(&again), "T4");
+    assert_eq!(condition(&status, DEGRADED).reason, UNKNOWN_DEVICES);
+    // A refused spec still comes first: it is the newest thing to fix.
+    let mut both = refused;
+    both.error = Some("generation 5 was refused: spec.score.services[0].image: blank".into());
+    let status = fleet_status(&known(both), None, "T5");
+    assert_eq!(condition(&status, DEGRADED).reason, "SpecRefused");
 }

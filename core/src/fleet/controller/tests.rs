@@ -696,6 +696,562 @@ fn views_show_each_device_and_each_targeted_device() {
     );
 }
 
+// ---- all or nothing ----
+
+/// Why `web`'s writes are refused, as of now (the status bucket may lag
+/// by the status interval).
+fn refusal_now(fleet: &Buckets) -> Option<crate::fleet::PlacementRefusal> {
+    fleet.controller.status(&name("web")).placement
+}
+
+/// A `web` manifest for `devices`, with `placement` (`None`: the field
+/// left out) and the score's `lifetime`, forced when `force`.
+fn placed(
+    placement: Option<&str>,
+    devices: &[&str],
+    image: &str,
+    lifetime: Option<&str>,
+    force: bool,
+) -> Vec<u8> {
+    let mut score = json!({"services": [{"name": "app", "image": image}]});
+    if let Some(lifetime) = lifetime {
+        score["lifetime"] = json!(lifetime);
+    }
+    let mut spec = json!({"target": {"devices": devices}, "score": score});
+    if let Some(placement) = placement {
+        spec["placement"] = json!(placement);
+    }
+    let mut manifest = crate::fleet::FleetDeployment::from_value(json!({
+        "apiVersion": API_VERSION,
+        "kind": FLEET_DEPLOYMENT_KIND,
+        "metadata": {"name": "web"},
+        "spec": spec,
+    }))
+    .unwrap();
+    if force {
+        manifest.spec = manifest.spec.forced();
+    }
+    manifest.to_json()
+}
+
+fn scored(image: &str, lifetime: Option<&str>) -> Vec<u8> {
+    let mut score = json!({"services": [{"name": "app", "image": image}]});
+    if let Some(lifetime) = lifetime {
+        score["lifetime"] = json!(lifetime);
+    }
+    crate::wire::PodmanV0Score::from_json(score.to_string().as_bytes())
+        .unwrap()
+        .to_json()
+}
+
+/// What a targeted device does before the next revision is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Before {
+    /// Reports `running`.
+    Runs,
+    /// Reports `succeeded` (a run to completion).
+    Succeeded,
+    /// Reports `pending`.
+    Pending,
+    /// Reports `failed`.
+    Failed,
+    /// Online, reports nothing.
+    Silent,
+    /// Reported `running`, then its heartbeat went away.
+    Offline,
+    /// Never sent a heartbeat nor has a record.
+    NeverSeen,
+}
+
+const DEVICES: [&str; 3] = ["rpi-01", "rpi-02", "rpi-03"];
+
+/// Three devices that got `web` with image `web:1` (written without
+/// asking), then each did what `before` says; returns them before `web:2`.
+fn placed_fleet(before: [Before; 3], lifetime: Option<&str>) -> Buckets {
+    let mut fleet = Buckets::new();
+    fleet.feed(Input::Synced);
+    for (device, before) in DEVICES.iter().zip(before) {
+        if before != Before::NeverSeen {
+            fleet.label(device, &[("site", "lyon")]);
+            fleet.beat(device);
+        }
+    }
+    fleet.apply("web", placed(None, &DEVICES, "web:1", lifetime, false));
+    assert_eq!(fleet.desired_keys("web"), DEVICES);
+    for (device, before) in DEVICES.iter().zip(before) {
+        let revision = fleet.revision_of(device, "web");
+        let phase = match before {
+            Before::Runs | Before::Offline => "running",
+            Before::Succeeded => "succeeded",
+            Before::Pending => "pending",
+            Before::Failed => "failed",
+            Before::Silent | Before::NeverSeen => continue,
+        };
+        let cause = (before == Before::Failed).then(
+            || json!({"kind": "crash_loop", "service": "app", "restarts": 3, "last_exit_code": 1}),
+        );
+        fleet.report(device, "web", report(phase, revision, cause));
+        if before == Before::Offline {
+            fleet.heartbeats.remove(&id(device));
+            fleet.feed(Input::Heartbeat {
+                device: id(device),
+                value: None,
+                age: Duration::ZERO,
+            });
+        }
+    }
+    fleet.advance(Duration::from_secs(1));
+    fleet
+}
+
+/// The devices whose key holds `web:2`.
+fn on_second(fleet: &Buckets, lifetime: Option<&str>) -> Vec<String> {
+    let second = scored("web:2", lifetime);
+    fleet
+        .desired
+        .iter()
+        .filter(|(k, (_, v))| k.deployment.as_str() == "web" && *v == second)
+        .map(|(k, _)| k.device.to_string())
+        .collect()
+}
+
+/// The truth table of docs/lifetimes-placement.md, row by row: what the
+/// targeted devices do when `web:2` is applied, and what is written.
+#[test]
+fn all_or_nothing_writes_to_every_device_or_to_none() {
+    use Before::*;
+    use PlacementReason::*;
+    /// Placement, lifetime, forced, the devices, written, refused because.
+    type Row = (
+        Option<&'static str>,
+        Option<&'static str>,
+        bool,
+        [Before; 3],
+        bool,
+        Option<PlacementReason>,
+    );
+    #[rustfmt::skip]
+    let table: [Row; 26] = [
+        // Independent (and absent): every device on its own, always.
+        (None,                 None, false, [Runs, Runs, Runs],           true,  None),
+        (None,                 None, false, [Silent, Silent, Silent],     true,  None),
+        (None,                 None, false, [Runs, Silent, Failed],       true,  None),
+        (None,                 None, false, [Runs, Runs, Offline],        true,  None),
+        (Some("Independent"),  None, false, [Runs, Pending, NeverSeen],   true,  None),
+        // All run it: attach.
+        (Some("AllOrNothing"), None, false, [Runs, Runs, Runs],           true,  None),
+        // None runs it and each can be asked: cold start.
+        (Some("AllOrNothing"), None, false, [Silent, Silent, Silent],     true,  None),
+        (Some("AllOrNothing"), None, false, [Pending, Failed, Silent],    true,  None),
+        // Some run it, some do not: refused.
+        (Some("AllOrNothing"), None, false, [Runs, Runs, Silent],         false, Some(PartialPlacement)),
+        (Some("AllOrNothing"), None, false, [Runs, Failed, Runs],         false, Some(PartialPlacement)),
+        (Some("AllOrNothing"), None, false, [Pending, Runs, Runs],        false, Some(PartialPlacement)),
+        (Some("AllOrNothing"), None, false, [Runs, Silent, Offline],      false, Some(PartialPlacement)),
+        // Any device that cannot be asked: refused, never a cold start.
+        (Some("AllOrNothing"), None, false, [Runs, Runs, Offline],        false, Some(UnknownDevices)),
+        (Some("AllOrNothing"), None, false, [Silent, Silent, Offline],    false, Some(UnknownDevices)),
+        (Some("AllOrNothing"), None, false, [Silent, Silent, NeverSeen],  false, Some(UnknownDevices)),
+        (Some("AllOrNothing"), None, false, [Offline, Offline, Offline],  false, Some(UnknownDevices)),
+        // `succeeded` is having run it for a run to completion only.
+        (Some("AllOrNothing"), Some("per_run"), false, [Succeeded, Runs, Succeeded], true, None),
+        (Some("AllOrNothing"), Some("per_run"), false, [Succeeded, Silent, Silent],  false, Some(PartialPlacement)),
+        (Some("AllOrNothing"), None, false, [Succeeded, Succeeded, Silent], true,  None),
+        (Some("AllOrNothing"), None, false, [Succeeded, Runs, Runs],        false, Some(PartialPlacement)),
+        // Forced: written whatever the devices do.
+        (Some("AllOrNothing"), None, true,  [Runs, Runs, Runs],           true,  None),
+        (Some("AllOrNothing"), None, true,  [Silent, Silent, Silent],     true,  None),
+        (Some("AllOrNothing"), None, true,  [Runs, Silent, Failed],       true,  None),
+        (Some("AllOrNothing"), None, true,  [Runs, Runs, Offline],        true,  None),
+        (Some("AllOrNothing"), None, true,  [Silent, Silent, NeverSeen],  true,  None),
+        (Some("AllOrNothing"), Some("per_run"), true, [Succeeded, Silent, Offline], true, None),
+    ];
+    for (placement, lifetime, force, before, written, refused) in table {
+        let case = format!("{placement:?} {lifetime:?} forced={force} {before:?}");
+        let mut fleet = placed_fleet(before, lifetime);
+        let writes = fleet.writes.len();
+        fleet.apply("web", placed(placement, &DEVICES, "web:2", lifetime, force));
+        fleet.advance(Duration::from_secs(1));
+        let status = fleet.status("web").clone();
+        if written {
+            assert_eq!(on_second(&fleet, lifetime), DEVICES, "{case}");
+            assert_eq!(fleet.writes.len(), writes + 3, "{case}");
+            assert_eq!(status.placement, None, "{case}");
+        } else {
+            // Nothing written, nothing deleted: every key keeps web:1.
+            assert_eq!(fleet.writes.len(), writes, "{case}");
+            assert_eq!(fleet.desired_keys("web"), DEVICES, "{case}");
+            assert!(on_second(&fleet, lifetime).is_empty(), "{case}");
+            let refusal = status
+                .placement
+                .as_ref()
+                .unwrap_or_else(|| panic!("{case}"));
+            assert_eq!(Some(refusal.reason), refused, "{case}");
+            let count = |wanted: &[Before]| before.iter().filter(|b| wanted.contains(b)).count();
+            let ran: &[Before] = if lifetime == Some("per_run") {
+                &[Runs, Succeeded]
+            } else {
+                &[Runs]
+            };
+            assert_eq!(refusal.running.count as usize, count(ran), "{case}");
+            assert_eq!(
+                refusal.unknown.count as usize,
+                count(&[Offline, NeverSeen]),
+                "{case}"
+            );
+            assert_eq!(
+                (refusal.running.count + refusal.not_running.count + refusal.unknown.count),
+                3,
+                "{case}"
+            );
+            assert!(!status.is_complete(), "{case}");
+        }
+    }
+}
+
+#[test]
+fn a_refusal_holds_until_the_devices_agree_and_unknown_never_cold_starts() {
+    use Before::*;
+    let mut fleet = placed_fleet([Runs, Runs, Silent], None);
+    let all_or_nothing = |image| placed(Some("AllOrNothing"), &DEVICES, image, None, false);
+    fleet.apply("web", all_or_nothing("web:2"));
+    let refusal = refusal_now(&fleet).unwrap();
+    assert_eq!(refusal.running.devices, [id("rpi-01"), id("rpi-02")]);
+    assert_eq!(refusal.not_running.devices, [id("rpi-03")]);
+    // Time alone changes nothing.
+    let writes = fleet.writes.len();
+    for _ in 0..5 {
+        fleet.advance(Duration::from_secs(30));
+        DEVICES.iter().for_each(|d| fleet.beat(d));
+    }
+    assert_eq!(fleet.writes.len(), writes);
+    // rpi-03 turns out to run it too: all run it, the new revision goes out.
+    let revision = fleet.revision_of("rpi-03", "web");
+    fleet.report("rpi-03", "web", report("running", revision, None));
+    assert_eq!(on_second(&fleet, None), DEVICES);
+    fleet.advance(Duration::from_secs(1));
+    assert_eq!(refusal_now(&fleet), None);
+
+    // Unknown devices: the two that can be asked run nothing, the third
+    // is away. Not a cold start, however long it is away.
+    let mut fleet = placed_fleet([Silent, Silent, Offline], None);
+    fleet.apply("web", all_or_nothing("web:2"));
+    let writes = fleet.writes.len();
+    for _ in 0..10 {
+        fleet.advance(Duration::from_secs(30));
+        fleet.beat("rpi-01");
+        fleet.beat("rpi-02");
+    }
+    assert_eq!(fleet.writes.len(), writes);
+    assert_eq!(
+        refusal_now(&fleet).map(|p| p.reason),
+        Some(PlacementReason::UnknownDevices)
+    );
+    // It comes back, still running the old revision: partial now.
+    fleet.beat("rpi-03");
+    fleet.advance(Duration::from_secs(1));
+    assert_eq!(fleet.writes.len(), writes);
+    assert_eq!(
+        refusal_now(&fleet).map(|p| p.reason),
+        Some(PlacementReason::PartialPlacement)
+    );
+    // Its container went away meanwhile: it reports nothing any more, so
+    // none runs it and all can be asked: cold start.
+    fleet.states.remove(&key("rpi-03", "web"));
+    fleet.feed(Input::State(Change::Delete {
+        key: key("rpi-03", "web"),
+        revision: Revision::new(0),
+    }));
+    assert_eq!(on_second(&fleet, None), DEVICES);
+
+    // A device that goes offline while refused is looked at again too.
+    let mut fleet = placed_fleet([Runs, Runs, Silent], None);
+    fleet.apply("web", all_or_nothing("web:2"));
+    fleet.advance(Duration::from_secs(61));
+    fleet.beat("rpi-01");
+    fleet.beat("rpi-02");
+    fleet.advance(Duration::from_secs(1));
+    let refusal = refusal_now(&fleet).unwrap();
+    assert_eq!(refusal.unknown.devices, [id("rpi-03")]);
+    assert_eq!(refusal.reason, PlacementReason::UnknownDevices);
+}
+
+#[test]
+fn a_forced_spec_is_written_everywhere_and_a_new_spec_asks_again() {
+    use Before::*;
+    let mut fleet = placed_fleet([Runs, Silent, Offline], None);
+    let manifest = |image, force| placed(Some("AllOrNothing"), &DEVICES, image, None, force);
+    fleet.apply("web", manifest("web:2", false));
+    assert!(on_second(&fleet, None).is_empty());
+    fleet.apply("web", manifest("web:2", true));
+    assert_eq!(on_second(&fleet, None), DEVICES);
+    fleet.advance(Duration::from_secs(1));
+    assert_eq!(refusal_now(&fleet), None);
+    // A restarted controller reads the same forced spec: nothing to do.
+    fleet.restart();
+    fleet.advance(Duration::from_secs(1));
+    assert_eq!(fleet.writes, []);
+    // The next spec is not forced: the devices are asked again. rpi-01
+    // runs web:2, rpi-02 does not, rpi-03 is away.
+    let revision = fleet.revision_of("rpi-01", "web");
+    fleet.report("rpi-01", "web", report("running", revision, None));
+    fleet.apply("web", manifest("web:3", false));
+    assert!(fleet.writes.is_empty());
+    assert_eq!(
+        refusal_now(&fleet).map(|p| p.reason),
+        Some(PlacementReason::PartialPlacement)
+    );
+    // A stale token (the forced web:2 spec's) forces nothing.
+    let stale = {
+        let forced: crate::fleet::FleetDeployment =
+            serde_json::from_slice(&manifest("web:2", true)).unwrap();
+        let mut next: crate::fleet::FleetDeployment =
+            serde_json::from_slice(&manifest("web:3", false)).unwrap();
+        next.spec.force = forced.spec.force;
+        next.to_json()
+    };
+    fleet.apply("web", stale);
+    assert!(fleet.writes.is_empty());
+}
+
+#[test]
+fn a_device_joining_a_running_all_or_nothing_deployment_is_refused() {
+    let mut fleet = three_devices();
+    let selector = |force| {
+        let mut manifest: crate::fleet::FleetDeployment =
+            serde_json::from_slice(&manifest("web", json!({"selector": "site=lyon"}), "web:1"))
+                .unwrap();
+        manifest.spec.placement = crate::fleet::Placement::AllOrNothing;
+        if force {
+            manifest.spec = manifest.spec.forced();
+        }
+        manifest.to_json()
+    };
+    // Cold start on rpi-01 and rpi-02; both come to run it.
+    fleet.apply("web", selector(false));
+    assert_eq!(fleet.desired_keys("web"), ["rpi-01", "rpi-02"]);
+    for device in ["rpi-01", "rpi-02"] {
+        let revision = fleet.revision_of(device, "web");
+        fleet.report(device, "web", report("running", revision, None));
+    }
+    // rpi-03 joins lyon: it would run it alone beside two that do.
+    let writes = fleet.writes.len();
+    fleet.label("rpi-03", &[("site", "lyon")]);
+    fleet.advance(Duration::from_secs(1));
+    assert_eq!(fleet.writes.len(), writes);
+    let refusal = refusal_now(&fleet).unwrap();
+    assert_eq!(refusal.not_running.devices, [id("rpi-03")]);
+    // While refused, rpi-02 leaves lyon: its delete waits too.
+    fleet.label("rpi-02", &[("site", "paris")]);
+    assert_eq!(fleet.writes.len(), writes);
+    assert_eq!(fleet.desired_keys("web"), ["rpi-01", "rpi-02"]);
+    // rpi-03 leaves again: rpi-01 alone runs it, rpi-02's delete goes out.
+    fleet.label("rpi-03", &[("site", "paris")]);
+    assert_eq!(fleet.desired_keys("web"), ["rpi-01"]);
+    fleet.advance(Duration::from_secs(1));
+    assert_eq!(refusal_now(&fleet), None);
+    // Forced, a joining device gets it while the forced spec stands.
+    fleet.apply("web", selector(true));
+    fleet.label("rpi-03", &[("site", "lyon")]);
+    assert_eq!(fleet.desired_keys("web"), ["rpi-01", "rpi-03"]);
+}
+
+#[test]
+fn deleting_an_all_or_nothing_deployment_is_never_refused() {
+    use Before::*;
+    let mut fleet = placed_fleet([Runs, Silent, Offline], None);
+    fleet.apply(
+        "web",
+        placed(Some("AllOrNothing"), &DEVICES, "web:2", None, false),
+    );
+    assert!(refusal_now(&fleet).is_some());
+    fleet.delete("web");
+    assert_eq!(fleet.desired_keys("web"), Vec::<String>::new());
+    assert!(!fleet.statuses.contains_key(&name("web")));
+}
+
+#[test]
+fn a_refused_write_is_retried_without_asking_the_devices_again() {
+    let mut fleet = three_devices();
+    let manifest = placed(Some("AllOrNothing"), &DEVICES, "web:1", None, false);
+    // A cold start whose write to rpi-01 the broker refuses.
+    fleet.refuse = 1;
+    fleet.apply("web", manifest);
+    assert_eq!(fleet.desired_keys("web"), ["rpi-02", "rpi-03"]);
+    // Meanwhile the others run it: asked now, the devices would refuse.
+    for device in ["rpi-02", "rpi-03"] {
+        let revision = fleet.revision_of(device, "web");
+        fleet.report(device, "web", report("running", revision, None));
+    }
+    assert_eq!(refusal_now(&fleet), None, "a retry is not a refusal");
+    fleet.advance(Duration::from_secs(2));
+    assert_eq!(fleet.desired_keys("web"), DEVICES);
+}
+
+#[test]
+fn a_restarted_controller_refuses_what_it_refused() {
+    use Before::*;
+    let mut fleet = placed_fleet([Runs, Runs, Silent], None);
+    fleet.apply(
+        "web",
+        placed(Some("AllOrNothing"), &DEVICES, "web:2", None, false),
+    );
+    fleet.advance(Duration::from_secs(1));
+    let before = fleet.status("web").clone();
+    fleet.restart();
+    fleet.advance(Duration::from_secs(1));
+    assert_eq!(fleet.writes, []);
+    assert_eq!(fleet.status_writes, 0, "the status was rewritten");
+    assert_eq!(fleet.status("web"), &before);
+}
+
+#[test]
+fn the_status_accounts_for_every_targeted_device_s_digest() {
+    let running = |revision: u64, digest: Option<&str>| {
+        let mut state = json!({"phase": "running", "revision": revision,
+                               "container_ids": {"app": "c1"}});
+        if let Some(digest) = digest {
+            state["image_digests"] = json!({"app": digest});
+        }
+        state.to_string().into_bytes()
+    };
+    let mut fleet = three_devices();
+    fleet.apply(
+        "web",
+        manifest(
+            "web",
+            json!({"devices": ["rpi-01", "rpi-02", "rpi-03", "rpi-09"]}),
+            "registry.example/web:1",
+        ),
+    );
+    let rev = |fleet: &Buckets, d: &str| fleet.revision_of(d, "web");
+    let r = rev(&fleet, "rpi-01");
+    fleet.report("rpi-01", "web", running(r, Some("sha256:a")));
+    let r = rev(&fleet, "rpi-02");
+    fleet.report("rpi-02", "web", running(r, Some("sha256:b")));
+    let r = rev(&fleet, "rpi-03");
+    fleet.report("rpi-03", "web", running(r, None));
+    fleet.advance(Duration::from_secs(1));
+    let skew = &fleet.status("web").skew;
+    assert_eq!(skew.len(), 1, "{skew:?}");
+    let groups: Vec<(Option<&str>, bool, Vec<&str>)> = skew[0]
+        .digests
+        .iter()
+        .map(|g| {
+            (
+                g.digest.as_deref(),
+                g.missing,
+                g.devices.iter().map(DeviceId::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        // Largest first; among equals, not reported first, missing last.
+        [
+            (None, false, vec!["rpi-03"]),
+            (Some("sha256:a"), false, vec!["rpi-01"]),
+            (Some("sha256:b"), false, vec!["rpi-02"]),
+            (None, true, vec!["rpi-09"]),
+        ]
+    );
+
+    // Every device agrees: no skew.
+    let mut fleet = three_devices();
+    fleet.apply(
+        "web",
+        manifest("web", json!({"selector": ""}), "registry.example/web:1"),
+    );
+    for device in DEVICES {
+        let r = rev(&fleet, device);
+        fleet.report(device, "web", running(r, Some("sha256:a")));
+    }
+    fleet.advance(Duration::from_secs(1));
+    assert!(fleet.status("web").skew.is_empty());
+    // One of them ran it to completion: it has nothing left to compare.
+    let r = rev(&fleet, "rpi-03");
+    fleet.report("rpi-03", "web", report("succeeded", r, None));
+    fleet.advance(Duration::from_secs(1));
+    assert!(fleet.status("web").skew.is_empty());
+}
+
+/// The outputs of an all-or-nothing rollout, as a reviewed transcript:
+/// cold start, attach, a refusal, and the forced rollout.
+#[test]
+fn all_or_nothing_transcript() {
+    let mut fleet = three_devices();
+    let mut transcript = String::new();
+    let mut step = |fleet: &mut Buckets, what: &str| {
+        fleet.advance(Duration::from_secs(1));
+        transcript.push_str(&format!("## {what}\n"));
+        for write in fleet.writes.drain(..) {
+            let line = match write {
+                Output::PutDesired { key, payload } => {
+                    let score: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                    format!(
+                        "put    {}.{} {}",
+                        key.device, key.deployment, score["services"][0]["image"]
+                    )
+                }
+                Output::DeleteDesired { key } => {
+                    format!("delete {}.{}", key.device, key.deployment)
+                }
+                other => format!("{other:?}"),
+            };
+            transcript.push_str(&line);
+            transcript.push('\n');
+        }
+        match &fleet.status("web").placement {
+            Some(refusal) => transcript.push_str(&format!(
+                "status: {}: {}\n",
+                refusal.reason.as_str(),
+                refusal.message()
+            )),
+            None => transcript.push_str("status: written\n"),
+        }
+    };
+    let manifest = |image, force| placed(Some("AllOrNothing"), &DEVICES, image, None, force);
+    let run_all = |fleet: &mut Buckets| {
+        for device in DEVICES {
+            let revision = fleet.revision_of(device, "web");
+            fleet.report(device, "web", report("running", revision, None));
+        }
+    };
+    fleet.apply("web", manifest("web:1", false));
+    step(&mut fleet, "web:1, nothing runs: cold start");
+    run_all(&mut fleet);
+    fleet.apply("web", manifest("web:2", false));
+    step(&mut fleet, "web:2, all run web:1: attach");
+    for device in ["rpi-01", "rpi-02"] {
+        let revision = fleet.revision_of(device, "web");
+        fleet.report(device, "web", report("running", revision, None));
+    }
+    let revision = fleet.revision_of("rpi-03", "web");
+    fleet.report(
+        "rpi-03",
+        "web",
+        report(
+            "failed",
+            revision,
+            Some(
+                json!({"kind": "crash_loop", "service": "app", "restarts": 3, "last_exit_code": 1}),
+            ),
+        ),
+    );
+    fleet.apply("web", manifest("web:3", false));
+    step(&mut fleet, "web:3, rpi-03 failed: refused");
+    fleet.heartbeats.remove(&id("rpi-02"));
+    fleet.feed(Input::Heartbeat {
+        device: id("rpi-02"),
+        value: None,
+        age: Duration::ZERO,
+    });
+    step(&mut fleet, "rpi-02 goes away: still refused");
+    fleet.apply("web", manifest("web:3", true));
+    step(&mut fleet, "web:3 forced");
+    insta::assert_snapshot!(transcript);
+}
+
 // ---- the property ----
 
 #[derive(Debug, Clone)]
