@@ -124,7 +124,7 @@ impl FleetDeploymentSpec {
 }
 
 /// Whether a fleet deployment's targeted devices take its score each on
-/// its own, or together. docs/lifetimes-placement.md has the truth table.
+/// its own, or together. docs/lifetimes.md ("All or nothing") has the truth table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[non_exhaustive]
 pub enum Placement {

@@ -815,7 +815,7 @@ fn on_second(fleet: &Buckets, lifetime: Option<&str>) -> Vec<String> {
         .collect()
 }
 
-/// The truth table of docs/lifetimes-placement.md, row by row: what the
+/// The truth table of docs/lifetimes.md ("All or nothing"), row by row: what the
 /// targeted devices do when `web:2` is applied, and what is written.
 #[test]
 fn all_or_nothing_writes_to_every_device_or_to_none() {
