@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use podfleet_core::reconciler::{Bugs, Config, PROVISIONED_PATH, SETUP_SCRIPT_PATH};
-use podfleet_core::runtime::RuntimeOp;
+use podfleet_core::runtime::{RuntimeErrorKind, RuntimeOp};
 use podfleet_core::wire::{DeploymentName, DeploymentState, DeviceId, FailureCause, Phase};
 use podfleet_testkit::images::{self, A_1};
-use podfleet_testkit::{Harness, Invariant};
+use podfleet_testkit::{Harness, Invariant, OpFault};
 use serde_json::json;
 
 fn device(config: Config) -> Harness {
@@ -193,4 +193,28 @@ fn adopting_an_unprovisioned_container_is_caught() {
             .any(|v| v.invariant == Invariant::TruthfulReports);
         assert_eq!(found, caught, "{:?}\n{}", h.violations, h.transcript);
     }
+}
+
+#[test]
+fn a_failed_provisioning_of_a_recreated_container_does_not_stick() {
+    let mut h = device(config());
+    h.put("shop", 1, &score("echo ok\n"));
+    h.run_for(Duration::from_secs(30));
+    let first = state(&h).container_ids["web"].clone();
+    // The container vanishes; liveness recreates it, and its script's exec
+    // fails once.
+    let _ = h.runtime.execute(&RuntimeOp::Remove {
+        container: first.clone(),
+        force: true,
+    });
+    h.faults
+        .entry("exec")
+        .or_default()
+        .push_back(OpFault::Fail(RuntimeErrorKind::Unavailable));
+    h.run_for(Duration::from_secs(120));
+    let s = state(&h);
+    assert_eq!(s.phase, Phase::Running, "{}", h.transcript);
+    assert!(s.cause.is_none());
+    assert_ne!(s.container_ids["web"], first);
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
 }

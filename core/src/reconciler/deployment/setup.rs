@@ -153,7 +153,7 @@ impl Deployment {
             .as_ref()
             .map(|t| t.score.lifecycle_or_default())
             .unwrap_or_default();
-        self.replace_steps(vec![
+        let mut steps = vec![
             Step::Call(Call::Stop {
                 service: service.clone(),
                 id: id.clone(),
@@ -161,8 +161,15 @@ impl Deployment {
                 grace: lifecycle.grace_period(),
             }),
             Step::Call(Call::RemoveService { service, id }),
-            Step::Fail(cause),
-        ]);
+        ];
+        if self.job.as_ref().is_some_and(|j| j.kind == JobKind::Heal) {
+            // A container recreated by liveness: a rollout, with its
+            // failure reports and backoff, takes it from here.
+            self.demote();
+        } else {
+            steps.push(Step::Fail(cause));
+        }
+        self.replace_steps(steps);
     }
 
     /// The marker is written: the container counts as running.
