@@ -195,10 +195,17 @@ fn a_reconcile_adds_the_finalizer_shows_status_and_releases_it_after_the_teardow
         assert_eq!(device["status"]["arch"], "aarch64");
         assert_eq!(device["status"]["agentVersion"], "9.9.9");
         assert_eq!(device["status"]["deployments"]["web"]["phase"], "running");
-        let events = fake.objects("/apis/events.k8s.io/v1/namespaces/podfleet/events");
-        let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
-        assert!(reasons.contains(&"RolloutStarted"), "{reasons:?}");
-        assert!(reasons.contains(&"RolloutComplete"), "{reasons:?}");
+        // The operator publishes a status change's events after the patch.
+        eventually!("the rollout's events", SETTLE, {
+            let events = fake.objects("/apis/events.k8s.io/v1/namespaces/podfleet/events");
+            let reasons: Vec<String> = events
+                .iter()
+                .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+                .collect();
+            (reasons.iter().any(|r| r == "RolloutStarted")
+                && reasons.iter().any(|r| r == "RolloutComplete"))
+            .then_some(())
+        });
 
         // Relabelling rpi-03 re-targets; patching a status changes no key.
         devices
