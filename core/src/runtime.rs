@@ -466,9 +466,6 @@ pub enum RuntimeErrorKind {
     Pull(PullFailure),
     /// `remove_image` refused: a container uses the image.
     ImageInUse,
-    /// This runtime does not offer the operation: a refusal, never a
-    /// failure of the container.
-    Unsupported,
     /// Anything else.
     Other,
 }
