@@ -65,10 +65,11 @@ pub(super) fn rollout(
     for service in &target.score.services {
         let hash = target.hashes.get(&service.name);
         // A container known not to be provisioned is never adopted.
+        let adopts_unprovisioned = bug!(config, trust_unprovisioned);
         let kept = |o: &&Observed| {
             o.spec_hash.as_ref() == hash
                 && this_run(o)
-                && (!o.unprovisioned || bug!(config, trust_unprovisioned))
+                && (!o.unprovisioned || adopts_unprovisioned)
                 && !bug!(config, recreate_on_tick)
         };
         let needs_image = observed.get(&service.name).filter(kept).is_none();
