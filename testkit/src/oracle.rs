@@ -422,13 +422,10 @@ impl Oracle {
                     .find(|s| s.name == service.as_str())
                     .and_then(|s| s.setup_script.as_deref());
                 script.is_none_or(|script| {
-                    let hash = format!(
-                        "{:016x}\n",
-                        podfleet_core::reconciler::fnv1a64(script.as_bytes())
-                    );
+                    let marker = podfleet_core::reconciler::provisioned_marker(script);
                     container
                         .and_then(|c| c.files().get(podfleet_core::reconciler::PROVISIONED_PATH))
-                        .is_some_and(|f| f.content == hash)
+                        .is_some_and(|f| f.content == marker)
                 })
             };
             let healthy_target = valid.is_some_and(|v| {
@@ -700,16 +697,13 @@ impl Oracle {
                 let Some(script) = &service.setup_script else {
                     continue;
                 };
-                let hash = format!(
-                    "{:016x}\n",
-                    podfleet_core::reconciler::fnv1a64(script.as_bytes())
-                );
+                let marker = podfleet_core::reconciler::provisioned_marker(script);
                 let marked = state
                     .container_ids
                     .get(service.name.as_str())
                     .and_then(|id| runtime.containers().get(id))
                     .and_then(|c| c.files().get(podfleet_core::reconciler::PROVISIONED_PATH))
-                    .is_some_and(|f| f.content == hash);
+                    .is_some_and(|f| f.content == marker);
                 if !marked {
                     violations.push(Violation::at(now, Invariant::TruthfulReports, format!(
                         "{deployment} reported Running at revision {} but the container of service {} was never provisioned with its setup script",

@@ -117,7 +117,7 @@ use crate::wire::{
 #[cfg(feature = "bugs")]
 pub use bugs::Bugs;
 use deployment::Deployment;
-pub use deployment::{PROVISIONED_PATH, SETUP_SCRIPT_PATH};
+pub use deployment::{provisioned_marker, PROVISIONED_PATH, SETUP_SCRIPT_PATH};
 
 /// How long a setup script may run unless [`Config::setup_timeout`] says.
 pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(300);

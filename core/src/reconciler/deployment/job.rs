@@ -117,13 +117,13 @@ pub(super) enum Call {
     MarkProvisioned {
         service: ServiceName,
         id: String,
-        hash: String,
+        marker: String,
     },
     /// Ask a container this agent did not provision for its marker.
     ProbeProvisioned {
         service: ServiceName,
         id: String,
-        hash: String,
+        marker: String,
     },
     /// `no_launch`: inspect a service's existing container, by name.
     VerifyContainer {
@@ -214,10 +214,10 @@ impl Call {
                     .map(str::to_owned)
                     .to_vec(),
             },
-            Call::MarkProvisioned { id, hash, .. } => RuntimeOp::CopyFile {
+            Call::MarkProvisioned { id, marker, .. } => RuntimeOp::CopyFile {
                 container: id.clone(),
                 path: super::PROVISIONED_PATH.to_owned(),
-                content: format!("{hash}\n"),
+                content: marker.clone(),
                 mode: 0o600,
             },
             Call::ProbeProvisioned { id, .. } => RuntimeOp::Exec {
@@ -588,8 +588,15 @@ impl Deployment {
             (Call::MarkProvisioned { service, id, .. }, Err(e)) => {
                 self.on_mark_failed(service, id, &e.message);
             }
-            (Call::ProbeProvisioned { service, id, hash }, result) => {
-                self.on_probed(&service, &id, &hash, result);
+            (
+                Call::ProbeProvisioned {
+                    service,
+                    id,
+                    marker,
+                },
+                result,
+            ) => {
+                self.on_probed(&service, &id, &marker, result);
             }
             (
                 Call::WaitRun {

@@ -70,7 +70,7 @@ impl Deployment {
                         steps.push(Step::Call(Call::ProbeProvisioned {
                             service: service.name.clone(),
                             id: o.id.clone(),
-                            hash: super::setup::script_hash(script),
+                            marker: super::setup::provisioned_marker(script),
                         }));
                         continue;
                     }

@@ -18,7 +18,7 @@ mod run;
 mod setup;
 mod verify;
 
-pub use setup::{PROVISIONED_PATH, SETUP_SCRIPT_PATH};
+pub use setup::{provisioned_marker, PROVISIONED_PATH, SETUP_SCRIPT_PATH};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;

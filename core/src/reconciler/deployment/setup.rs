@@ -28,9 +28,10 @@ pub const SETUP_SCRIPT_PATH: &str = "/.podfleet/setup.sh";
 /// Where the marker of a finished provisioning is put in its container.
 pub const PROVISIONED_PATH: &str = "/.podfleet/provisioned";
 
-/// What the marker holds for `script`.
-pub(super) fn script_hash(script: &str) -> String {
-    format!("{:016x}", fnv1a64(script.as_bytes()))
+/// What the marker of a container provisioned with `script` holds: the
+/// script's hash, as one line.
+pub fn provisioned_marker(script: &str) -> String {
+    format!("{:016x}\n", fnv1a64(script.as_bytes()))
 }
 
 impl Deployment {
@@ -107,11 +108,11 @@ impl Deployment {
     ) {
         let (exit_code, output) = match result {
             Ok(RuntimeReply::Executed { exit_code: 0, .. }) => {
-                let hash = self.setup_script(&service).map(script_hash);
+                let marker = self.setup_script(&service).map(provisioned_marker);
                 self.push_front(Call::MarkProvisioned {
                     service,
                     id,
-                    hash: hash.unwrap_or_default(),
+                    marker: marker.unwrap_or_default(),
                 });
                 return;
             }
@@ -186,14 +187,14 @@ impl Deployment {
         &mut self,
         service: &ServiceName,
         id: &str,
-        hash: &str,
+        marker: &str,
         result: RuntimeResult,
     ) {
         match result {
             Ok(RuntimeReply::Executed {
                 exit_code: 0,
                 output,
-            }) if output.trim() == hash => {
+            }) if output.trim() == marker.trim() => {
                 self.on_marked(service, id);
             }
             // No marker, or another script's: never (fully) provisioned.
