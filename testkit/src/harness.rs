@@ -170,7 +170,7 @@ impl Harness {
         if !keep_cache {
             self.cache = None;
         }
-        self.oracle.saw_agent_start();
+        self.oracle.saw_agent_start(self.cache.as_ref());
         self.reconciler = Reconciler::new(self.config.clone(), self.cache.clone(), self.now);
         self.drain();
     }

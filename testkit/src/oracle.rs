@@ -138,9 +138,30 @@ pub struct Oracle {
 }
 
 impl Oracle {
-    /// The agent (re)started: it has not looked at the runtime yet.
-    pub fn saw_agent_start(&mut self) {
+    /// The agent (re)started with `cache` (`None`: it had none, or lost
+    /// it): it has not looked at the runtime yet, and of the valid revisions
+    /// handed to it before, it knows only the ones its cache kept. A
+    /// deployment the cache does not hold is as new to it as one never
+    /// seen: whatever it did with it before (its images kept from garbage
+    /// collection, its next rollout) cannot be asked of it until the watch
+    /// hands it a valid revision again.
+    pub fn saw_agent_start(&mut self, cache: Option<&podfleet_core::reconciler::AgentCache>) {
         self.listed = false;
+        for (deployment, seen) in &mut self.seen {
+            let cached = DeploymentName::new(deployment.as_str())
+                .ok()
+                .and_then(|name| cache?.deployments.get(&name))
+                .filter(|cached| cached.score.is_some());
+            seen.valid = cached.and_then(|cached| {
+                let revision = cached.revision.get();
+                self.history
+                    .get(deployment)?
+                    .iter()
+                    .rev()
+                    .find(|v| v.revisions.contains(&revision))
+                    .cloned()
+            });
+        }
     }
 
     /// A `list` answered: the agent has looked at the runtime.

@@ -183,3 +183,40 @@ fn removing_an_image_the_current_revision_names_is_caught() {
         assert_eq!(found, caught, "{:?}\n{}", h.violations, h.transcript);
     }
 }
+
+#[test]
+fn a_revision_the_agent_forgot_with_its_cache_keeps_no_image() {
+    // Found by the `reconciler` fuzz target in CI. `cam` had a valid
+    // revision naming A_2 and then an invalid one; the agent lost its cache
+    // and the watch handed it only the invalid one. The agent cannot know
+    // the valid revision any more, so once `shop` (A_2's only user) is
+    // deleted, A_2 is unneeded as far as anyone can tell, and goes. With
+    // the cache kept, `cam`'s revision is rolled out and A_2 stays.
+    let invalid = format!(
+        r#"{{"services":[{{"name":"web","image":"{A_2}","ports":[{{"container_port":0,"host_port":8080}}]}}]}}"#
+    );
+    for keep_cache in [false, true] {
+        let mut h = device(ImageGcPolicy::default());
+        roll_out(&mut h, 1, A_2);
+        h.put("cam", 2, &score(A_2));
+        h.put("cam", 3, &invalid);
+        h.restart_agent(keep_cache);
+        h.put("shop", 1, &score(A_2));
+        h.put("cam", 3, &invalid);
+        h.run_for(Duration::from_secs(30));
+        h.delete("shop", 4);
+        h.run_for(Duration::from_secs(30));
+        assert_eq!(
+            h.runtime.image(A_2).is_some(),
+            keep_cache,
+            "{}",
+            h.transcript
+        );
+        assert!(
+            h.violations.is_empty(),
+            "keep_cache {keep_cache}: {:?}\n{}",
+            h.violations,
+            h.transcript
+        );
+    }
+}

@@ -458,7 +458,8 @@ pub async fn device_software<D: Dialer>(device: Device, dialer: D, clock: SimClo
         events: device.fake.with(|f| f.events().len()),
         errors: 0,
     };
-    lock(&device.oracle).saw_agent_start();
+    let cache = lock(&device.disk).clone();
+    lock(&device.oracle).saw_agent_start(cache.as_ref());
     let (to_agent, inbox) = mpsc::unbounded_channel();
     let (outbox, from_agent) = mpsc::unbounded_channel();
     let link = link(device.clone(), dialer, clock.clone(), to_agent, from_agent);
