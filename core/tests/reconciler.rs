@@ -138,6 +138,64 @@ fn unchanged_score_is_a_noop() {
 }
 
 #[test]
+fn a_restart_gracefully_replaces_every_service_and_reruns_the_init_containers() {
+    let mut h = harness();
+    h.runtime
+        .set_behaviour("img/m:1", Behaviour::exits(0, SECOND));
+    let json = score(
+        &[web("img/web:1", "a"), worker()],
+        &[init("migrate", "img/m:1", 60)],
+    );
+    deploy(&mut h, 1, &json);
+    h.run_for(Duration::from_secs(2));
+    let (web_id, worker_id) = (running_id(&h, "shop_web"), running_id(&h, "shop_worker"));
+    let from = h.ops.len();
+    // What `podfleet rollout restart` writes: the same score, restarted once.
+    let restarted = json.replacen('{', r#"{"restart":1,"#, 1);
+    deploy(&mut h, 2, &restarted);
+    h.run_for(Duration::from_secs(2));
+    let muts = mutations_since(&h, from);
+    let stops: Vec<&RuntimeOp> = muts
+        .iter()
+        .filter(|op| matches!(op, RuntimeOp::Stop { .. }))
+        .collect();
+    assert_eq!(
+        stops,
+        [
+            &RuntimeOp::Stop {
+                container: web_id.clone(),
+                signal: podfleet_core::wire::Signal::Int,
+                grace: Duration::from_secs(5)
+            },
+            &RuntimeOp::Stop {
+                container: worker_id.clone(),
+                signal: podfleet_core::wire::Signal::Int,
+                grace: Duration::from_secs(5)
+            },
+        ],
+        "{}",
+        h.transcript
+    );
+    let created: Vec<String> = muts
+        .iter()
+        .filter_map(|op| match op {
+            RuntimeOp::Create { spec } => Some(spec.name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(created, ["shop_init_migrate", "shop_web", "shop_worker"]);
+    assert_ne!(running_id(&h, "shop_web"), web_id);
+    assert_ne!(running_id(&h, "shop_worker"), worker_id);
+    let s = state(&h, "shop");
+    assert_eq!((s.phase, s.revision.get()), (Phase::Running, 2));
+    // Put again, the restarted score is the same spec: nothing is touched.
+    let from = h.ops.len();
+    deploy(&mut h, 3, &restarted);
+    assert!(mutations_since(&h, from).is_empty(), "{}", h.transcript);
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+}
+
+#[test]
 fn changed_score_gracefully_replaces_by_id() {
     let mut h = harness();
     deploy(&mut h, 1, &score(&[web("img/web:1", "a"), worker()], &[]));

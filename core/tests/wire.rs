@@ -84,6 +84,7 @@ fn full_score() -> PodmanV0Score {
             grace_period_secs: 10,
         }),
         lifetime: None,
+        restart: Some(2),
     }
 }
 

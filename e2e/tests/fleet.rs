@@ -229,9 +229,36 @@ fn a_fleet_deployment_follows_labels_survives_the_controller_and_upgrades() {
     }
     assert_eq!(all_containers(fleet.device("rpi-02")), "");
     assert_eq!(all_containers(fleet.device("rpi-03")), "");
+    eprintln!("upgraded after {:?}", started.elapsed());
+
+    // A restart: new containers of the same image on every targeted device.
+    let upgraded: Vec<String> = ["rpi-01", "rpi-04"]
+        .iter()
+        .map(|id| web_container(fleet.device(id)).0)
+        .collect();
+    let restarted = cli.ok(&["rollout", "restart", "web"]);
+    assert!(
+        restarted.starts_with("fleetdeployment/web restarted: generation "),
+        "{restarted}"
+    );
+    rollout(&cli);
+    for (id, before) in ["rpi-01", "rpi-04"].iter().zip(&upgraded) {
+        let (container, image) = web_container(fleet.device(id));
+        assert_eq!(image, images[1], "{id}");
+        assert_ne!(&container, before, "{id} was not restarted");
+    }
+    // Applying the same file again keeps the restart: nothing moves.
+    let restarted_ids: Vec<String> = ["rpi-01", "rpi-04"]
+        .iter()
+        .map(|id| web_container(fleet.device(id)).0)
+        .collect();
     let unchanged = apply(&cli, &file, &images[1]);
     assert_eq!(unchanged.trim(), "fleetdeployment/web unchanged");
-    eprintln!("upgraded after {:?}", started.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    for (id, before) in ["rpi-01", "rpi-04"].iter().zip(&restarted_ids) {
+        assert_eq!(&web_container(fleet.device(id)).0, before, "{id}");
+    }
+    eprintln!("restarted after {:?}", started.elapsed());
 
     // Every read verb.
     let table = cli.ok(&["get", "devices"]);

@@ -194,6 +194,33 @@ fn per_run_runs_once_reports_exit_codes_and_keeps_logs() {
         assert_eq!(state.exit_codes["fetch"], 0);
         let ps = device.containers(&dep);
         assert_eq!(ps.len(), 1, "the old run's containers went: {ps:#?}");
+        let first = ps[0].id.clone();
+
+        // `podfleet rollout restart`: the same spec, restarted once, runs
+        // again in a container of its own; put again, it does not.
+        let mut restarted = ok.clone();
+        restarted["restart"] = json!(1);
+        let rev = broker.put(&dev, &dep, restarted.to_string()).await;
+        let state = broker
+            .wait_state(&dev, &dep, SETTLE, |s| {
+                s.revision == rev && s.phase == Phase::Succeeded
+            })
+            .await;
+        assert_eq!(state.exit_codes["fetch"], 0);
+        let ps = device.containers(&dep);
+        assert_eq!(ps.len(), 1, "{ps:#?}");
+        assert_ne!(ps[0].id, first, "the restart ran in a new container");
+        let second = ps[0].id.clone();
+        let rev = broker.put(&dev, &dep, restarted.to_string()).await;
+        broker
+            .wait_state(&dev, &dep, SETTLE, |s| s.revision == rev)
+            .await;
+        let ps = device.containers(&dep);
+        assert_eq!(
+            ps.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+            [second.as_str()],
+            "a re-put of the same spec is the same run"
+        );
     });
 }
 

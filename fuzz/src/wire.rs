@@ -115,11 +115,10 @@ fn derived_from_valid(score: &PodmanV0Score, data: &[u8]) {
         &again, score,
         "a valid score changed across to_json -> from_json"
     );
-    let lifecycle = score.lifecycle_or_default();
     let mut names = BTreeSet::new();
     for service in &score.services {
-        let hash = service_spec_hash(service, lifecycle.stop_signal);
-        let spec = service_container_spec("fuzz", service, &lifecycle, Revision::new(1));
+        let hash = service_spec_hash(score, service);
+        let spec = service_container_spec("fuzz", score, service, Revision::new(1));
         assert_eq!(spec.name, service_container_name("fuzz", &service.name));
         assert_eq!(
             spec.labels.get(podfleet_core::runtime::LABEL_SPEC_HASH),

@@ -30,12 +30,7 @@ fn score(json: &str) -> PodmanV0Score {
 
 fn service(deployment: &str, json: &str, index: usize, revision: u64) -> ContainerSpec {
     let s = score(json);
-    service_container_spec(
-        deployment,
-        &s.services[index],
-        &s.lifecycle_or_default(),
-        Revision::new(revision),
-    )
+    service_container_spec(deployment, &s, &s.services[index], Revision::new(revision))
 }
 
 /// A converged device: shop runs revision 3 (after its init container),

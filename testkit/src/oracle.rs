@@ -60,12 +60,11 @@ impl ValidSpec {
         else {
             return false;
         };
-        let lifecycle = self.score.lifecycle_or_default();
         self.score.services.iter().any(|s| {
             podfleet_core::reconciler::service_container_spec(
                 deployment,
+                &self.score,
                 s,
-                &lifecycle,
                 Revision::new(revision),
             ) == *spec
         }) || self.score.init_containers.iter().any(|i| {
@@ -79,7 +78,6 @@ impl ValidSpec {
     /// signal, name and labels), whatever revision created it and whatever
     /// grace it recorded, since neither is baked in.
     fn runs_service(&self, deployment: &str, service: &str, spec: &ContainerSpec) -> bool {
-        let lifecycle = self.score.lifecycle_or_default();
         self.score
             .services
             .iter()
@@ -87,8 +85,8 @@ impl ValidSpec {
             .any(|s| {
                 let wanted = podfleet_core::reconciler::service_container_spec(
                     deployment,
+                    &self.score,
                     s,
-                    &lifecycle,
                     Revision::new(self.revision),
                 );
                 baked_in(&wanted) == baked_in(spec)
@@ -196,14 +194,13 @@ impl Oracle {
         }
         entry.latest = revision;
         if let Ok(score) = podfleet_core::wire::PodmanV0Score::from_json(bytes) {
-            let signal = score.lifecycle_or_default().stop_signal;
             let hashes = score
                 .services
                 .iter()
                 .map(|s| {
                     (
                         s.name.to_string(),
-                        podfleet_core::reconciler::service_spec_hash(s, signal),
+                        podfleet_core::reconciler::service_spec_hash(&score, s),
                     )
                 })
                 .collect();
@@ -833,12 +830,7 @@ mod tests {
 
     fn web_spec(json: &str, revision: u64) -> ContainerSpec {
         let score = PodmanV0Score::from_json(json.as_bytes()).unwrap();
-        service_container_spec(
-            "shop",
-            &score.services[0],
-            &score.lifecycle_or_default(),
-            Revision::new(revision),
-        )
+        service_container_spec("shop", &score, &score.services[0], Revision::new(revision))
     }
 
     /// The violations `op` would cause, in words.
@@ -952,8 +944,8 @@ mod tests {
         let score = PodmanV0Score::from_json(json.as_bytes()).unwrap();
         service_container_spec(
             "shop",
+            &score,
             &score.services[service],
-            &score.lifecycle_or_default(),
             Revision::new(revision),
         )
     }

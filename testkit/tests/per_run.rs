@@ -147,6 +147,33 @@ fn a_new_revision_runs_again_and_the_same_spec_re_put_does_not() {
 }
 
 #[test]
+fn a_restart_runs_the_same_spec_again_and_a_re_put_of_it_does_not() {
+    let mut h = device();
+    let spec = job(&[("once", INIT_OK)]);
+    h.put("batch", 1, &spec);
+    h.run_for(Duration::from_secs(30));
+    // `podfleet rollout restart` writes the same spec with its restart
+    // count raised: one run more, the previous one's container retired.
+    let restarted = spec.replacen('{', r#"{"restart":1,"#, 1);
+    h.put("batch", 2, &restarted);
+    h.run_for(Duration::from_secs(30));
+    assert_eq!(creates(&h), 2, "{}", h.transcript);
+    let s = state(&h);
+    assert_eq!(
+        (s.phase, s.revision.get()),
+        (Phase::Succeeded, 2),
+        "{}",
+        h.transcript
+    );
+    assert_eq!(h.runtime.by_name("batch_once").unwrap().starts, 1);
+    // The restarted spec put again is the same run.
+    h.put("batch", 3, &restarted);
+    h.run_for(Duration::from_secs(30));
+    assert_eq!(creates(&h), 2, "{}", h.transcript);
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+}
+
+#[test]
 fn a_newer_revision_walks_away_from_a_run_under_way() {
     let mut h = device();
     h.put("batch", 1, &job(&[("forever", A_1)]));

@@ -222,6 +222,31 @@ pub fn unresolved(
     ))
 }
 
+/// `manifest` as `apply` stores it over `stored`: what the rollout verbs
+/// wrote and the file does not say is kept. A score without `restart`
+/// keeps the stored restart count (so applying the same file after
+/// `podfleet rollout restart` restarts nothing again), and a spec without
+/// `force` keeps the stored token while it still names this very spec
+/// (a changed spec is never forced by an old token).
+pub fn keep_rollout_verbs(
+    stored: Option<&FleetDeployment>,
+    mut manifest: FleetDeployment,
+) -> FleetDeployment {
+    let Some(stored) = stored else {
+        return manifest;
+    };
+    if manifest.spec.score.restart.is_none() {
+        manifest.spec.score.restart = stored.spec.score.restart;
+    }
+    if manifest.spec.force.is_none() {
+        manifest.spec.force.clone_from(&stored.spec.force);
+        if !manifest.spec.is_forced() {
+            manifest.spec.force = None;
+        }
+    }
+    manifest
+}
+
 /// What `apply` did to one deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -390,6 +415,8 @@ mod tests {
 
     use serde_json::json;
 
+    use podfleet_core::fleet::Placement;
+
     use super::*;
     use crate::cli::fixtures::{manifest, Fleet, NOW};
     use crate::cli::Exit;
@@ -557,6 +584,34 @@ spec:
             init.image.clone_from(&original.image);
         }
         assert_eq!(unpinned, manifest);
+    }
+
+    #[test]
+    fn apply_keeps_what_the_rollout_verbs_wrote() {
+        let file = |image: &str| manifest("web", json!({"devices": ["rpi-01"]}), image);
+        assert_eq!(keep_rollout_verbs(None, file("web:1")), file("web:1"));
+        // After `rollout restart` and `rollout force`, the same file is
+        // what is stored: unchanged.
+        let mut stored = file("web:1");
+        stored.spec.placement = Placement::AllOrNothing;
+        stored.spec.score.restart = Some(2);
+        stored.spec = stored.spec.forced();
+        let mut applied = file("web:1");
+        applied.spec.placement = Placement::AllOrNothing;
+        let kept = keep_rollout_verbs(Some(&stored), applied.clone());
+        assert_eq!(kept, stored);
+        assert_eq!(Outcome::of(Some(&stored), &kept), Outcome::Unchanged);
+        // A changed file keeps the restart count, never a stale force.
+        let mut changed = applied.clone();
+        changed.spec.score.services[0].image = "web:2".into();
+        let kept = keep_rollout_verbs(Some(&stored), changed);
+        assert_eq!(kept.spec.score.restart, Some(2));
+        assert_eq!(kept.spec.force, None);
+        // What the file says wins.
+        let mut reset = applied;
+        reset.spec.score.restart = Some(0);
+        let kept = keep_rollout_verbs(Some(&stored), reset);
+        assert_eq!(kept.spec.score.restart, Some(0));
     }
 
     #[test]

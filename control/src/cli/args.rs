@@ -299,7 +299,7 @@ pub struct LabelArgs {
     pub overwrite: bool,
 }
 
-/// `rollout status NAME`, `rollout force NAME`.
+/// `rollout status NAME`, `rollout force NAME`, `rollout restart NAME`.
 #[derive(Debug, Clone, Args)]
 pub struct RolloutArgs {
     /// What to do with the rollout.
@@ -320,6 +320,11 @@ pub enum RolloutAction {
     },
     /// Write an all-or-nothing deployment's current spec to every targeted device, whatever they run
     Force {
+        /// The fleet deployment
+        name: DeploymentName,
+    },
+    /// Recreate every service container (run a per_run deployment again), as the strategy rolls out
+    Restart {
         /// The fleet deployment
         name: DeploymentName,
     },
@@ -505,6 +510,12 @@ mod tests {
             }) if name.as_str() == "web"
         ));
         assert!(parse(&["rollout", "force", "Web_1"]).is_err());
+        assert!(matches!(
+            parse(&["rollout", "restart", "web"]).unwrap().command,
+            Command::Rollout(RolloutArgs {
+                action: RolloutAction::Restart { name },
+            }) if name.as_str() == "web"
+        ));
         assert_eq!(cli.global.request_timeout, Duration::from_secs(5));
 
         let cli = parse(&["exec", "rpi-01", "web", "app", "--", "ls", "-l", "/"]).unwrap();

@@ -1,5 +1,6 @@
 //! `podfleet rollout status NAME`: a progress line per status change, and
-//! when to stop; `podfleet rollout force NAME`: what it writes.
+//! when to stop; `podfleet rollout force NAME` and `podfleet rollout
+//! restart NAME`: what they write.
 //!
 //! The rollout is complete when the controller has observed the stored
 //! manifest's generation (or a newer one) and every targeted device runs
@@ -11,11 +12,16 @@
 //! `rollout force` sets the stored manifest's `spec.force` to the spec's
 //! fingerprint ([`force`]): the controller then writes that spec to every
 //! targeted device, whatever they run, until the spec changes.
+//!
+//! `rollout restart` raises the stored score's `restart` count by one
+//! ([`restart`]): a new generation whose every service container differs
+//! from the running one, rolled out by the deployment's strategy like any
+//! other change (a `per_run` deployment runs again).
 
 use std::fmt::Write as _;
 
 use podfleet_core::fleet::{FleetDeployment, FleetDeploymentStatus, Placement};
-use podfleet_core::wire::DeploymentName;
+use podfleet_core::wire::{DeploymentName, Lifetime};
 
 use crate::cli::Failure;
 
@@ -171,6 +177,47 @@ pub fn force(
     let mut forced = manifest.clone();
     forced.spec = forced.spec.forced();
     Ok(Force::Write(Box::new(forced)))
+}
+
+/// The manifest `rollout restart NAME` stores: the stored one with its
+/// score's restart count raised by one.
+///
+/// # Errors
+/// [`Failure`] when there is no such deployment, or its lifetime is
+/// `no_launch` (podfleet starts nothing there, so there is nothing to
+/// restart).
+pub fn restart(
+    name: &DeploymentName,
+    stored: Option<&(u64, FleetDeployment)>,
+) -> Result<FleetDeployment, Failure> {
+    let Some((_, manifest)) = stored else {
+        return Err(Failure::failed(format!(
+            "fleetdeployment \"{name}\" not found"
+        )));
+    };
+    let score = &manifest.spec.score;
+    if score.lifetime() == Lifetime::NoLaunch {
+        return Err(Failure::failed(format!(
+            "fleetdeployment/{name} has lifetime no_launch: podfleet never starts its containers, \
+             so it cannot restart them (restart them where they are managed)"
+        )));
+    }
+    let mut restarted = manifest.clone();
+    restarted.spec.score.restart = Some(score.restart().saturating_add(1));
+    Ok(restarted)
+}
+
+/// The line `rollout restart` prints: what the new generation does.
+pub fn restarted_line(restarted: &FleetDeployment, generation: u64) -> String {
+    let name = &restarted.metadata.name;
+    let what = match restarted.spec.score.lifetime() {
+        Lifetime::PerRun => "runs it again on every targeted device",
+        _ => "recreates every service container on every targeted device",
+    };
+    format!(
+        "fleetdeployment/{name} restarted: generation {generation} {what}, as its strategy rolls out\n  \
+         follow it: podfleet rollout status {name}\n"
+    )
 }
 
 /// The line `rollout force` prints: what was written, or that nothing was.
@@ -355,6 +402,39 @@ mod tests {
             force(&web, Some(&(5, changed))).unwrap(),
             Force::Write(_)
         ));
+    }
+
+    #[test]
+    fn restart_raises_the_restart_count_and_refuses_no_launch() {
+        let web = DeploymentName::new("web").unwrap();
+        let manifest = crate::cli::fixtures::manifest(
+            "web",
+            serde_json::json!({"devices": ["rpi-01"]}),
+            "localhost/web:1",
+        );
+        let missing = restart(&web, None).unwrap_err();
+        assert_eq!(missing.message, "fleetdeployment \"web\" not found");
+        let once = restart(&web, Some(&(3, manifest.clone()))).unwrap();
+        assert_eq!(once.spec.score.restart, Some(1));
+        let twice = restart(&web, Some(&(4, once.clone()))).unwrap();
+        assert_eq!(twice.spec.score.restart, Some(2));
+        // Nothing else changes, and the restarted score is still valid.
+        let mut back = twice.clone();
+        back.spec.score.restart = None;
+        assert_eq!(back, manifest);
+        twice.spec.score.validate().unwrap();
+        assert_eq!(
+            restarted_line(&once, 4),
+            "fleetdeployment/web restarted: generation 4 recreates every service container on every targeted device, as its strategy rolls out\n  follow it: podfleet rollout status web\n"
+        );
+        let mut job = manifest.clone();
+        job.spec.score.lifetime = Some(Lifetime::PerRun);
+        let job = restart(&web, Some(&(3, job))).unwrap();
+        assert!(restarted_line(&job, 4).contains("runs it again on every targeted device"));
+        let mut verified = manifest;
+        verified.spec.score.lifetime = Some(Lifetime::NoLaunch);
+        let refused = restart(&web, Some(&(3, verified))).unwrap_err();
+        assert!(refused.message.contains("lifetime no_launch"), "{refused}");
     }
 
     #[test]

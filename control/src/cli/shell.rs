@@ -47,6 +47,7 @@ pub async fn run(global: &GlobalArgs, command: Command) -> Result<Exit, Failure>
         Command::Rollout(args) => match args.action {
             RolloutAction::Status { name, timeout } => rollout_status(global, name, timeout).await,
             RolloutAction::Force { name } => rollout_force(global, name).await,
+            RolloutAction::Restart { name } => rollout_restart(global, name).await,
         },
         Command::Ping(args) => ping(global, args).await,
         Command::Logs(args) => logs(global, args).await,
@@ -144,7 +145,9 @@ async fn apply(global: &GlobalArgs, args: ApplyArgs) -> Result<Exit, Failure> {
             .deployment(&manifest.metadata.name)
             .await
             .map_err(failed)?;
-        let outcome = Outcome::of(stored.as_ref().map(|(_, m)| m), &manifest);
+        let stored = stored.as_ref().map(|(_, m)| m);
+        let manifest = apply::keep_rollout_verbs(stored, manifest);
+        let outcome = Outcome::of(stored, &manifest);
         match &snapshot {
             Some((controller, now)) => {
                 let mut plan = DryRun::plan(controller, *now, &manifest);
@@ -417,6 +420,19 @@ async fn rollout_force(global: &GlobalArgs, name: DeploymentName) -> Result<Exit
         (_, stored) => stored.as_ref().map_or(0, |(g, _)| *g),
     };
     out(&rollout::forced_line(&name, &outcome, generation));
+    Ok(Exit::Success)
+}
+
+async fn rollout_restart(global: &GlobalArgs, name: DeploymentName) -> Result<Exit, Failure> {
+    let client = connect(global).await?;
+    let stored = client.deployment(&name).await.map_err(failed)?;
+    let restarted = rollout::restart(&name, stored.as_ref())?;
+    let expected = stored.as_ref().map_or(0, |(g, _)| *g);
+    let generation = client
+        .update_deployment(&restarted, expected)
+        .await
+        .map_err(failed)?;
+    out(&rollout::restarted_line(&restarted, generation));
     Ok(Exit::Success)
 }
 

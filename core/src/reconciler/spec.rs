@@ -9,20 +9,28 @@ use crate::runtime::{
     init_container_name, service_container_name, ContainerSpec, LABEL_DEPLOYMENT, LABEL_GRACE,
     LABEL_INIT, LABEL_MANAGED, LABEL_REVISION, LABEL_SERVICE, LABEL_SPEC_HASH, LABEL_STOP_SIGNAL,
 };
-use crate::wire::{InitContainer, LifecyclePolicy, PodmanService, Revision, Signal};
+use crate::wire::{InitContainer, PodmanService, PodmanV0Score, Revision, Signal};
 
 /// The hash of everything that is baked into a service's container: the
-/// service spec and the stop signal. The grace period is not included: it is
-/// applied at stop time, so changing it recreates nothing.
-pub fn service_spec_hash(service: &PodmanService, stop_signal: Signal) -> String {
+/// service spec, the score's stop signal and its restart count (when not
+/// 0, so that scores written before the field existed keep their hashes).
+/// The grace period is not included: it is applied at stop time, so
+/// changing it recreates nothing.
+pub fn service_spec_hash(score: &PodmanV0Score, service: &PodmanService) -> String {
     #[derive(Serialize)]
     struct Hashed<'a> {
         service: &'a PodmanService,
         stop_signal: Signal,
+        #[serde(skip_serializing_if = "is_zero")]
+        restart: u64,
+    }
+    fn is_zero(n: &u64) -> bool {
+        *n == 0
     }
     let canonical = serde_json::to_vec(&Hashed {
         service,
-        stop_signal,
+        stop_signal: score.lifecycle_or_default().stop_signal,
+        restart: score.restart(),
     })
     .expect("a service always serialises: its maps have string keys");
     format!("{:016x}", fnv1a64(&canonical))
@@ -47,17 +55,18 @@ fn base_labels(deployment: &str, name: &str, revision: Revision) -> BTreeMap<Str
     ])
 }
 
-/// The container spec of a service of `revision`.
+/// The container spec of `service` of `score` at `revision`.
 pub fn service_container_spec(
     deployment: &str,
+    score: &PodmanV0Score,
     service: &PodmanService,
-    lifecycle: &LifecyclePolicy,
     revision: Revision,
 ) -> ContainerSpec {
+    let lifecycle = score.lifecycle_or_default();
     let mut labels = base_labels(deployment, &service.name, revision);
     labels.insert(
         LABEL_SPEC_HASH.to_owned(),
-        service_spec_hash(service, lifecycle.stop_signal),
+        service_spec_hash(score, service),
     );
     labels.insert(
         LABEL_GRACE.to_owned(),
@@ -117,21 +126,69 @@ mod tests {
         }
     }
 
+    /// A score of `service` alone, stopped with `signal`, restarted
+    /// `restart` times.
+    fn score_of(service: PodmanService, signal: Signal, restart: Option<u64>) -> PodmanV0Score {
+        PodmanV0Score {
+            services: vec![service],
+            init_containers: vec![],
+            lifecycle: Some(crate::wire::LifecyclePolicy {
+                stop_signal: signal,
+                grace_period_secs: 30,
+            }),
+            lifetime: None,
+            restart,
+        }
+    }
+
+    /// The hash of `service` in a score of its own.
+    fn hash(service: PodmanService, signal: Signal) -> String {
+        let score = score_of(service, signal, None);
+        service_spec_hash(&score, &score.services[0])
+    }
+
     #[test]
     fn hash_is_stable_and_sensitive_to_what_is_baked_in() {
-        let h = service_spec_hash(&web(), Signal::Term);
+        let h = hash(web(), Signal::Term);
         assert_eq!(h.len(), 16);
-        assert_eq!(h, service_spec_hash(&web(), Signal::Term));
+        assert_eq!(h, hash(web(), Signal::Term));
         let mut env = web();
         env.env.insert("A".into(), "2".into());
-        assert_ne!(h, service_spec_hash(&env, Signal::Term));
-        assert_ne!(h, service_spec_hash(&web(), Signal::Int));
+        assert_ne!(h, hash(env, Signal::Term));
+        assert_ne!(h, hash(web(), Signal::Int));
+    }
+
+    #[test]
+    fn a_restart_changes_the_hash_and_no_restart_keeps_the_old_one() {
+        let at = |restart| {
+            let score = score_of(web(), Signal::Term, restart);
+            service_spec_hash(&score, &score.services[0])
+        };
+        // The hash every container created before the field existed
+        // carries: an upgraded agent must adopt them, not recreate them.
+        let before = {
+            #[derive(Serialize)]
+            struct Hashed<'a> {
+                service: &'a PodmanService,
+                stop_signal: Signal,
+            }
+            let canonical = serde_json::to_vec(&Hashed {
+                service: &web(),
+                stop_signal: Signal::Term,
+            })
+            .unwrap();
+            format!("{:016x}", fnv1a64(&canonical))
+        };
+        assert_eq!(at(None), before);
+        assert_eq!(at(Some(0)), before);
+        assert_ne!(at(Some(1)), before);
+        assert_ne!(at(Some(2)), at(Some(1)));
     }
 
     #[test]
     fn the_spec_hash_covers_every_field_of_the_service() {
         use crate::wire::{PortMapping, Protocol, PullPolicy, VolumeMount};
-        let base = service_spec_hash(&web(), Signal::Term);
+        let base = hash(web(), Signal::Term);
         type Change = Box<dyn Fn(&mut PodmanService)>;
         let changes: Vec<(&str, Change)> = vec![
             ("image", Box::new(|s| s.image = "img:2".into())),
@@ -180,9 +237,8 @@ mod tests {
         for (what, change) in changes {
             let mut service = web();
             change(&mut service);
-            let hash = service_spec_hash(&service, Signal::Term);
             assert!(
-                seen.insert(hash),
+                seen.insert(hash(service, Signal::Term)),
                 "changing the {what} left the hash as it was"
             );
         }
@@ -191,11 +247,12 @@ mod tests {
 
     #[test]
     fn service_spec_carries_every_label() {
-        let lifecycle = LifecyclePolicy {
+        let mut score = score_of(web(), Signal::Int, None);
+        score.lifecycle = Some(crate::wire::LifecyclePolicy {
             stop_signal: Signal::Int,
             grace_period_secs: 7,
-        };
-        let spec = service_container_spec("shop", &web(), &lifecycle, Revision::new(4));
+        });
+        let spec = service_container_spec("shop", &score, &web(), Revision::new(4));
         assert_eq!(spec.name, "shop_web");
         assert_eq!(spec.stop_signal, Signal::Int);
         assert_eq!(spec.labels[LABEL_MANAGED], "true");
@@ -204,10 +261,7 @@ mod tests {
         assert_eq!(spec.labels[LABEL_REVISION], "4");
         assert_eq!(spec.labels[LABEL_GRACE], "7");
         assert_eq!(spec.labels[LABEL_STOP_SIGNAL], "SIGINT");
-        assert_eq!(
-            spec.labels[LABEL_SPEC_HASH],
-            service_spec_hash(&web(), Signal::Int)
-        );
+        assert_eq!(spec.labels[LABEL_SPEC_HASH], hash(web(), Signal::Int));
         assert!(!spec.labels.contains_key(LABEL_INIT));
     }
 }

@@ -66,6 +66,14 @@ pub struct PodmanV0Score {
     /// `persistent`, what every score meant before the field existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifetime: Option<Lifetime>,
+    /// How many times a person asked for the deployment to be restarted
+    /// (`podfleet rollout restart`): a change recreates every service
+    /// container, gracefully as any change of spec, and runs a `per_run`
+    /// deployment again. Absent, `null` and 0 are the same: no restart
+    /// asked, what every score meant before the field existed. A
+    /// `no_launch` score does not take it: podfleet starts nothing there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<u64>,
 }
 
 /// What podfleet does with a deployment's containers over time
@@ -696,6 +704,11 @@ impl PodmanV0Score {
         self.lifetime.unwrap_or_default()
     }
 
+    /// The restarts asked for: 0 unless set.
+    pub fn restart(&self) -> u64 {
+        self.restart.unwrap_or(0)
+    }
+
     /// Checks every rule a score must follow.
     ///
     /// # Errors
@@ -750,6 +763,13 @@ impl PodmanV0Score {
                 return Err(ScoreError::NotWithLifetime {
                     container: String::new(),
                     field: "lifecycle",
+                    lifetime: Lifetime::NoLaunch,
+                });
+            }
+            if self.restart() != 0 {
+                return Err(ScoreError::NotWithLifetime {
+                    container: String::new(),
+                    field: "restart",
                     lifetime: Lifetime::NoLaunch,
                 });
             }

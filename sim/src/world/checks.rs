@@ -116,10 +116,9 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
         if let (Outlook::Succeeds | Outlook::CrashLoops, Ok(score)) =
             (outlook, PodmanV0Score::from_json(value))
         {
-            let lifecycle = score.lifecycle_or_default();
             for s in &score.services {
                 let wanted =
-                    service_container_spec(deployment, s, &lifecycle, Revision::new(*revision));
+                    service_container_spec(deployment, &score, s, Revision::new(*revision));
                 match services.get(s.name.as_str()).and_then(|cs| cs.first()) {
                     None => found.push(format!("service {deployment}/{} has no container", s.name)),
                     Some(c) if !same_program(&c.spec, &wanted) => found.push(format!(

@@ -101,8 +101,8 @@ impl Deployment {
                     if self.is_applied() && self.restart_allowed(now, config, &service.name) {
                         let spec = service_container_spec(
                             self.name.as_str(),
+                            &target.score,
                             service,
-                            &target.score.lifecycle_or_default(),
                             target.revision,
                         );
                         // The image may have gone since (a prune, a store

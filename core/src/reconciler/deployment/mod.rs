@@ -57,11 +57,10 @@ struct Target {
 
 impl Target {
     fn new(revision: Revision, bytes: Vec<u8>, score: PodmanV0Score) -> Self {
-        let signal = score.lifecycle_or_default().stop_signal;
         let hashes = score
             .services
             .iter()
-            .map(|s| (s.name.clone(), service_spec_hash(s, signal)))
+            .map(|s| (s.name.clone(), service_spec_hash(&score, s)))
             .collect();
         Self {
             revision,

@@ -49,7 +49,6 @@ pub(super) fn rollout(
             retire(c, &mut drops);
         }
     }
-    let lifecycle = target.score.lifecycle_or_default();
     let per_run = target.score.lifetime() == Lifetime::PerRun;
     // A `per_run` container is this revision's run only when it was created
     // for a revision that put this very spec.
@@ -77,7 +76,8 @@ pub(super) fn rollout(
             images.add(&service.image, service.pull_policy());
         }
         let first_step = services.len();
-        let spec = || service_container_spec(name.as_str(), service, &lifecycle, target.revision);
+        let spec =
+            || service_container_spec(name.as_str(), &target.score, service, target.revision);
         match observed.get(&service.name) {
             Some(o) if kept(&o) && per_run => {
                 // This revision's run, under way or over: never a second
@@ -297,10 +297,7 @@ mod tests {
             labels: BTreeMap::from([
                 (LABEL_DEPLOYMENT.into(), "web".into()),
                 (LABEL_SERVICE.into(), "app".into()),
-                (
-                    LABEL_SPEC_HASH.into(),
-                    service_spec_hash(service, Signal::default()),
-                ),
+                (LABEL_SPEC_HASH.into(), service_spec_hash(&t.score, service)),
                 (LABEL_STOP_SIGNAL.into(), "SIGINT".into()),
                 (LABEL_GRACE.into(), "3".into()),
             ]),

@@ -37,6 +37,7 @@ fn score(services: Vec<PodmanService>, inits: Vec<InitContainer>) -> PodmanV0Sco
         init_containers: inits,
         lifecycle: None,
         lifetime: None,
+        restart: None,
     }
 }
 

@@ -378,6 +378,31 @@ pub(super) const CASES: &[(&str, &str, Verdict)] = &[
         AgentOnly("the score sets lifecycle, which lifetime no_launch does not take: podfleet never creates a no_launch deployment's containers, so what would create them is refused"),
     ),
     (
+        "no_launch with a restart",
+        r#"{"services":[{"name":"web","image":"i"}],"restart":1,"lifetime":"no_launch"}"#,
+        AgentOnly("the score sets restart, which lifetime no_launch does not take: podfleet never creates a no_launch deployment's containers, so what would create them is refused"),
+    ),
+    (
+        "no_launch with no restart asked",
+        r#"{"services":[{"name":"web","image":"i"}],"restart":0,"lifetime":"no_launch"}"#,
+        Valid,
+    ),
+    (
+        "a restarted per_run score",
+        r#"{"services":[{"name":"job","image":"i"}],"restart":3,"lifetime":"per_run"}"#,
+        Valid,
+    ),
+    (
+        "restart null",
+        r#"{"services":[{"name":"web","image":"i"}],"restart":null}"#,
+        Valid,
+    ),
+    (
+        "a negative restart",
+        r#"{"services":[{"name":"web","image":"i"}],"restart":-1}"#,
+        Invalid("malformed score: invalid value: integer `-1`, expected u64"),
+    ),
+    (
         "an existing container named by a persistent service",
         r#"{"services":[{"name":"web","image":"i","container":"nginx"}]}"#,
         AgentOnly("\"web\" sets container, which lifetime persistent does not take: only a no_launch service names an existing container"),
