@@ -10,9 +10,10 @@
 //! Bucket reads ([`FleetClient::snapshot`] and the controller's watches) use
 //! one ordered push consumer per bucket delivering the newest entry of
 //! every key (`DeliverPolicy::LastPerSubject`), delete markers included; the
-//! initial read ends when the consumer has nothing pending.
+//! initial read ends once the consumer has delivered every key the bucket
+//! held just after it was made.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -632,7 +633,7 @@ impl FleetClient {
     async fn read_bucket(&self, bucket: Bucket) -> Result<Vec<Fed>, ClientError> {
         let mut watch = self.watch_bucket(bucket).await?;
         let mut fed = Vec::new();
-        while !watch.caught_up {
+        while !watch.snapshot.is_complete() {
             let message = tokio::time::timeout(self.timeout * 2, watch.messages.next()).await;
             let message = match message {
                 Ok(Some(Ok(message))) => message,
@@ -645,7 +646,7 @@ impl FleetClient {
                 }
             };
             if let Some((entry, written)) = watched_entry(&message) {
-                watch.caught_up = watch.completes(&entry);
+                watch.snapshot.deliver(&entry);
                 fed.extend(bucket.classify(entry, written));
             }
         }
@@ -656,16 +657,6 @@ impl FleetClient {
     /// then of every change.
     pub(crate) async fn watch_bucket(&self, bucket: Bucket) -> Result<BucketWatch, ClientError> {
         let name = bucket.name();
-        let until = self
-            .js
-            .get_stream(kv_stream(name))
-            .await
-            .map_err(|e| self.kv_error(name, "", "watch", e))?
-            .info()
-            .await
-            .map_err(|e| self.kv_error(name, "", "watch", e))?
-            .state
-            .last_sequence;
         let config = OrderedConfig {
             deliver_subject: self.client.new_inbox(),
             description: Some(format!("podfleet-control read of {name}")),
@@ -679,15 +670,28 @@ impl FleetClient {
             .create_consumer_on_stream(config, kv_stream(name))
             .await
             .map_err(|e| self.kv_error(name, "", "watch", e))?;
-        let pending = consumer.cached_info().num_pending;
+        // Listed after the consumer is made, never before: a key rewritten
+        // in between must still be waited for.
+        let mut listing = self
+            .js
+            .get_stream(kv_stream(name))
+            .await
+            .map_err(|e| self.kv_error(name, "", "watch", e))?
+            .info_with_subjects(kv_subject(name, ">"))
+            .await
+            .map_err(|e| self.kv_error(name, "", "watch", e))?;
+        let mut keys = BTreeSet::new();
+        while let Some(subject) = listing.next().await {
+            let (subject, _) = subject.map_err(|e| self.kv_error(name, "", "watch", e))?;
+            keys.insert(subject);
+        }
         let messages = consumer
             .messages()
             .await
             .map_err(|e| self.kv_error(name, "", "watch", e))?;
         Ok(BucketWatch {
             messages,
-            caught_up: pending == 0 || until == 0,
-            until,
+            snapshot: SnapshotRead::new(keys),
         })
     }
 
@@ -990,20 +994,45 @@ impl Fed {
 /// One bucket's ordered consumer.
 pub(crate) struct BucketWatch {
     pub(crate) messages: Ordered,
-    /// Everything the bucket held when the consumer was made was delivered.
-    pub(crate) caught_up: bool,
-    /// The stream's last sequence just before the consumer was made: once
-    /// an entry at or past it arrives, the snapshot is complete (the entry
-    /// at that sequence is the newest of its key, or a newer one replaced
-    /// it). This holds even when a write lands while the consumer is made,
-    /// which a `pending` count alone can miss.
-    pub(crate) until: u64,
+    /// How far it is through what the bucket held when it was made.
+    pub(crate) snapshot: SnapshotRead,
 }
 
-impl BucketWatch {
-    /// Whether `entry` completes the snapshot.
-    pub(crate) fn completes(&self, entry: &WatchedEntry) -> bool {
-        entry.pending == 0 || entry.revision >= self.until
+/// How far a watch of a bucket is through its snapshot: the newest entry
+/// of every key, which its consumer delivers first.
+///
+/// The snapshot is complete once every key the bucket held just after the
+/// consumer was made has been delivered. Neither a sequence number nor the
+/// consumer's `pending` count can tell: while keys are rewritten during
+/// the read (heartbeats, every second on every device), a key's older
+/// entry is dropped (the bucket keeps one value per key) and the key comes
+/// only at its new sequence, after entries of other keys written
+/// meanwhile, and nats-server 2.9 reports nothing pending before it has
+/// come. Every listed key does come: a KV bucket never loses a key's last
+/// entry (deletes and purges are markers), and a rewritten key is
+/// delivered at its new sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SnapshotRead {
+    /// The subjects (`$KV.<bucket>.<key>`) listed just after the consumer
+    /// was made and not delivered yet.
+    unseen: BTreeSet<String>,
+}
+
+impl SnapshotRead {
+    /// A snapshot of the bucket's `keys` (their subjects), listed after the
+    /// consumer was made.
+    pub(crate) fn new(keys: BTreeSet<String>) -> Self {
+        Self { unseen: keys }
+    }
+
+    /// Takes one delivered entry.
+    pub(crate) fn deliver(&mut self, entry: &WatchedEntry) {
+        self.unseen.remove(&entry.subject);
+    }
+
+    /// Whether every key of the snapshot has been delivered.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.unseen.is_empty()
     }
 }
 
@@ -1044,6 +1073,33 @@ mod tests {
         assert_eq!(deployments["max_msgs_per_subject"], 5);
         assert_eq!(deployments["num_replicas"], 3);
         assert_eq!(deployments["max_msg_size"], 4096);
+    }
+
+    /// The race the old end of a snapshot lost: `b` is rewritten while the
+    /// snapshot is delivered, so its older entry is gone and it comes at
+    /// its new sequence, after `c`'s, and after an entry the server said
+    /// nothing was pending behind. The snapshot ends only once `b` came.
+    #[test]
+    fn a_snapshot_ends_once_every_listed_key_came() {
+        let subject = |key: &str| format!("$KV.podfleet-heartbeats.{key}");
+        let entry = |key: &str, revision: u64, pending: u64| WatchedEntry {
+            subject: subject(key),
+            operation: Operation::Put,
+            revision,
+            pending,
+            payload: Vec::new(),
+        };
+        let mut read = SnapshotRead::new(["a", "b", "c"].map(subject).into_iter().collect());
+        assert!(!read.is_complete());
+        read.deliver(&entry("a", 1, 4));
+        read.deliver(&entry("c", 5, 3));
+        // A key written after the listing is not waited for.
+        read.deliver(&entry("d", 6, 0));
+        read.deliver(&entry("a", 7, 0));
+        assert!(!read.is_complete(), "b has not come yet");
+        read.deliver(&entry("b", 8, 0));
+        assert!(read.is_complete());
+        assert!(SnapshotRead::new(BTreeSet::new()).is_complete());
     }
 
     #[test]

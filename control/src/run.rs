@@ -7,9 +7,9 @@
 //! 2. Starts a *pass*: one ordered consumer per input bucket (deployments,
 //!    devices, desired, state, heartbeats, status) delivering the newest entry of
 //!    every key, then every change. Each entry is handed to a fresh
-//!    [`Controller`]; once every consumer has delivered what its bucket held
-//!    (an entry with nothing pending after it, or an empty bucket), it hands
-//!    in [`Input::Synced`].
+//!    [`Controller`]; once every consumer has delivered every key its
+//!    bucket held just after the consumer was made (at once for an empty
+//!    bucket), it hands in [`Input::Synced`].
 //! 3. Carries out the controller's writes as pipelined JetStream publishes
 //!    (up to [`ControllerOptions::max_in_flight`] unacknowledged at once);
 //!    a refused desired-key write goes back as [`Input::WriteFailed`].
@@ -43,7 +43,8 @@ use podfleet_core::wire::names::{kv_subject, DESIRED_BUCKET, STATE_BUCKET, STATU
 use podfleet_core::wire::{DeploymentKey, DeploymentName};
 
 use crate::client::{
-    wall_clock, watched_entry, Bucket, BucketPlan, ClientError, FleetClient, KV_OPERATION,
+    wall_clock, watched_entry, Bucket, BucketPlan, ClientError, FleetClient, SnapshotRead,
+    KV_OPERATION,
 };
 use crate::context::Connection;
 
@@ -240,20 +241,19 @@ async fn run_pass<S: Side>(
         Ok(watches) => watches,
         Err(error) => return ended(false, error.to_string()),
     };
-    let mut caught_up: Vec<bool> = watches.iter().map(|w| w.caught_up).collect();
-    let until: Vec<u64> = watches.iter().map(|w| w.until).collect();
-    let mut entries: SelectAll<_> = watches
-        .into_iter()
-        .zip(buckets.iter().copied())
-        .map(|(watch, bucket)| watch.messages.map(move |m| (bucket, m)).boxed())
-        .collect();
+    let mut snapshots = Vec::with_capacity(watches.len());
+    let mut entries: SelectAll<_> = SelectAll::new();
+    for (watch, bucket) in watches.into_iter().zip(buckets.iter().copied()) {
+        snapshots.push(watch.snapshot);
+        entries.push(watch.messages.map(move |m| (bucket, m)).boxed());
+    }
     // On the wall clock's scale, so that a heartbeat's age never reaches
     // back past the clock's origin.
     let clock = TokioClock::start_at(wall_clock());
     let mut controller = Controller::new(options.config.clone(), clock.now());
     side.start(&mut controller, clock.now());
     let mut read = 0u64;
-    if caught_up.iter().all(|c| *c) {
+    if snapshots.iter().all(SnapshotRead::is_complete) {
         controller.handle(clock.now(), Input::Synced);
         tracing::info!("every bucket is empty; converging");
     }
@@ -308,21 +308,16 @@ async fn run_pass<S: Side>(
                 let Some((entry, written)) = watched_entry(&message) else {
                     continue;
                 };
-                let index = buckets.iter().position(|b| *b == bucket);
-                let completes = entry.pending == 0
-                    || index.is_some_and(|i| entry.revision >= until[i]);
+                if let Some(index) = buckets.iter().position(|b| *b == bucket) {
+                    snapshots[index].deliver(&entry);
+                }
                 if let Some(fed) = bucket.classify(entry, written) {
                     controller.handle(clock.now(), fed.into_input(wall_clock()));
                 }
                 read += 1;
-                if !controller.is_synced() && completes {
-                    if let Some(index) = index {
-                        caught_up[index] = true;
-                    }
-                    if caught_up.iter().all(|c| *c) {
-                        controller.handle(clock.now(), Input::Synced);
-                        tracing::info!(entries = read, "read every bucket; converging");
-                    }
+                if !controller.is_synced() && snapshots.iter().all(SnapshotRead::is_complete) {
+                    controller.handle(clock.now(), Input::Synced);
+                    tracing::info!(entries = read, "read every bucket; converging");
                 }
             }
             () = sleep => controller.handle(clock.now(), Input::Timeout),

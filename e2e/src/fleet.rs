@@ -198,6 +198,8 @@ pub struct Fleet {
     nats: NatsServer,
     agent: PathBuf,
     agent_args: Vec<String>,
+    /// The controller's arguments besides [`Fleet::controller_args`]'s own.
+    controller_extra: Vec<String>,
     images: Vec<String>,
     dir: TempDir,
 }
@@ -235,6 +237,37 @@ impl Fleet {
         images: &[String],
         agent_args: &[&str],
     ) -> Self {
+        Self::launch(dir, binaries, images, agent_args, &[])
+    }
+
+    /// As [`Fleet::start`], with `podfleet controller` given
+    /// `controller_args` too, at every start: e.g. `--offline-after 8s`, so
+    /// that a test sees a stopped agent's device go offline in seconds.
+    ///
+    /// # Panics
+    ///
+    /// As [`Fleet::start`].
+    #[must_use]
+    pub fn start_with_controller_args(
+        binaries: &Binaries,
+        images: &[String],
+        agent_args: &[&str],
+        controller_args: &[&str],
+    ) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("podfleet-fleet-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
+        Self::launch(dir, binaries, images, agent_args, controller_args)
+    }
+
+    fn launch(
+        dir: TempDir,
+        binaries: &Binaries,
+        images: &[String],
+        agent_args: &[&str],
+        controller_args: &[&str],
+    ) -> Self {
         let nats = NatsServer::start();
         let config = dir.path().join("config.toml");
         fs::write(
@@ -252,6 +285,7 @@ impl Fleet {
             nats,
             agent: binaries.agent.clone(),
             agent_args: agent_args.iter().map(|&a| a.to_owned()).collect(),
+            controller_extra: controller_args.iter().map(|&a| a.to_owned()).collect(),
             images: images.to_vec(),
             dir,
         };
@@ -277,10 +311,11 @@ impl Fleet {
         &self.podfleet
     }
 
-    /// The controller's arguments: `controller --server URL -v`.
+    /// The controller's arguments: `controller --config FILE --server URL
+    /// -v`, then those given to [`Fleet::start_with_controller_args`].
     #[must_use]
     pub fn controller_args(&self) -> Vec<String> {
-        [
+        let mut args = [
             "controller",
             "--config",
             &self.podfleet.config().display().to_string(),
@@ -289,7 +324,9 @@ impl Fleet {
             "-v",
         ]
         .map(str::to_owned)
-        .to_vec()
+        .to_vec();
+        args.extend(self.controller_extra.iter().cloned());
+        args
     }
 
     /// Where the controller's output goes, across restarts.
