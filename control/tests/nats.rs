@@ -582,6 +582,7 @@ async fn an_all_or_nothing_deployment_goes_to_every_device_or_none_until_forced(
         password: None,
         creds: None,
         request_timeout: TIMEOUT,
+        offline_after: Duration::from_secs(60),
         verbose: 0,
     };
     let force = || {
@@ -621,5 +622,17 @@ async fn an_all_or_nothing_deployment_goes_to_every_device_or_none_until_forced(
             .0,
         generation
     );
+    // A restart raises the score's restart count: a new generation, asked
+    // about like any change, never forced by the old token.
+    let restart = Command::Rollout(RolloutArgs {
+        action: RolloutAction::Restart {
+            name: name("cluster"),
+        },
+    });
+    assert_eq!(shell::run(&global, restart).await, Ok(Exit::Success));
+    let (restarted, stored) = client.deployment(&name("cluster")).await.unwrap().unwrap();
+    assert_eq!(restarted, generation + 1);
+    assert_eq!(stored.spec.score.restart, Some(1));
+    assert!(!stored.spec.is_forced());
     running.stop().await;
 }

@@ -155,7 +155,7 @@ async fn operate(cli: Cli) -> anyhow::Result<()> {
     options.engine.create_devices = args.create_devices;
     options.engine.device_status_every = args.device_status_every;
     options.engine.last_seen_every = args.last_seen_every;
-    options.controller = cli.controller.options(cli.nats.request_timeout);
+    options.controller = cli.controller.options(&cli.nats);
     options.plan = cli.controller.plan(options.plan);
     options.metrics_addr = metrics_addr;
     options.events = !args.no_events;

@@ -109,12 +109,32 @@ pub struct GlobalArgs {
         value_name = "DURATION"
     )]
     pub request_timeout: Duration,
+    /// A device whose last heartbeat is older than this is offline: for the controller, and for what `get`, `describe` and `apply --dry-run` show
+    #[arg(
+        long,
+        env = "PODFLEET_OFFLINE_AFTER",
+        global = true,
+        default_value = "60s",
+        value_parser = parse_duration,
+        value_name = "DURATION"
+    )]
+    pub offline_after: Duration,
     /// Log to stderr: -v info, -vv debug, -vvv trace (RUST_LOG wins)
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 }
 
 impl GlobalArgs {
+    /// The fleet controller's `Config` as far as the global flags set it
+    /// (`offline_after`): the controller's, and the snapshot's of every
+    /// read, so both call the same devices offline.
+    pub fn controller_config(&self) -> podfleet_core::fleet::controller::Config {
+        podfleet_core::fleet::controller::Config {
+            offline_after: self.offline_after,
+            ..podfleet_core::fleet::controller::Config::default()
+        }
+    }
+
     /// The connection overrides for [`crate::context::resolve`].
     pub fn overrides(&self) -> Overrides {
         Overrides {
@@ -371,9 +391,6 @@ pub struct ExecArgs {
 /// `controller`: the long-running fleet controller's knobs.
 #[derive(Debug, Clone, Args)]
 pub struct ControllerArgs {
-    /// A device whose last heartbeat is older than this is offline
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
-    pub offline_after: Duration,
     /// The shortest time between two status writes of one deployment
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     pub status_interval: Duration,
@@ -389,16 +406,18 @@ pub struct ControllerArgs {
 }
 
 impl ControllerArgs {
-    /// The passes' options: the core's `Config` from `offline_after`,
-    /// `status_interval` and `orphan_state_grace`, connecting within
-    /// `connect_timeout`.
-    pub fn options(&self, connect_timeout: Duration) -> ControllerOptions {
-        let mut options = ControllerOptions::default();
-        options.config.offline_after = self.offline_after;
-        options.config.status_interval = self.status_interval;
-        options.config.orphan_state_grace = self.orphan_state_grace;
-        options.connect_timeout = connect_timeout;
-        options
+    /// The passes' options: the core's `Config` from `status_interval`,
+    /// `orphan_state_grace` and the global `offline_after`, connecting
+    /// within the global `request_timeout`.
+    pub fn options(&self, global: &GlobalArgs) -> ControllerOptions {
+        let mut config = global.controller_config();
+        config.status_interval = self.status_interval;
+        config.orphan_state_grace = self.orphan_state_grace;
+        ControllerOptions {
+            config,
+            connect_timeout: global.request_timeout,
+            ..ControllerOptions::default()
+        }
     }
 
     /// `plan` with `replicas` and, when given, `max_value_size`.
@@ -490,6 +509,26 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn offline_after_is_one_flag_for_the_controller_and_the_reads() {
+        let cli = parse(&["get", "devices", "--offline-after", "8s"]).unwrap();
+        assert_eq!(
+            cli.global.controller_config().offline_after,
+            Duration::from_secs(8)
+        );
+        let cli = parse(&["controller", "--offline-after", "2m"]).unwrap();
+        assert_eq!(cli.global.offline_after, Duration::from_secs(120));
+        let Command::Controller(args) = &cli.command else {
+            panic!("not controller");
+        };
+        assert_eq!(
+            args.options(&cli.global).config.offline_after,
+            Duration::from_secs(120)
+        );
+        let cli = parse(&["describe", "device", "rpi-01"]).unwrap();
+        assert_eq!(cli.global.offline_after, Duration::from_secs(60));
     }
 
     #[test]

@@ -82,7 +82,7 @@ fn init_logging(verbose: u8) {
 async fn run_controller(global: &GlobalArgs, args: ControllerArgs) -> anyhow::Result<()> {
     let connection = context::resolve(&global.overrides())?;
     let plan = args.plan(BucketPlan::default());
-    let options = args.options(global.request_timeout);
+    let options = args.options(global);
     run(connection, plan, options, shutdown()).await
 }
 

@@ -118,7 +118,12 @@ async fn apply(global: &GlobalArgs, args: ApplyArgs) -> Result<Exit, Failure> {
     };
     let client = connect(global).await?;
     let snapshot = if args.dry_run {
-        Some(client.snapshot().await.map_err(failed)?)
+        Some(
+            client
+                .snapshot_with(global.controller_config())
+                .await
+                .map_err(failed)?,
+        )
     } else {
         None
     };
@@ -256,7 +261,10 @@ async fn get(global: &GlobalArgs, args: GetArgs) -> Result<Exit, Failure> {
     };
     let mut watch = Watch::new(volatile);
     loop {
-        let (controller, now) = client.snapshot().await.map_err(failed)?;
+        let (controller, now) = client
+            .snapshot_with(global.controller_config())
+            .await
+            .map_err(failed)?;
         let manifests = match args.kind {
             Kind::Devices => Manifests::new(),
             Kind::Deployments => {
@@ -294,14 +302,20 @@ async fn describe(global: &GlobalArgs, args: DescribeArgs) -> Result<Exit, Failu
             let id = DeviceId::new(&args.name)
                 .map_err(|e| Failure::usage(format!("device id {:?}: {e}", args.name)))?;
             let client = connect(global).await?;
-            let (controller, now) = client.snapshot().await.map_err(failed)?;
+            let (controller, now) = client
+                .snapshot_with(global.controller_config())
+                .await
+                .map_err(failed)?;
             describe::device(&controller, now, &id)?
         }
         DescribeKind::Deployment => {
             let name = DeploymentName::new(&args.name)
                 .map_err(|e| Failure::usage(format!("deployment name {:?}: {e}", args.name)))?;
             let client = connect(global).await?;
-            let (controller, now) = client.snapshot().await.map_err(failed)?;
+            let (controller, now) = client
+                .snapshot_with(global.controller_config())
+                .await
+                .map_err(failed)?;
             let stored = client.deployment(&name).await.map_err(failed)?;
             describe::deployment(
                 &controller,
