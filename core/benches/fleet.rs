@@ -149,7 +149,7 @@ fn main() {
             );
             while let Some(output) = c.poll_output() {
                 if let Output::PutStatus { status, .. } = output {
-                    last = Some(status);
+                    last = Some(*status);
                 }
             }
         }
@@ -157,7 +157,7 @@ fn main() {
         c.handle(later + Duration::from_secs(1), Input::Timeout);
         while let Some(output) = c.poll_output() {
             if let Output::PutStatus { status, .. } = output {
-                last = Some(status);
+                last = Some(*status);
             }
         }
         aggregate.push(started.elapsed());

@@ -282,6 +282,7 @@ fn heartbeat_json_is_stable() {
         os: String::new(),
         kernel: String::new(),
         runtime_version: None,
+        score_features: Vec::new(),
     };
     let down = Heartbeat {
         runtime: RuntimeHealth::Unreachable {
@@ -313,6 +314,10 @@ fn full_heartbeat() -> Heartbeat {
         os: "Debian GNU/Linux 12 (bookworm)".into(),
         kernel: "6.1.0-rpi7-rpi-v8".into(),
         runtime_version: Some("4.3.1".into()),
+        score_features: podfleet_core::wire::SCORE_FEATURES
+            .iter()
+            .map(|f| (*f).to_owned())
+            .collect(),
     }
 }
 
@@ -341,6 +346,7 @@ fn a_heartbeat_without_device_facts_parses() {
             os: String::new(),
             kernel: String::new(),
             runtime_version: None,
+            score_features: Vec::new(),
             ..full_heartbeat()
         }
     );

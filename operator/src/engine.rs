@@ -512,7 +512,7 @@ impl Side for KubeSide {
             if let Some((read, _)) = controller.deployment(&name) {
                 let known = Known::Aggregate {
                     read: i64::try_from(read).unwrap_or(i64::MAX),
-                    status: controller.status(&name),
+                    status: Box::new(controller.status(&name)),
                 };
                 self.publish(name.as_str(), known);
             }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use kube::CustomResource;
 use podfleet_core::fleet::{
-    DigestSkew, FailureGroup, FleetDeploymentSpec as ModelSpec, PlacementRefusal,
+    DigestSkew, FailureGroup, FleetDeploymentSpec as ModelSpec, OutdatedAgents, PlacementRefusal,
 };
 use podfleet_core::wire::Phase;
 use schemars::JsonSchema;
@@ -129,6 +129,11 @@ pub struct FleetDeploymentStatus {
     /// while nothing is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementRefusal>,
+    /// Targeted devices whose agents do not understand a score feature the
+    /// spec uses (`lifetime`, `setup_script`, `restart`): nothing of the
+    /// current generation is written to them until they are upgraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outdated_agents: Option<OutdatedAgents>,
     /// The digests the image tags of one generation were resolved to: the
     /// images the devices are handed. Resolved once per generation and
     /// kept here, so that neither a restart nor a resync asks a registry

@@ -35,8 +35,8 @@ pub enum Known {
     Aggregate {
         /// The generation the controller read last (valid or refused).
         read: i64,
-        /// What it aggregated.
-        status: Aggregate,
+        /// What it aggregated (boxed: by far the largest variant).
+        status: Box<Aggregate>,
     },
 }
 
@@ -147,6 +147,14 @@ pub fn fleet_status(
         )
     } else if let Some((reason, message)) = refused {
         condition(DEGRADED, true, reason, message, generation)
+    } else if let Some(outdated) = &status.outdated_agents {
+        condition(
+            DEGRADED,
+            true,
+            "OutdatedAgents",
+            outdated.message(),
+            generation,
+        )
     } else if let Some(group) = status.failures.first() {
         let more = if status.failures.len() > 1 {
             format!(" (and {} more causes)", status.failures.len() - 1)
@@ -194,6 +202,7 @@ pub fn fleet_status(
         failures: status.failures.clone(),
         skew: status.skew.clone(),
         placement: status.placement.clone(),
+        outdated_agents: status.outdated_agents.clone(),
         resolved_images: None,
     }
 }

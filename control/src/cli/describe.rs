@@ -289,6 +289,9 @@ pub fn deployment(
             status.observed_generation
         );
     }
+    if let Some(outdated) = &status.outdated_agents {
+        field(&mut out, 0, "Outdated", outdated.message());
+    }
     if !status.failures.is_empty() {
         let _ = writeln!(out, "Failures:");
         for group in &status.failures {

@@ -84,6 +84,9 @@ pub fn progress(
     if let Some(refusal) = &status.placement {
         let _ = write!(line, ", refused: {}", refusal.reason.as_str());
     }
+    if let Some(outdated) = &status.outdated_agents {
+        let _ = write!(line, ", {} outdated agent(s)", outdated.devices.count);
+    }
     let verdict = if let Some(error) = &status.error {
         Verdict::Failed(format!("rollout of {name} cannot proceed: {error}"))
     } else if status.observed_generation < generation {
@@ -97,6 +100,11 @@ pub fn progress(
             refusal.reason.as_str(),
             refusal.message(),
             status.observed_generation
+        ))
+    } else if let Some(outdated) = &status.outdated_agents {
+        Verdict::Failed(format!(
+            "rollout of {name} cannot reach every device: {}",
+            outdated.message()
         ))
     } else if p.failed > 0 {
         let mut why = format!(
@@ -297,6 +305,7 @@ mod tests {
             failures: Vec::new(),
             skew: Vec::new(),
             placement: None,
+            outdated_agents: None,
         }
     }
 
@@ -358,7 +367,15 @@ mod tests {
             unknown: DeviceGroup::default(),
         });
         let held = transcript(&[Some(status(7, 3, 2, 0)), Some(held)]);
-        insta::assert_snapshot!(format!("{complete}\n{failed}\n{refused}\n{stuck}\n{held}"));
+        let mut old = status(7, 3, 2, 0);
+        old.outdated_agents = Some(podfleet_core::fleet::OutdatedAgents {
+            features: vec!["lifetime".into()],
+            devices: DeviceGroup::of(&ids(&["rpi-04", "rpi-05"])),
+        });
+        let outdated = transcript(&[Some(status(7, 3, 2, 0)), Some(old)]);
+        insta::assert_snapshot!(format!(
+            "{complete}\n{failed}\n{refused}\n{stuck}\n{held}\n{outdated}"
+        ));
     }
 
     #[test]

@@ -64,7 +64,7 @@ use crate::fleet::model::{
     FleetDeploymentStatus, PhaseCounts, Placement, PlacementReason, PlacementRefusal, Target,
 };
 use crate::fleet::selector::Labels;
-use crate::fleet::DeviceRecord;
+use crate::fleet::{DeviceRecord, OutdatedAgents};
 use crate::session::Change;
 use crate::time::{Backoff, Timestamp};
 use crate::wire::names::{DeploymentKey, DeploymentName, DeviceId};
@@ -209,8 +209,8 @@ pub enum Output {
     PutStatus {
         /// The deployment.
         name: DeploymentName,
-        /// Its status.
-        status: FleetDeploymentStatus,
+        /// Its status (boxed: it is the largest output by far).
+        status: Box<FleetDeploymentStatus>,
     },
     /// Delete the status of a deleted deployment.
     DeleteStatus {
@@ -324,6 +324,9 @@ struct Spec {
     gated: bool,
     /// The score runs to completion: `succeeded` counts as having run it.
     per_run: bool,
+    /// The score features it uses ([`PodmanV0Score::features`]): written
+    /// only to devices whose agent names them all.
+    features: Vec<&'static str>,
 }
 
 /// Whether the writes of an all-or-nothing deployment may go out, asked at
@@ -351,6 +354,23 @@ struct Device {
 impl Device {
     fn is_known(&self) -> bool {
         self.labels.is_some() || self.heartbeat.is_some()
+    }
+
+    /// Whether its agent is known not to understand one of `features`:
+    /// its last heartbeat, however old, does not name it. A device never
+    /// heard from is not: nothing says its agent is old, and a new device
+    /// gets its deployments before its agent first connects.
+    fn lacks(&self, features: &[&str]) -> bool {
+        self.heartbeat.as_ref().is_some_and(|heartbeat| {
+            features
+                .iter()
+                .any(|f| !heartbeat.score_features.iter().any(|known| known == f))
+        })
+    }
+
+    /// The score features its agent names, if it has been heard from.
+    fn score_features(&self) -> Option<&[String]> {
+        self.heartbeat.as_ref().map(|h| h.score_features.as_slice())
     }
 }
 
@@ -481,6 +501,7 @@ impl Controller {
                 gated: manifest.spec.placement == Placement::AllOrNothing
                     && !manifest.spec.is_forced(),
                 per_run: manifest.spec.score.lifetime() == Lifetime::PerRun,
+                features: manifest.spec.score.features(),
                 target: manifest.spec.target,
                 payload: manifest.spec.score.to_json().into(),
             }),
@@ -566,6 +587,7 @@ impl Controller {
         let device = self.devices.entry(id.clone()).or_default();
         let was_known = device.is_known();
         let was_online = device.online_until.is_some();
+        let features_before = device.score_features().map(<[String]>::to_vec);
         if let Some(until) = device.online_until.take() {
             self.offline_at.remove(&(until, id.clone()));
         }
@@ -594,11 +616,18 @@ impl Controller {
         }
         let is_known = device.is_known();
         let is_online = device.online_until.is_some();
+        let features_changed = device.score_features().map(<[String]>::to_vec) != features_before;
         if !is_known {
             self.devices.remove(&id);
         }
-        if was_known != is_known {
+        if was_known != is_known || features_changed {
+            // A device heard from (or upgraded) may now take what it was
+            // not written.
             self.converge_device(&id);
+        }
+        if features_changed {
+            self.mark_device_dirty(&id);
+            self.reconsider_held();
         }
         if was_online != is_online {
             self.mark_device_dirty(&id);
@@ -920,6 +949,10 @@ impl Controller {
         let Some(write) = self.change(name, id) else {
             return;
         };
+        if matches!(write, Write::Put(_)) && self.outdated(name, id) {
+            self.mark_dirty(name);
+            return;
+        }
         if !self.may_write(name, id, &write, gate) {
             return;
         }
@@ -958,9 +991,14 @@ impl Controller {
             return true;
         }
         if *gate == Gate::Unasked {
+            // All or nothing: one device that cannot take the score is
+            // enough to write it to none.
+            let outdated = self
+                .rows(name, spec)
+                .any(|row| self.outdated(name, row.device));
             *gate = match self.refusal(name, spec) {
-                None => Gate::Open,
-                Some(_) => Gate::Shut,
+                None if !outdated => Gate::Open,
+                _ => Gate::Shut,
             };
         }
         if *gate == Gate::Shut {
@@ -969,6 +1007,19 @@ impl Controller {
             return false;
         }
         true
+    }
+
+    /// Whether the current spec of `name` uses a score feature the agent of
+    /// `id` is known not to understand.
+    fn outdated(&self, name: &DeploymentName, id: &DeviceId) -> bool {
+        let Some((_, spec)) = self.deployments.get(name).and_then(|d| d.spec.as_ref()) else {
+            return false;
+        };
+        !spec.features.is_empty()
+            && self
+                .devices
+                .get(id)
+                .is_some_and(|d| d.lacks(&spec.features))
     }
 
     /// The spec of `name` when it is all or nothing and not forced.
@@ -1110,7 +1161,10 @@ impl Controller {
                 deployment.status = Some(status.clone());
                 self.statuses.insert(name.clone(), status.clone());
                 deployment.next_status_at = now + interval;
-                self.outputs.push_back(Output::PutStatus { name, status });
+                self.outputs.push_back(Output::PutStatus {
+                    name,
+                    status: Box::new(status),
+                });
             }
         }
     }
@@ -1164,6 +1218,17 @@ impl Controller {
         status.phases = phases;
         status.failures = group_failures(failures);
         status.placement = self.placement(name, spec);
+        let outdated: Vec<&DeviceId> = self
+            .rows(name, spec)
+            .filter(|row| self.outdated(name, row.device))
+            .map(|row| row.device)
+            .collect();
+        if !outdated.is_empty() {
+            status.outdated_agents = Some(OutdatedAgents {
+                features: spec.features.iter().map(|f| (*f).to_owned()).collect(),
+                devices: DeviceGroup::of(outdated),
+            });
+        }
         if targeted.iter().any(|(_, runs)| runs.is_some()) {
             let services: Vec<(ServiceName, Option<String>)> =
                 PodmanV0Score::from_json(&spec.payload)

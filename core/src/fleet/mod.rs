@@ -18,7 +18,7 @@ pub use controller::Controller;
 pub use model::{
     describe_cause, pinned_digest, DeviceGroup, DeviceRecord, DeviceRecordError, DigestGroup,
     DigestSkew, FailureGroup, FleetDeployment, FleetDeploymentSpec, FleetDeploymentStatus,
-    ManifestError, Metadata, PhaseCounts, Placement, PlacementReason, PlacementRefusal, Strategy,
-    Target, API_VERSION, FLEET_DEPLOYMENT_KIND,
+    ManifestError, Metadata, OutdatedAgents, PhaseCounts, Placement, PlacementReason,
+    PlacementRefusal, Strategy, Target, API_VERSION, FLEET_DEPLOYMENT_KIND,
 };
 pub use selector::{validate_label, LabelError, Labels, Requirement, Selector, SelectorError};

@@ -423,6 +423,46 @@ pub struct FleetDeploymentStatus {
     /// nothing of, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementRefusal>,
+    /// Targeted devices whose agents do not understand a feature the score
+    /// uses: nothing of the current generation is written to them (nor,
+    /// for an all-or-nothing deployment, to any device) until they are
+    /// upgraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outdated_agents: Option<OutdatedAgents>,
+}
+
+/// Targeted devices whose agents are too old for the score: their last
+/// heartbeat does not name every score feature it uses
+/// ([`PodmanV0Score::features`]). An older agent would ignore such a
+/// field and do something else: run a `no_launch` deployment's services
+/// itself, skip a setup script.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutdatedAgents {
+    /// The score features the score uses (`lifetime`, `setup_script`,
+    /// `restart`).
+    pub features: Vec<String>,
+    /// The devices whose agent lacks at least one of them.
+    pub devices: DeviceGroup,
+}
+
+impl OutdatedAgents {
+    /// What to tell a person: `rpi-03 runs an agent that does not
+    /// understand lifetime: upgrade it (nothing of this generation is
+    /// written to it)`.
+    pub fn message(&self) -> String {
+        let features = self.features.join(", ");
+        let devices = self.devices.listed();
+        if self.devices.count == 1 {
+            format!(
+                "{devices} runs an agent that does not understand {features}: upgrade it (nothing of this generation is written to it)"
+            )
+        } else {
+            format!(
+                "{devices} run agents that do not understand {features}: upgrade them (nothing of this generation is written to them)"
+            )
+        }
+    }
 }
 
 /// Why the controller writes and deletes no key of an

@@ -1024,6 +1024,10 @@ impl Reconciler {
             os: self.config.facts.os.clone(),
             kernel: self.config.facts.kernel.clone(),
             runtime_version: self.runtime_version.clone(),
+            score_features: crate::wire::SCORE_FEATURES
+                .iter()
+                .map(|f| (*f).to_owned())
+                .collect(),
         }
     }
 

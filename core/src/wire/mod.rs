@@ -24,7 +24,7 @@ pub use report::{
 };
 pub use score::{
     InitContainer, LifecyclePolicy, Lifetime, PodmanService, PodmanV0Score, PortMapping, Protocol,
-    PullPolicy, ScoreError, Signal, VolumeMount, DEFAULT_INIT_CONTAINER_TIMEOUT,
+    PullPolicy, ScoreError, Signal, VolumeMount, DEFAULT_INIT_CONTAINER_TIMEOUT, SCORE_FEATURES,
     SETUP_SCRIPT_MAX_BYTES,
 };
 

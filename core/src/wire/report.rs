@@ -450,6 +450,13 @@ pub struct Heartbeat {
     /// absent until the runtime has told it. At most [`FACT_MAX_BYTES`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_version: Option<String>,
+    /// The score features the agent understands
+    /// ([`SCORE_FEATURES`](crate::wire::SCORE_FEATURES)): the fleet
+    /// controller writes a score that uses one to no device whose agent
+    /// does not name it. Empty for agents older than the field, which
+    /// understand none of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub score_features: Vec<String>,
 }
 
 /// The most bytes of each device fact a [`Heartbeat`] carries (`arch`,

@@ -76,6 +76,14 @@ pub struct PodmanV0Score {
     pub restart: Option<u64>,
 }
 
+/// The score fields an agent must understand before a score may use them,
+/// by the name agents give them in their heartbeat
+/// ([`Heartbeat::score_features`](crate::wire::Heartbeat::score_features)):
+/// fields added after the first agents, which an older agent would ignore
+/// and do something else instead. Every agent of this version understands
+/// them all.
+pub const SCORE_FEATURES: [&str; 3] = ["lifetime", "setup_script", "restart"];
+
 /// What podfleet does with a deployment's containers over time
 /// (docs/lifetimes.md has the whole truth table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
@@ -707,6 +715,26 @@ impl PodmanV0Score {
     /// The restarts asked for: 0 unless set.
     pub fn restart(&self) -> u64 {
         self.restart.unwrap_or(0)
+    }
+
+    /// The [`SCORE_FEATURES`] the score uses: an agent that does not
+    /// understand one of them would ignore it and do something else (run a
+    /// `no_launch` deployment's services itself, skip a setup script, never
+    /// restart), so the fleet controller writes the score only to agents
+    /// that name every one in their heartbeat.
+    pub fn features(&self) -> Vec<&'static str> {
+        let [lifetime, setup_script, restart] = SCORE_FEATURES;
+        let mut used = Vec::new();
+        if self.lifetime() != Lifetime::Persistent {
+            used.push(lifetime);
+        }
+        if self.services.iter().any(|s| s.setup_script.is_some()) {
+            used.push(setup_script);
+        }
+        if self.restart() != 0 {
+            used.push(restart);
+        }
+        used
     }
 
     /// Checks every rule a score must follow.

@@ -23,11 +23,15 @@ fn aggregate(targeted: u32, updated: u32, phases: [u32; 3], offline: u32) -> Agg
         failures: Vec::new(),
         skew: Vec::new(),
         placement: None,
+        outdated_agents: None,
     }
 }
 
 fn known(status: Aggregate) -> Known {
-    Known::Aggregate { read: 4, status }
+    Known::Aggregate {
+        read: 4,
+        status: Box::new(status),
+    }
 }
 
 fn condition<'a>(status: &'a FleetDeploymentStatus, type_: &str) -> &'a Condition {
@@ -344,4 +348,30 @@ fn a_refused_all_or_nothing_rollout_degrades_and_says_how_to_force_it() {
     both.error = Some("generation 5 was refused: spec.score.services[0].image: blank".into());
     let status = fleet_status(&known(both), None, "T5");
     assert_eq!(condition(&status, DEGRADED).reason, "SpecRefused");
+}
+
+#[test]
+fn outdated_agents_degrade_and_name_the_devices_to_upgrade() {
+    let mut outdated = aggregate(3, 2, [1, 2, 0], 0);
+    outdated.outdated_agents = Some(podfleet_core::fleet::OutdatedAgents {
+        features: vec!["lifetime".into()],
+        devices: DeviceGroup::of(&ids(&["rpi-03"])),
+    });
+    let status = fleet_status(&known(outdated.clone()), None, "T1");
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "OutdatedAgents")
+    );
+    assert_eq!(
+        degraded.message,
+        "rpi-03 runs an agent that does not understand lifetime: upgrade it (nothing of this \
+         generation is written to it)"
+    );
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(
+        json["outdatedAgents"]["devices"]["devices"],
+        json!(["rpi-03"])
+    );
+    assert_eq!(json["outdatedAgents"]["features"], json!(["lifetime"]));
 }

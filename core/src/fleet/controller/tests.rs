@@ -49,8 +49,22 @@ fn record(labels: &[(&str, &str)]) -> Vec<u8> {
     json!({ "labels": labels }).to_string().into_bytes()
 }
 
+/// The heartbeat of an agent of this version: it understands every score
+/// feature.
 fn heartbeat(device: &str) -> Vec<u8> {
-    json!({"device_id": device, "agent_version": "0.1.0", "uptime_s": 5})
+    json!({
+        "device_id": device,
+        "agent_version": "0.1.0",
+        "uptime_s": 5,
+        "score_features": crate::wire::SCORE_FEATURES,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The heartbeat of an agent older than the score features.
+fn old_heartbeat(device: &str) -> Vec<u8> {
+    json!({"device_id": device, "agent_version": "0.0.9", "uptime_s": 5})
         .to_string()
         .into_bytes()
 }
@@ -165,7 +179,7 @@ impl Buckets {
                     }
                     Output::PutStatus { name, status } => {
                         self.status_writes += 1;
-                        self.statuses.insert(name.clone(), status.clone());
+                        self.statuses.insert(name.clone(), (**status).clone());
                         inputs.push_back(Input::Status {
                             name: name.clone(),
                             value: Some(serde_json::to_vec(status).unwrap()),
@@ -213,10 +227,14 @@ impl Buckets {
     }
 
     fn beat(&mut self, device: &str) {
-        self.heartbeats.insert(id(device), heartbeat(device));
+        self.beat_with(device, heartbeat(device));
+    }
+
+    fn beat_with(&mut self, device: &str, value: Vec<u8>) {
+        self.heartbeats.insert(id(device), value.clone());
         self.feed(Input::Heartbeat {
             device: id(device),
-            value: Some(heartbeat(device)),
+            value: Some(value),
             age: Duration::ZERO,
         });
     }
@@ -1436,4 +1454,101 @@ proptest! {
         fleet.advance(Duration::from_secs(300));
         prop_assert_eq!(fleet.writes.len(), writes);
     }
+}
+
+#[test]
+fn a_score_feature_is_written_only_to_agents_that_understand_it() {
+    let mut fleet = three_devices();
+    fleet.beat_with("rpi-02", old_heartbeat("rpi-02"));
+    let devices = ["rpi-01", "rpi-02", "rpi-04"];
+    // A persistent score uses no feature: every device takes it.
+    fleet.apply("web", placed(None, &devices, "web:1", None, false));
+    assert_eq!(fleet.desired_keys("web"), devices);
+    assert_eq!(fleet.controller.status(&name("web")).outdated_agents, None);
+    // A per_run one: not the old agent's device, which keeps what it had;
+    // rpi-04 was never heard from, and gets it.
+    fleet.apply(
+        "web",
+        placed(None, &devices, "web:2", Some("per_run"), false),
+    );
+    assert_eq!(
+        fleet.desired[&key("rpi-01", "web")].1,
+        scored("web:2", Some("per_run"))
+    );
+    assert_eq!(
+        fleet.desired[&key("rpi-04", "web")].1,
+        scored("web:2", Some("per_run"))
+    );
+    assert_eq!(
+        fleet.desired[&key("rpi-02", "web")].1,
+        scored("web:1", None)
+    );
+    let outdated = fleet
+        .controller
+        .status(&name("web"))
+        .outdated_agents
+        .unwrap();
+    assert_eq!(outdated.features, ["lifetime"]);
+    assert_eq!(outdated.devices, DeviceGroup::of(&[id("rpi-02")]));
+    assert_eq!(
+        outdated.message(),
+        "rpi-02 runs an agent that does not understand lifetime: upgrade it (nothing of this generation is written to it)"
+    );
+    // Upgraded, it takes it at once.
+    fleet.beat("rpi-02");
+    assert_eq!(
+        fleet.desired[&key("rpi-02", "web")].1,
+        scored("web:2", Some("per_run"))
+    );
+    assert_eq!(fleet.controller.status(&name("web")).outdated_agents, None);
+}
+
+#[test]
+fn one_outdated_agent_holds_an_all_or_nothing_deployment_everywhere() {
+    let mut fleet = three_devices();
+    fleet.beat_with("rpi-03", old_heartbeat("rpi-03"));
+    let devices = ["rpi-01", "rpi-02", "rpi-03"];
+    fleet.apply(
+        "web",
+        placed(
+            Some("AllOrNothing"),
+            &devices,
+            "web:1",
+            Some("per_run"),
+            false,
+        ),
+    );
+    assert_eq!(fleet.desired_keys("web"), Vec::<String>::new());
+    let status = fleet.controller.status(&name("web"));
+    assert_eq!(status.placement, None, "the devices agree: none runs it");
+    assert_eq!(
+        status.outdated_agents.unwrap().devices,
+        DeviceGroup::of(&[id("rpi-03")])
+    );
+    // Forcing does not write to an agent that would misread the score.
+    fleet.apply(
+        "web",
+        placed(
+            Some("AllOrNothing"),
+            &devices,
+            "web:1",
+            Some("per_run"),
+            true,
+        ),
+    );
+    assert_eq!(fleet.desired_keys("web"), ["rpi-01", "rpi-02"]);
+    fleet.apply(
+        "web",
+        placed(
+            Some("AllOrNothing"),
+            &devices,
+            "web:1",
+            Some("per_run"),
+            false,
+        ),
+    );
+    // Upgraded: every device gets it (they had it or take it now).
+    fleet.beat("rpi-03");
+    assert_eq!(fleet.desired_keys("web"), devices);
+    assert_eq!(fleet.controller.status(&name("web")).outdated_agents, None);
 }
