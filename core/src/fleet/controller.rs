@@ -345,6 +345,9 @@ struct Device {
     /// The record's labels; `None` without a record.
     labels: Option<Labels>,
     heartbeat: Option<Heartbeat>,
+    /// The score features its agent named in its last heartbeat, kept when
+    /// the heartbeat goes: `None` until one came.
+    score_features: Option<Vec<String>>,
     /// When the heartbeat was written, on the controller's clock.
     seen_at: Option<Timestamp>,
     /// When it goes offline; `None` when it is.
@@ -357,20 +360,16 @@ impl Device {
     }
 
     /// Whether its agent is known not to understand one of `features`:
-    /// its last heartbeat, however old, does not name it. A device never
-    /// heard from is not: nothing says its agent is old, and a new device
-    /// gets its deployments before its agent first connects.
+    /// its last heartbeat, however old (even deleted since), does not name
+    /// it. A device never heard from is not: nothing says its agent is
+    /// old, and a new device gets its deployments before its agent first
+    /// connects.
     fn lacks(&self, features: &[&str]) -> bool {
-        self.heartbeat.as_ref().is_some_and(|heartbeat| {
+        self.score_features.as_ref().is_some_and(|named| {
             features
                 .iter()
-                .any(|f| !heartbeat.score_features.iter().any(|known| known == f))
+                .any(|f| !named.iter().any(|known| known == f))
         })
-    }
-
-    /// The score features its agent names, if it has been heard from.
-    fn score_features(&self) -> Option<&[String]> {
-        self.heartbeat.as_ref().map(|h| h.score_features.as_slice())
     }
 }
 
@@ -587,10 +586,10 @@ impl Controller {
         let device = self.devices.entry(id.clone()).or_default();
         let was_known = device.is_known();
         let was_online = device.online_until.is_some();
-        let features_before = device.score_features().map(<[String]>::to_vec);
         if let Some(until) = device.online_until.take() {
             self.offline_at.remove(&(until, id.clone()));
         }
+        let features_changed;
         match heartbeat {
             Some(heartbeat) => {
                 let seen_at = Timestamp::from_millis(
@@ -602,6 +601,13 @@ impl Controller {
                 // after the heartbeat was written, `seen_at` is clamped to
                 // the clock's origin and would make an old heartbeat fresh.
                 let until = self.now + self.config.offline_after.saturating_sub(age);
+                // A first heartbeat, or an agent upgraded (or downgraded)
+                // in place: what it may be written changes.
+                features_changed =
+                    device.score_features.as_ref() != Some(&heartbeat.score_features);
+                if features_changed {
+                    device.score_features = Some(heartbeat.score_features.clone());
+                }
                 device.heartbeat = Some(heartbeat);
                 device.seen_at = Some(seen_at);
                 if age < self.config.offline_after {
@@ -610,24 +616,21 @@ impl Controller {
                 }
             }
             None => {
+                features_changed = false;
                 device.heartbeat = None;
                 device.seen_at = None;
             }
         }
         let is_known = device.is_known();
         let is_online = device.online_until.is_some();
-        let features_changed = device.score_features().map(<[String]>::to_vec) != features_before;
         if !is_known {
             self.devices.remove(&id);
         }
         if was_known != is_known || features_changed {
             // A device heard from (or upgraded) may now take what it was
-            // not written.
+            // not written; its deployments' statuses and any held
+            // all-or-nothing deployment are looked at again.
             self.converge_device(&id);
-        }
-        if features_changed {
-            self.mark_device_dirty(&id);
-            self.reconsider_held();
         }
         if was_online != is_online {
             self.mark_device_dirty(&id);
@@ -993,9 +996,10 @@ impl Controller {
         if *gate == Gate::Unasked {
             // All or nothing: one device that cannot take the score is
             // enough to write it to none.
-            let outdated = self
-                .rows(name, spec)
-                .any(|row| self.outdated(name, row.device));
+            let outdated = !spec.features.is_empty()
+                && self
+                    .rows(name, spec)
+                    .any(|row| self.outdated(name, row.device));
             *gate = match self.refusal(name, spec) {
                 None if !outdated => Gate::Open,
                 _ => Gate::Shut,
@@ -1218,11 +1222,14 @@ impl Controller {
         status.phases = phases;
         status.failures = group_failures(failures);
         status.placement = self.placement(name, spec);
-        let outdated: Vec<&DeviceId> = self
-            .rows(name, spec)
-            .filter(|row| self.outdated(name, row.device))
-            .map(|row| row.device)
-            .collect();
+        let outdated: Vec<&DeviceId> = match spec.features.is_empty() {
+            true => Vec::new(),
+            false => self
+                .rows(name, spec)
+                .filter(|row| self.outdated(name, row.device))
+                .map(|row| row.device)
+                .collect(),
+        };
         if !outdated.is_empty() {
             status.outdated_agents = Some(OutdatedAgents {
                 features: spec.features.iter().map(|f| (*f).to_owned()).collect(),

@@ -1494,6 +1494,17 @@ fn a_score_feature_is_written_only_to_agents_that_understand_it() {
         outdated.message(),
         "rpi-02 runs an agent that does not understand lifetime: upgrade it (nothing of this generation is written to it)"
     );
+    // Its heartbeat deleted, it is still known to be old.
+    fleet.heartbeats.remove(&id("rpi-02"));
+    fleet.feed(Input::Heartbeat {
+        device: id("rpi-02"),
+        value: None,
+        age: Duration::ZERO,
+    });
+    assert_eq!(
+        fleet.desired[&key("rpi-02", "web")].1,
+        scored("web:1", None)
+    );
     // Upgraded, it takes it at once.
     fleet.beat("rpi-02");
     assert_eq!(
