@@ -430,8 +430,10 @@ impl Oracle {
         }
         if running && !init && !matches!(op, RuntimeOp::Start { .. }) {
             // Healthy: what the newest spec runs, provisioned if it has a
-            // setup script, and not a finished revision's run (`per_run`
-            // runs again for every revision).
+            // setup script, and kept by its lifetime: a `persistent` one
+            // (`per_run` runs again for every revision, and `no_launch`
+            // runs nothing of its own, so a container of an earlier
+            // lifetime goes even when its spec is the same).
             let container = op
                 .container()
                 .and_then(|c| runtime.containers().get(c).or_else(|| runtime.by_name(c)));
@@ -452,7 +454,7 @@ impl Oracle {
             let healthy_target = valid.is_some_and(|v| {
                 v.runs_service(&deployment, &service, spec)
                     && provisioned(v)
-                    && v.score.lifetime() != podfleet_core::wire::Lifetime::PerRun
+                    && v.score.lifetime() == podfleet_core::wire::Lifetime::Persistent
             });
             if healthy_target {
                 violation(
@@ -471,7 +473,8 @@ impl Oracle {
     /// was handed over: the images of its services that no container of
     /// `deployment` runs as asked, and, if there is one, of its init
     /// containers. What the rollout needs is read from the runtime, never
-    /// from the reconciler's plan.
+    /// from the reconciler's plan. A `no_launch` rollout creates nothing,
+    /// so it waits for no image.
     fn images_not_ready(
         &self,
         deployment: &str,
@@ -479,6 +482,9 @@ impl Oracle {
         runtime: &FakeRuntime,
     ) -> Vec<String> {
         use podfleet_core::runtime::{LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE};
+        if valid.score.lifetime() == podfleet_core::wire::Lifetime::NoLaunch {
+            return Vec::new();
+        }
         let recreated: Vec<&podfleet_core::wire::PodmanService> = valid
             .score
             .services
@@ -568,7 +574,9 @@ impl Oracle {
         use podfleet_core::runtime::{LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE};
         let mut per_service: BTreeMap<(&str, &str), usize> = BTreeMap::new();
         for c in runtime.containers().values() {
-            if c.spec.labels.contains_key(LABEL_INIT) {
+            // Init containers come and go in turn; the base system's are
+            // not podfleet's to count.
+            if c.spec.labels.contains_key(LABEL_INIT) || !is_podfleets(&c.spec.labels) {
                 continue;
             }
             let label = |k: &str| c.spec.labels.get(k).map_or("", String::as_str);
@@ -623,7 +631,7 @@ impl Oracle {
         runtime: &FakeRuntime,
         violations: &mut Vec<Violation>,
     ) {
-        use podfleet_core::runtime::{LABEL_DEPLOYMENT, LABEL_MANAGED};
+        use podfleet_core::runtime::LABEL_DEPLOYMENT;
         use podfleet_core::wire::Lifetime;
         let Some(container) = op.container().filter(|_| op.is_mutation()) else {
             return;
@@ -640,7 +648,7 @@ impl Oracle {
         let mut violation = |detail: String| {
             violations.push(Violation::at(now, Invariant::OnlyOwnContainers, detail))
         };
-        if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true") {
+        if !is_podfleets(labels) {
             violation(format!(
                 "{} of {container}, a container without podfleet's labels",
                 op.name()
@@ -692,14 +700,9 @@ impl Oracle {
             // Verified, not launched: each id is the named container's, which
             // runs the score's image.
             for service in &valid.score.services {
-                let named = runtime.by_name(service.container_name());
                 let id = state.container_ids.get(service.name.as_str());
-                let truthful = named.is_some_and(|c| {
-                    Some(&c.id) == id
-                        && runtime.is_running(&c.id)
-                        && c.image_id.is_some()
-                        && c.image_id == runtime.image(&service.image).map(|i| i.id)
-                });
+                let truthful =
+                    verified_running(runtime, service).is_some_and(|c| Some(&c.id) == id);
                 if !truthful {
                     violations.push(Violation::at(now, Invariant::TruthfulReports, format!(
                         "{deployment} reported Running at revision {} but container {} of service {} is not running the score's image as {id:?}",
@@ -767,6 +770,29 @@ impl Oracle {
             }
         }
     }
+}
+
+/// Whether a container with `labels` is podfleet's: one it created (the
+/// base system's, and anyone else's, are not).
+pub fn is_podfleets(labels: &BTreeMap<String, String>) -> bool {
+    labels
+        .get(podfleet_core::runtime::LABEL_MANAGED)
+        .is_some_and(|v| v == "true")
+}
+
+/// The container a `no_launch` `service` verifies, when it is running the
+/// score's image: what a verification must find to say `running`. `None`
+/// when it is missing, stopped, on another image, or when the store has no
+/// image under the score's reference to compare with.
+pub fn verified_running<'a>(
+    runtime: &'a FakeRuntime,
+    service: &podfleet_core::wire::PodmanService,
+) -> Option<&'a crate::FakeContainer> {
+    runtime.by_name(service.container_name()).filter(|c| {
+        runtime.is_running(&c.id)
+            && c.image_id.is_some()
+            && c.image_id == runtime.image(&service.image).map(|i| i.id)
+    })
 }
 
 /// Whether every init container of `valid` exited 0, in order.
