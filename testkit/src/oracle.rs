@@ -1038,4 +1038,71 @@ mod tests {
             "{found:?}"
         );
     }
+
+    #[test]
+    fn nothing_outside_podfleets_labels_is_touched_and_no_launch_launches_nothing() {
+        let mut oracle = Oracle::default();
+        let mut rt = crate::images::runtime();
+        crate::base_system::install(&mut rt);
+        oracle.saw_put("shop", 5, V1.as_bytes());
+        let own = create_and_start(&oracle, &mut rt, web_spec(V1, 5));
+        let backup = rt
+            .by_name(crate::base_system::BACKUP)
+            .map(|c| c.id.clone())
+            .unwrap();
+        let exec = |container: &str| RuntimeOp::Exec {
+            container: container.to_owned(),
+            argv: vec!["cat".into(), "/etc/hostname".into()],
+        };
+        // The base system's containers: looked at, never touched, by id or
+        // by name.
+        assert_eq!(
+            check(
+                &oracle,
+                &rt,
+                &RuntimeOp::Inspect {
+                    container: backup.clone()
+                }
+            ),
+            Vec::<String>::new()
+        );
+        for op in [
+            RuntimeOp::Start {
+                container: backup.clone(),
+            },
+            exec(crate::base_system::PROXY),
+            stop(crate::base_system::VPN, Signal::Term, 30),
+        ] {
+            let found = check(&oracle, &rt, &op);
+            assert!(
+                found.iter().any(|v| v.contains("only own containers")
+                    && v.contains("without podfleet's labels")),
+                "{op:?}: {found:?}"
+            );
+        }
+        // A no_launch revision of shop retires its own container, and
+        // launches, starts and provisions nothing.
+        let no_launch = r#"{"lifetime":"no_launch","services":[{"name":"web","image":"img/a:1","container":"base_proxy"}]}"#;
+        oracle.saw_put("shop", 6, no_launch.as_bytes());
+        assert_eq!(
+            check(&oracle, &rt, &stop(&own, Signal::Int, 2)),
+            Vec::<String>::new()
+        );
+        for op in [
+            RuntimeOp::Start {
+                container: own.clone(),
+            },
+            exec(&own),
+            RuntimeOp::Create {
+                spec: web_spec(V1, 6),
+            },
+        ] {
+            let found = check(&oracle, &rt, &op);
+            assert!(
+                found.iter().any(|v| v.contains("only own containers")
+                    && v.contains("whose lifetime is no_launch")),
+                "{op:?}: {found:?}"
+            );
+        }
+    }
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use podfleet_core::reconciler::{DEFAULT_SETUP_TIMEOUT, SETUP_SCRIPT_PATH};
+use podfleet_core::reconciler::SETUP_SCRIPT_PATH;
 
 use crate::shell::{self, ExecEnd, FakeFile};
 
@@ -54,23 +54,26 @@ pub fn ending(script: &str) -> ExecEnd {
     shell::run(&argv, &files).end
 }
 
-/// Whether `script` provisions a container: it exits 0 within the agent's
-/// default setup timeout.
-pub fn provisions(script: &str) -> bool {
-    provisions_within(script, DEFAULT_SETUP_TIMEOUT)
-}
-
-fn provisions_within(script: &str, timeout: Duration) -> bool {
+/// Whether `script` provisions a container for an agent whose setup
+/// timeout is `timeout`
+/// ([`DEFAULT_SETUP_TIMEOUT`](podfleet_core::reconciler::DEFAULT_SETUP_TIMEOUT)
+/// unless configured): it
+/// exits 0 before then.
+pub fn provisions(script: &str, timeout: Duration) -> bool {
     matches!(ending(script), ExecEnd::Exits { code: 0, after } if after < timeout)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podfleet_core::reconciler::DEFAULT_SETUP_TIMEOUT;
 
     #[test]
     fn the_first_three_provision_and_the_rest_never_do() {
-        let provisioning: Vec<bool> = ALL.iter().map(|s| provisions(s)).collect();
+        let provisioning: Vec<bool> = ALL
+            .iter()
+            .map(|s| provisions(s, DEFAULT_SETUP_TIMEOUT))
+            .collect();
         assert_eq!(provisioning, [true, true, true, false, false, false, false]);
         assert_eq!(ending(HANGS), ExecEnd::Hangs);
         assert_eq!(
@@ -80,10 +83,7 @@ mod tests {
                 after: Duration::from_secs(20)
             }
         );
-        assert!(!provisions_within(
-            PROVISIONS_SLOWLY,
-            Duration::from_secs(10)
-        ));
+        assert!(!provisions(PROVISIONS_SLOWLY, Duration::from_secs(10)));
         assert!(matches!(ending(EXITS_3), ExecEnd::Exits { code: 3, .. }));
     }
 }
