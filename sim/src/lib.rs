@@ -1,13 +1,18 @@
 //! The deterministic simulation testbed.
 //!
 //! Each seed expands into a workload (desired-state puts, edits, deletes,
-//! invalid payloads, redeliveries) and a fault plan (container crashes,
-//! runtime API failures, missing images, agent restarts with the cache kept
-//! or lost), which drive the real podfleet-core reconciler against the fake
-//! runtime in virtual time. The harness checks the safety invariants at
-//! every step; after the faults heal, a liveness phase requires every
-//! deployment whose spec can succeed to report Running with the true ids,
-//! and then no further runtime mutation for several ticks.
+//! invalid payloads, redeliveries; persistent services, `per_run` jobs,
+//! `no_launch` verifications of the device's base system, setup scripts)
+//! and a fault plan (container crashes, runtime API failures, missing
+//! images, agent restarts with the cache kept or lost), which drive the
+//! real podfleet-core reconciler against the fake runtime in virtual time.
+//! The harness checks the safety invariants at every step (among them:
+//! nothing outside podfleet's labels is touched, a `no_launch` deployment
+//! launches nothing, an unprovisioned container is never Running); after
+//! the faults heal, a liveness phase requires every deployment whose spec
+//! can succeed to report Running with the true ids (a job its end, a
+//! verification what it found), and then no further runtime mutation for
+//! several ticks.
 //!
 //! The discrete tier ([`run_seed`]) expands the seed into the test kit's
 //! ops ([`discrete_ops`]) and plays them with its [`Player`] on the
