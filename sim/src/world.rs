@@ -439,8 +439,8 @@ impl ContainerRuntime for FaultyRuntime {
             Ok(RuntimeReply::Listed { .. }) => lock(&d.oracle).saw_list(),
             Ok(_) => {}
         }
-        if let Some(image) = op.image() {
-            lock(&d.oracle).saw_image_answer(image, &result);
+        lock(&d.oracle).saw_answer(&op, &result);
+        if op.image().is_some() {
             match &result {
                 Ok(RuntimeReply::Pulled { .. }) => d.world.probe("image pulled"),
                 Err(e) if matches!(e.kind, RuntimeErrorKind::Pull(_)) => {

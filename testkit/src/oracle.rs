@@ -135,6 +135,9 @@ pub struct Oracle {
     /// Per image, the input count when an answer last said the store has
     /// it (an inspect that found it, a pull that landed).
     images_seen: BTreeMap<String, u64>,
+    /// Containers (by id) whose marker of provisioning an answer showed the
+    /// reconciler: a write of it that succeeded, or a read of it.
+    markers_seen: BTreeSet<String>,
 }
 
 impl Oracle {
@@ -167,6 +170,36 @@ impl Oracle {
     /// A `list` answered: the agent has looked at the runtime.
     pub fn saw_list(&mut self) {
         self.listed = true;
+    }
+
+    /// The reconciler was handed `result`, the answer to `op`: what it may
+    /// rely on from then on ([`saw_image_answer`](Self::saw_image_answer)
+    /// for an image operation; for the write or the read of a container's
+    /// marker of provisioning, that the container holds it). A drive loop
+    /// calls this for every answer it hands over.
+    pub fn saw_answer(&mut self, op: &RuntimeOp, result: &RuntimeResult) {
+        if let Some(image) = op.image() {
+            self.saw_image_answer(image, result);
+        }
+        let marker = match (op, result) {
+            (
+                RuntimeOp::CopyFile {
+                    container, path, ..
+                },
+                Ok(_),
+            ) => Some(container).filter(|_| path == podfleet_core::reconciler::PROVISIONED_PATH),
+            (
+                RuntimeOp::Exec { container, argv },
+                Ok(RuntimeReply::Executed { exit_code: 0, .. }),
+            ) => Some(container).filter(|_| {
+                argv.iter()
+                    .any(|a| a == podfleet_core::reconciler::PROVISIONED_PATH)
+            }),
+            _ => None,
+        };
+        if let Some(container) = marker {
+            self.markers_seen.insert(container.clone());
+        }
     }
 
     /// The reconciler was handed the answer to an `inspect_image` or a
@@ -355,9 +388,24 @@ impl Oracle {
                         label(LABEL_REVISION)
                     ));
                 }
-                if let (RuntimeOp::Start { .. }, Some(v), false) = (op, valid, init) {
+                if let (RuntimeOp::Start { container }, Some(v), false) = (op, valid, init) {
                     if v.is_revision(&label(LABEL_REVISION)) {
-                        if let Err(why) = inits_completed(runtime, &deployment, v) {
+                        // The init containers that ran before this very
+                        // container was created: a later attempt's, cut
+                        // short, does not undo them (a restarted container
+                        // runs no init container again).
+                        let id = runtime
+                            .containers()
+                            .get(container.as_str())
+                            .or_else(|| runtime.by_name(container))
+                            .map(|c| c.id.as_str());
+                        let created = runtime
+                            .events()
+                            .iter()
+                            .position(|(_, e)| matches!(e, RuntimeEvent::Created { id: c, .. } if Some(c.as_str()) == id))
+                            .unwrap_or(runtime.events().len());
+                        let before = &runtime.events()[..created];
+                        if let Err(why) = inits_completed(before, &deployment, v) {
                             violation(
                                 Invariant::InitContainersFirst,
                                 format!(
@@ -430,7 +478,10 @@ impl Oracle {
         }
         if running && !init && !matches!(op, RuntimeOp::Start { .. }) {
             // Healthy: what the newest spec runs, provisioned if it has a
-            // setup script, and kept by its lifetime: a `persistent` one
+            // setup script (the container holds the marker of that very
+            // script, and an answer showed the reconciler it does: a write
+            // of the marker that took effect but failed is no news it
+            // could act on), and kept by its lifetime: a `persistent` one
             // (`per_run` runs again for every revision, and `no_launch`
             // runs nothing of its own, so a container of an earlier
             // lifetime goes even when its spec is the same).
@@ -446,9 +497,12 @@ impl Oracle {
                     .and_then(|s| s.setup_script.as_deref());
                 script.is_none_or(|script| {
                     let marker = podfleet_core::reconciler::provisioned_marker(script);
-                    container
-                        .and_then(|c| c.files().get(podfleet_core::reconciler::PROVISIONED_PATH))
-                        .is_some_and(|f| f.content == marker)
+                    container.is_some_and(|c| {
+                        self.markers_seen.contains(&c.id)
+                            && c.files()
+                                .get(podfleet_core::reconciler::PROVISIONED_PATH)
+                                .is_some_and(|f| f.content == marker)
+                    })
                 })
             };
             let healthy_target = valid.is_some_and(|v| {
@@ -795,9 +849,10 @@ pub fn verified_running<'a>(
     })
 }
 
-/// Whether every init container of `valid` exited 0, in order.
+/// Whether, by the end of `events`, every init container of `valid` had
+/// exited 0, in order (each one's latest exit 0 after the one before it's).
 fn inits_completed(
-    runtime: &FakeRuntime,
+    events: &[(Timestamp, RuntimeEvent)],
     deployment: &str,
     valid: &ValidSpec,
 ) -> Result<(), String> {
@@ -805,8 +860,7 @@ fn inits_completed(
     let mut previous_exit = Timestamp::ZERO;
     for init in &valid.inits {
         let name = podfleet_core::runtime::init_container_name(deployment, init);
-        let ids: BTreeSet<&str> = runtime
-            .events()
+        let ids: BTreeSet<&str> = events
             .iter()
             .filter_map(|(_, e)| match e {
                 RuntimeEvent::Created { id, spec }
@@ -821,8 +875,7 @@ fn inits_completed(
                 _ => None,
             })
             .collect();
-        let exit = runtime
-            .events()
+        let exit = events
             .iter()
             .rev()
             .filter_map(|(at, e)| match e {
