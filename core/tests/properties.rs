@@ -6,6 +6,8 @@
 //! - no running container whose spec did not change is stopped or removed,
 //! - no container of an older spec is created or started once a newer
 //!   valid revision was seen,
+//! - nothing outside podfleet's labels (the base system's containers,
+//!   which `no_launch` scores verify) is ever touched,
 //! - no input panics.
 
 use std::time::Duration;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use podfleet_core::reconciler::{Bugs, Config};
 use podfleet_core::wire::DeviceId;
 use podfleet_testkit::ops::{self, Player};
-use podfleet_testkit::{images, Harness, Invariant};
+use podfleet_testkit::{base_system, images, Harness, Invariant};
 use proptest::prelude::*;
 
 fn world() -> Player {
@@ -21,6 +23,7 @@ fn world() -> Player {
         .tick_interval(Duration::from_secs(30));
     let mut h = Harness::new(config);
     images::install(&mut h.runtime);
+    base_system::install(&mut h.runtime);
     Player::new(h)
 }
 

@@ -211,6 +211,8 @@ fn service(name: u8, image: u8) -> ServiceSketch {
         env: Some((0, 0)),
         volume: None,
         port: None,
+        setup_script: None,
+        container: None,
     }
 }
 
@@ -233,14 +235,47 @@ fn score(mut services: Vec<ServiceSketch>, inits: Vec<InitSketch>) -> ScoreSketc
             grace: Some(1),
         }),
         unknown_field: false,
+        lifetime: 0,
+    }
+}
+
+/// A service with setup script `script` (an index into
+/// `podfleet_testkit::scripts::ALL`).
+fn scripted(name: u8, image: u8, script: u8) -> ServiceSketch {
+    ServiceSketch {
+        setup_script: Some(script),
+        ..service(name, image)
+    }
+}
+
+/// A `no_launch` score whose services verify the base system's containers
+/// (indices into `podfleet_testkit::base_system::NAMES`), on img/a:1.
+fn verifying(containers: &[u8]) -> ScoreSketch {
+    let mut services: Vec<ServiceSketch> = containers
+        .iter()
+        .map(|&c| ServiceSketch {
+            container: Some(c),
+            ..service(0, 0)
+        })
+        .collect();
+    ScoreSketch {
+        service: services.remove(0),
+        more_services: services,
+        init_containers: Vec::new(),
+        lifecycle: None,
+        unknown_field: false,
+        lifetime: 2,
     }
 }
 
 /// Tours of the reconciler's features: each fixture score rolled out,
 /// crashed, redelivered, restarted and deleted; then vocabulary scores
-/// through init containers, the libpod race, timeouts, faults and restarts.
+/// through init containers, the libpod race, timeouts, faults and restarts,
+/// and through the lifetimes: setup scripts that provision, fail, hang or
+/// are cut short by a restart, `per_run` jobs, and `no_launch` scores
+/// verifying the base system's containers.
 fn reconciler_seeds(payloads: &[Payload]) -> Vec<(String, Vec<u8>)> {
-    use Deployment::{Cam, Shop};
+    use Deployment::{Cam, Relay, Shop};
     let mut seeds = Vec::new();
     for payload in payloads {
         if serde_json::from_str::<podfleet_core::wire::PodmanV0Score>(&payload.text).is_err() {
@@ -276,7 +311,7 @@ fn reconciler_seeds(payloads: &[Payload]) -> Vec<(String, Vec<u8>)> {
         ];
         seeds.push((payload.name.clone(), encode_ops(&steps)));
     }
-    let tours: [(&str, Vec<Op>); 4] = [
+    let tours: [(&str, Vec<Op>); 7] = [
         (
             "tour-init-race-then-update",
             vec![
@@ -380,6 +415,119 @@ fn reconciler_seeds(payloads: &[Payload]) -> Vec<(String, Vec<u8>)> {
                 },
                 Op::Reconnect,
                 Op::Advance(Wait::Minutes(2)),
+            ],
+        ),
+        (
+            "tour-setup-scripts",
+            vec![
+                // Provisions slowly; the agent dies meanwhile.
+                Op::Put {
+                    deployment: Shop,
+                    score: score(vec![scripted(0, 0, 1), scripted(1, 3, 2)], vec![]),
+                },
+                Op::Advance(Wait::Seconds(5)),
+                Op::RestartAgent {
+                    keep_cache: true,
+                    watch_snapshot: true,
+                },
+                Op::Advance(Wait::Minutes(1)),
+                // Fails with output, then one that hangs past the timeout.
+                Op::Put {
+                    deployment: Cam,
+                    score: score(vec![scripted(0, 0, 3)], vec![]),
+                },
+                Op::Advance(Wait::Seconds(30)),
+                Op::Fault {
+                    op: OpName::Exec,
+                    kind: ErrorKind::Unavailable,
+                    after_effect: false,
+                },
+                Op::Put {
+                    deployment: Cam,
+                    score: score(vec![scripted(0, 0, 6)], vec![]),
+                },
+                Op::Advance(Wait::Minutes(6)),
+                Op::Crash {
+                    deployment: Shop,
+                    service: 0,
+                    code: 1,
+                },
+                Op::Advance(Wait::Minutes(2)),
+            ],
+        ),
+        (
+            "tour-per-run",
+            vec![
+                // img/init-ok:1 exits 0, img/crash:1 exits 1.
+                Op::Put {
+                    deployment: Relay,
+                    score: ScoreSketch {
+                        lifetime: 1,
+                        ..score(
+                            vec![scripted(0, 5, 0), service(1, 5)],
+                            vec![init(0, 0, None)],
+                        )
+                    },
+                },
+                Op::Advance(Wait::Seconds(30)),
+                Op::Redeliver {
+                    deployment: Relay,
+                    back: 0,
+                },
+                Op::Put {
+                    deployment: Relay,
+                    score: ScoreSketch {
+                        lifetime: 1,
+                        ..score(vec![service(0, 2)], vec![])
+                    },
+                },
+                Op::Advance(Wait::Seconds(3)),
+                Op::RestartAgent {
+                    keep_cache: false,
+                    watch_snapshot: true,
+                },
+                Op::Advance(Wait::Minutes(1)),
+                Op::Put {
+                    deployment: Relay,
+                    score: score(vec![service(0, 0)], vec![]),
+                },
+                Op::Advance(Wait::Minutes(1)),
+            ],
+        ),
+        (
+            "tour-no-launch",
+            vec![
+                Op::Put {
+                    deployment: Cam,
+                    score: score(vec![service(0, 0)], vec![]),
+                },
+                Op::Advance(Wait::Seconds(10)),
+                // Running, stopped, drifted and missing, in place of
+                // podfleet's own container.
+                Op::Put {
+                    deployment: Cam,
+                    score: verifying(&[0, 1, 2]),
+                },
+                Op::Advance(Wait::Seconds(30)),
+                Op::Put {
+                    deployment: Shop,
+                    score: verifying(&[3]),
+                },
+                Op::Fault {
+                    op: OpName::Inspect,
+                    kind: ErrorKind::Unavailable,
+                    after_effect: false,
+                },
+                Op::Advance(Wait::Minutes(1)),
+                Op::ToggleImage { image: 0 },
+                Op::Advance(Wait::Minutes(1)),
+                Op::RestartAgent {
+                    keep_cache: true,
+                    watch_snapshot: true,
+                },
+                Op::Advance(Wait::Minutes(1)),
+                Op::Delete { deployment: Cam },
+                Op::Advance(Wait::Minutes(1)),
             ],
         ),
     ];

@@ -1,13 +1,18 @@
 //! The deterministic simulation testbed.
 //!
 //! Each seed expands into a workload (desired-state puts, edits, deletes,
-//! invalid payloads, redeliveries) and a fault plan (container crashes,
-//! runtime API failures, missing images, agent restarts with the cache kept
-//! or lost), which drive the real podfleet-core reconciler against the fake
-//! runtime in virtual time. The harness checks the safety invariants at
-//! every step; after the faults heal, a liveness phase requires every
-//! deployment whose spec can succeed to report Running with the true ids,
-//! and then no further runtime mutation for several ticks.
+//! invalid payloads, redeliveries; persistent services, `per_run` jobs,
+//! `no_launch` verifications of the device's base system, setup scripts)
+//! and a fault plan (container crashes, runtime API failures, missing
+//! images, agent restarts with the cache kept or lost), which drive the
+//! real podfleet-core reconciler against the fake runtime in virtual time.
+//! The harness checks the safety invariants at every step (among them:
+//! nothing outside podfleet's labels is touched, a `no_launch` deployment
+//! launches nothing, an unprovisioned container is never Running); after
+//! the faults heal, a liveness phase requires every deployment whose spec
+//! can succeed to report Running with the true ids (a job its end, a
+//! verification what it found), and then no further runtime mutation for
+//! several ticks.
 //!
 //! The discrete tier ([`run_seed`]) expands the seed into the test kit's
 //! ops ([`discrete_ops`]) and plays them with its [`Player`] on the
@@ -32,14 +37,16 @@ use podfleet_testkit::ops::{
     Deployment, ErrorKind, InitSketch, LifecycleSketch, Op, OpName, Played, Player, RawBytes,
     ScoreSketch, ServiceSketch, Wait,
 };
-use podfleet_testkit::{Harness, Invariant, Violation};
+use podfleet_testkit::{base_system, scripts, Harness, Invariant, Violation};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use plan::{below, chance};
 
 fn world(bugs: Bugs) -> Harness {
-    let config = Config::new(DeviceId::new("sim-device").expect("valid"), "sim").inject_bugs(bugs);
+    let config = Config::new(DeviceId::new("sim-device").expect("valid"), "sim")
+        .setup_timeout(plan::SETUP_TIMEOUT)
+        .inject_bugs(bugs);
     let mut h = Harness::new(config);
     // The network tiers' images.
     h.runtime = world::fake_runtime();
@@ -87,12 +94,11 @@ fn valid_score(rng: &mut ChaCha8Rng) -> ScoreSketch {
     // Service image indices: img/a:1, img/slow-stop:1, img/ignore-stop:1.
     const STEADY: [u8; 3] = [0, 3, 4];
     let mut services = (0..count).map(|i| ServiceSketch {
-        name: if i == 0 { first } else { 0 },
-        image: STEADY[below(rng, 3) as usize],
-        args: 0,
         env: Some((0, below(rng, 3) as u8)),
-        volume: None,
-        port: None,
+        ..service(
+            if i == 0 { first } else { 0 },
+            STEADY[below(rng, 3) as usize],
+        )
     });
     let service = services.next().expect("a score has a first service");
     let more_services = services.collect();
@@ -118,7 +124,96 @@ fn valid_score(rng: &mut ChaCha8Rng) -> ScoreSketch {
             grace: Some(below(rng, 2) as u8),
         }),
         unknown_field: false,
+        lifetime: PERSISTENT,
     }
+}
+
+/// A service sketch: the name and image indices, nothing else.
+fn service(name: u8, image: u8) -> ServiceSketch {
+    ServiceSketch {
+        name,
+        image,
+        args: 0,
+        env: None,
+        volume: None,
+        port: None,
+        setup_script: None,
+        container: None,
+    }
+}
+
+/// The sketch's lifetime indices ([`ScoreSketch::lifetime`]).
+const PERSISTENT: u8 = 0;
+const PER_RUN: u8 = 1;
+const NO_LAUNCH: u8 = 2;
+
+/// The sketch's service image indices of what a job runs, as
+/// [`plan::JOB_IMAGES`] (without img/init-fail:1, which the sketch
+/// vocabulary has for init containers only): img/init-ok:1 (twice as
+/// likely), img/crash:1.
+const JOB_IMAGES: [u8; 3] = [5, 5, 2];
+/// The sketch's setup-script indices of [`plan::JOB_SCRIPTS`]: the
+/// catalogue's ([`podfleet_testkit::scripts::ALL`]) in order.
+const JOB_SCRIPTS: [u8; 2] = [0, 2];
+/// The sketch's service image indices a `no_launch` score names:
+/// img/a:1, which the base system runs, and img/ignore-stop:1.
+const VERIFIED_IMAGES: [u8; 2] = [0, 4];
+
+/// A job like [`plan::job_score`]'s, in the test kit's vocabulary: web,
+/// and worker by chance, on images that exit by themselves; by chance a
+/// setup script that ends at once on web.
+fn job_score(rng: &mut ChaCha8Rng) -> ScoreSketch {
+    let job_image = |rng: &mut ChaCha8Rng| JOB_IMAGES[below(rng, 3) as usize];
+    let mut web = service(0, job_image(rng));
+    if chance(rng, 30) {
+        web.setup_script = Some(JOB_SCRIPTS[below(rng, 2) as usize]);
+    }
+    let more_services = if chance(rng, 50) {
+        vec![service(0, job_image(rng))]
+    } else {
+        Vec::new()
+    };
+    ScoreSketch {
+        service: web,
+        more_services,
+        init_containers: Vec::new(),
+        lifecycle: None,
+        unknown_field: false,
+        lifetime: PER_RUN,
+    }
+}
+
+/// A `no_launch` score like [`plan::verify_score`]'s: web, and worker by
+/// chance, each verifying one of the base system's containers, mostly on
+/// the image they run.
+fn verify_score(rng: &mut ChaCha8Rng) -> ScoreSketch {
+    let verifier = |rng: &mut ChaCha8Rng| ServiceSketch {
+        container: Some(below(rng, base_system::NAMES.len() as u64) as u8),
+        ..service(0, VERIFIED_IMAGES[usize::from(!chance(rng, 80))])
+    };
+    let web = verifier(rng);
+    let more_services = if chance(rng, 40) {
+        vec![verifier(rng)]
+    } else {
+        Vec::new()
+    };
+    ScoreSketch {
+        service: web,
+        more_services,
+        init_containers: Vec::new(),
+        lifecycle: None,
+        unknown_field: false,
+        lifetime: NO_LAUNCH,
+    }
+}
+
+/// A score of [`valid_score`]'s whose first service carries the
+/// catalogue's script `script` (an index into
+/// [`podfleet_testkit::scripts::ALL`]), as [`plan::scripted_score`].
+fn scripted_score(rng: &mut ChaCha8Rng, script: u8) -> ScoreSketch {
+    let mut score = valid_score(rng);
+    score.service.setup_script = Some(script);
+    score
 }
 
 /// The sketch's init image indices of
@@ -130,14 +225,7 @@ const DOOMED_INIT_IMAGES: [u8; 2] = [3, 4];
 /// ([`DOOMED_INIT_IMAGES`]).
 fn doomed_init_score(hangs: bool) -> ScoreSketch {
     ScoreSketch {
-        service: ServiceSketch {
-            name: 0,
-            image: 0,
-            args: 0,
-            env: None,
-            volume: None,
-            port: None,
-        },
+        service: service(0, 0),
         more_services: Vec::new(),
         init_containers: vec![InitSketch {
             // "warm": no valid score has an init container of that name.
@@ -148,14 +236,21 @@ fn doomed_init_score(hangs: bool) -> ScoreSketch {
         }],
         lifecycle: None,
         unknown_field: false,
+        lifetime: PERSISTENT,
     }
 }
 
 /// Expands `seed` into the discrete tier's ops: desired-state puts, invalid
 /// payloads, doomed init containers, redeliveries, deletes, container
-/// crashes, runtime API faults and agent restarts, with time passing.
+/// crashes, runtime API faults and agent restarts, with time passing; and,
+/// from the lifetimes' own stream ([`plan::LIFETIME_STREAM`], so that the
+/// rest is what it was before lifetimes existed), `per_run` jobs,
+/// `no_launch` scores verifying the base system, and scores with a setup
+/// script, half of the slow or hanging ones cut short by an agent restart.
 pub fn discrete_ops(seed: u64) -> Vec<Op> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut lifetimes = ChaCha8Rng::seed_from_u64(seed ^ plan::LIFETIME_STREAM);
+    let lifetime_rate = below(&mut lifetimes, 10);
     // Swarm testing: each seed enables its own subset of faults.
     let crash_rate = below(&mut rng, 30);
     let api_fault_rate = below(&mut rng, 25);
@@ -193,6 +288,9 @@ pub fn discrete_ops(seed: u64) -> Vec<Op> {
             50..=54 => ops.push(Op::Delete { deployment }),
             _ => {}
         }
+        if chance(&mut lifetimes, lifetime_rate * 3) {
+            lifetime_ops(&mut lifetimes, &mut ops);
+        }
         if chance(&mut rng, crash_rate) {
             ops.push(Op::Crash {
                 deployment,
@@ -228,6 +326,31 @@ pub fn discrete_ops(seed: u64) -> Vec<Op> {
     ops
 }
 
+/// One put of the lifetimes' workload, drawn from `rng`: a job, a
+/// verification, or a score with a setup script, which an agent restart
+/// cuts short half the time when it takes a while.
+fn lifetime_ops(rng: &mut ChaCha8Rng, ops: &mut Vec<Op>) {
+    let deployment = DEPLOYMENTS[below(rng, 3) as usize];
+    let score = match below(rng, 3) {
+        0 => job_score(rng),
+        1 => verify_score(rng),
+        _ => {
+            let script = below(rng, scripts::ALL.len() as u64) as u8;
+            let score = scripted_score(rng, script);
+            ops.push(Op::Put { deployment, score });
+            if plan::takes_a_while(scripts::ALL[usize::from(script)]) && chance(rng, 50) {
+                ops.push(Op::Advance(Wait::Seconds(3 + below(rng, 8) as u8)));
+                ops.push(Op::RestartAgent {
+                    keep_cache: chance(rng, 60),
+                    watch_snapshot: true,
+                });
+            }
+            return;
+        }
+    };
+    ops.push(Op::Put { deployment, score });
+}
+
 /// The fault an op was, as the summary table counts it, given what playing
 /// it did.
 fn fault_kind(op: &Op, played: Played) -> Option<&'static str> {
@@ -236,13 +359,7 @@ fn fault_kind(op: &Op, played: Played) -> Option<&'static str> {
     }
     Some(match (op, played) {
         (Op::PutRaw { .. }, _) => "invalid payload",
-        (Op::Put { score, .. }, _) => {
-            let doomed = |i: &InitSketch| DOOMED_INIT_IMAGES.contains(&i.image);
-            if !score.init_containers.iter().any(doomed) {
-                return None;
-            }
-            "failing init container"
-        }
+        (Op::Put { score, .. }, _) => return plan::doomed(&score.to_json()),
         (_, Played::Redelivered { back: 0 }) => "duplicate delivery",
         (_, Played::Redelivered { .. }) => "older revision redelivered",
         (Op::Crash { .. }, _) => "container crash",
@@ -466,11 +583,11 @@ pub fn replay_commands(tier: Tier, plan: &plan::Plan, switches: tiers::Switches)
 }
 
 /// How many seeds a batch needs before a probe it never reached counts as
-/// a failure. The README's `--seeds 0..8` legitimately misses the two
-/// rarest ("crash loop restarted", "delete while offline"); 7.6% of the
-/// 32-seed windows of 0..2000 on the events tier miss one, but no 64-seed
-/// window of 0..2000 (events, 2 devices), 0..1000 (events, 1 device) or
-/// 0..400 (turmoil) does.
+/// a failure. The README's `--seeds 0..8` legitimately misses three
+/// ("partition during an upgrade", "delete while offline", "older revision
+/// delivered late"); 6.0% of the 32-seed windows of 0..2000 on the events
+/// tier miss one, but no 64-seed window of 0..2000 (events, 2 devices),
+/// 0..1000 (events, 1 device) or 0..400 (turmoil) does.
 pub const PROBE_MIN_SEEDS: usize = 64;
 
 /// The probes a batch on `tier` never reached (none on the discrete tier,
@@ -573,7 +690,7 @@ pub const LOOP_BITES: [(&str, Bugs, Invariant); 1] = [(
 
 /// Each deliberate bug of the reconciler, and the invariant whose check
 /// must report it.
-pub const BITES: [(&str, Bugs, Invariant); 8] = [
+pub const BITES: [(&str, Bugs, Invariant); 10] = [
     (
         "recreate_on_tick",
         Bugs {
@@ -623,6 +740,22 @@ pub const BITES: [(&str, Bugs, Invariant); 8] = [
         Invariant::DownloadBeforeKill,
     ),
     (
+        "start_unverified",
+        Bugs {
+            start_unverified: true,
+            ..NO_BUGS
+        },
+        Invariant::OnlyOwnContainers,
+    ),
+    (
+        "trust_unprovisioned",
+        Bugs {
+            trust_unprovisioned: true,
+            ..NO_BUGS
+        },
+        Invariant::TruthfulReports,
+    ),
+    (
         "report_running_early",
         Bugs {
             report_running_early: true,
@@ -659,7 +792,7 @@ pub const NO_BUGS: Bugs = Bugs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use podfleet_core::wire::PodmanV0Score;
+    use podfleet_core::wire::{Lifetime, PodmanV0Score};
     use podfleet_testkit::images::{A_1, IGNORE_STOP, INIT_FAIL, INIT_HANG, SLOW_STOP};
 
     #[test]
@@ -668,6 +801,45 @@ mod tests {
         assert_eq!(names, plan::DEPLOYMENTS);
         let ops: Vec<&str> = FAULTY_OPS.iter().map(|op| op.as_str()).collect();
         assert_eq!(ops, plan::FAULTY_OPS);
+    }
+
+    /// Which lifetimes' workloads `ops` put: `per_run`, `no_launch`, a
+    /// setup script, and one that an agent restart cut short.
+    fn lifetimes_put(ops: &[Op]) -> [bool; 4] {
+        let mut put = [false; 4];
+        for (i, op) in ops.iter().enumerate() {
+            let Op::Put { score, .. } = op else {
+                continue;
+            };
+            put[0] |= score.lifetime == PER_RUN;
+            put[1] |= score.lifetime == NO_LAUNCH;
+            let script = score
+                .service
+                .setup_script
+                .map(|s| scripts::ALL[usize::from(s)]);
+            put[2] |= script.is_some() && score.lifetime == PERSISTENT;
+            put[3] |= script.is_some_and(plan::takes_a_while)
+                && matches!(ops.get(i + 2), Some(Op::RestartAgent { .. }));
+        }
+        put
+    }
+
+    #[test]
+    fn the_default_batch_puts_every_lifetime() {
+        // The seeds `cargo test -p sim --test seeds` runs by default.
+        let mut seeds = [0u32; 4];
+        for seed in 0..300 {
+            for (n, put) in seeds.iter_mut().zip(lifetimes_put(&discrete_ops(seed))) {
+                *n += u32::from(put);
+            }
+        }
+        // Of the 300: 224 put a job, 215 a verification, 220 a script, 82
+        // cut a script short, when this was written.
+        let [jobs, verifications, scripts, cut_short] = seeds;
+        assert!(
+            jobs > 150 && verifications > 150 && scripts > 150 && cut_short > 50,
+            "{seeds:?}"
+        );
     }
 
     #[test]
@@ -687,6 +859,39 @@ mod tests {
             }
         }
         assert_eq!(seen.len(), 3, "one to three services");
+        // The lifetimes: jobs, verifications and setup scripts from the
+        // plans' vocabularies.
+        let lifetimes = |score: &PodmanV0Score| score.lifetime();
+        for _ in 0..200 {
+            let json = job_score(&mut rng).to_json();
+            let job = PodmanV0Score::from_json(json.as_bytes()).expect(&json);
+            assert_eq!(lifetimes(&job), Lifetime::PerRun);
+            for service in &job.services {
+                assert!(plan::JOB_IMAGES.contains(&service.image.as_str()), "{json}");
+                if let Some(script) = &service.setup_script {
+                    assert!(plan::JOB_SCRIPTS.contains(&script.as_str()), "{json}");
+                }
+            }
+            let json = verify_score(&mut rng).to_json();
+            let verifies = PodmanV0Score::from_json(json.as_bytes()).expect(&json);
+            assert_eq!(lifetimes(&verifies), Lifetime::NoLaunch);
+            for service in &verifies.services {
+                assert!(
+                    base_system::NAMES.contains(&service.container_name()),
+                    "{json}"
+                );
+                assert!(
+                    [A_1, IGNORE_STOP].contains(&service.image.as_str()),
+                    "{json}"
+                );
+            }
+        }
+        for (index, script) in (0u8..).zip(scripts::ALL) {
+            let json = scripted_score(&mut rng, index).to_json();
+            let scripted = PodmanV0Score::from_json(json.as_bytes()).expect(&json);
+            assert_eq!(lifetimes(&scripted), Lifetime::Persistent);
+            assert_eq!(scripted.services[0].setup_script.as_deref(), Some(script));
+        }
         for (hangs, image) in [(false, INIT_FAIL), (true, INIT_HANG)] {
             let json = doomed_init_score(hangs).to_json();
             assert!(

@@ -10,6 +10,8 @@
 
 use std::collections::BTreeMap;
 
+use podfleet_core::wire::{Lifetime, PodmanV0Score};
+use podfleet_testkit::{base_system, images, scripts};
 use serde::{Deserialize, Serialize};
 
 use rand_chacha::rand_core::{Rng, SeedableRng};
@@ -248,9 +250,7 @@ impl Action {
         Some(match self {
             Action::Put { json, .. } if is_malformed(json) => "malformed payload",
             Action::Put { json, .. } if json.contains("\"wide-service-") => "wide deployment",
-            Action::Put { json, .. } if DOOMED_INIT_IMAGES.iter().any(|i| json.contains(i)) => {
-                "failing init container"
-            }
+            Action::Put { json, .. } if doomed(json).is_some() => return doomed(json),
             Action::Apply { json, .. } if is_malformed(json) => "invalid fleet deployment",
             Action::Put { .. }
             | Action::Delete { .. }
@@ -291,7 +291,35 @@ impl Action {
 
 /// Whether a payload cannot be a valid score.
 pub fn is_malformed(json: &str) -> bool {
-    podfleet_core::wire::PodmanV0Score::from_json(json.as_bytes()).is_err()
+    PodmanV0Score::from_json(json.as_bytes()).is_err()
+}
+
+/// The setup timeout of every simulated agent: a minute rather than the
+/// agent's default 5, so that a script that hangs is walked away from
+/// well within a plan's fault phase, and again while liveness waits.
+pub const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Why a valid score can never get its services running, as the summary
+/// counts it: an init container that fails or hangs, or a setup script
+/// that never provisions within [`SETUP_TIMEOUT`] (the fake shell model
+/// says how each ends: [`scripts::provisions`]). `None` for any other
+/// payload.
+pub fn doomed(json: &str) -> Option<&'static str> {
+    let score = PodmanV0Score::from_json(json.as_bytes()).ok()?;
+    let init =
+        |i: &podfleet_core::wire::InitContainer| DOOMED_INIT_IMAGES.contains(&i.image.as_str());
+    let script = |s: &podfleet_core::wire::PodmanService| {
+        s.setup_script
+            .as_deref()
+            .is_some_and(|s| !scripts::provisions(s, SETUP_TIMEOUT))
+    };
+    if score.init_containers.iter().any(init) {
+        Some("failing init container")
+    } else if score.services.iter().any(script) {
+        Some("failing setup script")
+    } else {
+        None
+    }
 }
 
 /// What a desired payload can come to, once every fault has healed.
@@ -299,20 +327,32 @@ pub fn is_malformed(json: &str) -> bool {
 pub enum Outlook {
     /// It runs: Running at its revision, one container per service.
     Succeeds,
-    /// It can never run: malformed, or an init container that fails or hangs.
+    /// It can never run: malformed, an init container that fails or hangs,
+    /// or a setup script that never provisions ([`doomed`]).
     Fails,
     /// It runs, but a service keeps exiting and is restarted forever.
     CrashLoops,
+    /// A `per_run` job: it runs once, to Succeeded or Failed, and then
+    /// nothing happens to it.
+    RunsOnce,
+    /// A `no_launch` score: it creates nothing, and is Running exactly when
+    /// every container it names runs the score's image.
+    Verifies,
 }
 
 /// What `json` can come to.
 pub fn outlook(json: &str) -> Outlook {
-    if is_malformed(json) || DOOMED_INIT_IMAGES.iter().any(|i| json.contains(i)) {
-        Outlook::Fails
-    } else if CRASHING_IMAGES.iter().any(|i| json.contains(i)) {
-        Outlook::CrashLoops
-    } else {
-        Outlook::Succeeds
+    let Ok(score) = PodmanV0Score::from_json(json.as_bytes()) else {
+        return Outlook::Fails;
+    };
+    let crashes =
+        |s: &podfleet_core::wire::PodmanService| CRASHING_IMAGES.contains(&s.image.as_str());
+    match score.lifetime() {
+        Lifetime::NoLaunch => Outlook::Verifies,
+        _ if doomed(json).is_some() => Outlook::Fails,
+        Lifetime::PerRun => Outlook::RunsOnce,
+        Lifetime::Persistent if score.services.iter().any(crashes) => Outlook::CrashLoops,
+        Lifetime::Persistent => Outlook::Succeeds,
     }
 }
 
@@ -352,6 +392,10 @@ pub struct Rates {
     /// full), drawn from their own stream (`registry_steps`).
     #[serde(default)]
     pub registry: u64,
+    /// `per_run` jobs, `no_launch` verifications and setup scripts, drawn
+    /// from their own stream (`lifetime_steps`).
+    #[serde(default)]
+    pub lifetimes: u64,
 }
 
 /// Everything one run does, as data.
@@ -570,6 +614,142 @@ fn registry_steps(seed: u64, devices: u32, until_ms: u64, steps: &mut Vec<Step>)
     rate
 }
 
+/// Images a `per_run` job's services run, each exiting by itself: with 0
+/// after a second (twice as likely), with 1 after 7 s, with 5 after a
+/// second.
+pub const JOB_IMAGES: [&str; 4] = [
+    images::INIT_OK,
+    images::INIT_OK,
+    images::CRASH,
+    images::INIT_FAIL,
+];
+
+/// Setup scripts a job's service may carry: the ones that end at once, so
+/// that they finish before the job does.
+pub const JOB_SCRIPTS: [&str; 2] = [scripts::PROVISIONS, scripts::READS_STDIN];
+
+/// A `per_run` job: web, and worker by chance, each on one of
+/// [`JOB_IMAGES`], web by chance with one of [`JOB_SCRIPTS`].
+pub fn job_score(rng: &mut ChaCha8Rng) -> String {
+    let mut services = vec![serde_json::json!({"name": "web", "image": pick(rng, &JOB_IMAGES)})];
+    if chance(rng, 30) {
+        services[0]["setup_script"] = pick(rng, &JOB_SCRIPTS).into();
+    }
+    if chance(rng, 50) {
+        services.push(serde_json::json!({"name": "worker", "image": pick(rng, &JOB_IMAGES)}));
+    }
+    serde_json::json!({"lifetime": "per_run", "services": services}).to_string()
+}
+
+/// A `no_launch` score: web, and worker by chance, each verifying one of
+/// the base system's containers ([`base_system::NAMES`]: running, stopped,
+/// on another image, missing), mostly on the image they run
+/// ([`images::A_1`]), now and then on the drifted one's.
+pub fn verify_score(rng: &mut ChaCha8Rng) -> String {
+    let count = if chance(rng, 40) { 2 } else { 1 };
+    let services: Vec<serde_json::Value> = ["web", "worker"][..count]
+        .iter()
+        .map(|name| {
+            let image = if chance(rng, 80) {
+                images::A_1
+            } else {
+                images::IGNORE_STOP
+            };
+            serde_json::json!({
+                "name": name,
+                "image": image,
+                "container": pick(rng, &base_system::NAMES),
+            })
+        })
+        .collect();
+    serde_json::json!({"lifetime": "no_launch", "services": services}).to_string()
+}
+
+/// A persistent score whose web, on one of [`GOOD_IMAGES`], carries
+/// `script`.
+pub fn scripted_score(rng: &mut ChaCha8Rng, script: &str) -> String {
+    serde_json::json!({
+        "services": [{"name": "web", "image": pick(rng, &GOOD_IMAGES), "setup_script": script}],
+        "lifecycle": {"grace_period_secs": 1 + below(rng, 3)},
+    })
+    .to_string()
+}
+
+/// How long after its last workload step a plan starts healing, in ms.
+const HEAL_AFTER_MS: u64 = 5_000;
+
+/// The seed of the lifetimes' own random stream, xor the plan's seed (the
+/// discrete tier draws its lifetime ops from it too).
+pub const LIFETIME_STREAM: u64 = 0x11fe_7100_0000_0000;
+
+/// Whether `script` runs for a while before it ends (or never ends): an
+/// agent that dies meanwhile leaves a container without its marker.
+pub fn takes_a_while(script: &str) -> bool {
+    !matches!(
+        scripts::ending(script),
+        podfleet_testkit::shell::ExecEnd::Exits { after, .. } if after.is_zero()
+    )
+}
+
+/// The lifetimes' workload, drawn from their own stream so that the rest
+/// of a seed's plan is what it was before lifetimes existed: puts of
+/// `per_run` jobs ([`job_score`]), of `no_launch` scores verifying the
+/// base system ([`verify_score`]) and of persistent scores with a setup
+/// script from the catalogue ([`scripted_score`]: ones that provision, at
+/// once or after 20 s, read stdin, fail, or hang past the setup timeout,
+/// the last one time in four besides its share); seven in ten of the scripts that take a while are cut short by an agent
+/// crash a few seconds after the put. Returns the rate.
+fn lifetime_steps(seed: u64, devices: u32, until_ms: u64, steps: &mut Vec<Step>) -> u64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ LIFETIME_STREAM);
+    let rate = below(&mut rng, 10);
+    let span = until_ms.saturating_sub(2_000).max(1);
+    for _ in 0..10 + 2 * u64::from(devices) {
+        if !chance(&mut rng, rate * 6) {
+            continue;
+        }
+        let device = below(&mut rng, u64::from(devices)) as u32;
+        let deployment = pick(&mut rng, &DEPLOYMENTS).to_owned();
+        let at_ms = 2_000 + below(&mut rng, span);
+        let json = match below(&mut rng, 3) {
+            0 => job_score(&mut rng),
+            1 => verify_score(&mut rng),
+            _ => {
+                // A hang besides its share of the catalogue: its timeout
+                // needs the deployment to stay put for a minute.
+                let script = if chance(&mut rng, 25) {
+                    scripts::HANGS
+                } else {
+                    pick(&mut rng, &scripts::ALL)
+                };
+                if takes_a_while(script) && chance(&mut rng, 70) {
+                    let crash = Step {
+                        at_ms: at_ms + 3_000 + below(&mut rng, 8_000),
+                        action: Action::AgentCrash {
+                            device,
+                            keep_cache: chance(&mut rng, 60),
+                            down_ms: below(&mut rng, 5_000),
+                        },
+                    };
+                    // Before healing starts, as every fault is.
+                    if crash.at_ms < until_ms + HEAL_AFTER_MS {
+                        steps.push(crash);
+                    }
+                }
+                scripted_score(&mut rng, script)
+            }
+        };
+        steps.push(Step {
+            at_ms,
+            action: Action::Put {
+                device,
+                deployment,
+                json,
+            },
+        });
+    }
+    rate
+}
+
 impl Plan {
     /// Expands `seed` into a plan for `devices` devices.
     pub fn generate(seed: u64, devices: u32) -> Plan {
@@ -585,6 +765,7 @@ impl Plan {
             restart_trouble: below(&mut rng, 8),
             oversize: below(&mut rng, 4),
             registry: 0,
+            lifetimes: 0,
         };
         let max_payload = DEFAULT_MAX_PAYLOAD;
         let mut state_max_value = None;
@@ -772,6 +953,7 @@ impl Plan {
         fleet_steps(seed, devices, at_ms, &mut steps);
         let rates = Rates {
             registry: registry_steps(seed, devices, at_ms, &mut steps),
+            lifetimes: lifetime_steps(seed, devices, at_ms, &mut steps),
             ..rates
         };
         steps.sort_by_key(|s| s.at_ms);
@@ -780,7 +962,7 @@ impl Plan {
             devices,
             rates,
             steps,
-            heal_at_ms: at_ms + 5_000,
+            heal_at_ms: at_ms + HEAL_AFTER_MS,
             max_payload,
             state_max_value,
         }
@@ -822,6 +1004,65 @@ mod tests {
             plan,
             "a seed always expands the same way"
         );
+    }
+
+    #[test]
+    fn the_lifetimes_are_drawn_before_healing() {
+        // The events tier's default batch.
+        let plans: Vec<Plan> = (0..128).map(|s| Plan::generate(s, 2)).collect();
+        let mut seeds = BTreeMap::<&str, u32>::new();
+        for plan in &plans {
+            let mut kinds = std::collections::BTreeSet::new();
+            for (i, step) in plan.steps.iter().enumerate() {
+                if matches!(step.action, Action::AgentCrash { .. }) {
+                    assert!(step.at_ms < plan.heal_at_ms, "{step:?}");
+                }
+                let Action::Put { json, device, .. } = &step.action else {
+                    continue;
+                };
+                let Ok(score) = PodmanV0Score::from_json(json.as_bytes()) else {
+                    continue;
+                };
+                let script = score.services[0].setup_script.as_deref();
+                assert!(step.at_ms < plan.heal_at_ms, "{step:?}");
+                kinds.insert(match (score.lifetime(), script) {
+                    (Lifetime::PerRun, _) => "per_run",
+                    (Lifetime::NoLaunch, _) => "no_launch",
+                    (_, Some(_)) => "setup script",
+                    _ => continue,
+                });
+                let cut_short = plan.steps[i..].iter().any(|s| {
+                    matches!(s.action, Action::AgentCrash { device: d, .. } if d == *device)
+                        && s.at_ms <= step.at_ms + 11_000
+                });
+                if script.is_some_and(takes_a_while) && cut_short {
+                    kinds.insert("cut short");
+                }
+            }
+            for kind in kinds {
+                *seeds.entry(kind).or_default() += 1;
+            }
+            assert_eq!(Plan::from_json(&plan.to_json()).unwrap(), *plan);
+        }
+        // 84 put a job, 79 a verification, 82 a script, 42 cut a script
+        // short, of the 128, when this was written.
+        let at_least = [
+            ("per_run", 40),
+            ("no_launch", 40),
+            ("setup script", 40),
+            ("cut short", 15),
+        ];
+        for (kind, n) in at_least {
+            assert!(
+                seeds.get(kind).copied().unwrap_or(0) > n,
+                "{kind}: {seeds:?}"
+            );
+        }
+        // A plan saved before lifetimes existed still loads.
+        let mut old: serde_json::Value = serde_json::from_str(&plans[0].to_json()).unwrap();
+        old["rates"].as_object_mut().unwrap().remove("lifetimes");
+        let old: Plan = serde_json::from_value(old).unwrap();
+        assert_eq!(old.rates.lifetimes, 0);
     }
 
     #[test]

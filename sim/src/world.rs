@@ -116,7 +116,7 @@ impl Clock for SimClock {
 
 /// The coverage probes: situations worth reaching. A default batch that
 /// never reaches one fails, so the simulator cannot quietly stop exploring.
-pub const PROBES: [&str; 23] = [
+pub const PROBES: [&str; 28] = [
     "slow runtime",
     "libpod race hit",
     "retry backoff cap reached",
@@ -140,6 +140,11 @@ pub const PROBES: [&str; 23] = [
     "fleet deployment converged",
     "image pulled",
     "pull failed",
+    "setup script failed",
+    "setup script timed out",
+    "unprovisioned container found",
+    "run completed",
+    "container verified",
 ];
 
 #[derive(Debug, Default)]
@@ -285,12 +290,15 @@ pub const REGISTRY_ONLY_IMAGES: [&str; 2] = [
 ];
 
 /// A runtime with the images the plans use: the test kit's catalogue, with
-/// [`REGISTRY_ONLY_IMAGES`] in the registry only.
+/// [`REGISTRY_ONLY_IMAGES`] in the registry only; and the containers of
+/// the device's base system ([`podfleet_testkit::base_system`]), which
+/// `no_launch` scores verify and nothing of podfleet's may touch.
 pub fn fake_runtime() -> FakeRuntime {
     let mut runtime = podfleet_testkit::images::runtime();
     for image in REGISTRY_ONLY_IMAGES {
         runtime.remove_image(image);
     }
+    podfleet_testkit::base_system::install(&mut runtime);
     runtime
 }
 
@@ -368,6 +376,11 @@ impl FaultyRuntime {
     }
 }
 
+/// Whether `op` asks a container for the marker of its provisioning.
+fn is_marker_probe(op: &RuntimeOp) -> bool {
+    matches!(op, RuntimeOp::Exec { argv, .. } if argv.iter().any(|a| a == podfleet_core::reconciler::PROVISIONED_PATH))
+}
+
 impl ContainerRuntime for FaultyRuntime {
     fn pull_progress(&self, image: &str) -> Option<podfleet_core::runtime::PullProgress> {
         self.device.fake.pull_progress(image)
@@ -426,8 +439,8 @@ impl ContainerRuntime for FaultyRuntime {
             Ok(RuntimeReply::Listed { .. }) => lock(&d.oracle).saw_list(),
             Ok(_) => {}
         }
-        if let Some(image) = op.image() {
-            lock(&d.oracle).saw_image_answer(image, &result);
+        lock(&d.oracle).saw_answer(&op, &result);
+        if op.image().is_some() {
             match &result {
                 Ok(RuntimeReply::Pulled { .. }) => d.world.probe("image pulled"),
                 Err(e) if matches!(e.kind, RuntimeErrorKind::Pull(_)) => {
@@ -452,6 +465,13 @@ impl ContainerRuntime for FaultyRuntime {
             Ok(RuntimeReply::Stopped {
                 outcome: podfleet_core::runtime::StopOutcome::Killed,
             }) => d.world.probe("stop killed after grace"),
+            // Asked for its marker, a container had none: an agent died
+            // while its setup script ran.
+            Ok(RuntimeReply::Executed { exit_code, .. })
+                if *exit_code != 0 && is_marker_probe(&op) =>
+            {
+                d.world.probe("unprovisioned container found");
+            }
             _ => {}
         }
         self.trace(format_args!("<- {}", describe_result(&result)));

@@ -11,12 +11,17 @@ use podfleet_core::runtime::{ContainerSpec, RuntimeOp, LABEL_SERVICE};
 use podfleet_core::time::Timestamp;
 use podfleet_core::wire::{
     DeploymentState, FailureCause, Phase, PodmanV0Score, RestartRecord, Revision, ServiceName,
+    VerifiedStatus,
 };
-use podfleet_testkit::{FakeRuntime, Oracle};
+use podfleet_testkit::{base_system, FakeRuntime, Oracle};
 use sim::world::{check_device, Delivery, DeviceView, Epoch, Handed};
 
 const SHOP: &str = r#"{"services":[{"name":"web","image":"img/app:1"},{"name":"db","image":"img/app:2"}],"init_containers":[{"name":"migrate","image":"img/init-ok:1"}]}"#;
 const CAM_BAD: &str = r#"{"services":[{"name":"web","image":"img/app:1"}],"init_containers":[{"name":"bad","image":"img/init-fail:1","timeout":5}]}"#;
+/// Verifies the base system's proxy, which runs img/a:1.
+const EDGE: &str = r#"{"lifetime":"no_launch","services":[{"name":"web","image":"img/a:1","container":"base_proxy"}]}"#;
+/// A job that ran once.
+const JOB: &str = r#"{"lifetime":"per_run","services":[{"name":"web","image":"img/init-ok:1"}]}"#;
 /// When the checks run: an hour after the device converged.
 const NOW: Timestamp = Timestamp::from_millis(3_600_000);
 
@@ -35,7 +40,8 @@ fn service(deployment: &str, json: &str, index: usize, revision: u64) -> Contain
 
 /// A converged device: shop runs revision 3 (after its init container),
 /// cam's doomed revision 4 failed and left cam/web of an earlier revision
-/// running; relay is deleted and gone.
+/// running; relay is deleted and gone; edge verifies the base system's
+/// proxy, which runs; job's run of revision 2 exited 0.
 struct World {
     fake: FakeRuntime,
     oracle: Oracle,
@@ -48,9 +54,12 @@ struct World {
 impl World {
     fn converged() -> World {
         let mut fake = FakeRuntime::new();
+        base_system::install(&mut fake);
         let mut oracle = Oracle::default();
         oracle.saw_put("shop", 3, SHOP.as_bytes());
         oracle.saw_put("cam", 4, CAM_BAD.as_bytes());
+        oracle.saw_put("edge", 1, EDGE.as_bytes());
+        oracle.saw_put("job", 2, JOB.as_bytes());
         let mut start = |spec| {
             let id = fake.create_quietly(spec);
             fake.execute(&RuntimeOp::Start {
@@ -61,6 +70,9 @@ impl World {
         let web = start(service("shop", SHOP, 0, 3));
         let db = start(service("shop", SHOP, 1, 3));
         let cam = start(service("cam", CAM_BAD, 0, 2));
+        let job = start(service("job", JOB, 0, 2));
+        fake.crash(Timestamp::ZERO, &job, 0);
+        let proxy = fake.by_name(base_system::PROXY).unwrap().id.clone();
         let running =
             |phase, revision, ids: &[(&str, &String)], message: &str, cause| DeploymentState {
                 phase,
@@ -102,6 +114,29 @@ impl World {
                     }),
                 ),
             ),
+            (
+                "edge".to_owned(),
+                running(
+                    Phase::Running,
+                    Revision::new(1),
+                    &[("web", &proxy)],
+                    "1 container verified running (no_launch)",
+                    None,
+                ),
+            ),
+            (
+                "job".to_owned(),
+                DeploymentState {
+                    exit_codes: BTreeMap::from([(ServiceName::from("web"), 0)]),
+                    ..running(
+                        Phase::Succeeded,
+                        Revision::new(2),
+                        &[],
+                        "1 service ran to completion",
+                        None,
+                    )
+                },
+            ),
         ]);
         World {
             fake,
@@ -109,6 +144,8 @@ impl World {
             desired: BTreeMap::from([
                 ("shop".to_owned(), (3, SHOP.as_bytes().to_vec())),
                 ("cam".to_owned(), (4, CAM_BAD.as_bytes().to_vec())),
+                ("edge".to_owned(), (1, EDGE.as_bytes().to_vec())),
+                ("job".to_owned(), (2, JOB.as_bytes().to_vec())),
             ]),
             states,
             epoch: Epoch::default(),
@@ -318,23 +355,79 @@ fn every_field_of_a_stored_report_must_match_the_truth() {
 }
 
 #[test]
+fn each_lifetime_is_held_to_what_it_promises() {
+    // The base system's containers are not podfleet's: the converged
+    // device has them, and no problem (the oracle proves at every
+    // operation that nothing touches them).
+    let w = World::converged();
+    assert!(w.fake.by_name(base_system::VPN).is_some());
+    assert_eq!(w.problems(), Vec::<String>::new());
+
+    // no_launch: nothing of its own, ever...
+    let mut w = World::converged();
+    w.plant(service("edge", SHOP, 0, 1));
+    bites(
+        &w,
+        "a container of edge/web is left behind, though revision 1 is no_launch",
+    );
+    // ...Running exactly when what it names runs the score's image...
+    let mut w = World::converged();
+    let proxy = w.state("edge").container_ids["web"].clone();
+    w.fake.crash(NOW, &proxy, 0);
+    bites(&w, "edge (revision 1, Verifies) reports Running");
+    let mut w = World::converged();
+    let edge = w.state("edge");
+    edge.phase = Phase::Failed;
+    edge.container_ids.clear();
+    edge.cause = Some(FailureCause::Unverified {
+        service: "web".into(),
+        container: base_system::PROXY.into(),
+        status: VerifiedStatus::Stopped,
+        evidence: "exited with code 0".into(),
+    });
+    bites(&w, "edge (revision 1, Verifies) reports Failed");
+    // ...with the id of the container it names.
+    let mut w = World::converged();
+    let vpn = w.fake.by_name(base_system::VPN).unwrap().id.clone();
+    w.state("edge").container_ids.insert("web".into(), vpn);
+    bites(&w, "names web=");
+    bites(&w, "which is base_vpn");
+
+    // per_run: the exit codes it reports are the ones its run had...
+    let mut w = World::converged();
+    w.state("job").exit_codes.insert("web".into(), 3);
+    bites(
+        &w,
+        "reports that web exited with code 3, which none of its containers did",
+    );
+    // ...and a run that reports its end runs nothing.
+    let mut w = World::converged();
+    let job = w.fake.by_name("job_web").unwrap().id.clone();
+    w.fake.execute(&RuntimeOp::Start { container: job });
+    bites(&w, "of a job that reports its end is running");
+    let mut w = World::converged();
+    w.state("job").phase = Phase::Running;
+    bites(&w, "job (revision 2, RunsOnce) reports Running");
+}
+
+#[test]
 fn the_broker_must_hold_what_the_agent_last_handed_its_publisher() {
     let mut w = World::converged();
     let handed = |state: &DeploymentState, delivery| Handed {
         state: Some(state.clone()),
         delivery,
     };
-    let shop = w.states["shop"].clone();
     let cam = w.states["cam"].clone();
     let mut newer = cam.clone();
     newer.attempt = 2;
     newer.message =
         "attempt 2 at revision 4 failed: init container \"bad\" exited with code 5; retrying"
             .into();
-    let mut published = BTreeMap::from([
-        ("shop".to_owned(), handed(&shop, Delivery::Stored)),
-        ("cam".to_owned(), handed(&cam, Delivery::Stored)),
-    ]);
+    let mut published: BTreeMap<String, Handed> = w
+        .states
+        .iter()
+        .map(|(d, s)| (d.clone(), handed(s, Delivery::Stored)))
+        .collect();
     w.handed = Some(published.clone());
     assert_eq!(w.problems(), Vec::<String>::new());
     // A first attempt on its way is not a difference yet...

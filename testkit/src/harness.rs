@@ -70,8 +70,9 @@ pub struct Harness {
     /// Results ready to deliver, with their delivery time.
     ready: VecDeque<(Timestamp, CommandId, RuntimeResult)>,
     pending: Vec<Pending>,
-    /// The image of each image operation not answered yet.
-    image_ops: BTreeMap<CommandId, String>,
+    /// Each operation not answered yet, for the oracle to learn from its
+    /// answer ([`Oracle::saw_answer`]).
+    asked: BTreeMap<CommandId, RuntimeOp>,
     /// Whether heartbeats go into the transcript.
     pub log_heartbeats: bool,
     /// The invariant checks, told everything the reconciler is told.
@@ -102,7 +103,7 @@ impl Harness {
             faults: BTreeMap::new(),
             ready: VecDeque::new(),
             pending: Vec::new(),
-            image_ops: BTreeMap::new(),
+            asked: BTreeMap::new(),
             log_heartbeats: false,
             oracle: Oracle::default(),
             violations: Vec::new(),
@@ -166,7 +167,7 @@ impl Harness {
         ));
         self.ready.clear();
         self.pending.clear();
-        self.image_ops.clear();
+        self.asked.clear();
         if !keep_cache {
             self.cache = None;
         }
@@ -276,8 +277,8 @@ impl Harness {
         if matches!(result, Ok(RuntimeReply::Listed { .. })) {
             self.oracle.saw_list();
         }
-        if let Some(image) = self.image_ops.remove(&id) {
-            self.oracle.saw_image_answer(&image, &result);
+        if let Some(op) = self.asked.remove(&id) {
+            self.oracle.saw_answer(&op, &result);
         }
         self.reconciler
             .handle(self.now, Input::RuntimeResult { id, result });
@@ -353,9 +354,7 @@ impl Harness {
         self.oracle
             .check_op(self.now, &op, &self.runtime, &mut self.violations);
         self.ops.push((self.now, op.clone()));
-        if let Some(image) = op.image() {
-            self.image_ops.insert(id, image.to_owned());
-        }
+        self.asked.insert(id, op.clone());
         let fault = self.faults.get_mut(op.name()).and_then(VecDeque::pop_front);
         let completion = match fault {
             Some(OpFault::Fail(kind)) => Completion::Ready(Err(RuntimeError::new(

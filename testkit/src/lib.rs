@@ -16,6 +16,11 @@
 //!   `ContainerRuntime` trait, for its event loop.
 //! - [`images`]: the image catalogue, one behaviour per image name, and
 //!   the groups the generators pick from.
+//! - [`scripts`]: the setup-script catalogue, and how each script ends in
+//!   the fake's shell model.
+//! - [`base_system`]: the containers a device runs outside podfleet's
+//!   labels, for `no_launch` deployments to verify and podfleet never to
+//!   touch.
 //! - [`ops`]: [`Op`], what a device lives through, with its own byte
 //!   codec (for the fuzzer), a proptest strategy, and the [`ops::Player`]
 //!   that plays ops on a harness.
@@ -26,6 +31,7 @@
 //! the invariant checks must catch) and on podfleet-agent without its
 //! adapters; the production crates depend on it only for their tests.
 
+pub mod base_system;
 pub mod conformance;
 pub mod harness;
 pub mod images;
@@ -33,6 +39,7 @@ pub mod ops;
 pub mod oracle;
 pub mod registry;
 pub mod runtime;
+pub mod scripts;
 pub mod shared;
 pub mod shell;
 pub mod violation;

@@ -8,8 +8,17 @@
 //! revisions, watch reconnects (the bucket's values, then a resync), runtime
 //! API faults (no answer or an error, with or without the effect), container
 //! crashes, images removed or restored, time passing (through
-//! init-container deadlines, the libpod wait/inspect race and stop graces)
-//! and agent restarts with the cache kept or lost.
+//! init-container deadlines, the libpod wait/inspect race, stop graces and
+//! setup scripts that take their time or hang) and agent restarts with the
+//! cache kept or lost.
+//!
+//! A score has one of the three lifetimes: `persistent` (absent, `null` or
+//! named), `per_run` or `no_launch`. A `persistent` or `per_run` service may
+//! carry a setup script from [`scripts`] (one that provisions, at once or
+//! after a while, one that reads stdin, one that fails with output, one
+//! that hangs past the setup timeout); a `no_launch` service verifies one
+//! of the containers of the world's [`base_system`] (running the right
+//! image, stopped, on another image, or missing), which no op may touch.
 //!
 //! Three ways in:
 //! - bytes: [`Op::decode_all`] reads any byte string as ops (one tag byte,
@@ -32,7 +41,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use crate::harness::{Harness, OpFault};
-use crate::images;
+use crate::{base_system, images, scripts};
 use podfleet_core::runtime::RuntimeErrorKind;
 use podfleet_core::wire::{DeploymentName, DeviceId};
 use podfleet_core::Config;
@@ -180,7 +189,8 @@ impl Wait {
 }
 
 /// A runtime operation the harness can fault: the wire's own name for it
-/// (the decoder draws only the seven real ones, never `Other`).
+/// (the decoder draws the seven container operations and the two a setup
+/// script needs, `copy_file` and `exec`; never `Other`).
 pub use podfleet_core::wire::RuntimeOperation as OpName;
 
 /// How a faulted operation fails: the runtime does not answer, or answers
@@ -308,12 +318,16 @@ pub const IMAGES: [&str; 11] = [
 ];
 /// The image that is missing when the world starts.
 const MISSING_IMAGE: &str = images::MISSING;
-const SERVICE_IMAGES: [&str; 8] = [
+/// Service images: the first seven valid (the steady ones, one that
+/// crashes, one that exits 0 at once, as a `per_run` job does, and one
+/// that is missing).
+const SERVICE_IMAGES: [&str; 9] = [
     "img/a:1",
     "img/a:2",
     "img/crash:1",
     "img/slow-stop:1",
     "img/ignore-stop:1",
+    "img/init-ok:1",
     "img/missing:1",
     "",
     " ",
@@ -351,6 +365,55 @@ const SIGNALS: [&str; 7] = [
 ];
 const GRACES: [u64; 5] = [1, 2, 30, 0, u64::MAX];
 const ARGS: [&[&str]; 3] = [&[], &["--port", "8080"], &["sh", "-c", "sleep 1"]];
+/// Setup scripts: the catalogue's seven, then an empty one (refused).
+const SETUP_SCRIPTS: [&str; 8] = [
+    scripts::ALL[0],
+    scripts::ALL[1],
+    scripts::ALL[2],
+    scripts::ALL[3],
+    scripts::ALL[4],
+    scripts::ALL[5],
+    scripts::ALL[6],
+    "",
+];
+/// The containers a `no_launch` service names: the base system's four,
+/// a container of podfleet's own (another deployment's, still only
+/// looked at), then a name podman refuses.
+const CONTAINERS: [&str; 6] = [
+    base_system::NAMES[0],
+    base_system::NAMES[1],
+    base_system::NAMES[2],
+    base_system::NAMES[3],
+    "shop_web",
+    "-x",
+];
+
+/// A score's `lifetime` field as a sketch renders it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LifetimeField {
+    /// Left out: persistent.
+    Absent,
+    /// `null`: persistent too.
+    Null,
+    /// A name, known or not.
+    Named(&'static str),
+}
+
+/// Lifetimes: the first five valid, each score rendered with only the
+/// fields its lifetime takes (a `no_launch` one leaves out what creates a
+/// container; only a `no_launch` service names a container); then
+/// `no_launch` and `per_run` with every field the sketch has, mostly
+/// refused, and a lifetime no agent knows.
+const LIFETIMES: [(LifetimeField, bool); 8] = [
+    (LifetimeField::Absent, true),
+    (LifetimeField::Named("per_run"), true),
+    (LifetimeField::Named("no_launch"), true),
+    (LifetimeField::Named("persistent"), true),
+    (LifetimeField::Null, true),
+    (LifetimeField::Named("no_launch"), false),
+    (LifetimeField::Named("per_run"), false),
+    (LifetimeField::Named("forever"), false),
+];
 
 /// Picks from `vocabulary`, favouring its first `good` entries: an index
 /// byte below 224 stays among them, so most picks are valid.
@@ -377,6 +440,9 @@ pub struct ScoreSketch {
     pub lifecycle: Option<LifecycleSketch>,
     /// Adds a field this agent does not know, as a newer operator would.
     pub unknown_field: bool,
+    /// Index into the lifetimes: 0 (absent), 3 (`"persistent"`) and 4
+    /// (`null`) are persistent, 1 `per_run`, 2 `no_launch`.
+    pub lifetime: u8,
 }
 
 /// One service of a [`ScoreSketch`].
@@ -394,6 +460,13 @@ pub struct ServiceSketch {
     pub volume: Option<(u8, bool)>,
     /// A host port index, whether the container port is 0, and UDP.
     pub port: Option<(u8, bool, bool)>,
+    /// Index into the setup scripts ([`scripts::ALL`], in order), for a
+    /// `persistent` or `per_run` score.
+    pub setup_script: Option<u8>,
+    /// Index into the containers a `no_launch` service verifies
+    /// ([`base_system::NAMES`], in order, then others); `None` verifies the
+    /// one named as the service.
+    pub container: Option<u8>,
 }
 
 /// One init container of a [`ScoreSketch`].
@@ -432,6 +505,11 @@ fn env_of(env: Option<(u8, u8)>) -> Map<String, Value> {
 impl ScoreSketch {
     /// The score's JSON text.
     pub fn to_json(&self) -> String {
+        let (lifetime, fitted) = pick(&LIFETIMES, 5, self.lifetime);
+        let no_launch = lifetime == LifetimeField::Named("no_launch");
+        // A fitted score leaves out what its lifetime does not take.
+        let creates = !(fitted && no_launch);
+        let names_container = !fitted || no_launch;
         // Valid names go round the three valid ones from where the first
         // service's byte says, so that services rarely share a name.
         let offset = usize::from(self.service.name);
@@ -446,10 +524,16 @@ impl ScoreSketch {
                 };
                 let mut service = json!({
                     "name": name,
-                    "image": pick(&SERVICE_IMAGES, 5, s.image),
-                    "args": ARGS[usize::from(s.args) % ARGS.len()],
-                    "env": env_of(s.env),
+                    "image": pick(&SERVICE_IMAGES, 7, s.image),
                 });
+                if let Some(container) = s.container.filter(|_| names_container) {
+                    service["container"] = json!(pick(&CONTAINERS, 5, container));
+                }
+                if !creates {
+                    return service;
+                }
+                service["args"] = json!(ARGS[usize::from(s.args) % ARGS.len()]);
+                service["env"] = Value::Object(env_of(s.env));
                 if let Some((volume, read_only)) = s.volume {
                     let (source, target) = pick(&VOLUMES, 2, volume);
                     service["volumes"] =
@@ -462,9 +546,24 @@ impl ScoreSketch {
                         "protocol": if udp { "udp" } else { "tcp" },
                     }]);
                 }
+                if let Some(script) = s.setup_script {
+                    service["setup_script"] = json!(pick(&SETUP_SCRIPTS, 7, script));
+                }
                 service
             })
             .collect();
+        let mut score = json!({ "services": services });
+        match lifetime {
+            LifetimeField::Absent => {}
+            LifetimeField::Null => score["lifetime"] = Value::Null,
+            LifetimeField::Named(name) => score["lifetime"] = json!(name),
+        }
+        if self.unknown_field {
+            score["placement"] = json!({ "arch": "arm64" });
+        }
+        if !creates {
+            return score.to_string();
+        }
         let inits: Vec<Value> = self
             .init_containers
             .iter()
@@ -481,7 +580,7 @@ impl ScoreSketch {
                 init
             })
             .collect();
-        let mut score = json!({ "services": services, "init_containers": inits });
+        score["init_containers"] = Value::Array(inits);
         if let Some(lifecycle) = &self.lifecycle {
             let mut policy = Map::new();
             if let Some(signal) = lifecycle.signal {
@@ -492,19 +591,18 @@ impl ScoreSketch {
             }
             score["lifecycle"] = Value::Object(policy);
         }
-        if self.unknown_field {
-            score["placement"] = json!({ "arch": "arm64" });
-        }
         score.to_string()
     }
 }
 
-/// The fake runtime with the test kit's image catalogue, and a harness with default
-/// timings (30 s tick, 15 s heartbeat, 200 ms libpod-race retry).
+/// The fake runtime with the test kit's image catalogue and the
+/// [`base_system`]'s containers, and a harness with default timings (30 s
+/// tick, 15 s heartbeat, 200 ms libpod-race retry, 5 min setup timeout).
 pub fn world() -> Harness {
     let config = Config::new(DeviceId::new("fuzz").expect("a valid device id"), "fuzz");
     let mut h = Harness::new(config);
     images::install(&mut h.runtime);
+    base_system::install(&mut h.runtime);
     h
 }
 
@@ -1016,6 +1114,8 @@ indexed!(
         OpName::Inspect,
         OpName::Stop,
         OpName::Remove,
+        OpName::CopyFile,
+        OpName::Exec,
     ]
 );
 /// One byte: an index into [`ErrorKind::ALL`], read modulo the kinds the
@@ -1081,6 +1181,7 @@ impl Codec for ServiceSketch {
     fn decode(r: &mut Reader<'_>) -> Self {
         let (name, image, args) = Codec::decode(r);
         let (env, volume, port) = Codec::decode(r);
+        let (setup_script, container) = Codec::decode(r);
         Self {
             name,
             image,
@@ -1088,11 +1189,14 @@ impl Codec for ServiceSketch {
             env,
             volume,
             port,
+            setup_script,
+            container,
         }
     }
     fn encode(&self, out: &mut Vec<u8>) {
         (self.name, self.image, self.args).encode(out);
         (self.env, self.volume, self.port).encode(out);
+        (self.setup_script, self.container).encode(out);
     }
 }
 
@@ -1125,6 +1229,7 @@ impl Codec for LifecycleSketch {
 
 impl Codec for ScoreSketch {
     fn decode(r: &mut Reader<'_>) -> Self {
+        let lifetime = u8::decode(r);
         let service = ServiceSketch::decode(r);
         let (more_services, init_containers) = Codec::decode(r);
         let (lifecycle, unknown_field) = Codec::decode(r);
@@ -1134,9 +1239,11 @@ impl Codec for ScoreSketch {
             init_containers,
             lifecycle,
             unknown_field,
+            lifetime,
         }
     }
     fn encode(&self, out: &mut Vec<u8>) {
+        self.lifetime.encode(out);
         self.service.encode(out);
         self.more_services.encode(out);
         self.init_containers.encode(out);
@@ -1330,12 +1437,180 @@ mod tests {
                 env: None,
                 volume: None,
                 port: None,
+                setup_script: None,
+                container: None,
             },
             more_services: Vec::new(),
             init_containers: Vec::new(),
             lifecycle: None,
             unknown_field: false,
+            lifetime: 0,
         }
+    }
+
+    /// A sketch with every field set: a script, a container to verify,
+    /// an init container and a stop policy.
+    fn everything(lifetime: u8, script: u8, container: u8) -> ScoreSketch {
+        let mut score = web_on(0);
+        score.lifetime = lifetime;
+        score.service.env = Some((0, 0));
+        score.service.volume = Some((0, false));
+        score.service.port = Some((0, false, false));
+        score.service.setup_script = Some(script);
+        score.service.container = Some(container);
+        score.init_containers = vec![InitSketch {
+            name: 0,
+            image: 0,
+            timeout: None,
+            env: None,
+        }];
+        score.lifecycle = Some(LifecycleSketch {
+            signal: Some(0),
+            grace: Some(0),
+        });
+        score
+    }
+
+    #[test]
+    fn each_lifetime_renders_a_score_with_only_the_fields_it_takes() {
+        use podfleet_core::wire::{Lifetime, PodmanV0Score};
+        let parse = |sketch: &ScoreSketch| PodmanV0Score::from_json(sketch.to_json().as_bytes());
+        let expected = [
+            Lifetime::Persistent,
+            Lifetime::PerRun,
+            Lifetime::NoLaunch,
+            Lifetime::Persistent,
+            Lifetime::Persistent,
+        ];
+        for (index, lifetime) in (0u8..).zip(expected) {
+            let score =
+                parse(&everything(index, 0, 0)).unwrap_or_else(|e| panic!("lifetime {index}: {e}"));
+            assert_eq!(score.lifetime(), lifetime);
+            let service = &score.services[0];
+            if lifetime == Lifetime::NoLaunch {
+                assert_eq!(service.container.as_deref(), Some(base_system::PROXY));
+                assert!(service.setup_script.is_none() && score.init_containers.is_empty());
+            } else {
+                assert_eq!(service.setup_script.as_deref(), Some(scripts::PROVISIONS));
+                assert!(service.container.is_none());
+            }
+        }
+        // The rest: every field kept, so refused, and a lifetime no agent
+        // knows.
+        for byte in [229, 230, 231] {
+            assert!(parse(&everything(byte, 0, 0)).is_err(), "{byte}");
+        }
+        // Every script of the catalogue, and every base-system container.
+        for (index, script) in (0u8..).zip(scripts::ALL) {
+            let score = parse(&everything(1, index, 0)).expect("a valid per_run score");
+            assert_eq!(score.services[0].setup_script.as_deref(), Some(script));
+        }
+        for (index, name) in (0u8..).zip(base_system::NAMES) {
+            let score = parse(&everything(2, 0, index)).expect("a valid no_launch score");
+            assert_eq!(score.services[0].container_name(), name);
+        }
+    }
+
+    /// A no_launch sketch verifying `container` (a [`base_system`] index)
+    /// on img/a:1.
+    fn verifying(container: u8) -> ScoreSketch {
+        let mut score = web_on(0);
+        score.lifetime = 2;
+        score.service.container = Some(container);
+        score
+    }
+
+    #[test]
+    fn the_world_has_a_base_system_to_verify_and_never_to_touch() {
+        use podfleet_core::wire::{FailureCause, Phase, VerifiedStatus};
+        let verdict = |container: u8| {
+            let player = played(&[
+                Op::Put {
+                    deployment: Deployment::Cam,
+                    score: verifying(container),
+                },
+                Op::Advance(Wait::Minutes(2)),
+            ]);
+            let cam = DeploymentName::new("cam").expect("valid");
+            let state = &player.h.states[&cam];
+            assert!(player.h.violations.is_empty(), "{:?}", player.h.violations);
+            assert!(
+                !player.h.ops.iter().any(|(_, op)| op.is_mutation()),
+                "{}",
+                player.h.transcript
+            );
+            match (&state.phase, &state.cause) {
+                (Phase::Running, None) => VerifiedStatus::Running,
+                (_, Some(FailureCause::Unverified { status, .. })) => *status,
+                other => panic!("{other:?}"),
+            }
+        };
+        let verdicts: Vec<VerifiedStatus> = (0..4).map(verdict).collect();
+        assert_eq!(
+            verdicts,
+            [
+                VerifiedStatus::Running,
+                VerifiedStatus::Stopped,
+                VerifiedStatus::Drifted,
+                VerifiedStatus::Missing
+            ]
+        );
+    }
+
+    /// Plays `ops` on a world whose reconciler has `bugs`, and says which
+    /// invariants were found broken.
+    fn caught(bugs: podfleet_core::reconciler::Bugs, ops: &[Op]) -> Vec<crate::Invariant> {
+        let config = Config::new(DeviceId::new("fuzz").expect("valid"), "fuzz").inject_bugs(bugs);
+        let mut h = Harness::new(config);
+        images::install(&mut h.runtime);
+        base_system::install(&mut h.runtime);
+        let mut player = Player::new(h);
+        for step in ops {
+            player.play(step);
+        }
+        player.h.violations.iter().map(|v| v.invariant).collect()
+    }
+
+    #[test]
+    fn the_lifetime_bugs_are_within_the_vocabularys_reach() {
+        use crate::Invariant;
+        use podfleet_core::reconciler::Bugs;
+        // Verifying the stopped container of the base system.
+        let verify = [
+            Op::Put {
+                deployment: Deployment::Relay,
+                score: verifying(1),
+            },
+            Op::Advance(Wait::Minutes(1)),
+        ];
+        let bug = Bugs {
+            start_unverified: true,
+            ..Bugs::default()
+        };
+        assert_eq!(caught(Bugs::default(), &verify), []);
+        assert!(caught(bug, &verify).contains(&Invariant::OnlyOwnContainers));
+        // An agent restart while a setup script hangs: the container has no
+        // marker.
+        let mut hangs = web_on(0);
+        hangs.service.setup_script = Some(6);
+        let restart = [
+            Op::Put {
+                deployment: Deployment::Shop,
+                score: hangs,
+            },
+            Op::Advance(Wait::Seconds(30)),
+            Op::RestartAgent {
+                keep_cache: true,
+                watch_snapshot: true,
+            },
+            Op::Advance(Wait::Minutes(1)),
+        ];
+        let bug = Bugs {
+            trust_unprovisioned: true,
+            ..Bugs::default()
+        };
+        assert_eq!(caught(Bugs::default(), &restart), []);
+        assert!(caught(bug, &restart).contains(&Invariant::TruthfulReports));
     }
 
     proptest! {

@@ -133,6 +133,9 @@ pub struct Oracle {
     /// Per image, the input count when an answer last said the store has
     /// it (an inspect that found it, a pull that landed).
     images_seen: BTreeMap<String, u64>,
+    /// Containers (by id) whose marker of provisioning an answer showed the
+    /// reconciler: a write of it that succeeded, or a read of it.
+    markers_seen: BTreeSet<String>,
 }
 
 impl Oracle {
@@ -165,6 +168,36 @@ impl Oracle {
     /// A `list` answered: the agent has looked at the runtime.
     pub fn saw_list(&mut self) {
         self.listed = true;
+    }
+
+    /// The reconciler was handed `result`, the answer to `op`: what it may
+    /// rely on from then on ([`saw_image_answer`](Self::saw_image_answer)
+    /// for an image operation; for the write or the read of a container's
+    /// marker of provisioning, that the container holds it). A drive loop
+    /// calls this for every answer it hands over.
+    pub fn saw_answer(&mut self, op: &RuntimeOp, result: &RuntimeResult) {
+        if let Some(image) = op.image() {
+            self.saw_image_answer(image, result);
+        }
+        let marker = match (op, result) {
+            (
+                RuntimeOp::CopyFile {
+                    container, path, ..
+                },
+                Ok(_),
+            ) => Some(container).filter(|_| path == podfleet_core::reconciler::PROVISIONED_PATH),
+            (
+                RuntimeOp::Exec { container, argv },
+                Ok(RuntimeReply::Executed { exit_code: 0, .. }),
+            ) => Some(container).filter(|_| {
+                argv.iter()
+                    .any(|a| a == podfleet_core::reconciler::PROVISIONED_PATH)
+            }),
+            _ => None,
+        };
+        if let Some(container) = marker {
+            self.markers_seen.insert(container.clone());
+        }
     }
 
     /// The reconciler was handed the answer to an `inspect_image` or a
@@ -352,9 +385,24 @@ impl Oracle {
                         label(LABEL_REVISION)
                     ));
                 }
-                if let (RuntimeOp::Start { .. }, Some(v), false) = (op, valid, init) {
+                if let (RuntimeOp::Start { container }, Some(v), false) = (op, valid, init) {
                     if v.is_revision(&label(LABEL_REVISION)) {
-                        if let Err(why) = inits_completed(runtime, &deployment, v) {
+                        // The init containers that ran before this very
+                        // container was created: a later attempt's, cut
+                        // short, does not undo them (a restarted container
+                        // runs no init container again).
+                        let id = runtime
+                            .containers()
+                            .get(container.as_str())
+                            .or_else(|| runtime.by_name(container))
+                            .map(|c| c.id.as_str());
+                        let created = runtime
+                            .events()
+                            .iter()
+                            .position(|(_, e)| matches!(e, RuntimeEvent::Created { id: c, .. } if Some(c.as_str()) == id))
+                            .unwrap_or(runtime.events().len());
+                        let before = &runtime.events()[..created];
+                        if let Err(why) = inits_completed(before, &deployment, v) {
                             violation(
                                 Invariant::InitContainersFirst,
                                 format!(
@@ -427,8 +475,13 @@ impl Oracle {
         }
         if running && !init && !matches!(op, RuntimeOp::Start { .. }) {
             // Healthy: what the newest spec runs, provisioned if it has a
-            // setup script, and not a finished revision's run (`per_run`
-            // runs again for every revision).
+            // setup script (the container holds the marker of that very
+            // script, and an answer showed the reconciler it does: a write
+            // of the marker that took effect but failed is no news it
+            // could act on), and kept by its lifetime: a `persistent` one
+            // (`per_run` runs again for every revision, and `no_launch`
+            // runs nothing of its own, so a container of an earlier
+            // lifetime goes even when its spec is the same).
             let container = op
                 .container()
                 .and_then(|c| runtime.containers().get(c).or_else(|| runtime.by_name(c)));
@@ -441,15 +494,18 @@ impl Oracle {
                     .and_then(|s| s.setup_script.as_deref());
                 script.is_none_or(|script| {
                     let marker = podfleet_core::reconciler::provisioned_marker(script);
-                    container
-                        .and_then(|c| c.files().get(podfleet_core::reconciler::PROVISIONED_PATH))
-                        .is_some_and(|f| f.content == marker)
+                    container.is_some_and(|c| {
+                        self.markers_seen.contains(&c.id)
+                            && c.files()
+                                .get(podfleet_core::reconciler::PROVISIONED_PATH)
+                                .is_some_and(|f| f.content == marker)
+                    })
                 })
             };
             let healthy_target = valid.is_some_and(|v| {
                 v.runs_service(&deployment, &service, spec)
                     && provisioned(v)
-                    && v.score.lifetime() != podfleet_core::wire::Lifetime::PerRun
+                    && v.score.lifetime() == podfleet_core::wire::Lifetime::Persistent
             });
             if healthy_target {
                 violation(
@@ -468,7 +524,8 @@ impl Oracle {
     /// was handed over: the images of its services that no container of
     /// `deployment` runs as asked, and, if there is one, of its init
     /// containers. What the rollout needs is read from the runtime, never
-    /// from the reconciler's plan.
+    /// from the reconciler's plan. A `no_launch` rollout creates nothing,
+    /// so it waits for no image.
     fn images_not_ready(
         &self,
         deployment: &str,
@@ -476,6 +533,9 @@ impl Oracle {
         runtime: &FakeRuntime,
     ) -> Vec<String> {
         use podfleet_core::runtime::{LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE};
+        if valid.score.lifetime() == podfleet_core::wire::Lifetime::NoLaunch {
+            return Vec::new();
+        }
         let recreated: Vec<&podfleet_core::wire::PodmanService> = valid
             .score
             .services
@@ -565,7 +625,9 @@ impl Oracle {
         use podfleet_core::runtime::{LABEL_DEPLOYMENT, LABEL_INIT, LABEL_SERVICE};
         let mut per_service: BTreeMap<(&str, &str), usize> = BTreeMap::new();
         for c in runtime.containers().values() {
-            if c.spec.labels.contains_key(LABEL_INIT) {
+            // Init containers come and go in turn; the base system's are
+            // not podfleet's to count.
+            if c.spec.labels.contains_key(LABEL_INIT) || !is_podfleets(&c.spec.labels) {
                 continue;
             }
             let label = |k: &str| c.spec.labels.get(k).map_or("", String::as_str);
@@ -620,7 +682,7 @@ impl Oracle {
         runtime: &FakeRuntime,
         violations: &mut Vec<Violation>,
     ) {
-        use podfleet_core::runtime::{LABEL_DEPLOYMENT, LABEL_MANAGED};
+        use podfleet_core::runtime::LABEL_DEPLOYMENT;
         use podfleet_core::wire::Lifetime;
         let Some(container) = op.container().filter(|_| op.is_mutation()) else {
             return;
@@ -637,7 +699,7 @@ impl Oracle {
         let mut violation = |detail: String| {
             violations.push(Violation::at(now, Invariant::OnlyOwnContainers, detail))
         };
-        if labels.get(LABEL_MANAGED).map(String::as_str) != Some("true") {
+        if !is_podfleets(labels) {
             violation(format!(
                 "{} of {container}, a container without podfleet's labels",
                 op.name()
@@ -689,14 +751,9 @@ impl Oracle {
             // Verified, not launched: each id is the named container's, which
             // runs the score's image.
             for service in &valid.score.services {
-                let named = runtime.by_name(service.container_name());
                 let id = state.container_ids.get(service.name.as_str());
-                let truthful = named.is_some_and(|c| {
-                    Some(&c.id) == id
-                        && runtime.is_running(&c.id)
-                        && c.image_id.is_some()
-                        && c.image_id == runtime.image(&service.image).map(|i| i.id)
-                });
+                let truthful =
+                    verified_running(runtime, service).is_some_and(|c| Some(&c.id) == id);
                 if !truthful {
                     violations.push(Violation::at(now, Invariant::TruthfulReports, format!(
                         "{deployment} reported Running at revision {} but container {} of service {} is not running the score's image as {id:?}",
@@ -766,9 +823,33 @@ impl Oracle {
     }
 }
 
-/// Whether every init container of `valid` exited 0, in order.
+/// Whether a container with `labels` is podfleet's: one it created (the
+/// base system's, and anyone else's, are not).
+pub fn is_podfleets(labels: &BTreeMap<String, String>) -> bool {
+    labels
+        .get(podfleet_core::runtime::LABEL_MANAGED)
+        .is_some_and(|v| v == "true")
+}
+
+/// The container a `no_launch` `service` verifies, when it is running the
+/// score's image: what a verification must find to say `running`. `None`
+/// when it is missing, stopped, on another image, or when the store has no
+/// image under the score's reference to compare with.
+pub fn verified_running<'a>(
+    runtime: &'a FakeRuntime,
+    service: &podfleet_core::wire::PodmanService,
+) -> Option<&'a crate::FakeContainer> {
+    runtime.by_name(service.container_name()).filter(|c| {
+        runtime.is_running(&c.id)
+            && c.image_id.is_some()
+            && c.image_id == runtime.image(&service.image).map(|i| i.id)
+    })
+}
+
+/// Whether, by the end of `events`, every init container of `valid` had
+/// exited 0, in order (each one's latest exit 0 after the one before it's).
 fn inits_completed(
-    runtime: &FakeRuntime,
+    events: &[(Timestamp, RuntimeEvent)],
     deployment: &str,
     valid: &ValidSpec,
 ) -> Result<(), String> {
@@ -776,8 +857,7 @@ fn inits_completed(
     let mut previous_exit = Timestamp::ZERO;
     for init in &valid.inits {
         let name = podfleet_core::runtime::init_container_name(deployment, init);
-        let ids: BTreeSet<&str> = runtime
-            .events()
+        let ids: BTreeSet<&str> = events
             .iter()
             .filter_map(|(_, e)| match e {
                 RuntimeEvent::Created { id, spec }
@@ -792,8 +872,7 @@ fn inits_completed(
                 _ => None,
             })
             .collect();
-        let exit = runtime
-            .events()
+        let exit = events
             .iter()
             .rev()
             .filter_map(|(at, e)| match e {
@@ -1003,5 +1082,72 @@ mod tests {
                 .any(|v| v.contains("revision 7, whose images img/a:2 are")),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn nothing_outside_podfleets_labels_is_touched_and_no_launch_launches_nothing() {
+        let mut oracle = Oracle::default();
+        let mut rt = crate::images::runtime();
+        crate::base_system::install(&mut rt);
+        oracle.saw_put("shop", 5, V1.as_bytes());
+        let own = create_and_start(&oracle, &mut rt, web_spec(V1, 5));
+        let backup = rt
+            .by_name(crate::base_system::BACKUP)
+            .map(|c| c.id.clone())
+            .unwrap();
+        let exec = |container: &str| RuntimeOp::Exec {
+            container: container.to_owned(),
+            argv: vec!["cat".into(), "/etc/hostname".into()],
+        };
+        // The base system's containers: looked at, never touched, by id or
+        // by name.
+        assert_eq!(
+            check(
+                &oracle,
+                &rt,
+                &RuntimeOp::Inspect {
+                    container: backup.clone()
+                }
+            ),
+            Vec::<String>::new()
+        );
+        for op in [
+            RuntimeOp::Start {
+                container: backup.clone(),
+            },
+            exec(crate::base_system::PROXY),
+            stop(crate::base_system::VPN, Signal::Term, 30),
+        ] {
+            let found = check(&oracle, &rt, &op);
+            assert!(
+                found.iter().any(|v| v.contains("only own containers")
+                    && v.contains("without podfleet's labels")),
+                "{op:?}: {found:?}"
+            );
+        }
+        // A no_launch revision of shop retires its own container, and
+        // launches, starts and provisions nothing.
+        let no_launch = r#"{"lifetime":"no_launch","services":[{"name":"web","image":"img/a:1","container":"base_proxy"}]}"#;
+        oracle.saw_put("shop", 6, no_launch.as_bytes());
+        assert_eq!(
+            check(&oracle, &rt, &stop(&own, Signal::Int, 2)),
+            Vec::<String>::new()
+        );
+        for op in [
+            RuntimeOp::Start {
+                container: own.clone(),
+            },
+            exec(&own),
+            RuntimeOp::Create {
+                spec: web_spec(V1, 6),
+            },
+        ] {
+            let found = check(&oracle, &rt, &op);
+            assert!(
+                found.iter().any(|v| v.contains("only own containers")
+                    && v.contains("whose lifetime is no_launch")),
+                "{op:?}: {found:?}"
+            );
+        }
     }
 }

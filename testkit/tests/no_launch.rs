@@ -201,6 +201,60 @@ fn deleting_it_touches_nothing_and_switching_to_it_retires_only_own_containers()
 }
 
 #[test]
+fn its_own_container_of_an_earlier_lifetime_goes_even_when_its_spec_is_the_same() {
+    // Found by the core's property test: the persistent container and a
+    // container of the no_launch score's service would be the same spec,
+    // yet no_launch runs nothing of its own, so retiring it is no
+    // recreation of a healthy container.
+    let mut h = device();
+    h.put(
+        "edge",
+        1,
+        &format!(r#"{{"services":[{{"name":"proxy","image":"{A_1}"}}]}}"#),
+    );
+    h.run_for(Duration::from_secs(30));
+    let own = state(&h).container_ids["proxy"].clone();
+    h.put(
+        "edge",
+        2,
+        &format!(r#"{{"lifetime":"no_launch","services":[{{"name":"proxy","image":"{A_1}"}}]}}"#),
+    );
+    h.run_for(Duration::from_secs(30));
+    assert!(
+        !h.runtime.containers().contains_key(&own),
+        "{}",
+        h.transcript
+    );
+    assert_eq!(unverified(&h).0, VerifiedStatus::Missing);
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+}
+
+#[test]
+fn switching_to_it_waits_for_no_image_before_retiring_its_own_containers() {
+    // Found by the core's property test: a no_launch revision never pulls,
+    // so the image it verifies being absent is no reason to keep podfleet's
+    // own containers of the earlier lifetime ("download before kill" is
+    // about the images a rollout creates containers from: none here).
+    let mut h = device();
+    h.put(
+        "edge",
+        1,
+        &format!(r#"{{"services":[{{"name":"proxy","image":"{A_1}"}}]}}"#),
+    );
+    h.run_for(Duration::from_secs(30));
+    let own = state(&h).container_ids["proxy"].clone();
+    h.put("edge", 2, &score(images::MISSING));
+    h.run_for(Duration::from_secs(30));
+    assert!(
+        !h.runtime.containers().contains_key(&own),
+        "{}",
+        h.transcript
+    );
+    assert_eq!(unverified(&h).0, VerifiedStatus::Missing);
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+}
+
+#[test]
 fn after_an_agent_restart_it_verifies_again_before_reporting() {
     let mut h = device();
     let id = external(&mut h, "base_proxy", A_1, true);

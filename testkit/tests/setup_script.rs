@@ -4,12 +4,13 @@
 //! fails the revision with the exit code and the output's end; an adopted
 //! container must show its marker, or it is recreated.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use podfleet_core::reconciler::{Bugs, Config, PROVISIONED_PATH, SETUP_SCRIPT_PATH};
 use podfleet_core::runtime::{RuntimeErrorKind, RuntimeOp};
 use podfleet_core::wire::{DeploymentName, DeploymentState, DeviceId, FailureCause, Phase};
-use podfleet_testkit::images::{self, A_1};
+use podfleet_testkit::images::{self, A_1, INIT_OK};
 use podfleet_testkit::{Harness, Invariant, OpFault};
 use serde_json::json;
 
@@ -216,5 +217,69 @@ fn a_failed_provisioning_of_a_recreated_container_does_not_stick() {
     assert_eq!(s.phase, Phase::Running, "{}", h.transcript);
     assert!(s.cause.is_none());
     assert_ne!(s.container_ids["web"], first);
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+}
+
+#[test]
+fn a_marker_written_but_reported_failed_leaves_no_healthy_container_behind() {
+    // Found by the core's property test: the marker's write took effect,
+    // but its answer was an error (a client-side timeout, say). The
+    // reconciler cannot tell, so the container goes; no answer ever showed
+    // it provisioned, so that is no healthy container recreated.
+    let mut h = device(config());
+    h.put("shop", 1, &score("sleep 10\necho done\n"));
+    h.run_for(Duration::from_secs(3));
+    h.faults
+        .entry("copy_file")
+        .or_default()
+        .push_back(OpFault::FailAfterEffect(RuntimeErrorKind::Unavailable));
+    h.run_for(Duration::from_secs(10));
+    assert!(h.runtime.by_name("shop_web").is_none(), "{}", h.transcript);
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+    // The retry provisions a fresh container.
+    h.run_for(Duration::from_secs(120));
+    assert_eq!(state(&h).phase, Phase::Running, "{}", h.transcript);
+    assert!(h.violations.is_empty(), "{:?}", h.violations);
+}
+
+#[test]
+fn a_container_started_again_keeps_the_init_containers_it_was_created_after() {
+    // Found by the simulator (discrete tier, seed 1710 of 0..3000): an
+    // agent restart mid-script leaves web without its marker; the next
+    // agent reruns the init containers to replace it, web crashes and the
+    // agent restarts again halfway, and the third agent starts web again to
+    // read its marker. web was created after migrate and seed exited 0, in
+    // order; the second run, cut short, does not undo that.
+    let mut h = device(config());
+    let json = json!({
+        "services": [{"name": "web", "image": A_1, "setup_script": "sleep 10\necho done\n"}],
+        "init_containers": [
+            {"name": "migrate", "image": INIT_OK},
+            {"name": "seed", "image": INIT_OK}
+        ]
+    })
+    .to_string();
+    let restart = |h: &mut Harness| {
+        h.restart_agent(false);
+        h.put("shop", 1, &json);
+        h.resync(&BTreeSet::from([DeploymentName::new("shop").unwrap()]));
+    };
+    h.put("shop", 1, &json);
+    // migrate and seed take a second each; web's script then runs.
+    h.run_for(Duration::from_secs(4));
+    restart(&mut h);
+    // The second agent reruns migrate, and is halfway through seed.
+    h.run_for(Duration::from_millis(1500));
+    let web = h.runtime.by_name("shop_web").unwrap().id.clone();
+    h.runtime.crash(h.now, &web, 2);
+    restart(&mut h);
+    h.run_for(Duration::from_secs(1));
+    assert!(
+        h.ops
+            .iter()
+            .any(|(_, op)| matches!(op, RuntimeOp::Start { container } if *container == web)),
+        "{}",
+        h.transcript
+    );
     assert!(h.violations.is_empty(), "{:?}", h.violations);
 }

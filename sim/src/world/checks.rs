@@ -2,6 +2,8 @@
 //! behind, converged, and every field of its report truthful.
 
 use super::*;
+use podfleet_core::wire::Lifetime;
+use podfleet_testkit::oracle::{is_podfleets, verified_running};
 
 /// One device as the liveness phase finds it, once every fault has healed
 /// and desired state has stayed put for [`LIVENESS_BOUND`].
@@ -29,14 +31,23 @@ pub struct DeviceView<'a> {
 /// Running (and must now stay still).
 ///
 /// - None left behind: the runtime's full container list, init containers
-///   included, holds nothing of a deleted deployment; for one that can
-///   succeed, exactly one container per service of the desired score,
-///   running what the score asks for, and no init container; for one that
-///   cannot (malformed, doomed init), no init container and at most one
-///   container per service.
+///   included, holds nothing of podfleet's for a deleted deployment; for
+///   one that can succeed, exactly one container per service of the
+///   desired score, running what the score asks for, and no init
+///   container; for a `per_run` job, at most one container per service,
+///   each what the score asks for and none running once it reports an
+///   end; for a `no_launch` score, no container of its own at all; for one
+///   that cannot succeed (malformed, doomed init container or setup
+///   script), no init container and at most one container per service.
+///   The base system's containers (without podfleet's labels) are not
+///   podfleet's to count: the oracle checks at every operation that
+///   nothing touches them.
 /// - Converged: the stored report is Running at the desired revision with
 ///   the true ids (or, for a spec that cannot succeed, Failed with a cause
-///   or a retry under way; for a crash loop, Running or a CrashLoop).
+///   or a retry under way; for a crash loop, Running or a CrashLoop; for a
+///   `per_run` job, Succeeded, Failed with a cause, or a retry under way;
+///   for a `no_launch` score, Running exactly when every container it
+///   names runs the score's image, else Failed as unverified).
 /// - Truthful reports, every field ([`check_report_fields`]).
 pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
     let mut problems = Vec::new();
@@ -54,7 +65,12 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
         }
     }
     let mut by_deployment: BTreeMap<&str, Vec<&FakeContainer>> = BTreeMap::new();
-    for c in view.fake.containers().values() {
+    let podfleets = view
+        .fake
+        .containers()
+        .values()
+        .filter(|c| is_podfleets(&c.spec.labels));
+    for c in podfleets {
         let deployment = c
             .spec
             .labels
@@ -77,6 +93,7 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
     }
     for (deployment, (revision, value)) in view.desired {
         let outlook = outlook(&String::from_utf8_lossy(value));
+        let score = PodmanV0Score::from_json(value).ok();
         let state = states.get(deployment);
         let containers = by_deployment
             .get(deployment.as_str())
@@ -113,33 +130,60 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
                 ));
             }
         }
-        if let (Outlook::Succeeds | Outlook::CrashLoops, Ok(score)) =
-            (outlook, PodmanV0Score::from_json(value))
-        {
-            for s in &score.services {
-                let wanted =
-                    service_container_spec(deployment, &score, s, Revision::new(*revision));
-                match services.get(s.name.as_str()).and_then(|cs| cs.first()) {
-                    None => found.push(format!("service {deployment}/{} has no container", s.name)),
-                    Some(c) if !same_program(&c.spec, &wanted) => found.push(format!(
-                        "{} ({}) does not run what revision {revision} asks for: image {} env {:?}",
-                        c.spec.name, c.id, c.spec.image, c.spec.env
-                    )),
-                    Some(c) if outlook == Outlook::Succeeds && !view.fake.is_running(&c.id) => {
-                        found.push(format!("{} ({}) is {}", c.spec.name, c.id, c.state));
+        // What runs once a job reports its end: nothing.
+        let ended = state.is_some_and(|s| s.revision == *revision && has_ended(s));
+        match (outlook, &score) {
+            (Outlook::Succeeds | Outlook::CrashLoops | Outlook::RunsOnce, Some(score)) => {
+                for s in &score.services {
+                    let wanted =
+                        service_container_spec(deployment, score, s, Revision::new(*revision));
+                    match services.get(s.name.as_str()).and_then(|cs| cs.first()) {
+                        // A job between two attempts may have none yet.
+                        None if outlook == Outlook::RunsOnce && !ended => {}
+                        None => found.push(format!("service {deployment}/{} has no container", s.name)),
+                        Some(c) if !same_program(&c.spec, &wanted) => found.push(format!(
+                            "{} ({}) does not run what revision {revision} asks for: image {} env {:?}",
+                            c.spec.name, c.id, c.spec.image, c.spec.env
+                        )),
+                        Some(c) if outlook == Outlook::Succeeds && !view.fake.is_running(&c.id) => {
+                            found.push(format!("{} ({}) is {}", c.spec.name, c.id, c.state));
+                        }
+                        Some(c) if ended && view.fake.is_running(&c.id) => found.push(format!(
+                            "{} ({}) of a job that reports its end is {}",
+                            c.spec.name, c.id, c.state
+                        )),
+                        Some(_) => {}
                     }
-                    Some(_) => {}
+                }
+                for service in services.keys() {
+                    if !score.services.iter().any(|s| s.name == *service) {
+                        found.push(format!(
+                            "a container of {deployment}/{service}, which revision {revision} does not have, is left behind"
+                        ));
+                    }
                 }
             }
-            for service in services.keys() {
-                if !score.services.iter().any(|s| s.name == *service) {
+            (Outlook::Verifies, _) => {
+                for service in services.keys() {
                     found.push(format!(
-                        "a container of {deployment}/{service}, which revision {revision} does not have, is left behind"
+                        "a container of {deployment}/{service} is left behind, though revision {revision} is no_launch"
                     ));
                 }
             }
+            _ => {}
         }
+        // A no_launch score is Running exactly when every container it
+        // names runs the score's image, as the oracle sees it.
+        let verified = score.as_ref().is_some_and(|score| {
+            score
+                .services
+                .iter()
+                .all(|s| verified_running(view.fake, s).is_some())
+        });
         let report_ok = state.is_some_and(|s| {
+            // Failed with a cause, or between two attempts a retry under way.
+            let failed_or_retrying = (s.phase == Phase::Failed && s.cause.is_some())
+                || (s.phase == Phase::Pending && s.attempt > 1);
             s.revision == *revision
                 && match outlook {
                     Outlook::Succeeds => s.phase == Phase::Running,
@@ -147,18 +191,19 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
                         s.phase == Phase::Running
                             || matches!(s.cause, Some(FailureCause::CrashLoop { .. }))
                     }
-                    // Failed with a cause, or between two attempts a retry
-                    // under way.
-                    Outlook::Fails => {
-                        (s.phase == Phase::Failed && s.cause.is_some())
-                            || (s.phase == Phase::Pending && s.attempt > 1)
+                    Outlook::Fails => failed_or_retrying,
+                    Outlook::RunsOnce => s.phase == Phase::Succeeded || failed_or_retrying,
+                    Outlook::Verifies if verified => s.phase == Phase::Running,
+                    Outlook::Verifies => {
+                        s.phase == Phase::Failed
+                            && matches!(s.cause, Some(FailureCause::Unverified { .. }))
                     }
                 }
         });
         match (state, report_ok) {
             // A summary leaves the ids out by design (the full report was
             // over the bucket's limit): its phase and revision are checked.
-            (Some(s), true) if outlook == Outlook::Succeeds && !s.summarised => {
+            (Some(s), true) if !s.summarised => {
                 if let Ok(name) = DeploymentName::new(deployment.as_str()) {
                     let mut untrue = Vec::new();
                     view.oracle
@@ -172,7 +217,14 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
                 state.map_or("nothing".to_owned(), brief)
             )),
         }
-        if found.is_empty() && outlook == Outlook::Succeeds {
+        // What converged must now stay still: a service that runs, a job
+        // that ended, a verification (which touches nothing, ever).
+        let still = match outlook {
+            Outlook::Succeeds | Outlook::Verifies => true,
+            Outlook::RunsOnce => ended,
+            Outlook::Fails | Outlook::CrashLoops => false,
+        };
+        if found.is_empty() && still {
             running.push(deployment.clone());
         }
         problems.extend(
@@ -190,11 +242,8 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
         }
     }
     for (deployment, state) in &states {
-        let crash_loops = view
-            .desired
-            .get(deployment)
-            .is_some_and(|(_, v)| outlook(&String::from_utf8_lossy(v)) == Outlook::CrashLoops);
-        check_report_fields(view, deployment, state, crash_loops, &mut problems);
+        let desired = view.desired.get(deployment).map(|(_, v)| v.as_slice());
+        check_report_fields(view, deployment, state, desired, &mut problems);
     }
     if let Some(published) = view.published {
         let keys: BTreeSet<&String> = states.keys().chain(published.keys()).collect();
@@ -233,21 +282,38 @@ pub fn check_device(view: &DeviceView<'_>) -> (Vec<Violation>, Vec<String>) {
     (problems, running)
 }
 
-/// Truthful reports, every field of a stored report: a non-empty message;
-/// a cause exactly when Failed; attempt 1 or more for a failed attempt at
-/// a revision; container ids that exist and run (a crash loop's may have
-/// exited since), each the container of its service; restart counts and
-/// exit codes the runtime's history bears out: a restart needs an exit, a
-/// reported exit code was some container's, and the agent cannot have
-/// counted more restarts since it started than its containers exited
-/// (plus one exit from before the start) plus runtime operations failed.
+/// Truthful reports, every field of a stored report (`desired`: the
+/// deployment's desired value, if it has one): a non-empty message; a
+/// cause exactly when Failed; attempt 1 or more for a failed attempt at a
+/// revision; container ids that exist and run (a crash loop's may have
+/// exited since), each the container of its service (for a `no_launch`
+/// score, the container it names); restart counts and exit codes the
+/// runtime's history bears out: a restart needs an exit, a reported exit
+/// code was some container's, and the agent cannot have counted more
+/// restarts since it started than its containers exited (plus one exit
+/// from before the start) plus runtime operations failed; a job's exit
+/// code was one its service's containers exited with.
 pub fn check_report_fields(
     view: &DeviceView<'_>,
     deployment: &str,
     s: &DeploymentState,
-    crash_loops: bool,
+    desired: Option<&[u8]>,
     problems: &mut Vec<Violation>,
 ) {
+    let crash_loops =
+        desired.is_some_and(|v| outlook(&String::from_utf8_lossy(v)) == Outlook::CrashLoops);
+    let score = desired.and_then(|v| PodmanV0Score::from_json(v).ok());
+    // The container a service's id must name: a no_launch service's is the
+    // one it verifies, any other the one podfleet creates for it.
+    let container_of = |service: &str| match &score {
+        Some(score) if score.lifetime() == Lifetime::NoLaunch => score
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .map(|s| s.container_name().to_owned())
+            .unwrap_or_default(),
+        _ => service_container_name(deployment, service),
+    };
     let mut bad = |p: String| {
         problems.push(Violation::new(
             Invariant::TruthfulReports,
@@ -284,7 +350,7 @@ pub fn check_report_fields(
     for (service, id) in &s.container_ids {
         match fake.containers().get(id) {
             None => bad(format!("names {service}={id}, which does not exist")),
-            Some(c) if c.spec.name != service_container_name(deployment, service) => {
+            Some(c) if c.spec.name != container_of(service.as_str()) => {
                 bad(format!("names {service}={id}, which is {}", c.spec.name));
             }
             Some(c) if !crash_loops && !fake.is_running(id) => {
@@ -295,22 +361,7 @@ pub fn check_report_fields(
     }
     let events = fake.events();
     for (service, record) in &s.restarts {
-        let name = service_container_name(deployment, service);
-        let ids: BTreeSet<&str> = events
-            .iter()
-            .filter_map(|(_, e)| match e {
-                RuntimeEvent::Created { id, spec } if spec.name == name => Some(id.as_str()),
-                _ => None,
-            })
-            .collect();
-        let exits: Vec<(usize, i64)> = events
-            .iter()
-            .enumerate()
-            .filter_map(|(i, (_, e))| match e {
-                RuntimeEvent::Exited { id, code } if ids.contains(id.as_str()) => Some((i, *code)),
-                _ => None,
-            })
-            .collect();
+        let exits = exits_of(events, &service_container_name(deployment, service));
         if record.count > 0 && exits.is_empty() {
             bad(format!(
                 "reports {} restarts of {service}, whose containers never exited",
@@ -335,6 +386,39 @@ pub fn check_report_fields(
             ));
         }
     }
+    for (service, code) in &s.exit_codes {
+        let exits = exits_of(events, &service_container_name(deployment, service));
+        if !exits.iter().any(|(_, c)| c == code) {
+            bad(format!(
+                "reports that {service} exited with code {code}, which none of its containers did"
+            ));
+        }
+    }
+}
+
+/// Every exit of a container named `name`, as (event index, exit code).
+fn exits_of(events: &[(Timestamp, RuntimeEvent)], name: &str) -> Vec<(usize, i64)> {
+    let ids: BTreeSet<&str> = events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            RuntimeEvent::Created { id, spec } if spec.name == name => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, e))| match e {
+            RuntimeEvent::Exited { id, code } if ids.contains(id.as_str()) => Some((i, *code)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a report says its job is over: Succeeded, or a run that
+/// failed (a `per_run` revision is never run again).
+fn has_ended(s: &DeploymentState) -> bool {
+    s.phase == Phase::Succeeded || matches!(s.cause, Some(FailureCause::RunFailed { .. }))
 }
 
 /// How long an init container may be at work before it counts as left

@@ -141,7 +141,26 @@ impl Publisher for SimPublisher {
                     Some(FailureCause::InitContainerExited { .. }) => {
                         d.world.probe("init container failed");
                     }
+                    Some(FailureCause::SetupScriptFailed {
+                        exit_code: Some(_), ..
+                    }) => d.world.probe("setup script failed"),
+                    // The reconciler's words when it walks away at its
+                    // setup timeout.
+                    Some(FailureCause::SetupScriptFailed {
+                        exit_code: None,
+                        output,
+                        ..
+                    }) if output.starts_with("no exit after") => {
+                        d.world.probe("setup script timed out");
+                    }
+                    Some(FailureCause::RunFailed { .. }) => d.world.probe("run completed"),
                     _ => {}
+                }
+                if state.phase == Phase::Succeeded {
+                    d.world.probe("run completed");
+                }
+                if !state.verified.is_empty() {
+                    d.world.probe("container verified");
                 }
                 d.world.trace(
                     now,
@@ -463,7 +482,9 @@ pub async fn device_software<D: Dialer>(device: Device, dialer: D, clock: SimClo
     let (to_agent, inbox) = mpsc::unbounded_channel();
     let (outbox, from_agent) = mpsc::unbounded_channel();
     let link = link(device.clone(), dialer, clock.clone(), to_agent, from_agent);
-    let config = Config::new(device.id.clone(), "sim").inject_bugs(device.bugs);
+    let config = Config::new(device.id.clone(), "sim")
+        .setup_timeout(crate::plan::SETUP_TIMEOUT)
+        .inject_bugs(device.bugs);
     let publisher = SimPublisher {
         device: device.clone(),
         clock: clock.clone(),
