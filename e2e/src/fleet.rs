@@ -13,6 +13,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
+use async_nats::jetstream::kv;
+use futures_util::StreamExt;
 use tempfile::TempDir;
 
 use crate::agent::{AgentProcess, Device};
@@ -422,4 +424,33 @@ impl Fleet {
     pub fn devices(&self) -> impl Iterator<Item = &Device> {
         self.devices.values()
     }
+}
+
+/// Every live key of the desired bucket `store` with its revision: what
+/// the tests compare to prove that nothing was written.
+///
+/// # Panics
+///
+/// If the bucket cannot be read.
+pub async fn desired_revisions(store: &kv::Store) -> BTreeMap<String, u64> {
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .expect("the desired bucket's keys can be listed")
+        .filter_map(|k| async move { k.ok() })
+        .collect()
+        .await;
+    let mut revisions = BTreeMap::new();
+    for key in keys {
+        let entry = store
+            .entry(key.clone())
+            .await
+            .expect("a desired key can be read");
+        if let Some(entry) = entry {
+            if entry.operation == kv::Operation::Put {
+                revisions.insert(key, entry.revision);
+            }
+        }
+    }
+    revisions
 }

@@ -28,9 +28,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use e2e::agent::{tokio_runtime, Device};
-use e2e::fleet::{Binaries, Fleet, Podfleet};
+use e2e::fleet::{desired_revisions, Binaries, Fleet, Podfleet};
 use e2e::{demo_image, eventually};
-use futures_util::StreamExt;
 use podfleet_control::client::{BucketPlan, FleetClient};
 use podfleet_control::context::Connection;
 use podfleet_core::fleet::{DeviceGroup, FleetDeploymentStatus, PlacementReason, PlacementRefusal};
@@ -218,26 +217,6 @@ fn ground_truth(fleet: &Fleet) -> BTreeMap<String, Vec<Container>> {
         .devices()
         .map(|d| (d.id.clone(), containers(d)))
         .collect()
-}
-
-/// Every live key of the desired bucket with its revision.
-async fn desired_revisions(store: &kv::Store) -> BTreeMap<String, u64> {
-    let keys: Vec<String> = store
-        .keys()
-        .await
-        .unwrap()
-        .filter_map(|k| async move { k.ok() })
-        .collect()
-        .await;
-    let mut revisions = BTreeMap::new();
-    for key in keys {
-        if let Some(entry) = store.entry(key.clone()).await.unwrap() {
-            if entry.operation == kv::Operation::Put {
-                revisions.insert(key, entry.revision);
-            }
-        }
-    }
-    revisions
 }
 
 fn keys(devices: &[&str]) -> Vec<String> {

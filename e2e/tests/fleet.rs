@@ -9,11 +9,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
 use e2e::agent::{tokio_runtime, Device, PsEntry};
 use e2e::fleet::{Binaries, Fleet, Podfleet};
 use e2e::{demo_image, eventually, TEST_IMAGE};
-use futures_util::StreamExt;
 use podfleet_core::wire::names::DESIRED_BUCKET;
 use serde_json::Value;
 
@@ -95,22 +93,7 @@ async fn desired_revisions(url: &str) -> BTreeMap<String, u64> {
         .get_key_value(DESIRED_BUCKET)
         .await
         .unwrap();
-    let keys: Vec<String> = store
-        .keys()
-        .await
-        .unwrap()
-        .filter_map(|k| async move { k.ok() })
-        .collect()
-        .await;
-    let mut revisions = BTreeMap::new();
-    for key in keys {
-        if let Some(entry) = store.entry(key.clone()).await.unwrap() {
-            if entry.operation == kv::Operation::Put {
-                revisions.insert(key, entry.revision);
-            }
-        }
-    }
-    revisions
+    e2e::fleet::desired_revisions(&store).await
 }
 
 fn json(text: &str) -> Value {
