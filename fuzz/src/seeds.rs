@@ -203,16 +203,11 @@ fn name_seeds(payloads: &[Payload]) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// A seed's service: a plain one with the first environment variable.
 fn service(name: u8, image: u8) -> ServiceSketch {
     ServiceSketch {
-        name,
-        image,
-        args: 0,
         env: Some((0, 0)),
-        volume: None,
-        port: None,
-        setup_script: None,
-        container: None,
+        ..ServiceSketch::plain(name, image)
     }
 }
 

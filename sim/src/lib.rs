@@ -95,7 +95,7 @@ fn valid_score(rng: &mut ChaCha8Rng) -> ScoreSketch {
     const STEADY: [u8; 3] = [0, 3, 4];
     let mut services = (0..count).map(|i| ServiceSketch {
         env: Some((0, below(rng, 3) as u8)),
-        ..service(
+        ..ServiceSketch::plain(
             if i == 0 { first } else { 0 },
             STEADY[below(rng, 3) as usize],
         )
@@ -128,20 +128,6 @@ fn valid_score(rng: &mut ChaCha8Rng) -> ScoreSketch {
     }
 }
 
-/// A service sketch: the name and image indices, nothing else.
-fn service(name: u8, image: u8) -> ServiceSketch {
-    ServiceSketch {
-        name,
-        image,
-        args: 0,
-        env: None,
-        volume: None,
-        port: None,
-        setup_script: None,
-        container: None,
-    }
-}
-
 /// The sketch's lifetime indices ([`ScoreSketch::lifetime`]).
 const PERSISTENT: u8 = 0;
 const PER_RUN: u8 = 1;
@@ -164,12 +150,12 @@ const VERIFIED_IMAGES: [u8; 2] = [0, 4];
 /// setup script that ends at once on web.
 fn job_score(rng: &mut ChaCha8Rng) -> ScoreSketch {
     let job_image = |rng: &mut ChaCha8Rng| JOB_IMAGES[below(rng, 3) as usize];
-    let mut web = service(0, job_image(rng));
+    let mut web = ServiceSketch::plain(0, job_image(rng));
     if chance(rng, 30) {
         web.setup_script = Some(JOB_SCRIPTS[below(rng, 2) as usize]);
     }
     let more_services = if chance(rng, 50) {
-        vec![service(0, job_image(rng))]
+        vec![ServiceSketch::plain(0, job_image(rng))]
     } else {
         Vec::new()
     };
@@ -189,7 +175,7 @@ fn job_score(rng: &mut ChaCha8Rng) -> ScoreSketch {
 fn verify_score(rng: &mut ChaCha8Rng) -> ScoreSketch {
     let verifier = |rng: &mut ChaCha8Rng| ServiceSketch {
         container: Some(below(rng, base_system::NAMES.len() as u64) as u8),
-        ..service(0, VERIFIED_IMAGES[usize::from(!chance(rng, 80))])
+        ..ServiceSketch::plain(0, VERIFIED_IMAGES[usize::from(!chance(rng, 80))])
     };
     let web = verifier(rng);
     let more_services = if chance(rng, 40) {
@@ -225,7 +211,7 @@ const DOOMED_INIT_IMAGES: [u8; 2] = [3, 4];
 /// ([`DOOMED_INIT_IMAGES`]).
 fn doomed_init_score(hangs: bool) -> ScoreSketch {
     ScoreSketch {
-        service: service(0, 0),
+        service: ServiceSketch::plain(0, 0),
         more_services: Vec::new(),
         init_containers: vec![InitSketch {
             // "warm": no valid score has an init container of that name.

@@ -469,6 +469,24 @@ pub struct ServiceSketch {
     pub container: Option<u8>,
 }
 
+impl ServiceSketch {
+    /// A service of name `name` on image `image` (indices), with nothing
+    /// else: the first argument list, no env, volume, port, script or
+    /// verified container.
+    pub fn plain(name: u8, image: u8) -> Self {
+        Self {
+            name,
+            image,
+            args: 0,
+            env: None,
+            volume: None,
+            port: None,
+            setup_script: None,
+            container: None,
+        }
+    }
+}
+
 /// One init container of a [`ScoreSketch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitSketch {
@@ -1430,16 +1448,7 @@ mod tests {
 
     fn web_on(image: u8) -> ScoreSketch {
         ScoreSketch {
-            service: ServiceSketch {
-                name: 0,
-                image,
-                args: 0,
-                env: None,
-                volume: None,
-                port: None,
-                setup_script: None,
-                container: None,
-            },
+            service: ServiceSketch::plain(0, image),
             more_services: Vec::new(),
             init_containers: Vec::new(),
             lifecycle: None,
